@@ -1,0 +1,260 @@
+"""Settings: defaults in code, a project `invoke.yaml`, the environment, flags.
+
+Precedence, lowest first: the defaults below → the `stigmer:` section of the
+project `invoke.yaml` (next to `tasks.py`) → `INVOKE_STIGMER_<KEY>` variables →
+the guide's own variables (`STIGMER_SANDBOX_IMAGE`, `STIGMER_EXECUTION_MODE`) →
+command-line flags. Every key is a scalar so that the environment can set it
+(Invoke cannot set lists from the environment).
+
+The library loads this without Invoke (`load_settings`); under Invoke, the
+collection carries the same defaults and `settings_from_invoke` validates what
+Invoke merged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+SECTION = "stigmer"
+PROJECT_FILE = "invoke.yaml"
+ENV_PREFIX = "INVOKE_STIGMER_"
+GUIDE_ENV = {"STIGMER_SANDBOX_IMAGE": "image", "STIGMER_EXECUTION_MODE": "execution_mode"}
+
+_IMAGE_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_RE = re.compile(
+    rf"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{_IMAGE_COMPONENT}(?:/{_IMAGE_COMPONENT})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+)
+CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([bkmg]?)b?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _key(help_text: str, default: Any, choices: tuple[str, ...] = (), kind: str = "") -> Any:
+    return field(default=default, metadata={"help": help_text, "choices": choices, "kind": kind})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every configurable value, validated. Build with `load_settings`."""
+
+    image: str = _key("sandbox image to run", "stigmer-sandbox-basic:local", kind="image")
+    execution_mode: str = _key(
+        "where `inv run` runs commands", "sandbox", choices=("sandbox", "local")
+    )
+    container_name: str = _key(
+        "name of the long-lived sandbox container", "stigmer-sandbox", kind="container"
+    )
+    project_dir: str = _key("project folder (default: the folder of tasks.py, else cwd)", "")
+    workspace: str = _key(
+        "host folder mounted at /workspace (relative to project_dir)", "workspace"
+    )
+    logs: str = _key("host folder mounted at /logs (relative to project_dir)", "logs")
+    state_dir: str = _key("host folder for the audit log and engine state; never mounted", ".state")
+    base_image: str = _key(
+        "project-built Debian base image", "stigmer-sandbox-debian:bookworm-slim", kind="image"
+    )
+    upstream_base: str = _key(
+        "upstream base image, used when the engine can pull it",
+        "debian:bookworm-slim",
+        kind="image",
+    )
+    debian_mirror: str = _key("Debian mirror URL for bootstrap-base (default: debootstrap's)", "")
+    ca_cert: str = _key("extra CA bundle trusted by builds (default: detected from env)", "")
+    keep_extra_ca: bool = _key("final images keep trusting the extra CA", True)
+    tools_mirror: str = _key("base URL replacing tool download hosts (full image)", "")
+    compose: str = _key("compose flavour", "auto", choices=("auto", "v2", "v1"))
+    memory: str = _key("sandbox memory limit (memory+swap is the same)", "2g", kind="size")
+    cpus: float = _key("sandbox CPU limit", 2.0)
+    pids_limit: int = _key("sandbox process limit", 512)
+    tmp_size: str = _key("size of the /tmp tmpfs", "512m", kind="size")
+    network: str = _key("sandbox network", "bridge", choices=("bridge", "none"))
+    read_only_root: bool = _key("mount the sandbox's root filesystem read-only", False)
+    timeout: float = _key("default command timeout in seconds", 600.0)
+    output_limit: int = _key("bytes kept per output stream", 1024 * 1024)
+    max_lifetime_hours: float = _key("sandbox lifetime before cleanup may reap it (0: none)", 24.0)
+    mount_aws: bool = _key("mount ~/.aws read-only into the sandbox", False)
+    mount_kube: bool = _key("mount ~/.kube read-only into the sandbox", False)
+    allow_root_shell: bool = _key("allow `sandbox.shell --root`", False)
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            _validate(item, getattr(self, item.name), "settings")
+
+    def replace(self, source: str = "flags", **changes: Any) -> Settings:
+        """A copy with `changes` applied (None values ignored), validated."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        return _build({**self.as_dict(), **given}, source)
+
+    def as_dict(self) -> dict[str, Any]:
+        """All keys and values, as the `stigmer:` config section holds them."""
+        return dataclasses.asdict(self)
+
+    @property
+    def root(self) -> Path:
+        """The project folder everything relative is resolved against."""
+        return Path(self.project_dir or os.getcwd()).resolve()
+
+    def path(self, key: str) -> Path:
+        """A folder setting (`workspace`, `logs`, `state_dir`) as an absolute path."""
+        return (self.root / os.path.expanduser(getattr(self, key))).resolve()
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_size(self.memory)
+
+
+def parse_size(text: str) -> int:
+    """`2g`, `512m`, `1024` → bytes (binary units, as Docker reads them)."""
+    match = SIZE_RE.match(str(text).strip())
+    if not match:
+        raise ValueError(text)
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def split_image(reference: str) -> tuple[str, str]:
+    """`repo/name:tag` → (`repo/name`, `tag`); the tag defaults to `latest`."""
+    name, sep, tag = reference.rpartition(":")
+    if not sep or "/" in tag:
+        return reference, "latest"
+    return name, tag
+
+
+def key_help() -> dict[str, str]:
+    """One help line per key, for docs and the example config."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(Settings)}
+
+
+def defaults() -> dict[str, Any]:
+    """The default `stigmer:` section (what the Invoke collection carries)."""
+    return Settings().as_dict()
+
+
+def _validate(item: dataclasses.Field, value: Any, source: str) -> None:
+    expected = _TYPES[str(item.type)]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{source}: key '{item.name}' must be {expected.__name__}, got {value!r}")
+    _check_value(item, value, source)
+
+
+def _check_value(item: dataclasses.Field, value: Any, source: str) -> None:
+    choices, kind = item.metadata["choices"], item.metadata["kind"]
+    problem = None
+    if choices and value not in choices:
+        problem = f"must be one of {', '.join(choices)}"
+    elif kind == "image" and not IMAGE_RE.match(value):
+        problem = "must be an image reference like name:tag (lowercase name)"
+    elif kind == "container" and not CONTAINER_NAME_RE.match(value):
+        problem = "must be letters, digits, '_', '.', '-' (starting with a letter or digit)"
+    elif kind == "size" and not SIZE_RE.match(str(value).strip()):
+        problem = "must be a size like 512m or 2g"
+    elif isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+        problem = "must not be negative"
+    if problem:
+        raise ConfigError(f"{source}: key '{item.name}' {problem}, got {value!r}")
+
+
+_TYPES = {"str": str, "bool": bool, "int": int, "float": float}
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _build(values: Mapping[str, Any], source: str) -> Settings:
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key '{unknown[0]}' in the '{SECTION}' section",
+            "see invoke.example.yaml for every key",
+        )
+    coerced = {}
+    for name, value in values.items():
+        item = _FIELDS[name]
+        _validate(item, value, source)
+        coerced[name] = float(value) if _TYPES[str(item.type)] is float else value
+    return Settings(**coerced)
+
+
+def _from_env_string(name: str, raw: str, source: str) -> Any:
+    kind = _TYPES[str(_FIELDS[name].type)]
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off", ""}:
+                raise ValueError(raw)
+            return lowered in {"1", "true", "yes", "on"}
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{source}: must be {kind.__name__}, got {raw!r}") from None
+
+
+def read_project_file(path: Path) -> dict[str, Any]:
+    """The `stigmer:` section of a project `invoke.yaml`, validated; {} if absent."""
+    if not path.is_file():
+        return {}
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections, got {type(document).__name__}")
+    section = document.get(SECTION) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: section '{SECTION}' must be a mapping of keys")
+    _build(section, str(path))
+    return section
+
+
+def _env_overrides(environ: Mapping[str, str], with_invoke_vars: bool) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    if with_invoke_vars:
+        for name in _FIELDS:
+            var = ENV_PREFIX + name.upper()
+            if var in environ:
+                found[name] = _from_env_string(name, environ[var], var)
+    for var, name in GUIDE_ENV.items():
+        if environ.get(var):
+            found[name] = environ[var]
+    return found
+
+
+def load_settings(
+    project_dir: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Settings for library use: defaults, project file, environment, then `overrides`."""
+    environ = os.environ if environ is None else environ
+    root = Path(project_dir) if project_dir else Path.cwd()
+    values: dict[str, Any] = {"project_dir": str(root)}
+    values.update(read_project_file(root / PROJECT_FILE))
+    values.update(_env_overrides(environ, with_invoke_vars=True))
+    base = _build(values, "environment")
+    return base.replace(source="arguments", **overrides)
+
+
+def settings_from_invoke(
+    config: Mapping[str, Any], environ: Mapping[str, str] | None = None, **flags: Any
+) -> Settings:
+    """Settings from Invoke's merged config (file and INVOKE_ vars applied), then flags."""
+    environ = os.environ if environ is None else environ
+    section = dict(config.get(SECTION) or {})
+    section.update(_env_overrides(environ, with_invoke_vars=False))
+    return _build(section, "configuration").replace(**flags)

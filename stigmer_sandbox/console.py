@@ -1,0 +1,159 @@
+"""The one place that prints: coloured status lines, tables, JSON.
+
+Colour is on only when the stream is a terminal and neither `NO_COLOR` is set
+nor `TERM=dumb`; `FORCE_COLOR` turns it on regardless (CI logs that render ANSI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, TextIO
+
+from colorama import Fore, Style
+
+_STYLES = {
+    "info": Fore.CYAN,
+    "success": Fore.GREEN,
+    "warning": Fore.YELLOW,
+    "error": Fore.RED,
+    "dim": Style.DIM,
+    "bold": Style.BRIGHT,
+}
+_MARKS = {"pass": ("✓", "success"), "warn": ("!", "warning"), "fail": ("✗", "error")}
+
+
+def colour_enabled(stream: TextIO) -> bool:
+    """Whether ANSI colour should be written to `stream`."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    if os.environ.get("TERM") == "dumb":
+        return False
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def paint(text: str, style: str, stream: TextIO | None = None) -> str:
+    """`text` wrapped in the ANSI codes of `style`, if colour is enabled for `stream`."""
+    if not colour_enabled(stream or sys.stdout):
+        return text
+    return f"{_STYLES[style]}{text}{Style.RESET_ALL}"
+
+
+def _emit(text: str, style: str, err: bool = False) -> None:
+    stream = sys.stderr if err else sys.stdout
+    print(paint(text, style, stream), file=stream, flush=True)
+
+
+def info(text: str) -> None:
+    """A neutral progress line."""
+    _emit(text, "info")
+
+
+def success(text: str) -> None:
+    """A line saying something worked."""
+    _emit(text, "success")
+
+
+def warning(text: str) -> None:
+    """A line that needs attention but does not stop the work (to stderr)."""
+    _emit(f"warning: {text}", "warning", err=True)
+
+
+def error_line(message: str, hint: str | None = None) -> str:
+    """The one-line error shown to a person, with its fix when known."""
+    line = f"error: {message}"
+    if hint:
+        line += f" — {hint}"
+    return paint(line, "error", sys.stderr)
+
+
+def plain(text: str = "") -> None:
+    """An unstyled line on stdout."""
+    print(text, flush=True)
+
+
+def echo_command(argv: Sequence[str]) -> None:
+    """Show the exact command about to run, so users can run it themselves."""
+    _emit("$ " + shlex.join(argv), "dim")
+
+
+def check_line(status: str, name: str, detail: str, hint: str | None = None) -> None:
+    """A pass/warn/fail line as used by `doctor` and the smoke tests."""
+    mark, style = _MARKS[status]
+    line = f"{paint(mark, style)} {name}: {detail}"
+    if hint and status != "pass":
+        line += paint(f"  → {hint}", "dim")
+    plain(line)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A left-aligned text table."""
+    body = [[str(cell) for cell in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
+    plain(paint("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), "bold"))
+    for row in body:
+        plain("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def bar(fraction: float, width: int = 30) -> str:
+    """A proportional bar of `width` characters."""
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "█" * filled + "·" * (width - filled)
+
+
+def emit_json(data: Any) -> None:
+    """Machine-readable output: one JSON document on stdout."""
+    print(json.dumps(data, indent=2, sort_keys=True, default=str), flush=True)
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units, as `docker images` shows sizes."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+class Progress:
+    """Progress of long work: one live line on a terminal, sparse lines otherwise.
+
+    On a terminal the line is rewritten in place with the elapsed time; when
+    output is piped only phase changes are printed, so CI logs stay readable.
+    """
+
+    def __init__(self, title: str, stream: TextIO | None = None) -> None:
+        self.title = title
+        self.stream = stream or sys.stdout
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.started = time.monotonic()
+        self.phase = ""
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def update(self, text: str, phase: str | None = None) -> None:
+        """Show `text`; when not live, print only when `phase` changes."""
+        if self.live:
+            line = f"{self.title} [{self.elapsed:5.1f}s] {text}"
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self.stream.write("\r\x1b[2K" + paint(line[:width], "dim", self.stream))
+            self.stream.flush()
+        elif phase is not None and phase != self.phase:
+            print(f"{self.title}: {phase}", file=self.stream, flush=True)
+        if phase is not None:
+            self.phase = phase
+
+    def finish(self) -> None:
+        """Clear the live line."""
+        if self.live:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()

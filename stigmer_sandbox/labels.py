@@ -1,0 +1,32 @@
+"""The labels that mark every Docker resource this project creates.
+
+Cleanup touches only what carries `MANAGED`; nothing else on the machine is ours.
+"""
+
+from __future__ import annotations
+
+from . import __version__
+
+PREFIX = "dev.stigmer.sandbox"
+MANAGED = f"{PREFIX}.managed"
+KIND = f"{PREFIX}.kind"
+INPUTS = f"{PREFIX}.inputs"
+VERSION = f"{PREFIX}.version"
+OWNER_PID = f"{PREFIX}.owner-pid"
+OWNER_HOST = f"{PREFIX}.owner-host"
+EXPIRES = f"{PREFIX}.expires"
+
+
+def project_labels(kind: str, **extra: str) -> dict[str, str]:
+    """Labels for a new resource of `kind` (base, basic, full, sandbox, helper, test...)."""
+    labels = {MANAGED: "true", KIND: kind, VERSION: __version__}
+    labels.update({f"{PREFIX}.{key.replace('_', '-')}": value for key, value in extra.items()})
+    return labels
+
+
+def managed_filter(kind: str | None = None) -> dict[str, list[str]]:
+    """An engine-side filter matching this project's resources (of `kind`, if given)."""
+    wanted = [f"{MANAGED}=true"]
+    if kind:
+        wanted.append(f"{KIND}={kind}")
+    return {"label": wanted}

@@ -1,0 +1,42 @@
+"""`engine.*`: install, start and stop a Docker Engine where none runs."""
+
+from __future__ import annotations
+
+from invoke import Collection, Context
+
+from .. import console, daemon
+from ._common import settings, task
+
+
+def _state(c: Context) -> daemon.EngineState:
+    return daemon.EngineState(settings(c).path("state_dir"))
+
+
+@task
+def install(c: Context) -> None:
+    """Install Docker Engine, docker-compose and debootstrap from Debian/Ubuntu packages."""
+    installed = daemon.install()
+    if installed:
+        console.success(f"installed {', '.join(installed)}")
+    else:
+        console.success(f"already installed: {', '.join(daemon.PACKAGES)}")
+
+
+@task(
+    help={
+        "timeout": "seconds to wait for the engine to answer (default: 60)",
+        "data_root": "dockerd --data-root for a fresh, separate engine state (default: dockerd's)",
+    }
+)
+def start(c: Context, timeout: float = 60, data_root: str | None = None) -> None:
+    """Start dockerd in the background if no engine answers (idempotent)."""
+    console.success(daemon.start(_state(c), timeout_s=timeout, data_root=data_root))
+
+
+@task
+def stop(c: Context) -> None:
+    """Stop the engine that `engine.start` started; never one it did not start."""
+    console.success(daemon.stop(_state(c)))
+
+
+ns = Collection("engine", install, start, stop)
