@@ -231,6 +231,7 @@ def _env_overrides(environ: Mapping[str, str], with_invoke_vars: bool) -> dict[s
                 found[name] = _from_env_string(name, environ[var], var)
     for var, name in GUIDE_ENV.items():
         if environ.get(var):
+            _validate(_FIELDS[name], environ[var], var)
             found[name] = environ[var]
     return found
 

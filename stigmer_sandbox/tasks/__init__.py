@@ -9,7 +9,7 @@ from invoke import Collection
 
 from .. import config, console
 from ..errors import ConfigError
-from . import engine, root, sandbox
+from . import dev, engine, root, sandbox
 
 
 def build_namespace(project_dir: Path | None = None) -> Collection:
@@ -19,7 +19,7 @@ def build_namespace(project_dir: Path | None = None) -> Collection:
         defaults["project_dir"] = str(project_dir)
         _check_project_file(project_dir / config.PROJECT_FILE)
     namespace = Collection()
-    for item in root.TASKS:
+    for item in (*root.TASKS, *dev.TASKS):
         namespace.add_task(item)
     for sub in (sandbox.ns, engine.ns):
         namespace.add_collection(sub)

@@ -1,0 +1,39 @@
+"""Shared test helpers: run the task tree as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_inv(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    timeout: float = 900,
+    input_text: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`inv ARGS` in a subprocess with colour off; never raises on a non-zero exit."""
+    merged = {**os.environ, "NO_COLOR": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", *args],
+        cwd=cwd,
+        env=merged,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input_text,
+        check=False,
+    )
+
+
+@pytest.fixture
+def inv():
+    """The `run_inv` helper as a fixture."""
+    return run_inv

@@ -1,0 +1,62 @@
+"""Issue 2 on a real engine: doctor, friendly engine errors, the offline base image."""
+
+from __future__ import annotations
+
+import json
+
+from stigmer_sandbox import config, labels
+
+from ..conftest import ROOT
+from .conftest import run_in
+
+MISSING_SOCKET = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+
+
+def test_doctor_passes_with_the_engine_up(inv):
+    done = inv("doctor")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "✓ docker engine" in done.stdout
+    report = json.loads(inv("doctor", "--json").stdout)
+    assert report["ok"] is True
+    assert {c["name"] for c in report["checks"]} >= {
+        "docker engine",
+        "compose",
+        "disk",
+        "workspace",
+        "extra CA",
+        "base image",
+    }
+
+
+def test_doctor_with_missing_socket_fails_with_one_clear_line(inv):
+    done = inv("doctor", env=MISSING_SOCKET)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stdout + done.stderr
+    failing = [line for line in done.stdout.splitlines() if line.startswith("✗")]
+    assert len(failing) == 1
+    assert "nothing answers at unix:///nonexistent/docker.sock" in failing[0]
+
+
+def test_engine_task_with_missing_socket_prints_one_line(inv):
+    done = inv("sandbox.bootstrap-base", env=MISSING_SOCKET)
+    assert done.returncode == 3
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "not running" in done.stderr and "inv engine.start" in done.stderr
+
+
+def test_bootstrap_base_makes_a_small_labelled_debian_and_reruns_as_noop(inv, docker_engine):
+    base = config.load_settings(ROOT).base_image
+    first = inv("sandbox.bootstrap-base")
+    assert first.returncode == 0, first.stderr
+    image = docker_engine.images.get(base)
+    assert image.labels[labels.MANAGED] == "true"
+    assert image.labels[labels.KIND] == "base"
+    assert image.attrs["Size"] <= 80 * 1000**2, image.attrs["Size"]
+    assert run_in(docker_engine, base, ["cat", "/etc/debian_version"]).startswith("12.")
+    slimmed = "find /usr/share/man /usr/share/info /var/lib/apt/lists -type f | wc -l"
+    assert run_in(docker_engine, base, ["sh", "-c", slimmed]).strip() == "0"
+    second = inv("sandbox.bootstrap-base")
+    assert second.returncode == 0
+    assert "up to date" in second.stdout
+    assert docker_engine.images.get(base).id == image.id

@@ -1,0 +1,50 @@
+import io
+
+import pytest
+
+from stigmer_sandbox import ca, console
+from stigmer_sandbox.errors import ConfigError
+
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_colour_only_on_a_terminal_without_no_color(monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    assert console.colour_enabled(Tty())
+    assert not console.colour_enabled(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not console.colour_enabled(Tty())
+    assert console.paint("x", "error", Tty()) == "x"
+
+
+def test_error_line_is_one_line_with_hint(monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert console.error_line("boom", "do this") == "error: boom — do this"
+
+
+def test_bar_and_bytes():
+    assert console.bar(0.5, 10) == "█████·····"
+    assert console.human_bytes(73_000_000) == "73.0 MB"
+
+
+def test_ca_detection_order(tmp_path):
+    pem = tmp_path / "ca.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nxx\n-----END CERTIFICATE-----\n")
+    found = ca.detect("", {"SSL_CERT_FILE": str(pem), "PIP_CERT": "/missing"})
+    assert found is not None and found.source == "SSL_CERT_FILE"
+    assert ca.detect("", {}) is None
+    assert ca.detect(str(pem), {}).source == "--ca-cert"
+
+
+def test_explicit_ca_must_exist_and_be_pem(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read CA bundle"):
+        ca.detect(str(tmp_path / "nope.pem"), {})
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a cert")
+    with pytest.raises(ConfigError, match="not a PEM"):
+        ca.detect(str(junk), {})
