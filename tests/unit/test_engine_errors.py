@@ -54,7 +54,7 @@ def test_timeout():
 
 
 def test_old_api_is_refused():
-    with pytest.raises(EngineError, match="API 1.39; this tool needs 1.40"):
+    with pytest.raises(EngineError, match=r"API 1\.39; this tool needs 1\.40"):
         engine._check_api_version("1.39", URL)
     engine._check_api_version("1.41", URL)
 
