@@ -74,6 +74,11 @@ def error_line(message: str, hint: str | None = None) -> str:
     return paint(line, "error", sys.stderr)
 
 
+def detail(text: str) -> None:
+    """A line of context for an error (e.g. build log), dimmed, on stderr."""
+    _emit(f"  | {text}", "dim", err=True)
+
+
 def plain(text: str = "") -> None:
     """An unstyled line on stdout."""
     print(text, flush=True)
@@ -157,3 +162,55 @@ class Progress:
         if self.live:
             self.stream.write("\r\x1b[2K")
             self.stream.flush()
+
+
+class StepView:
+    """A multi-step job (an image build) as a person or a log wants to see it.
+
+    Live (a terminal, progress `auto`): one line per finished step with its
+    time, and a rewritten line showing what the current step prints. Plain:
+    every raw line, as the builder prints it.
+    """
+
+    def __init__(self, title: str, plain_output: bool) -> None:
+        self.progress = Progress(title)
+        self.live = self.progress.live and not plain_output
+        self.current: tuple[int, int, str] | None = None
+        self.step_started = time.monotonic()
+        self.cached = False
+
+    def note(self, text: str) -> None:
+        self.progress.finish()
+        info(text)
+
+    def step(self, number: int, total: int, instruction: str) -> None:
+        self._close_step()
+        self.current, self.step_started, self.cached = (
+            (number, total, instruction),
+            time.monotonic(),
+            False,
+        )
+        if self.live:
+            self.progress.update(f"step {number}/{total}: {instruction}")
+        else:
+            plain(f"Step {number}/{total} : {instruction}")
+
+    def line(self, text: str) -> None:
+        self.cached = self.cached or "Using cache" in text
+        if self.live:
+            where = f"step {self.current[0]}/{self.current[1]}: " if self.current else ""
+            self.progress.update(where + text.strip())
+        else:
+            plain(text)
+
+    def _close_step(self) -> None:
+        if self.live and self.current:
+            number, total, instruction = self.current
+            took = time.monotonic() - self.step_started
+            self.progress.finish()
+            state = "cached" if self.cached else f"{took:.1f}s"
+            plain(paint(f"  [{number}/{total}] {instruction[:90]}  ({state})", "dim"))
+
+    def finish(self) -> None:
+        self._close_step()
+        self.progress.finish()

@@ -12,10 +12,14 @@ class SandboxError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, hint: str | None = None, details: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        # Context shown above the one-line error, e.g. the last log lines of a failed step.
+        self.details = details
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message

@@ -23,6 +23,8 @@ def task(*args: Any, **kwargs: Any) -> Any:
             try:
                 return func(c, *a, **kw)
             except SandboxError as exc:
+                for line in exc.details:
+                    console.detail(line)
                 raise Exit(console.error_line(exc.message, exc.hint), exc.exit_code) from None
             except KeyboardInterrupt:
                 raise Exit(console.error_line("interrupted"), 130) from None

@@ -4,8 +4,23 @@ from __future__ import annotations
 
 from invoke import Collection, Context
 
-from .. import base_image, console
+from .. import base_image, console, images
+from ..config import Settings
+from ..errors import UsageError
 from ._common import settings, task
+
+BUILD_HELP = {
+    "tag": "image tag, repeatable (default: stigmer-sandbox-<kind>:local and :v<version>)",
+    "no_cache": "rebuild every layer, ignoring the layer cache (default: off)",
+    "pull": "pull the upstream base image first; fall back to the project base (default: off)",
+    "target": "build only up to this Dockerfile stage, e.g. base (default: the final stage)",
+    "build_arg": "KEY=VALUE build argument, repeatable (default: none)",
+    "network": "network for RUN steps, e.g. host or none (default: the engine's bridge)",
+    "ca_cert": "extra CA bundle (PEM) to trust during the build (default: config ca_cert, else "
+    "PIP_CERT / REQUESTS_CA_BUNDLE / SSL_CERT_FILE / NODE_EXTRA_CA_CERTS)",
+    "progress": "auto: live step view on a terminal; plain: raw build log (default: auto)",
+    "force": "build even when an identical image exists (default: off)",
+}
 
 
 @task(
@@ -34,4 +49,85 @@ def bootstrap_base(c: Context, mirror: str | None = None, force: bool = False) -
         console.success(f"up to date: {result.image} ({size}, inputs {result.inputs})")
 
 
-ns = Collection("sandbox", bootstrap_base)
+def _options(
+    tag: list[str],
+    no_cache: bool,
+    pull: bool,
+    target: str | None,
+    build_arg: list[str],
+    network: str | None,
+    ca_cert: str | None,
+    force: bool,
+) -> images.BuildOptions:
+    return images.BuildOptions(
+        tags=tuple(tag),
+        no_cache=no_cache,
+        pull=pull,
+        target=target,
+        build_args=images.parse_build_args(build_arg),
+        network=network,
+        ca_cert=ca_cert or "",
+        force=force,
+    )
+
+
+def build_kind(
+    current: Settings,
+    kind: str,
+    options: images.BuildOptions,
+    progress: str,
+    extra_args: dict[str, str] | None = None,
+) -> images.BuildOutcome:
+    """Plan, report and run one image build; prints its summary."""
+    if progress not in ("auto", "plain"):
+        raise UsageError(f"--progress must be auto or plain, got {progress!r}")
+    view = console.StepView(f"build {kind}", plain_output=progress == "plain")
+    try:
+        planned = images.plan(current, kind, options, view, extra_args)
+        console.info(f"base: {planned.base.reference} — {planned.base.reason}")
+        if planned.extra_ca:
+            console.info(
+                f"trusting extra CA {planned.extra_ca.path} (from {planned.extra_ca.source})"
+            )
+        outcome = images.build(planned, view)
+    finally:
+        view.finish()
+    _summary(kind, outcome)
+    return outcome
+
+
+def _summary(kind: str, outcome: images.BuildOutcome) -> None:
+    size = console.human_bytes(outcome.size_bytes)
+    short_id = outcome.image_id.removeprefix("sha256:")[:12]
+    if not outcome.built:
+        console.success(
+            f"up to date: {outcome.tags[-1]} ({short_id}, {size}); "
+            f"checked in {outcome.seconds:.2f} s"
+        )
+    else:
+        console.success(
+            f"built {kind}: {short_id}, {size} in {outcome.seconds:.0f} s; "
+            f"layers reused {outcome.cached_steps}/{outcome.steps}"
+        )
+    console.plain("tags: " + ", ".join(outcome.tags))
+
+
+@task(help={**BUILD_HELP}, iterable=["tag", "build_arg"])
+def build_basic(
+    c: Context,
+    tag: list[str] | None = None,
+    no_cache: bool = False,
+    pull: bool = False,
+    target: str | None = None,
+    build_arg: list[str] | None = None,
+    network: str | None = None,
+    ca_cert: str | None = None,
+    progress: str = "auto",
+    force: bool = False,
+) -> None:
+    """Build stigmer-sandbox-basic:local (Python 3.11, Node 20, git, build tools)."""
+    options = _options(tag or [], no_cache, pull, target, build_arg or [], network, ca_cert, force)
+    build_kind(settings(c), "basic", options, progress)
+
+
+ns = Collection("sandbox", bootstrap_base, build_basic)
