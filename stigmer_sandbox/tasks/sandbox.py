@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from invoke import Collection, Context
+from invoke import Collection, Context, Exit
 
-from .. import base_image, console, images
+from .. import base_image, console, image_checks, images, labels
 from ..config import Settings
 from ..errors import UsageError
 from ._common import settings, task
@@ -130,4 +130,37 @@ def build_basic(
     build_kind(settings(c), "basic", options, progress)
 
 
-ns = Collection("sandbox", bootstrap_base, build_basic)
+def _kind_of(image: str) -> str:
+    from .. import engine
+
+    with engine.engine_errors():
+        found = engine.client().images.get(image)
+    return (found.labels or {}).get(labels.KIND) or ("full" if "full" in image else "basic")
+
+
+@task(
+    help={
+        "image": "image to test (default: config image, i.e. STIGMER_SANDBOX_IMAGE or "
+        "stigmer-sandbox-basic:local)",
+        "json": "print the results as one JSON object (default: off)",
+    }
+)
+def test(c: Context, image: str | None = None, json: bool = False) -> None:
+    """Smoke-test a sandbox image: tools, packages, user, workspace, health check."""
+    current = settings(c, image=image)
+    kind = _kind_of(current.image)
+    results = image_checks.smoke_test(current.image, kind)
+    report = image_checks.as_json(current.image, results)
+    if json:
+        console.emit_json(report)
+    else:
+        for result in results:
+            status = "pass" if result.passed else "fail"
+            console.check_line(status, result.name, f"{result.detail}  ({result.seconds:.2f}s)")
+        passed = sum(r.passed for r in results)
+        console.plain(f"{passed} passed, {len(results) - passed} failed")
+    if not report["ok"]:
+        raise Exit(code=1)
+
+
+ns = Collection("sandbox", bootstrap_base, build_basic, test)

@@ -1,0 +1,145 @@
+"""Smoke tests of a sandbox image: the guide's checks and more, in one container.
+
+The check list lives in `resources/smoke-checks.tsv`, which
+`scripts/test-sandbox.sh` reads too, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any
+
+from . import engine, labels
+
+HEALTH_TIMEOUT_S = 30.0
+# Probe health often so the check takes seconds, with the image's own test command.
+FAST_HEALTHCHECK = {
+    "interval": 500_000_000,
+    "start_period": 0,
+    "retries": 3,
+    "timeout": 5_000_000_000,
+}
+KEEPALIVE = ["sandbox-keepalive"]
+
+
+@dataclass(frozen=True)
+class SmokeCheck:
+    """One check: a bash command and the pattern its output must contain."""
+
+    name: str
+    command: str
+    expect: str
+    kinds: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one check."""
+
+    name: str
+    passed: bool
+    detail: str
+    seconds: float
+
+
+def load_checks(kind: str, extra: list[SmokeCheck] | None = None) -> list[SmokeCheck]:
+    """The checks that apply to an image of `kind`."""
+    text = (
+        resources.files("stigmer_sandbox")
+        .joinpath("resources/smoke-checks.tsv")
+        .read_text(encoding="utf-8")
+    )
+    checks = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        kinds, name, command, expect = line.split("\t")
+        checks.append(SmokeCheck(name, command, expect, tuple(kinds.split(","))))
+    return [c for c in [*checks, *(extra or [])] if kind in c.kinds]
+
+
+@contextmanager
+def probe_container(image: str, **options: Any) -> Iterator[Any]:
+    """A throwaway, labelled container of `image` kept alive until the block ends."""
+    client = engine.client()
+    name = f"stigmer-probe-{uuid.uuid4().hex[:8]}"
+    with engine.engine_errors():
+        container = client.containers.run(
+            image,
+            KEEPALIVE,
+            name=name,
+            detach=True,
+            labels=labels.project_labels("probe"),
+            **options,
+        )
+    try:
+        yield container
+    finally:
+        with engine.engine_errors():
+            container.remove(force=True)
+
+
+def run_check(container: Any, check: SmokeCheck) -> CheckResult:
+    """Run one check inside `container`."""
+    started = time.monotonic()
+    with engine.engine_errors():
+        code, output = container.exec_run(["bash", "-c", check.command], demux=False)
+    text = (output or b"").decode(errors="replace").strip()
+    took = time.monotonic() - started
+    first = text.splitlines()[0][:100] if text else ""
+    if code != 0:
+        return CheckResult(check.name, False, f"exit {code}: {first}", took)
+    if not re.search(check.expect, text, re.MULTILINE):
+        return CheckResult(
+            check.name, False, f"output does not match /{check.expect}/: {first}", took
+        )
+    return CheckResult(check.name, True, first, took)
+
+
+def wait_healthy(container: Any, timeout_s: float = HEALTH_TIMEOUT_S) -> CheckResult:
+    """Wait until the container's health check reports healthy."""
+    started = time.monotonic()
+    status = "none"
+    while time.monotonic() - started < timeout_s:
+        with engine.engine_errors():
+            container.reload()
+        health = container.attrs["State"].get("Health") or {}
+        status = health.get("Status", "none")
+        if status in ("healthy", "none"):
+            break
+        if status == "unhealthy":
+            log = health.get("Log") or [{}]
+            return CheckResult(
+                "health check",
+                False,
+                f"unhealthy: {str(log[-1].get('Output', '')).strip()[:100]}",
+                time.monotonic() - started,
+            )
+        time.sleep(0.2)
+    took = time.monotonic() - started
+    if status == "none":
+        return CheckResult("health check", False, "the image has no HEALTHCHECK", took)
+    return CheckResult("health check", status == "healthy", status, took)
+
+
+def smoke_test(image: str, kind: str, extra: list[SmokeCheck] | None = None) -> list[CheckResult]:
+    """Every check of `kind` against `image`, plus the health check."""
+    with probe_container(image, healthcheck=FAST_HEALTHCHECK) as container:
+        results = [run_check(container, check) for check in load_checks(kind, extra)]
+        results.append(wait_healthy(container))
+    return results
+
+
+def as_json(image: str, results: list[CheckResult]) -> dict[str, Any]:
+    """The machine-readable report."""
+    return {
+        "image": image,
+        "ok": all(r.passed for r in results),
+        "checks": [asdict(r) for r in results],
+    }
