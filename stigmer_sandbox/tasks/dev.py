@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from invoke import Context, Exit
 
+from .. import console
+from ..errors import SandboxError
 from ._common import task
 
 NO_TESTS_COLLECTED = 5
@@ -30,4 +34,42 @@ def test(c: Context, unit: bool = False, k: str | None = None) -> None:
         raise Exit("no test matched", code)
 
 
-TASKS = (test,)
+def _tool(name: str) -> str:
+    """A linter from this environment's bin folder, else PATH."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise SandboxError(f"{name} is not installed", "pip install -e '.[dev]'")
+    return found
+
+
+def lint_commands(dockerfiles: list[str]) -> list[list[str]]:
+    """The linters `inv lint` runs, each failing on warnings."""
+    return [
+        [
+            _tool("hadolint"),
+            "--config",
+            ".hadolint.yaml",
+            "--failure-threshold",
+            "warning",
+            *dockerfiles,
+        ],
+        [_tool("ruff"), "check", "."],
+        [_tool("ruff"), "format", "--check", "."],
+    ]
+
+
+@task
+def lint(c: Context) -> None:
+    """Lint the Dockerfiles (hadolint, fails on warnings) and the Python code (ruff)."""
+    dockerfiles = sorted(str(p) for p in Path("dockerfiles").glob("Dockerfile.*"))
+    failed = 0
+    for argv in lint_commands(dockerfiles):
+        console.echo_command(argv)
+        failed += subprocess.run(argv, check=False).returncode != 0
+    if failed:
+        raise Exit(console.error_line(f"{failed} linter(s) reported problems"), 1)
+    console.success("lint clean")
+
+
+TASKS = (test, lint)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from invoke import Collection, Context, Exit
 
-from .. import base_image, console, image_checks, images, labels
+from .. import base_image, console, image_checks, image_report, images, labels
 from ..config import Settings
 from ..errors import UsageError
 from ._common import settings, task
@@ -163,4 +163,37 @@ def test(c: Context, image: str | None = None, json: bool = False) -> None:
         raise Exit(code=1)
 
 
-ns = Collection("sandbox", bootstrap_base, build_basic, test)
+def _print_shares(title: str, shares: list[dict[str, object]], total: int) -> None:
+    console.plain()
+    rows = [
+        (
+            s["name"],
+            console.human_bytes(int(s["size_bytes"])),
+            console.bar(int(s["size_bytes"]) / max(total, 1)),
+        )
+        for s in shares
+    ]
+    console.table((title, "size", "share of image"), rows)
+
+
+@task(
+    help={
+        "image": "image to report on (default: config image)",
+        "json": "print the report as one JSON object (default: off)",
+    }
+)
+def report(c: Context, image: str | None = None, json: bool = False) -> None:
+    """Show an image's tool versions and where its bytes go (per component and layer)."""
+    current = settings(c, image=image)
+    result = image_report.report(current.image)
+    if json:
+        console.emit_json(result)
+        return
+    total = int(result["size_bytes"])
+    console.info(f"{current.image}: {console.human_bytes(total)}")
+    console.table(("tool", "version"), sorted(result["versions"].items()))
+    _print_shares("component", result["components"], total)
+    _print_shares("layer (newest first)", result["layers"], total)
+
+
+ns = Collection("sandbox", bootstrap_base, build_basic, test, report)
