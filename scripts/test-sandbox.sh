@@ -13,6 +13,14 @@ if [ -z "$KIND" ]; then
     case "$IMAGE" in *full*) KIND=full ;; *) KIND=basic ;; esac
 fi
 
+# The full image lists its tools, with their checks, in /opt/tools/manifest.json.
+tool_checks() {
+    [ "$KIND" = full ] || return 0
+    docker run --rm "$IMAGE" jq -r \
+        'to_entries[] | ["full", "tool " + .key, .value.check, .value.expect] | join("\t")' \
+        /opt/tools/manifest.json
+}
+
 echo "Testing sandbox image: $IMAGE"
 failed=0
 while IFS=$'\t' read -r kinds name command expect; do
@@ -26,7 +34,7 @@ while IFS=$'\t' read -r kinds name command expect; do
         echo "✗ $name: output does not match /$expect/: $output" >&2
         failed=$((failed + 1))
     fi
-done <"$CHECKS"
+done < <(cat "$CHECKS"; tool_checks)
 
 if [ "$failed" -ne 0 ]; then
     echo "❌ $failed test(s) failed" >&2

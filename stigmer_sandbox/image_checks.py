@@ -6,6 +6,7 @@ The check list lives in `resources/smoke-checks.tsv`, which
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -26,6 +27,7 @@ FAST_HEALTHCHECK = {
     "timeout": 5_000_000_000,
 }
 KEEPALIVE = ["sandbox-keepalive"]
+TOOLS_MANIFEST = "/opt/tools/manifest.json"
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,13 @@ def run_check(container: Any, check: SmokeCheck) -> CheckResult:
     first = text.splitlines()[0][:100] if text else ""
     if code != 0:
         return CheckResult(check.name, False, f"exit {code}: {first}", took)
-    if not re.search(check.expect, text, re.MULTILINE):
+    match = re.search(check.expect, text, re.MULTILINE)
+    if not match:
         return CheckResult(
             check.name, False, f"output does not match /{check.expect}/: {first}", took
         )
-    return CheckResult(check.name, True, first, took)
+    line_start = text.rfind("\n", 0, match.start()) + 1
+    return CheckResult(check.name, True, text[line_start:].split("\n", 1)[0][:100], took)
 
 
 def wait_healthy(container: Any, timeout_s: float = HEALTH_TIMEOUT_S) -> CheckResult:
@@ -128,9 +132,23 @@ def wait_healthy(container: Any, timeout_s: float = HEALTH_TIMEOUT_S) -> CheckRe
     return CheckResult("health check", status == "healthy", status, took)
 
 
-def smoke_test(image: str, kind: str, extra: list[SmokeCheck] | None = None) -> list[CheckResult]:
-    """Every check of `kind` against `image`, plus the health check."""
+def tool_checks(container: Any) -> list[SmokeCheck]:
+    """One check per tool the full image recorded in its manifest."""
+    with engine.engine_errors():
+        code, output = container.exec_run(["cat", TOOLS_MANIFEST])
+    if code != 0:
+        return [SmokeCheck("tools manifest", f"cat {TOOLS_MANIFEST}", ".", ("full",))]
+    manifest = json.loads(output)
+    return [
+        SmokeCheck(f"tool {name}", spec["check"], spec["expect"], ("full",))
+        for name, spec in sorted(manifest.items())
+    ]
+
+
+def smoke_test(image: str, kind: str) -> list[CheckResult]:
+    """Every check of `kind` against `image` (and each installed tool), plus health."""
     with probe_container(image, healthcheck=FAST_HEALTHCHECK) as container:
+        extra = tool_checks(container) if kind == "full" else []
         results = [run_check(container, check) for check in load_checks(kind, extra)]
         results.append(wait_healthy(container))
     return results

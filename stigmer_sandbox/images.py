@@ -165,6 +165,32 @@ def parse_build_args(pairs: Iterable[str]) -> dict[str, str]:
     return parsed
 
 
+def load_tools(context: Path) -> dict[str, dict[str, Any]]:
+    """The full image's tool pins (`dockerfiles/tools.yaml`)."""
+    import yaml
+
+    path = context / "tools.yaml"
+    try:
+        tools = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("tools")
+    except (OSError, yaml.YAMLError) as exc:
+        raise SandboxError(f"cannot read {path}: {exc}") from None
+    if not isinstance(tools, dict) or not tools:
+        raise SandboxError(f"{path}: needs a 'tools' mapping")
+    return tools
+
+
+def check_skipped(context: Path, skipped: Iterable[str]) -> str:
+    """Validated `--skip-tool` names as the build argument (comma-separated, sorted)."""
+    known = load_tools(context)
+    names = sorted(set(skipped))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(
+            f"unknown tool {unknown[0]!r} for --skip-tool", f"known tools: {', '.join(known)}"
+        )
+    return ",".join(names)
+
+
 def _ignore_patterns(context: Path) -> list[tuple[bool, str]]:
     ignore = context / ".dockerignore"
     if not ignore.is_file():
@@ -264,6 +290,24 @@ def resolve_base(settings: Settings, pull: bool, watcher: BuildWatcher) -> BaseC
     return BaseChoice(own, found, f"project base ({upstream} cannot be pulled here)")
 
 
+def _base_for(
+    kind: str,
+    settings: Settings,
+    options: BuildOptions,
+    watcher: BuildWatcher,
+    extra_args: dict[str, str],
+) -> tuple[BaseChoice, dict[str, str]]:
+    """What the Dockerfile of `kind` starts from, and the build args that say so."""
+    if kind == "full":
+        basic = extra_args["BASIC_IMAGE"]
+        found = _image_id(basic)
+        if found is None:
+            raise SandboxError(f"{basic} not found", "run `inv sandbox.build-basic` first")
+        return BaseChoice(basic, found, "the basic image"), {}
+    base = resolve_base(settings, options.pull, watcher)
+    return base, {"BASE_IMAGE": base.reference, "KEEP_EXTRA_CA": str(int(settings.keep_extra_ca))}
+
+
 def _git_revision(root: Path) -> str:
     try:
         done = subprocess.run(
@@ -296,14 +340,8 @@ def plan(
             "run from a stigmer-sandbox checkout or set stigmer.project_dir",
         )
     extra_ca = ca.detect(options.ca_cert or settings.ca_cert)
-    base = resolve_base(settings, options.pull, watcher)
-    args = {
-        "BASE_IMAGE": base.reference,
-        "KEEP_EXTRA_CA": str(int(settings.keep_extra_ca)),
-        "IMAGE_VERSION": __version__,
-        **(extra_args or {}),
-        **options.build_args,
-    }
+    base, base_args = _base_for(kind, settings, options, watcher, extra_args or {})
+    args = {**base_args, "IMAGE_VERSION": __version__, **(extra_args or {}), **options.build_args}
     hashed = {k: v for k, v in args.items() if k not in UNHASHED_ARGS}
     files = context_files(context, dockerfile)
     ca_bytes = extra_ca.path.read_bytes() if extra_ca else b""

@@ -196,4 +196,42 @@ def report(c: Context, image: str | None = None, json: bool = False) -> None:
     _print_shares("layer (newest first)", result["layers"], total)
 
 
-ns = Collection("sandbox", bootstrap_base, build_basic, test, report)
+@task(
+    help={
+        **BUILD_HELP,
+        "skip_tool": "leave this tool out (name from dockerfiles/tools.yaml), repeatable "
+        "(default: install all)",
+        "tools_mirror": "base URL replacing the tools' download hosts, for offline builds "
+        "(default: config tools_mirror, else the original hosts)",
+    },
+    iterable=["tag", "build_arg", "skip_tool"],
+)
+def build_full(
+    c: Context,
+    tag: list[str] | None = None,
+    no_cache: bool = False,
+    pull: bool = False,
+    target: str | None = None,
+    build_arg: list[str] | None = None,
+    network: str | None = None,
+    ca_cert: str | None = None,
+    progress: str = "auto",
+    force: bool = False,
+    skip_tool: list[str] | None = None,
+    tools_mirror: str | None = None,
+) -> None:
+    """Build stigmer-sandbox-full:local: basic plus cloud and infrastructure CLIs."""
+    current = settings(c, tools_mirror=tools_mirror)
+    skipped = images.check_skipped(current.root / images.CONTEXT_DIR, skip_tool or [])
+    shared = _options([], False, pull, None, [], network, ca_cert, False)
+    basic = build_kind(current, "basic", shared, progress)
+    options = _options(tag or [], no_cache, pull, target, build_arg or [], network, ca_cert, force)
+    extra = {
+        "BASIC_IMAGE": basic.tags[-1],
+        "SKIP_TOOLS": skipped,
+        "TOOLS_MIRROR": current.tools_mirror,
+    }
+    build_kind(current, "full", options, progress, extra)
+
+
+ns = Collection("sandbox", bootstrap_base, build_basic, build_full, test, report)

@@ -1,0 +1,187 @@
+"""Issue 3 on a real engine: builds from the project's own base, smoke tests, failures."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import uuid
+
+import pytest
+
+from stigmer_sandbox import base_image, labels
+
+from ..conftest import ROOT, run_inv
+from .images_support import download_tools, project_copy, serve, write_fake_tools
+
+BASIC = "stigmer-sandbox-basic:local"
+
+
+@pytest.fixture
+def scratch_tags(docker_engine):
+    """Unique tags for builds from project copies; their images are removed afterwards."""
+    made: list[str] = []
+
+    def new(kind: str) -> str:
+        made.append(f"stigmer-sandbox-test-{kind}:{uuid.uuid4().hex[:8]}")
+        return made[-1]
+
+    yield new
+    for tag in made:
+        found = docker_engine.images.list(name=tag)
+        for image in found:  # by id: also drops the sha- tag the build added
+            docker_engine.images.remove(image.id, force=True)
+
+
+@pytest.fixture(scope="module")
+def basic_image(docker_engine):
+    """The basic image built by the task, as a user builds it."""
+    done = run_inv("sandbox.build-basic", timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    return docker_engine.images.get(BASIC)
+
+
+def test_basic_image_is_labelled_non_root_and_small_enough(basic_image):
+    config = basic_image.attrs["Config"]
+    assert config["User"] not in ("", "0", "root")
+    assert basic_image.labels[labels.MANAGED] == "true"
+    assert basic_image.labels[labels.KIND] == "basic"
+    for key in ("version", "revision", "created", "source", "title"):
+        assert f"org.opencontainers.image.{key}" in basic_image.labels
+    assert config["Healthcheck"]["Test"]
+    assert basic_image.attrs["Size"] <= 560 * 1000**2, basic_image.attrs["Size"]
+
+
+def test_unchanged_rebuild_is_a_noop(inv, basic_image):
+    done = inv("sandbox.build-basic")
+    assert done.returncode == 0
+    assert "up to date" in done.stdout
+    assert "Step 1/" not in done.stdout
+
+
+def test_smoke_tests_pass_and_agree_with_the_shell_script(inv, basic_image):
+    report = json.loads(inv("sandbox.test", "--json").stdout)
+    assert report["ok"], report
+    names = {c["name"] for c in report["checks"]}
+    assert {"python", "node", "npm", "user", "workspace writable", "health check"} <= names
+    script = subprocess.run(
+        [str(ROOT / "scripts/test-sandbox.sh"), BASIC],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert script.returncode == 0, script.stdout + script.stderr
+    tested = re.findall(r"✓ Testing (.+)\.\.\.", script.stdout)
+    assert set(tested) == names - {"health check"}
+
+
+def test_the_guides_own_script_passes_unchanged(basic_image):
+    script = ROOT / "tests/integration/guide/test-sandbox.sh"
+    done = subprocess.run(
+        ["bash", str(script), BASIC], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Python 3.11." in done.stdout and "v20." in done.stdout
+    assert "✅ All tests passed!" in done.stdout
+
+
+def test_report_shows_components_and_layers(inv, basic_image):
+    report = json.loads(inv("sandbox.report", "--json").stdout)
+    parts = {c["name"] for c in report["components"]}
+    assert {"toolchain", "node", "python", "base"} <= parts
+    assert report["versions"]["node"].startswith("v20.")
+    assert any("pip install" in layer["name"] for layer in report["layers"])
+
+
+def test_requirements_change_rebuilds_only_later_layers(inv, tmp_path, basic_image, scratch_tags):
+    project = project_copy(tmp_path)
+    requirements = project / "dockerfiles/requirements.txt"
+    requirements.write_text(requirements.read_text() + f"# bust {uuid.uuid4().hex}\n")
+    env = {"INVOKE_STIGMER_PROJECT_DIR": str(project)}
+    done = inv(
+        "sandbox.build-basic", "--progress", "plain", "--tag", scratch_tags("basic"), env=env
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    steps = re.split(r"^Step \d+/\d+ : ", done.stdout, flags=re.MULTILINE)[1:]
+    copy_at = next(i for i, s in enumerate(steps) if s.startswith("COPY") and "requirements" in s)
+    later_run = [s for s in steps[copy_at:] if s.startswith("RUN")]
+    earlier_run = [s for s in steps[:copy_at] if s.startswith("RUN")]
+    assert earlier_run and all("Using cache" in s for s in earlier_run)
+    assert later_run and "Using cache" not in later_run[0]
+
+
+def test_build_without_network_names_the_network_and_tags_nothing(
+    inv, tmp_path, basic_image, scratch_tags, docker_engine
+):
+    project = project_copy(tmp_path)
+    requirements = project / "dockerfiles/requirements.txt"
+    requirements.write_text(requirements.read_text() + f"# bust {uuid.uuid4().hex}\n")
+    tag = scratch_tags("basic")
+    done = inv(
+        "sandbox.build-basic",
+        "--network",
+        "none",
+        "--tag",
+        tag,
+        env={"INVOKE_STIGMER_PROJECT_DIR": str(project)},
+    )
+    assert done.returncode == 4
+    assert "Traceback" not in done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert re.search(r"build failed at step \d+/\d+ \(RUN pip install", error)
+    assert "no network" in error
+    assert not docker_engine.images.list(name=tag.split(":")[0])
+
+
+def test_full_image_with_loopback_tools_passes_smoke_tests(
+    inv, tmp_path, basic_image, scratch_tags
+):
+    project = project_copy(tmp_path)
+    mirror = tmp_path / "mirror"
+    write_fake_tools(project, mirror, base_image.architecture())
+    tag = scratch_tags("full")
+    skip = [arg for name in ("aws", "azure-cli") for arg in ("--skip-tool", name)]
+    with serve(mirror) as url:
+        done = inv(
+            "sandbox.build-full",
+            "--network",
+            "host",
+            "--tools-mirror",
+            url,
+            "--tag",
+            tag,
+            *skip,
+            env={"INVOKE_STIGMER_PROJECT_DIR": str(project)},
+        )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    report = json.loads(inv("sandbox.test", "--image", tag, "--json").stdout)
+    tools = {c["name"] for c in report["checks"] if c["name"].startswith("tool ")}
+    assert tools == {f"tool {name}" for name in download_tools(project)}
+    assert report["ok"], [c for c in report["checks"] if not c["passed"]]
+
+
+def test_full_image_bad_checksum_fails_naming_tool_and_both_sums(
+    inv, tmp_path, basic_image, scratch_tags
+):
+    project = project_copy(tmp_path)
+    mirror = tmp_path / "mirror"
+    write_fake_tools(project, mirror, base_image.architecture(), corrupt="kubectl")
+    skip = [arg for name in ("aws", "azure-cli") for arg in ("--skip-tool", name)]
+    with serve(mirror) as url:
+        done = inv(
+            "sandbox.build-full",
+            "--network",
+            "host",
+            "--tools-mirror",
+            url,
+            "--tag",
+            scratch_tags("full"),
+            *skip,
+            env={"INVOKE_STIGMER_PROJECT_DIR": str(project)},
+        )
+    assert done.returncode == 4
+    error = done.stderr.strip().splitlines()[-1]
+    assert "tool kubectl: checksum mismatch" in done.stderr
+    assert re.search(r"expected sha256 0{64}, got [0-9a-f]{64}", done.stderr)
+    assert "pinned checksum" in error
