@@ -1,0 +1,312 @@
+"""In-container command agent: runs the host's commands over one attached exec stream.
+
+This file is sent into the sandbox as source (`python3 -u -c <this file>`) and
+must stay standard-library Python 3.11 with no imports from the package. The
+host imports `OutputCapture` and `exit_cause` from it too, so both sides cap
+output and classify exits the same way.
+
+Protocol: JSON lines. The host writes requests to the agent's stdin:
+  {"op": "exec", "id": 7, "argv": [...], "env": {...}, "cwd": "/workspace",
+   "timeout": 600, "limit": 1048576, "stdin": "<base64>" | null}
+  {"op": "ping", "id": 8}
+The agent answers on stdout:
+  {"id": 7, "type": "out", "stream": "stdout", "data": "<base64>"}   (live, head only)
+  {"id": 7, "type": "done", "exit_code": 0, "signal": null, "timed_out": false,
+   "oom_killed": false, "duration_s": 0.01,
+   "stdout": {"tail": "<base64>", "dropped": 0, "total": 12}, "stderr": {...}}
+  (the head of each stream arrived before as "out" messages)
+  {"id": 8, "type": "pong"}
+"""
+
+import base64
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+TOKEN_VAR = "STIGMER_EXEC_TOKEN"
+TIMEOUT_EXIT = 124
+READ_CHUNK = 65536
+# After the command exits, wait this long for output still in flight; a background
+# child that keeps the pipe open must not hold the result back.
+EXIT_GRACE_S = 0.2
+OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
+
+
+class OutputCapture:
+    """Keeps the first and last `limit // 2` bytes of a stream; counts what it drops."""
+
+    def __init__(self, limit):
+        self.head_budget = max(limit, 2) // 2
+        self.tail_budget = max(limit, 2) - self.head_budget
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+        self.dropped = 0
+
+    def feed(self, data):
+        """Take `data`; return the part that belongs to the head (to stream live)."""
+        self.total += len(data)
+        room = self.head_budget - len(self.head)
+        live = data[:room] if room > 0 else b""
+        self.head += live
+        rest = data[len(live) :]
+        if rest:
+            self.tail += rest
+            excess = len(self.tail) - self.tail_budget
+            if excess > 0:
+                del self.tail[:excess]
+                self.dropped += excess
+        return live
+
+    def text(self):
+        """Head, a visible marker where bytes were dropped, and tail."""
+        marker = b""
+        if self.dropped:
+            marker = f"\n[... {self.dropped} bytes truncated by stigmer-sandbox ...]\n".encode()
+        return bytes(self.head) + marker + bytes(self.tail)
+
+
+def exit_cause(exit_code, signal_number, timed_out, oom_killed):
+    """Why a command ended: timeout, oom, signal or exit."""
+    if timed_out:
+        return "timeout"
+    if oom_killed:
+        return "oom"
+    if signal_number:
+        return "signal"
+    return "exit"
+
+
+def oom_kills():
+    """The container's OOM-kill counter (cgroup v2 or v1), or None."""
+    for path in OOM_FILES:
+        try:
+            with open(path) as handle:
+                for line in handle:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except OSError:
+            continue
+    return None
+
+
+def processes_with_token(token):
+    """Pids of every process whose environment carries `token` (setsid cannot hide them)."""
+    marker = f"{TOKEN_VAR}={token}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as handle:
+                if marker in handle.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def kill_tree(process, token):
+    """Kill the command's process group and everything else it started."""
+    with contextlib.suppress(OSError):
+        os.killpg(process.pid, signal.SIGKILL)
+    for _ in range(20):
+        pids = processes_with_token(token)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
+
+
+class Agent:
+    """Reads requests from stdin, runs each in its own thread, writes answers to stdout."""
+
+    def __init__(self, output):
+        self.output = output
+        self.lock = threading.Lock()
+
+    def send(self, message):
+        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        with self.lock:
+            self.output.write(data)
+            self.output.flush()
+
+    def serve(self, requests):
+        for line in requests:
+            if not line.strip():
+                continue
+            request = json.loads(line)
+            if request.get("op") == "ping":
+                self.send({"id": request["id"], "type": "pong", "pid": os.getpid()})
+            elif request.get("op") == "exec":
+                threading.Thread(target=self.run, args=(request,), daemon=True).start()
+
+    def run(self, request):
+        try:
+            self.send(self.execute(request))
+        except Exception as exc:
+            self.send({"id": request["id"], "type": "error", "message": repr(exc)})
+
+    def _reader(self, rid, name, pipe, capture, stop):
+        fd = pipe.fileno()
+        while True:
+            ready, _, _ = select.select([fd], [], [], 0.05)
+            if not ready:
+                if stop.is_set():
+                    break
+                continue
+            data = os.read(fd, READ_CHUNK)
+            if not data:
+                break
+            live = capture.feed(data)
+            if live:
+                self.send(
+                    {
+                        "id": rid,
+                        "type": "out",
+                        "stream": name,
+                        "data": base64.b64encode(live).decode(),
+                    }
+                )
+        pipe.close()
+
+    def execute(self, request):
+        rid = request["id"]
+        token = f"{os.getpid()}.{rid}.{time.monotonic_ns()}"
+        env = dict(os.environ)
+        env.update(request.get("env") or {})
+        env[TOKEN_VAR] = token
+        cwd = request.get("cwd") or "/workspace"
+        limit = int(request.get("limit") or 1048576)
+        stdin = request.get("stdin")
+        if not os.path.isdir(cwd):
+            return failed(rid, 2, f"cd: {cwd}: No such directory\n")
+        before = oom_kills()
+        started = time.monotonic()
+        try:
+            process = subprocess.Popen(
+                request["argv"],
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        except FileNotFoundError:
+            return failed(rid, 127, f"{request['argv'][0]}: command not found\n")
+        except PermissionError:
+            return failed(rid, 126, f"{request['argv'][0]}: permission denied\n")
+        prefer_as_oom_victim(process.pid)
+        captures = {"stdout": OutputCapture(limit), "stderr": OutputCapture(limit)}
+        stop = threading.Event()
+        readers = [
+            threading.Thread(
+                target=self._reader,
+                daemon=True,
+                args=(rid, name, getattr(process, name), captures[name], stop),
+            )
+            for name in captures
+        ]
+        for reader in readers:
+            reader.start()
+        if stdin is not None:
+            threading.Thread(
+                target=feed_stdin, args=(process, base64.b64decode(stdin)), daemon=True
+            ).start()
+        timed_out = False
+        try:
+            returncode = process.wait(timeout=request.get("timeout"))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            kill_tree(process, token)
+            returncode = process.wait()
+        duration = time.monotonic() - started
+        deadline = time.monotonic() + EXIT_GRACE_S
+        for reader in readers:
+            reader.join(max(0.0, deadline - time.monotonic()))
+        stop.set()
+        for reader in readers:
+            reader.join()
+        after = oom_kills()
+        signal_number = -returncode if returncode < 0 else None
+        oom = (
+            not timed_out
+            and before is not None
+            and after is not None
+            and after > before
+            and signal_number == signal.SIGKILL
+        )
+        exit_code = (
+            TIMEOUT_EXIT if timed_out else (128 + signal_number if signal_number else returncode)
+        )
+        return {
+            "id": rid,
+            "type": "done",
+            "exit_code": exit_code,
+            "signal": signal_number,
+            "timed_out": timed_out,
+            "oom_killed": oom,
+            "duration_s": duration,
+            **{name: summary(capture) for name, capture in captures.items()},
+        }
+
+
+def summary(capture):
+    return {
+        "tail": base64.b64encode(bytes(capture.tail)).decode(),
+        "dropped": capture.dropped,
+        "total": capture.total,
+    }
+
+
+def failed(rid, exit_code, message):
+    """The answer for a command that could not start (as bash would report it)."""
+    data = message.encode()
+    empty = {"tail": "", "dropped": 0, "total": 0}
+    err = {"tail": base64.b64encode(data).decode(), "dropped": 0, "total": len(data)}
+    return {
+        "id": rid,
+        "type": "done",
+        "exit_code": exit_code,
+        "signal": None,
+        "timed_out": False,
+        "oom_killed": False,
+        "duration_s": 0.0,
+        "stdout": empty,
+        "stderr": err,
+    }
+
+
+def feed_stdin(process, data):
+    try:
+        process.stdin.write(data)
+        process.stdin.close()
+    except OSError:
+        pass
+
+
+def prefer_as_oom_victim(pid):
+    """Make the command, not the agent, the OOM killer's first choice."""
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as handle:
+            handle.write("1000")
+    except OSError:
+        pass
+
+
+def main():
+    Agent(sys.stdout.buffer).serve(sys.stdin.buffer)
+
+
+if __name__ == "__main__":
+    main()
