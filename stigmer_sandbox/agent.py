@@ -144,7 +144,11 @@ class Agent:
         for line in requests:
             if not line.strip():
                 continue
-            request = json.loads(line)
+            try:
+                request = json.loads(line)
+                request["id"]
+            except (ValueError, TypeError, KeyError):
+                continue  # not a request; the host never sends these
             if request.get("op") == "ping":
                 self.send({"id": request["id"], "type": "pong", "pid": os.getpid()})
             elif request.get("op") == "exec":

@@ -41,6 +41,10 @@ from . import agent, engine
 from .errors import SandboxError
 
 AGENT_SOURCE = Path(agent.__file__).read_text(encoding="utf-8")
+# The agent's source arrives as the first line on stdin: `ps` shows this, not 10 kB of code.
+AGENT_BOOTSTRAP = (
+    "# stigmer-sandbox agent\nimport sys, json; exec(json.loads(sys.stdin.buffer.readline()))"
+)
 FRAME_HEADER = struct.Struct(">BxxxL")
 # Slack on top of a command's timeout before the host gives up on the agent.
 HOST_TIMEOUT_SLACK_S = 15.0
@@ -101,7 +105,7 @@ class AgentChannel:
         with engine.engine_errors():
             exec_id = api.exec_create(
                 container_id,
-                ["python3", "-I", "-u", "-c", AGENT_SOURCE],
+                ["python3", "-I", "-u", "-c", AGENT_BOOTSTRAP],
                 stdin=True,
                 stdout=True,
                 stderr=True,
@@ -115,6 +119,7 @@ class AgentChannel:
         self._pending: dict[int, queue.Queue[dict[str, Any] | None]] = {}
         self._pending_lock = threading.Lock()
         self.alive = True
+        self._sock.sendall(json.dumps(AGENT_SOURCE).encode() + b"\n")
         self._reader = threading.Thread(
             target=self._read_loop, daemon=True, name="stigmer-agent-reader"
         )

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from . import __version__, base_image, ca, engine, labels
 from .config import Settings, split_image
-from .errors import BuildError, SandboxError, UsageError
+from .errors import BuildError, SandboxError, SandboxNotReady, UsageError
 
 KINDS = ("basic", "full")
 CONTEXT_DIR = "dockerfiles"
@@ -498,6 +498,56 @@ def _failure(
         diagnose([*recent, message]),
         details=tuple(recent[-15:]),
     )
+
+
+USER_DOCKERFILE = """\
+FROM {image}
+USER root
+RUN groupmod -o -g {gid} sandbox && usermod -o -u {uid} -g {gid} sandbox \\
+    && find / -xdev \\( -uid 1000 -o -gid 1000 \\) -exec chown -h {uid}:{gid} {{}} +
+USER sandbox
+"""
+
+
+def image_for_user(image: str, uid: int, gid: int) -> str:
+    """`image`, or a derived image whose sandbox user has the host user's uid/gid.
+
+    Files the agent writes into the bind-mounted workspace are then owned by
+    the host user. Root (0) and uid 1000 need no derived image.
+    """
+    if uid in (0, 1000) and gid in (0, 1000):
+        return image
+    base_id = _image_id(image)
+    if base_id is None:
+        raise SandboxNotReady(
+            f"image not found: {image}", "build it with `inv sandbox.build-basic`"
+        )
+    tag = f"stigmer-sandbox-user:{uid}-{gid}-{base_id.removeprefix('sha256:')[:12]}"
+    if _image_id(tag):
+        return tag
+    dockerfile = USER_DOCKERFILE.format(image=image, uid=uid, gid=gid).encode()
+    with engine.engine_errors():
+        stream = engine.client().api.build(
+            fileobj=io.BytesIO(dockerfile),
+            tag=tag,
+            rm=True,
+            forcerm=True,
+            decode=True,
+            labels=labels.project_labels("user", base=base_id),
+        )
+        _follow(stream, _SilentWatcher())
+    return tag
+
+
+class _SilentWatcher:
+    def note(self, text: str) -> None:
+        pass
+
+    def step(self, number: int, total: int, instruction: str) -> None:
+        pass
+
+    def line(self, text: str) -> None:
+        pass
 
 
 def diagnose(lines: Iterable[str]) -> str | None:

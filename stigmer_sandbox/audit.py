@@ -1,0 +1,51 @@
+"""The audit trail: every command run in a sandbox, recorded by the host.
+
+A JSON-lines file under the state folder, which is never mounted into a
+sandbox, so a sandboxed command can neither forge nor erase its entries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+
+class AuditLog:
+    """Append-only JSON lines at `path`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Append one entry (with the time); a single write, so concurrent appends interleave
+        whole lines."""
+        line = (
+            json.dumps(
+                {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, sort_keys=True, default=str
+            )
+            + "\n"
+        )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(descriptor, line.encode())
+        finally:
+            os.close(descriptor)
+
+    def tail(self, count: int) -> list[dict[str, Any]]:
+        """The last `count` entries, oldest first (unreadable lines are skipped)."""
+        if not self.path.exists():
+            return []
+        with self.path.open(encoding="utf-8", errors="replace") as handle:
+            last = deque(handle, maxlen=count)
+        entries = []
+        for line in last:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+        return entries
