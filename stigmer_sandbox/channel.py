@@ -97,6 +97,64 @@ def _callback(request: Request, stream: str) -> OutputCallback | None:
     return request.on_stdout if stream == "stdout" else request.on_stderr
 
 
+def take_head(request: Request, answer: dict[str, Any], heads: dict[str, bytearray]) -> None:
+    """Keep a live "out" message's bytes (within the head budget) and pass them on."""
+    stream = answer["stream"]
+    data = base64.b64decode(answer["data"])
+    room = request.limit // 2 - len(heads[stream])
+    data = data[: max(room, 0)]  # never trust the agent with the host's memory
+    heads[stream] += data
+    callback = _callback(request, stream)
+    if callback and data:
+        callback(data)
+
+
+def raw_result(
+    request: Request, answer: dict[str, Any], heads: dict[str, bytearray], via: str
+) -> RawResult:
+    """The agent's "done" answer plus the heads already received, re-capped on this side."""
+    streams: dict[str, bytes] = {}
+    totals, truncated = {}, {}
+    for name in ("stdout", "stderr"):
+        info = answer[name]
+        capture = agent.OutputCapture(request.limit)
+        capture.head = heads[name]
+        tail = base64.b64decode(info["tail"])[-capture.tail_budget :]
+        capture.tail = bytearray(tail)
+        capture.dropped = max(0, int(info["total"]) - len(heads[name]) - len(tail))
+        streams[name] = capture.text()
+        totals[name] = int(info["total"])
+        truncated[name] = capture.dropped > 0
+        callback = _callback(request, name)
+        if callback and len(streams[name]) > len(heads[name]):
+            callback(streams[name][len(heads[name]) :])
+    return RawResult(
+        int(answer["exit_code"]),
+        answer.get("signal"),
+        bool(answer["timed_out"]),
+        bool(answer["oom_killed"]),
+        float(answer["duration_s"]),
+        streams["stdout"],
+        streams["stderr"],
+        totals,
+        truncated,
+        via,
+    )
+
+
+def _exec_message(request: Request, rid: int) -> dict[str, Any]:
+    return {
+        "op": "exec",
+        "id": rid,
+        "argv": request.argv,
+        "env": request.env,
+        "cwd": request.cwd,
+        "timeout": request.timeout,
+        "limit": request.limit,
+        "stdin": base64.b64encode(request.stdin).decode() if request.stdin is not None else None,
+    }
+
+
 class AgentChannel:
     """One agent process inside one container, shared by concurrent callers."""
 
@@ -163,72 +221,19 @@ class AgentChannel:
     def run(self, request: Request) -> RawResult:
         """Run one command through the agent, streaming its head to the callbacks."""
         rid = next(self._ids)
-        message = {
-            "op": "exec",
-            "id": rid,
-            "argv": request.argv,
-            "env": request.env,
-            "cwd": request.cwd,
-            "timeout": request.timeout,
-            "limit": request.limit,
-            "stdin": base64.b64encode(request.stdin).decode()
-            if request.stdin is not None
-            else None,
-        }
+        message = _exec_message(request, rid)
         inbox = self._send(message)
         heads = {"stdout": bytearray(), "stderr": bytearray()}
         deadline = time.monotonic() + request.timeout + HOST_TIMEOUT_SLACK_S
         while True:
             answer = self._wait(inbox, rid, max(0.1, deadline - time.monotonic()))
             if answer.get("type") == "out":
-                self._take_head(request, answer, heads)
+                take_head(request, answer, heads)
                 continue
             self._forget(rid)
             if answer.get("type") != "done":
                 raise AgentDied(f"the sandbox agent failed: {answer.get('message')}")
-            return self._result(request, answer, heads)
-
-    def _take_head(
-        self, request: Request, answer: dict[str, Any], heads: dict[str, bytearray]
-    ) -> None:
-        stream = answer["stream"]
-        data = base64.b64decode(answer["data"])
-        room = request.limit // 2 - len(heads[stream])
-        data = data[: max(room, 0)]  # never trust the agent with the host's memory
-        heads[stream] += data
-        callback = _callback(request, stream)
-        if callback and data:
-            callback(data)
-
-    def _result(
-        self, request: Request, answer: dict[str, Any], heads: dict[str, bytearray]
-    ) -> RawResult:
-        streams: dict[str, bytes] = {}
-        totals, truncated = {}, {}
-        for name in ("stdout", "stderr"):
-            info = answer[name]
-            capture = agent.OutputCapture(request.limit)
-            capture.head = heads[name]
-            tail = base64.b64decode(info["tail"])[-capture.tail_budget :]
-            capture.tail = bytearray(tail)
-            capture.dropped = max(0, int(info["total"]) - len(heads[name]) - len(tail))
-            streams[name] = capture.text()
-            totals[name] = int(info["total"])
-            truncated[name] = capture.dropped > 0
-            callback = _callback(request, name)
-            if callback and len(streams[name]) > len(heads[name]):
-                callback(streams[name][len(heads[name]) :])
-        return RawResult(
-            int(answer["exit_code"]),
-            answer.get("signal"),
-            bool(answer["timed_out"]),
-            bool(answer["oom_killed"]),
-            float(answer["duration_s"]),
-            streams["stdout"],
-            streams["stderr"],
-            totals,
-            truncated,
-        )
+            return raw_result(request, answer, heads, "agent")
 
     def _read_loop(self) -> None:
         buffer = bytearray()
@@ -364,3 +369,18 @@ class DirectRunner:
                         if callback and live:
                             callback(live)
             return int(api.exec_inspect(exec_id)["ExitCode"]), captures
+
+
+class LocalRunner:
+    """Runs a command on this host (`STIGMER_EXECUTION_MODE=local`) with the agent's logic:
+    the same timeout (whole process tree), output caps and exit causes."""
+
+    def run(self, request: Request) -> RawResult:
+        heads = {"stdout": bytearray(), "stderr": bytearray()}
+
+        class _Sink(agent.Agent):
+            def send(self, message: dict[str, Any]) -> None:
+                take_head(request, message, heads)
+
+        answer = _Sink(None).execute(_exec_message(request, 1))
+        return raw_result(request, answer, heads, "local")

@@ -20,18 +20,29 @@ import io
 import json
 import os
 import posixpath
+import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import agent, engine, images, labels
 from .audit import AuditLog
-from .channel import AgentChannel, AgentDied, DirectRunner, OutputCallback, RawResult, Request
+from .channel import (
+    AgentChannel,
+    AgentDied,
+    DirectRunner,
+    LocalRunner,
+    OutputCallback,
+    RawResult,
+    Request,
+)
 from .config import Settings, load_settings
 from .errors import ConfigError, SandboxError, SandboxNotReady, UsageError
 
@@ -380,6 +391,28 @@ class Sandbox:
             "agent": bool(self._channel and self._channel.alive),
         }
 
+    def _existing(self) -> Any:
+        container = self.find()
+        if container is None:
+            raise SandboxNotReady(
+                f"sandbox {self.name} does not exist", "start it with `inv sandbox.up`"
+            )
+        return container
+
+    def logs(self, follow: bool = False, tail: str | int = "all") -> Iterator[bytes]:
+        """The container's output (the keep-alive's and the engine's view of it)."""
+        if tail != "all" and not str(tail).isdigit():
+            raise UsageError(f"--tail must be a number of lines or all, got {tail!r}")
+        container = self._existing()
+        with engine.engine_errors():
+            yield from container.logs(
+                stream=True, follow=follow, tail=tail if tail == "all" else int(tail)
+            )
+
+    def inspect(self) -> dict[str, Any]:
+        """`docker inspect` of the container."""
+        return dict(self._existing().attrs)
+
     def __enter__(self) -> Sandbox:
         return self.up()
 
@@ -459,20 +492,7 @@ class Sandbox:
             raise UsageError("timeout must be positive")
         raw = self._run(request)
         result = _result(raw)
-        self.audit.record(
-            {
-                "sandbox": self.name,
-                "command": command if isinstance(command, str) else request.argv,
-                "cwd": request.cwd,
-                "exit_code": result.exit_code,
-                "cause": result.cause,
-                "duration_s": round(result.duration_s, 4),
-                "timed_out": result.timed_out,
-                "oom_killed": result.oom_killed,
-                "output_bytes": result.output_bytes,
-                "via": result.via,
-            }
-        )
+        self.audit.record(audit_entry(self.name, command, request, result))
         return result
 
     def _run(self, request: Request) -> RawResult:
@@ -543,6 +563,36 @@ class Sandbox:
         return self._container
 
 
+def interactive_shell(sandbox: Sandbox, root: bool = False) -> int:
+    """An interactive bash in the sandbox with this terminal's stdio (no Invoke pty, which drops
+    keys); without a terminal, stdin is still passed so it works in CI."""
+    docker = shutil.which("docker")
+    if docker is None:
+        raise SandboxError("the docker CLI is needed for an interactive shell", "install docker")
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    argv = [docker, "exec", "-i", *(["-t"] if terminal else []), "-w", WORKSPACE]
+    argv += [*(["-u", "root"] if root else []), sandbox.name, "bash"]
+    return subprocess.run(argv, check=False).returncode
+
+
+def audit_entry(
+    sandbox: str, command: str | Sequence[str], request: Request, result: ExecResult
+) -> dict[str, Any]:
+    """What the audit trail keeps of one command."""
+    return {
+        "sandbox": sandbox,
+        "command": command if isinstance(command, str) else request.argv,
+        "cwd": request.cwd,
+        "exit_code": result.exit_code,
+        "cause": result.cause,
+        "duration_s": round(result.duration_s, 4),
+        "timed_out": result.timed_out,
+        "oom_killed": result.oom_killed,
+        "output_bytes": result.output_bytes,
+        "via": result.via,
+    }
+
+
 def _result(raw: RawResult) -> ExecResult:
     return ExecResult(
         exit_code=raw.exit_code,
@@ -556,3 +606,33 @@ def _result(raw: RawResult) -> ExecResult:
         output_bytes=raw.totals,
         via=raw.via,
     )
+
+
+def run_local(
+    settings: Settings,
+    command: str | Sequence[str],
+    *,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    on_stdout: OutputCallback | None = None,
+    on_stderr: OutputCallback | None = None,
+) -> ExecResult:
+    """Run a command on this host (`execution_mode: local`) with the sandbox's semantics:
+    timeout kills the whole tree, output is capped, exit causes are told apart."""
+    workspace = settings.path("workspace")
+    workspace.mkdir(parents=True, exist_ok=True)
+    request = Request(
+        argv=command_argv(command),
+        env=check_env(env),
+        cwd=str(workspace / cwd) if cwd else str(workspace),
+        timeout=float(timeout if timeout is not None else settings.timeout),
+        limit=max(settings.output_limit, 2),
+        on_stdout=on_stdout,
+        on_stderr=on_stderr,
+    )
+    result = _result(LocalRunner().run(request))
+    AuditLog(settings.path("state_dir") / "audit.jsonl").record(
+        audit_entry("local", command, request, result)
+    )
+    return result

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 from invoke import Collection, Context, Exit
 
-from .. import base_image, console, image_checks, image_report, images, labels
+from .. import audit, base_image, console, image_checks, image_report, images, labels, runtime
 from ..config import Settings
 from ..errors import UsageError
 from ._common import settings, task
@@ -234,4 +237,173 @@ def build_full(
     build_kind(current, "full", options, progress, extra)
 
 
-ns = Collection("sandbox", bootstrap_base, build_basic, build_full, test, report)
+def _sandbox(c: Context, **flags: object) -> runtime.Sandbox:
+    return runtime.Sandbox(settings(c, **flags))
+
+
+def _notes(sandbox: runtime.Sandbox) -> None:
+    for note in sandbox.notes:
+        console.info(note)
+
+
+@task(
+    help={
+        "image": "image to run (default: config image, i.e. STIGMER_SANDBOX_IMAGE or "
+        "stigmer-sandbox-basic:local)",
+        "network": "bridge, or none to cut the sandbox off (default: config network, bridge)",
+        "timeout": "seconds to wait until the sandbox is healthy (default: 60)",
+    }
+)
+def up(
+    c: Context, image: str | None = None, network: str | None = None, timeout: float = 60
+) -> None:
+    """Start the sandbox container (idempotent) and wait until it is healthy."""
+    sandbox = _sandbox(c, image=image, network=network)
+    started = time.monotonic()
+    sandbox.up(timeout=timeout)
+    _notes(sandbox)
+    state = sandbox.status()
+    console.success(
+        f"sandbox {state['name']} is up ({state['id']}, {state['image']}, "
+        f"network {state['network']}) in {time.monotonic() - started:.1f} s"
+    )
+
+
+@task
+def down(c: Context) -> None:
+    """Stop and remove the sandbox container; the workspace on the host is kept."""
+    sandbox = _sandbox(c)
+    if sandbox.remove():
+        console.success(
+            f"removed {sandbox.name}; workspace kept at {sandbox.settings.path('workspace')}"
+        )
+    else:
+        console.info(f"{sandbox.name} is not running; nothing to do")
+
+
+@task(help={"json": "print the status as one JSON object (default: off)"})
+def status(c: Context, json: bool = False) -> None:
+    """Show the sandbox's state, health, image, limits and mounts."""
+    state = _sandbox(c).status()
+    if json:
+        console.emit_json(state)
+        return
+    if not state["exists"]:
+        console.warning(f"{state['name']} does not exist — start it with `inv sandbox.up`")
+        raise Exit(code=1)
+    mounts = ", ".join(
+        f"{m['source']}→{m['target']}{'' if m['rw'] else ' (ro)'}" for m in state["mounts"]
+    )
+    rows = [
+        ("name", state["name"]),
+        ("state", state["state"]),
+        ("health", state["health"]),
+        ("image", state["image"]),
+        ("network", state["network"]),
+        ("memory", console.human_bytes(state["memory"] or 0)),
+        ("cpus", (state["nano_cpus"] or 0) / 1e9),
+        ("pids limit", state["pids_limit"]),
+        ("read-only root", state["read_only"]),
+        ("mounts", mounts),
+    ]
+    console.table(("key", "value"), rows)
+
+
+@task(
+    help={"root": "open the shell as root (refused unless allow_root_shell is set; default: off)"}
+)
+def shell(c: Context, root: bool = False) -> None:
+    """Open an interactive bash in the sandbox (inherited terminal, not Invoke's pty)."""
+    current = settings(c)
+    if root and not current.allow_root_shell:
+        raise UsageError(
+            "a root shell is disabled", "set allow_root_shell: true in invoke.yaml to allow it"
+        )
+    sandbox = runtime.Sandbox(current).up()
+    code = runtime.interactive_shell(sandbox, root=root)
+    if code:
+        raise Exit(code=code)
+
+
+@task(
+    help={
+        "follow": "keep printing new log lines (default: off)",
+        "tail": "lines to show from the end, or all (default: all)",
+    }
+)
+def logs(c: Context, follow: bool = False, tail: str = "all") -> None:
+    """Show the sandbox container's logs (docker logs)."""
+    for chunk in _sandbox(c).logs(follow=follow, tail=tail):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+
+
+@task
+def inspect(c: Context) -> None:
+    """Print the sandbox container's full configuration (docker inspect) as JSON."""
+    console.emit_json(_sandbox(c).inspect())
+
+
+def _print_command(sandbox: runtime.Sandbox, command: str) -> None:
+    result = sandbox.up().exec(command, timeout=120)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    if result.exit_code:
+        raise Exit(code=result.exit_code)
+
+
+@task
+def env(c: Context) -> None:
+    """Show the sandbox's environment variables (as its commands see them)."""
+    _print_command(_sandbox(c), "env | sort")
+
+
+@task
+def packages(c: Context) -> None:
+    """List installed Python (pip list) and global Node (npm list -g) packages."""
+    _print_command(_sandbox(c), "pip list && echo && npm list -g --depth=0")
+
+
+@task(
+    help={
+        "n": "number of most recent commands to show (default: 20)",
+        "json": "print the entries as JSON (default: off)",
+    }
+)
+def history(c: Context, n: int = 20, json: bool = False) -> None:
+    """Show the audit trail: the last commands run in sandboxes, recorded by the host."""
+    entries = audit.AuditLog(settings(c).path("state_dir") / "audit.jsonl").tail(n)
+    if json:
+        console.emit_json(entries)
+        return
+    rows = [
+        (
+            e.get("time", ""),
+            e.get("sandbox", ""),
+            e.get("exit_code", ""),
+            e.get("cause", ""),
+            f"{e.get('duration_s', 0):.3f}s",
+            str(e.get("command", ""))[:60],
+        )
+        for e in entries
+    ]
+    console.table(("time", "sandbox", "exit", "cause", "took", "command"), rows)
+
+
+ns = Collection(
+    "sandbox",
+    bootstrap_base,
+    build_basic,
+    build_full,
+    test,
+    report,
+    up,
+    down,
+    status,
+    shell,
+    logs,
+    inspect,
+    env,
+    packages,
+    history,
+)
