@@ -7,7 +7,7 @@ output and classify exits the same way.
 
 Protocol: JSON lines. The host writes requests to the agent's stdin:
   {"op": "exec", "id": 7, "argv": [...], "env": {...}, "cwd": "/workspace",
-   "timeout": 600, "limit": 1048576, "stdin": "<base64>" | null}
+   "timeout": 600, "limit": 1048576, "stdin": "<base64>" | null, "keep_background": false}
   {"op": "ping", "id": 8}
 The agent answers on stdout:
   {"id": 7, "type": "out", "stream": "stdout", "data": "<base64>"}   (live, head only)
@@ -32,6 +32,7 @@ import time
 TOKEN_VAR = "STIGMER_EXEC_TOKEN"
 TIMEOUT_EXIT = 124
 READ_CHUNK = 65536
+KILL_DEADLINE_S = 10.0
 # After the command exits, wait this long for output still in flight; a background
 # child that keeps the pipe open must not hold the result back.
 EXIT_GRACE_S = 0.2
@@ -114,17 +115,22 @@ def processes_with_token(token):
 
 
 def kill_tree(process, token):
-    """Kill the command's process group and everything else it started."""
+    """Kill the command's process group and everything else it started.
+
+    Each round freezes every marked process (SIGSTOP) before killing them, so
+    even a fork bomb stops growing and the rounds converge.
+    """
     with contextlib.suppress(OSError):
         os.killpg(process.pid, signal.SIGKILL)
-    for _ in range(20):
+    deadline = time.monotonic() + KILL_DEADLINE_S
+    while time.monotonic() < deadline:
         pids = processes_with_token(token)
         if not pids:
             return
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.01)
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
 
 
 class Agent:
@@ -152,7 +158,10 @@ class Agent:
             if request.get("op") == "ping":
                 self.send({"id": request["id"], "type": "pong", "pid": os.getpid()})
             elif request.get("op") == "exec":
-                threading.Thread(target=self.run, args=(request,), daemon=True).start()
+                try:
+                    threading.Thread(target=self.run, args=(request,), daemon=True).start()
+                except RuntimeError as exc:  # the sandbox's process limit is reached
+                    self.send({"id": request["id"], "type": "error", "message": str(exc)})
 
     def run(self, request):
         try:
@@ -235,6 +244,8 @@ class Agent:
             kill_tree(process, token)
             returncode = process.wait()
         duration = time.monotonic() - started
+        if not timed_out and not request.get("keep_background"):
+            kill_tree(process, token)  # what the command left running ends with it
         deadline = time.monotonic() + EXIT_GRACE_S
         for reader in readers:
             reader.join(max(0.0, deadline - time.monotonic()))

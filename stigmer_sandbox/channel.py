@@ -69,6 +69,7 @@ class Request:
     timeout: float
     limit: int
     stdin: bytes | None = None
+    keep_background: bool = False
     on_stdout: OutputCallback | None = None
     on_stderr: OutputCallback | None = None
 
@@ -152,6 +153,7 @@ def _exec_message(request: Request, rid: int) -> dict[str, Any]:
         "timeout": request.timeout,
         "limit": request.limit,
         "stdin": base64.b64encode(request.stdin).decode() if request.stdin is not None else None,
+        "keep_background": request.keep_background,
     }
 
 
@@ -326,7 +328,7 @@ class DirectRunner:
         exit_code, captures = self._stream(wrapped, env, request)
         duration = time.monotonic() - started
         timed_out = exit_code == agent.TIMEOUT_EXIT and duration >= request.timeout
-        if timed_out:
+        if timed_out or not request.keep_background:
             self._exec(["sh", "-c", KILL_BY_TOKEN, f"{agent.TOKEN_VAR}={token}"])
         after = self._oom_count()
         oom = (

@@ -223,6 +223,7 @@ class Sandbox:
         network: str | None = None,
         host_user: tuple[int, int] | None = None,
         ephemeral: bool = False,
+        extra_labels: dict[str, str] | None = None,
     ) -> None:
         base = settings or load_settings()
         self.settings = base.replace(
@@ -231,6 +232,7 @@ class Sandbox:
         self.name = self.settings.container_name
         self.host_user = host_user or (os.getuid(), os.getgid())
         self.ephemeral = ephemeral
+        self.extra_labels = dict(extra_labels or {})
         self.audit = AuditLog(self.settings.path("state_dir") / "audit.jsonl")
         self.notes: list[str] = []
         self._lock = threading.RLock()
@@ -269,7 +271,7 @@ class Sandbox:
             extra["expires"] = str(int(time.time() + self.settings.max_lifetime_hours * 3600))
         if self.ephemeral:
             extra.update(owner_pid=str(os.getpid()), owner_host=os.uname().nodename)
-        return labels.project_labels("sandbox", **extra)
+        return {**labels.project_labels("sandbox", **extra), **self.extra_labels}
 
     @property
     def sandbox_user(self) -> tuple[int, int]:
@@ -476,8 +478,13 @@ class Sandbox:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         output_limit: int | None = None,
+        keep_background: bool = False,
     ) -> ExecResult:
-        """Run a command in the sandbox and return its result (never raises on its exit)."""
+        """Run a command in the sandbox and return its result (never raises on its exit).
+
+        Everything the command started ends with it (background and `setsid` children
+        included) unless `keep_background` is set, e.g. for a server used by later commands.
+        """
         request = Request(
             argv=command_argv(command),
             env=check_env(env),
@@ -485,6 +492,7 @@ class Sandbox:
             timeout=float(timeout if timeout is not None else self.settings.timeout),
             limit=max(int(output_limit or self.settings.output_limit), 2),
             stdin=stdin.encode() if isinstance(stdin, str) else stdin,
+            keep_background=keep_background,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
         )

@@ -52,6 +52,8 @@ def _write(stream: object) -> runtime.OutputCallback:
         "env": "KEY=VALUE for the command, repeatable (default: none)",
         "workdir": "working directory, relative to /workspace (default: /workspace)",
         "network": "none runs it in a separate sandbox without network (default: config network)",
+        "keep_background": "let background processes it starts outlive it, e.g. a server "
+        "(default: off, they end with the command)",
     },
     iterable=["env"],
 )
@@ -63,6 +65,7 @@ def run(
     env: list[str] | None = None,
     workdir: str | None = None,
     network: str | None = None,
+    keep_background: bool = False,
 ) -> None:
     """Run a command in the sandbox (or on the host with STIGMER_EXECUTION_MODE=local)."""
     current = settings(c)
@@ -81,7 +84,7 @@ def run(
         if network and network != current.network:
             name = f"{name}-{network}"
         sandbox = runtime.Sandbox(current, name=name, network=network)
-        result = sandbox.exec(command, **options)
+        result = sandbox.exec(command, keep_background=keep_background, **options)
         for note in sandbox.notes:
             console.warning(note)
     if json:
