@@ -1,0 +1,78 @@
+"""Shared benchmark plumbing: timing, medians, and one result line per figure.
+
+Every figure is printed beside a baseline measured in the same run, with the
+ratio, because these machines are noisy and only ratios compare across runs.
+Set BENCH_JSON=path to also append the results as JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+INV = [sys.executable, "-m", "invoke"]
+
+
+def timed(action: Callable[[], object]) -> float:
+    """Seconds one call of `action` takes."""
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def median_of(action: Callable[[], object], runs: int) -> float:
+    """Median seconds over `runs` calls."""
+    return statistics.median(timed(action) for _ in range(runs))
+
+
+def run(argv: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) -> str:
+    """Run a command that must succeed; its stdout."""
+    done = subprocess.run(
+        argv,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "NO_COLOR": "1", **(env or {})},
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"benchmark command failed: {' '.join(argv)}\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def report(
+    figure: str, value: float, baseline_name: str, baseline: float, unit: str, *, goal: str = ""
+) -> None:
+    """One line: the figure, its baseline, their ratio and the goal."""
+    ratio = value / baseline if baseline else float("nan")
+    line = (
+        f"{figure}: {value:.3f} {unit} | baseline {baseline_name}: {baseline:.3f} {unit} | "
+        f"ratio {ratio:.3f}" + (f" | goal {goal}" if goal else "")
+    )
+    print(line, flush=True)
+    target = os.environ.get("BENCH_JSON")
+    if target:
+        with open(target, "a", encoding="utf-8") as out:
+            out.write(
+                json.dumps(
+                    {
+                        "figure": figure,
+                        "value": value,
+                        "unit": unit,
+                        "baseline_name": baseline_name,
+                        "baseline": baseline,
+                        "ratio": ratio,
+                        "goal": goal,
+                        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu",
+                    }
+                )
+                + "\n"
+            )

@@ -1,0 +1,55 @@
+"""Image sizes (uncompressed and gzip of `docker save`) against the guide and the goals.
+
+python benchmarks/image_sizes.py [IMAGE ...]
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+
+from _common import report
+
+from stigmer_sandbox import engine
+
+GUIDE_MB = {"basic": 300, "full": 1500}
+GOALS = {"basic": ("<= 560 MB", "<= 200 MB"), "full": ("<= 2000 MB", "")}
+
+
+def compressed_size(image) -> int:
+    """Bytes of `docker save IMAGE | gzip` (level 6), streamed."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+    total = 0
+    for chunk in image.save(chunk_size=1 << 20):
+        total += len(compressor.compress(chunk))
+    return total + len(compressor.flush())
+
+
+def main(names: list[str]) -> None:
+    client = engine.client()
+    for name in names:
+        kind = "full" if "full" in name else "basic"
+        image = client.images.get(name)
+        size_mb = image.attrs["Size"] / 1000**2
+        packed_mb = compressed_size(image) / 1000**2
+        size_goal, packed_goal = GOALS[kind]
+        report(
+            f"{kind} image size (uncompressed)",
+            size_mb,
+            "guide's promise",
+            GUIDE_MB[kind],
+            "MB",
+            goal=size_goal,
+        )
+        report(
+            f"{kind} image size (gzip of docker save)",
+            packed_mb,
+            "uncompressed",
+            size_mb,
+            "MB",
+            goal=packed_goal,
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["stigmer-sandbox-basic:local", "stigmer-sandbox-full:local"])
