@@ -45,8 +45,9 @@ def _write(stream: object) -> runtime.OutputCallback:
 
 @task(
     help={
-        "command": "the command, run by bash inside the sandbox (quote it)",
-        "json": "print the result object (exit code, output, cause...) instead of streaming",
+        "command": "the command, run by bash inside the sandbox; quote it (required, no default)",
+        "json": "print the result object (exit code, output, cause...) instead of streaming "
+        "(default: off)",
         "timeout": "seconds before the command and everything it started is killed "
         "(default: config timeout, 600)",
         "env": "KEY=VALUE for the command, repeatable (default: none)",

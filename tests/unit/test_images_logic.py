@@ -1,0 +1,115 @@
+"""Build planning that needs no engine: hashing, ignore rules, args, failure hints."""
+
+from pathlib import Path
+
+import pytest
+
+from stigmer_sandbox import image_report, images
+from stigmer_sandbox.errors import UsageError
+
+
+def context(tmp_path: Path) -> Path:
+    (tmp_path / "Dockerfile.sandbox.basic").write_text("FROM x\n")
+    (tmp_path / "requirements.txt").write_text("pyyaml==6.0.1\n")
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "README.md").write_text("drop certs here")
+    (tmp_path / "certs" / "corp.crt").write_text("pem")
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "x.pyc").write_text("junk")
+    (tmp_path / ".dockerignore").write_text("**/__pycache__\ncerts/*\n!certs/*.crt\n")
+    return tmp_path
+
+
+def names(files, root):
+    return sorted(p.relative_to(root).as_posix() for p in files)
+
+
+def test_dockerignore_is_honoured(tmp_path):
+    root = context(tmp_path)
+    files = images.context_files(root, "Dockerfile.sandbox.basic")
+    assert names(files, root) == [
+        ".dockerignore",
+        "Dockerfile.sandbox.basic",
+        "certs/corp.crt",
+        "requirements.txt",
+    ]
+
+
+def digest(root, **changes):
+    files = images.context_files(root, "Dockerfile.sandbox.basic")
+    args = {
+        "hashed_args": {"A": "1"},
+        "base_id": "sha256:base",
+        "extra_ca": b"",
+        "target": None,
+        **changes,
+    }
+    return images.content_hash(root, files, **args)
+
+
+def test_hash_is_stable_and_sensitive_to_every_input(tmp_path):
+    root = context(tmp_path)
+    first = digest(root)
+    assert digest(root) == first
+    assert digest(root, base_id="sha256:other") != first
+    assert digest(root, hashed_args={"A": "2"}) != first
+    assert digest(root, extra_ca=b"pem") != first
+    assert digest(root, target="base") != first
+    (root / "requirements.txt").write_text("pyyaml==6.0.2\n")
+    assert digest(root) != first
+
+
+def test_ignored_files_do_not_change_the_hash(tmp_path):
+    root = context(tmp_path)
+    first = digest(root)
+    (root / "__pycache__" / "y.pyc").write_text("more junk")
+    (root / "certs" / "README.md").write_text("edited")
+    assert digest(root) == first
+
+
+def test_build_args_and_tags():
+    assert images.parse_build_args(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
+    for bad in (["A"], ["=1"], ["1A=2"]):
+        with pytest.raises(UsageError):
+            images.parse_build_args(bad)
+    assert images.default_tags("basic") == (
+        "stigmer-sandbox-basic:local",
+        f"stigmer-sandbox-basic:v{images.__version__}",
+    )
+    assert images.default_tags("basic", "base")[0] == "stigmer-sandbox-base:local"
+
+
+def test_proxy_variables_pass_through_in_both_cases():
+    args = images.proxy_args({"https_proxy": "http://proxy:3128", "NO_PROXY": "localhost"})
+    assert args["HTTPS_PROXY"] == args["https_proxy"] == "http://proxy:3128"
+    assert args["NO_PROXY"] == "localhost"
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ("Temporary failure resolving 'deb.example'", "no network"),
+        ("SSL: CERTIFICATE_VERIFY_FAILED", "--ca-cert"),
+        ("write error: no space left on device", "disk is full"),
+        ("ERROR: tool kubectl: checksum mismatch for x", "pinned checksum"),
+        ("npm ERR! code EINTEGRITY", "pinned checksum"),
+    ],
+)
+def test_failure_hints(line, fragment):
+    assert fragment in images.diagnose(["step output", line])
+
+
+def test_unknown_failure_has_no_hint():
+    assert images.diagnose(["exit code 2"]) is None
+
+
+def test_skip_tool_names_are_validated():
+    root = Path(__file__).resolve().parents[2] / "dockerfiles"
+    assert images.check_skipped(root, ["helm", "kubectl", "helm"]) == "helm,kubectl"
+    with pytest.raises(UsageError, match="known tools"):
+        images.check_skipped(root, ["kubeclt"])
+
+
+def test_report_groups_packages_into_components():
+    grouped = image_report.group_packages("gcc-12\t100\npython3.11\t10\ngit\t5\nlibc6\t1\n")
+    assert grouped == {"toolchain": 102400, "python": 10240, "git + perl": 5120, "base": 1024}

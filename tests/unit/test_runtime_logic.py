@@ -1,0 +1,87 @@
+"""Command construction and container configuration, without an engine."""
+
+from pathlib import Path
+
+import pytest
+
+from stigmer_sandbox import config, runtime
+from stigmer_sandbox.errors import ConfigError, UsageError
+
+
+def test_strings_run_through_bash_inside_lists_pass_as_is():
+    assert runtime.command_argv("echo $(id); rm -rf /") == ["bash", "-c", "echo $(id); rm -rf /"]
+    assert runtime.command_argv(["ls", "-la"]) == ["ls", "-la"]
+
+
+@pytest.mark.parametrize("bad", ["", "   ", [], [""], "a\0b"])
+def test_bad_commands_are_refused(bad):
+    with pytest.raises(UsageError):
+        runtime.command_argv(bad)
+
+
+def test_env_values_may_hold_newlines_and_equals_but_names_may_not():
+    assert runtime.check_env({"A": "x=y\nz"}) == {"A": "x=y\nz"}
+    for bad in ({"A=B": "1"}, {"": "1"}, {"A": "nul\0"}):
+        with pytest.raises(UsageError):
+            runtime.check_env(bad)
+
+
+def settings(tmp_path: Path, **changes) -> config.Settings:
+    return config.Settings(project_dir=str(tmp_path)).replace(**changes)
+
+
+def test_container_spec_is_hardened_by_default(tmp_path):
+    spec = runtime.container_spec(settings(tmp_path), "img:1", {})
+    assert spec["cap_drop"] == ["ALL"]
+    assert spec["security_opt"] == ["no-new-privileges:true"]
+    assert spec["privileged"] is False
+    assert spec["pids_limit"] == 512
+    assert spec["mem_limit"] == spec["memswap_limit"] == 2 * 1024**3
+    assert spec["nano_cpus"] == 2_000_000_000
+    assert spec["tmpfs"] == {"/tmp": "rw,nosuid,nodev,size=512m"}
+    assert spec["network_mode"] == "bridge"
+    assert all(m["BindOptions"]["Propagation"] == "rprivate" for m in spec["mounts"])
+    assert [m["Target"] for m in spec["mounts"]] == ["/workspace", "/logs"]
+
+
+def test_lifetime_wraps_the_keepalive(tmp_path):
+    spec = runtime.container_spec(settings(tmp_path, max_lifetime_hours=1.5), "img:1", {})
+    assert spec["command"] == ["timeout", "-s", "TERM", "5400", "sandbox-keepalive"]
+    spec = runtime.container_spec(settings(tmp_path, max_lifetime_hours=0.0), "img:1", {})
+    assert spec["command"] == ["sandbox-keepalive"]
+
+
+@pytest.mark.parametrize("folder", ["/", "/etc", "/var/run", "/run", "/var"])
+def test_sensitive_mount_sources_are_refused(folder):
+    with pytest.raises(ConfigError):
+        runtime.check_mount_source(Path(folder), "workspace")
+
+
+def test_docker_socket_itself_is_refused():
+    with pytest.raises(ConfigError, match="Docker socket"):
+        runtime.check_mount_source(Path("/var/run/docker.sock"), "workspace")
+
+
+def test_spec_hash_changes_with_image_and_limits(tmp_path):
+    spec = runtime.container_spec(settings(tmp_path), "img:1", {})
+    other = runtime.container_spec(settings(tmp_path, memory="1g"), "img:1", {})
+    assert runtime.spec_hash(spec, "sha256:a") == runtime.spec_hash(spec, "sha256:a")
+    assert runtime.spec_hash(spec, "sha256:a") != runtime.spec_hash(spec, "sha256:b")
+    assert runtime.spec_hash(spec, "sha256:a") != runtime.spec_hash(other, "sha256:a")
+
+
+def test_missing_credentials_folder_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="mount_aws is on but"):
+        runtime.credential_mounts(settings(tmp_path, mount_aws=True))
+    (tmp_path / ".aws").mkdir()
+    mounts = runtime.credential_mounts(settings(tmp_path, mount_aws=True))
+    assert mounts[0]["ReadOnly"] is True and mounts[0]["Target"] == "/home/sandbox/.aws"
+
+
+def test_result_cause_and_json():
+    result = runtime.ExecResult(
+        exit_code=137, stdout="", stderr="", duration_s=1.0, oom_killed=True, signal=9
+    )
+    assert result.cause == "oom" and not result.ok
+    assert result.to_dict()["cause"] == "oom"
