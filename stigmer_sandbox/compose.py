@@ -7,12 +7,16 @@ with `--compatibility`, so the version decides that flag.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
-from .errors import SandboxError
+from .config import Settings
+from .errors import ConfigError, SandboxError
 
 INSTALL_HINT = (
     "install the compose plugin (https://docs.docker.com/compose/install/) "
@@ -62,3 +66,179 @@ def detect(preference: str = "auto") -> ComposeTool:
             return ComposeTool(prefix, flavour, version)
     wanted = "Docker Compose" if preference == "auto" else f"compose {preference}"
     raise SandboxError(f"{wanted} is not installed", INSTALL_HINT)
+
+
+PROJECT = "stigmer-sandbox"
+BASE_FILE = "docker-compose.sandbox.yml"
+ADVANCED_FILE = "docker-compose.sandbox.advanced.yml"
+DATABASE_FILE = "docker-compose.sandbox.database.yml"
+SERVICE = "sandbox"
+HOST_NAMESPACES = ("network_mode", "pid", "ipc", "uts", "userns_mode")
+DANGEROUS_CAPS = {"ALL", "SYS_ADMIN", "SYS_PTRACE", "SYS_MODULE", "NET_ADMIN", "DAC_READ_SEARCH"}
+SENSITIVE_SOURCES = (
+    "/",
+    "/etc",
+    "/root",
+    "/var",
+    "/run",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/boot",
+    "/usr",
+    "~",
+    "~/.aws",
+    "~/.kube",
+    "~/.ssh",
+    "~/.docker",
+    "~/.gnupg",
+    "~/.config",
+)
+
+
+@dataclass(frozen=True)
+class ComposeProject:
+    """The compose files of this project and how to call compose on them."""
+
+    tool: ComposeTool
+    directory: Path
+    files: tuple[Path, ...]
+    environment: dict[str, str]
+
+    def argv(self, verb: str, *args: str) -> list[str]:
+        """The full compose command line for `verb` (the one place that builds them)."""
+        head = [
+            *self.tool.prefix,
+            "--project-name",
+            PROJECT,
+            "--project-directory",
+            str(self.directory),
+        ]
+        for path in self.files:
+            head += ["--file", str(path)]
+        if self.tool.needs_compatibility_flag:
+            head.append("--compatibility")
+        return [*head, verb, *args]
+
+
+def compose_files(directory: Path, advanced: bool, database: bool) -> tuple[Path, ...]:
+    """The base file plus the requested overrides."""
+    names = [BASE_FILE]
+    if advanced:
+        names.append(ADVANCED_FILE)
+    if database:
+        names.append(DATABASE_FILE)
+    files = tuple(directory / name for name in names)
+    for path in files:
+        if not path.is_file():
+            raise SandboxError(f"{path} not found", "run from a stigmer-sandbox checkout")
+    return files
+
+
+def _service_problems(service: str, spec: dict) -> Iterator[str]:
+    if spec.get("privileged"):
+        yield f"service '{service}': privileged: true is not allowed"
+    for key in HOST_NAMESPACES:
+        if str(spec.get(key, "")).startswith("host"):
+            yield f"service '{service}': {key}: host shares the host's namespace"
+    added = {str(cap).upper().removeprefix("CAP_") for cap in spec.get("cap_add") or []}
+    if added & DANGEROUS_CAPS:
+        yield f"service '{service}': cap_add {sorted(added & DANGEROUS_CAPS)} is not allowed"
+    if spec.get("devices"):
+        yield f"service '{service}': devices exposes host devices"
+    for volume in spec.get("volumes") or []:
+        problem = _volume_problem(volume)
+        if problem:
+            yield f"service '{service}': volumes: {problem}"
+
+
+def _volume_problem(volume: object) -> str | None:
+    if isinstance(volume, dict):
+        source, read_only = str(volume.get("source", "")), bool(volume.get("read_only"))
+    else:
+        parts = str(volume).split(":")
+        source = parts[0]
+        read_only = len(parts) > 2 and "ro" in parts[2].split(",")
+    if "docker.sock" in source:
+        return f"{source} would give the sandbox the Docker Engine"
+    normalised = source.rstrip("/") or "/"
+    if normalised in SENSITIVE_SOURCES and not read_only:
+        return f"{source} is a sensitive host folder and must be mounted read-only (:ro)"
+    return None
+
+
+def validate(path: Path) -> dict:
+    """Load one compose file and refuse what a sandbox must never have; one line per problem."""
+    import yaml
+
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}") from None
+    services = document.get("services") if isinstance(document, dict) else None
+    if not isinstance(services, dict):
+        raise ConfigError(f"{path}: needs a 'services' mapping")
+    for name, spec in services.items():
+        for problem in _service_problems(str(name), spec or {}):
+            raise ConfigError(f"{path}: {problem}")
+    return document
+
+
+def project(settings: Settings, advanced: bool = False, database: bool = False) -> ComposeProject:
+    """The compose project for these settings: tool found, files validated, values filled in."""
+    tool = detect(settings.compose)
+    files = compose_files(settings.root, advanced, database)
+    for path in files:
+        validate(path)
+    if advanced:
+        for folder in (".aws", ".kube"):
+            if not (Path.home() / folder).is_dir():
+                raise ConfigError(
+                    f"--advanced mounts ~/{folder} read-only, but it does not exist",
+                    f"create {Path.home() / folder} (it may stay empty)",
+                )
+    environment = {
+        "STIGMER_SANDBOX_IMAGE": settings.image,
+        "STIGMER_WORKSPACE": str(settings.path("workspace")),
+        "STIGMER_LOGS": str(settings.path("logs")),
+        "STIGMER_MEMORY": settings.memory,
+        "STIGMER_TMP_SIZE": settings.tmp_size,
+    }
+    return ComposeProject(tool, settings.root, (*files, _limits_override(settings)), environment)
+
+
+def _limits_override(settings: Settings) -> Path:
+    """A generated override with the configured numeric limits, typed as compose needs them."""
+    import yaml
+
+    path = settings.path("state_dir") / "compose.limits.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    limits = {"pids_limit": settings.pids_limit, "cpus": settings.cpus}
+    document = {"services": {SERVICE: limits}}
+    path.write_text(
+        "# Written by stigmer-sandbox from its settings; do not edit.\n" + yaml.safe_dump(document),
+        encoding="utf-8",
+    )
+    return path
+
+
+def run(
+    target: ComposeProject,
+    verb: str,
+    *args: str,
+    echo: Callable[[list[str]], None] | None = None,
+    capture: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Run one compose command with inherited stdio (interactive commands keep their keys)."""
+    argv = target.argv(verb, *args)
+    if echo:
+        echo(argv)
+    return subprocess.run(
+        argv,
+        env={**os.environ, **target.environment},
+        check=False,
+        capture_output=capture,
+        text=True,
+    )

@@ -98,6 +98,17 @@ def check_line(status: str, name: str, detail: str, hint: str | None = None) -> 
     plain(line)
 
 
+def confirm(question: str) -> None:
+    """Ask before something destructive; raises `UsageError` unless the answer is yes."""
+    from .errors import UsageError
+
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question} needs a confirmation", "pass --yes to confirm")
+    answer = input(paint(f"{question} [y/N] ", "warning"))
+    if answer.strip().lower() not in ("y", "yes"):
+        raise UsageError("aborted; nothing was changed")
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """A left-aligned text table."""
     body = [[str(cell) for cell in row] for row in rows]

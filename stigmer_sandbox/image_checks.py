@@ -113,7 +113,15 @@ def wait_healthy(container: Any, timeout_s: float = HEALTH_TIMEOUT_S) -> CheckRe
     while time.monotonic() - started < timeout_s:
         with engine.engine_errors():
             container.reload()
-        health = container.attrs["State"].get("Health") or {}
+        state = container.attrs["State"]
+        if state["Status"] in ("exited", "dead"):
+            return CheckResult(
+                "health check",
+                False,
+                f"the container exited with code {state.get('ExitCode')}",
+                time.monotonic() - started,
+            )
+        health = state.get("Health") or {}
         status = health.get("Status", "none")
         if status in ("healthy", "none"):
             break

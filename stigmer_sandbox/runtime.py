@@ -169,6 +169,17 @@ def credential_mounts(settings: Settings) -> list[Any]:
     return mounts
 
 
+def prepare_folders(settings: Settings, host_user: tuple[int, int]) -> None:
+    """Create the workspace and logs folders before Docker would (as root) and make them
+    writable for the sandbox user."""
+    for key in ("workspace", "logs"):
+        folder = settings.path(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        if host_user[0] == 0 and folder.stat().st_uid == 0:
+            # A root host user's folders would be read-only for the sandbox user.
+            os.chown(folder, SANDBOX_UID, SANDBOX_UID, follow_symlinks=False)
+
+
 def container_spec(settings: Settings, image: str, extra_labels: dict[str, str]) -> dict[str, Any]:
     """Everything `containers.create` gets: the secure defaults, from settings."""
     workspace = check_mount_source(settings.path("workspace"), "workspace")
@@ -278,14 +289,6 @@ class Sandbox:
         """The uid/gid commands run as: the host user's, or the image's for a root host user."""
         return (SANDBOX_UID, SANDBOX_UID) if self.host_user[0] == 0 else self.host_user
 
-    def _prepare_folders(self) -> None:
-        for key in ("workspace", "logs"):
-            folder = self.settings.path(key)
-            folder.mkdir(parents=True, exist_ok=True)
-            if self.host_user[0] == 0 and folder.stat().st_uid == 0:
-                # A root host user's folders would be read-only for the sandbox user.
-                os.chown(folder, SANDBOX_UID, SANDBOX_UID, follow_symlinks=False)
-
     def up(self, timeout: float = READY_TIMEOUT_S) -> Sandbox:
         """Make sure the container exists, runs and is ready (idempotent)."""
         with self._lock:
@@ -303,7 +306,7 @@ class Sandbox:
                 self._discard(container)
                 container = None
             if container is None:
-                self._prepare_folders()
+                prepare_folders(self.settings, self.host_user)
                 spec["labels"] = self._labels(wanted)
                 with engine.engine_errors():
                     container = engine.client().containers.create(**spec)

@@ -9,7 +9,7 @@ from invoke import Collection
 
 from .. import config, console
 from ..errors import ConfigError
-from . import dev, engine, root, sandbox
+from . import compose, dev, engine, root, sandbox
 
 
 def build_namespace(project_dir: Path | None = None) -> Collection:
@@ -21,7 +21,7 @@ def build_namespace(project_dir: Path | None = None) -> Collection:
     namespace = Collection()
     for item in (*root.TASKS, *dev.TASKS):
         namespace.add_task(item)
-    for sub in (sandbox.ns, engine.ns):
+    for sub in (sandbox.ns, compose.ns, engine.ns):
         namespace.add_collection(sub)
     namespace.configure({config.SECTION: defaults})
     return namespace
