@@ -1,0 +1,142 @@
+"""Issue 5 on a real engine (Compose v1 here): the tasks, the overrides, the guide's files."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from stigmer_sandbox import compose
+
+from ..conftest import ROOT
+
+NAME = "stigmer-sandbox"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def compose_env(tmp_path, inv, docker_engine):
+    """Settings pointing the compose sandbox's folders into tmp; everything downed after."""
+    env = {
+        "INVOKE_STIGMER_WORKSPACE": str(tmp_path / "workspace"),
+        "INVOKE_STIGMER_LOGS": str(tmp_path / "logs"),
+        "INVOKE_STIGMER_STATE_DIR": str(tmp_path / "state"),
+        "STIGMER_APP_PORT": str(free_port()),
+        "STIGMER_DATABASE_IMAGE": "stigmer-sandbox-basic:local",
+        "STIGMER_DATABASE_COMMAND": "python3 -m http.server 5432",
+        "HOME": str(tmp_path / "home"),
+    }
+    for folder in (".aws", ".kube"):
+        (tmp_path / "home" / folder).mkdir(parents=True)
+    inv("sandbox.down", env=env)
+    yield env
+    inv("compose.down", "--advanced", "--database", env=env)
+
+
+def exec_in(inv, env, command, *flags):
+    return inv("compose.exec", *flags, "--", command, env=env)
+
+
+def test_up_exec_owner_limits_and_down_leaves_nothing(inv, compose_env, tmp_path, docker_engine):
+    up = inv("compose.up", env=compose_env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "healthy" in up.stdout
+    version = exec_in(inv, compose_env, "python --version")
+    assert version.returncode == 0 and "Python 3.11." in version.stdout
+    assert exec_in(inv, compose_env, "echo hi > /workspace/from-compose.txt").returncode == 0
+    written = tmp_path / "workspace" / "from-compose.txt"
+    assert written.stat().st_uid == 1000
+    host = docker_engine.containers.get(NAME).attrs["HostConfig"]
+    assert host["Memory"] == host["MemorySwap"] == 2 * 1024**3
+    assert host["NanoCpus"] == 2_000_000_000 and host["PidsLimit"] == 512
+    assert host["CapDrop"] == ["ALL"]
+    down = inv("compose.down", env=compose_env)
+    assert down.returncode == 0
+    assert not docker_engine.containers.list(all=True, filters={"name": f"^{NAME}$"})
+    assert not docker_engine.networks.list(names=[f"{compose.PROJECT}_default"])
+    assert written.exists()
+
+
+def test_database_answers_by_service_name(inv, compose_env):
+    up = inv("compose.up", "--database", env=compose_env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    probe = (
+        "for i in $(seq 50); do curl -fsS -o /dev/null http://database:5432/ && exit 0; "
+        "sleep 0.2; done; exit 1"
+    )
+    assert exec_in(inv, compose_env, probe, "--database").returncode == 0
+
+
+def test_advanced_mounts_credentials_read_only_and_maps_the_host(inv, compose_env):
+    up = inv("compose.up", "--advanced", env=compose_env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    write = exec_in(inv, compose_env, "touch /home/sandbox/.aws/stolen", "--advanced")
+    assert write.returncode != 0 and "Read-only file system" in write.stderr + write.stdout
+    hosts = exec_in(inv, compose_env, "getent hosts host.docker.internal", "--advanced")
+    assert hosts.returncode == 0 and hosts.stdout.strip()
+    env = exec_in(inv, compose_env, "echo $NODE_ENV", "--advanced")
+    assert env.stdout.strip().endswith("development")
+
+
+def test_advanced_without_credentials_folder_is_one_clear_line(inv, compose_env, tmp_path):
+    shutil.rmtree(tmp_path / "home" / ".kube")
+    done = inv("compose.up", "--advanced", env=compose_env)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert ".kube" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("      - /var/run/docker.sock:/var/run/docker.sock", "Docker Engine"),
+        ("    privileged: true", "privileged: true is not allowed"),
+    ],
+)
+def test_validator_refuses_socket_and_privileged(inv, tmp_path, line, expected):
+    project = tmp_path / "project"
+    project.mkdir()
+    text = (ROOT / compose.BASE_FILE).read_text()
+    anchor = "      - ${STIGMER_LOGS:-./logs}:/logs\n" if "sock" in line else "    init: true\n"
+    (project / compose.BASE_FILE).write_text(text.replace(anchor, anchor + line + "\n"))
+    done = inv("compose.config", env={"INVOKE_STIGMER_PROJECT_DIR": str(project)})
+    assert done.returncode == 2
+    assert expected in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name", ["docker-compose.sandbox.yml", "docker-compose.advanced.yml"])
+def test_the_guides_compose_files_work_unchanged(tmp_path, name, compose_env, docker_engine):
+    source = ROOT / "tests/integration/guide" / name
+    shutil.copy(source, tmp_path / name)
+    command = ["docker-compose", "-f", name]
+    env = {"HOME": compose_env["HOME"], "PATH": "/usr/local/bin:/usr/bin:/bin"}
+
+    def compose_run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*command, *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    try:
+        assert compose_run("up", "-d").returncode == 0
+        deadline = time.monotonic() + 30
+        result = compose_run("exec", "-T", "sandbox", "python", "--version")
+        while result.returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            result = compose_run("exec", "-T", "sandbox", "python", "--version")
+        assert "Python 3.11." in result.stdout
+    finally:
+        compose_run("down")
