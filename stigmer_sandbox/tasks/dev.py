@@ -11,7 +11,7 @@ from invoke import Context, Exit
 
 from .. import console
 from ..errors import SandboxError
-from ._common import task
+from ._common import settings, task
 
 NO_TESTS_COLLECTED = 5
 
@@ -27,7 +27,7 @@ def test(c: Context, unit: bool = False, k: str | None = None) -> None:
     argv = [sys.executable, "-m", "pytest", "tests/unit" if unit else "tests"]
     if k:
         argv += ["-k", k]
-    code = subprocess.run(argv, check=False).returncode
+    code = subprocess.run(argv, cwd=settings(c).root, check=False).returncode
     if code not in (0, NO_TESTS_COLLECTED):
         raise Exit(code=code)
     if code == NO_TESTS_COLLECTED:
@@ -62,11 +62,12 @@ def lint_commands(dockerfiles: list[str]) -> list[list[str]]:
 @task
 def lint(c: Context) -> None:
     """Lint the Dockerfiles (hadolint, fails on warnings) and the Python code (ruff)."""
-    dockerfiles = sorted(str(p) for p in Path("dockerfiles").glob("Dockerfile.*"))
+    root = settings(c).root
+    dockerfiles = sorted(str(p) for p in (root / "dockerfiles").glob("Dockerfile.*"))
     failed = 0
     for argv in lint_commands(dockerfiles):
         console.echo_command(argv)
-        failed += subprocess.run(argv, check=False).returncode != 0
+        failed += subprocess.run(argv, cwd=root, check=False).returncode != 0
     if failed:
         raise Exit(console.error_line(f"{failed} linter(s) reported problems"), 1)
     console.success("lint clean")
