@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,9 +17,10 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import ca, compose, engine
+from . import ca, compose, engine, labels
 from .config import Settings
 from .errors import SandboxError
+from .runtime import SANDBOX_UID
 
 MIN_FREE_DISK = 5 * 1000**3
 CRITICAL_FREE_DISK = 1 * 1000**3
@@ -108,6 +110,8 @@ def _engine_checks(settings: Settings) -> Iterator[Check]:
     yield from _disk_check()
     yield _registry_check(settings)
     yield from _image_checks(settings)
+    yield _disk_usage_check()
+    yield _network_check(settings)
 
 
 def _disk_check() -> Iterator[Check]:
@@ -195,11 +199,102 @@ def _workspace_check(settings: Settings) -> Check:
             "it is created by `inv sandbox.up`, or mkdir it",
         )
     info = path.stat()
-    writable = os.access(path, os.W_OK)
-    detail = f"{path} owner {info.st_uid}:{info.st_gid}, {'writable' if writable else 'read-only'}"
+    sandbox_uid = SANDBOX_UID if os.getuid() == 0 else os.getuid()
+    detail = f"{path} owner {info.st_uid}:{info.st_gid}, sandbox runs as uid {sandbox_uid}"
+    writable = info.st_uid == sandbox_uid or bool(info.st_mode & stat.S_IWOTH)
     if not writable:
-        return Check("workspace", "fail", detail, "run `inv fix-permissions --to-host`")
+        return Check(
+            "workspace",
+            "warn",
+            detail + ": the sandbox cannot write here",
+            "run `inv fix-permissions` (or `--to-host` to take the files back)",
+        )
     return Check("workspace", "pass", detail)
+
+
+def _disk_usage_check() -> Check:
+    with engine.engine_errors():
+        usage = engine.client().df()
+        ours = engine.client().images.list(filters={"label": [f"{labels.MANAGED}=true"]})
+    images_size = sum(int(i.get("Size") or 0) for i in usage.get("Images") or [])
+    cache = sum(int(c.get("Size") or 0) for c in usage.get("BuildCache") or [])
+    largest = sorted(ours, key=lambda i: -int(i.attrs.get("Size") or 0))[:3]
+    names = ", ".join(
+        f"{(i.tags or [i.short_id])[0]} {i.attrs.get('Size', 0) / 1000**2:.0f} MB" for i in largest
+    )
+    return Check(
+        "disk usage",
+        "pass",
+        f"images {images_size / 1000**3:.1f} GB, build cache "
+        f"{cache / 1000**3:.1f} GB; largest of ours: {names or 'none'}",
+    )
+
+
+NETWORK_PROBE = r"""
+mirror=$(sed -n 's/^deb \(http[^ ]*\) .*/\1/p; s/^URIs: *//p' \
+  /etc/apt/sources.list /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1)
+host=${mirror#*://}; host=${host%%/*}
+if getent hosts "$host" >/dev/null; then echo dns=ok; else echo dns=fail; fi
+if curl -fsS -m 10 -o /dev/null "$mirror/dists/bookworm/Release"; then echo archive=ok
+else echo archive=fail; fi
+if pip index versions pip >/dev/null 2>&1; then echo pypi=ok; else echo pypi=fail; fi
+bundle=/tmp/public-cas.pem  # Debian's public CAs only, without any extra CA
+cat /usr/share/ca-certificates/mozilla/*.crt > "$bundle" 2>/dev/null
+if env -u REQUESTS_CA_BUNDLE -u SSL_CERT_FILE PIP_CERT="$bundle" \
+  pip index versions pip >/dev/null 2>&1; then echo pypi_plain=ok; else echo pypi_plain=fail; fi
+echo "mirror=$mirror"
+"""
+DNS_FIX = (
+    'set the daemon\'s DNS in /etc/docker/daemon.json: {"dns": ["8.8.8.8", "8.8.4.4"]} '
+    "and restart it, or build with --network host"
+)
+
+
+def _network_check(settings: Settings) -> Check:
+    from .image_checks import probe_container
+
+    try:
+        with probe_container(settings.image) as container, engine.engine_errors():
+            _code, output = container.exec_run(["bash", "-c", NETWORK_PROBE])
+    except SandboxError:
+        return Check(
+            "build network",
+            "warn",
+            f"not probed: {settings.image} is not built",
+            "run `inv sandbox.build-basic`, then `inv doctor` again",
+        )
+    found = dict(line.split("=", 1) for line in output.decode().splitlines() if "=" in line)
+    return _network_verdict(found, ca.detect(settings.ca_cert) is not None)
+
+
+def _network_verdict(found: dict[str, str], have_ca: bool) -> Check:
+    mirror = found.get("mirror") or "Debian's archive"
+    if found.get("dns") != "ok":
+        return Check("build network", "warn", "containers cannot resolve names", DNS_FIX)
+    if found.get("archive") != "ok":
+        return Check(
+            "build network",
+            "warn",
+            f"containers cannot reach {mirror}",
+            "set HTTP_PROXY/HTTPS_PROXY (passed to builds), build with --network host, "
+            "or bootstrap with --mirror URL",
+        )
+    if found.get("pypi") != "ok":
+        return Check(
+            "build network",
+            "warn",
+            "containers reach Debian but not the Python package index",
+            "behind a TLS-inspecting proxy pass --ca-cert PATH",
+        )
+    if found.get("pypi_plain") != "ok":
+        detail = "PyPI is reachable only with the extra CA (a TLS-inspecting proxy)"
+        return Check(
+            "build network",
+            "pass" if have_ca else "warn",
+            detail,
+            "" if have_ca else "pass its CA with --ca-cert PATH",
+        )
+    return Check("build network", "pass", f"containers reach {mirror} and the Python index")
 
 
 def _ca_check(settings: Settings) -> Check:

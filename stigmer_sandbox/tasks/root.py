@@ -6,8 +6,8 @@ import sys
 
 from invoke import Context, Exit
 
-from .. import console, diagnostics, runtime
-from ..errors import UsageError
+from .. import cleanup, console, diagnostics, permissions, runtime, workflow
+from ..errors import SandboxError, UsageError
 from ._common import settings, task
 
 
@@ -96,4 +96,128 @@ def run(
         raise Exit(code=result.exit_code)
 
 
-TASKS = (doctor, run)
+@task(
+    help={"progress": "auto: live build view on a terminal; plain: raw build log (default: auto)"}
+)
+def dev_full(c: Context, progress: str = "auto") -> None:
+    """Everything from a fresh clone to a running, tested sandbox (idempotent)."""
+    view = console.StepView("dev-full", plain_output=progress == "plain")
+    done: list[workflow.StepResult] = []
+    try:
+        for result in workflow.dev_full(settings(c), view, lambda n: console.info(f"→ {n}")):
+            view.finish()
+            done.append(result)
+    except SandboxError:
+        view.finish()
+        _steps_table(done)
+        raise
+    _steps_table(done)
+    console.success(f"ready in {sum(r.seconds for r in done):.1f} s; next:")
+    for line in workflow.NEXT_STEPS:
+        console.plain(f"  {line}")
+
+
+def _steps_table(done: list[workflow.StepResult]) -> None:
+    if done:
+        console.table(
+            ("step", "took", "result"), [(r.name, f"{r.seconds:.1f}s", r.detail[:90]) for r in done]
+        )
+
+
+@task(
+    help={
+        "all_": "also remove the project's images (basic, full, base, hashed tags), networks "
+        "and build intermediates (asks first; default: off)",
+        "volumes": "also remove the project's volumes (asks first; default: off)",
+        "system": "run the guide's `docker system prune -a` for the WHOLE machine, after a "
+        "confirmation (default: off)",
+        "dry_run": "list what would be removed and change nothing (default: off)",
+        "yes": "do not ask for confirmation (default: off)",
+        "json": "print what was (or would be) removed as JSON (default: off)",
+    }
+)
+def clean(
+    c: Context,
+    all_: bool = False,
+    volumes: bool = False,
+    system: bool = False,
+    dry_run: bool = False,
+    yes: bool = False,
+    json: bool = False,
+) -> None:
+    """Remove this project's labelled leftovers; never the workspace, never others' resources."""
+    planned = cleanup.plan(everything=all_, volumes=volumes)
+    if dry_run:
+        _report_clean(planned, [], json, "would remove")
+        return
+    if (all_ or volumes) and planned and not yes:
+        console.confirm(
+            f"Remove {len(planned)} project resources (containers, images"
+            f"{', volumes' if volumes else ''})?"
+        )
+    removed, failed = cleanup.remove(planned)
+    _report_clean(removed, failed, json, "removed")
+    if system:
+        if not yes:
+            console.confirm(
+                "`docker system prune -a` removes EVERY stopped container, unused "
+                "network and unused image on this machine, not only this project's. "
+                "Continue?"
+            )
+        pruned = cleanup.system_prune()
+        reclaimed = sum(int(p.get("SpaceReclaimed") or 0) for p in pruned.values())
+        console.success(f"system prune reclaimed {console.human_bytes(reclaimed)}")
+    if failed:
+        raise Exit(code=1)
+
+
+def _report_clean(
+    resources: list[cleanup.Resource],
+    failed: list[tuple[cleanup.Resource, str]],
+    json: bool,
+    verb: str,
+) -> None:
+    if json:
+        console.emit_json(
+            {
+                verb.replace(" ", "_"): cleanup.as_json(resources),
+                "failed": [{"id": r.id, "name": r.name, "error": e} for r, e in failed],
+            }
+        )
+        return
+    if resources:
+        console.table(("kind", "name", "why"), [(r.kind, r.name[:70], r.reason) for r in resources])
+    console.success(f"{verb} {len(resources)} resources")
+    for resource, error in failed:
+        console.warning(f"could not remove {resource.kind} {resource.name}: {error}")
+
+
+@task(
+    help={
+        "to_host": "give the files to you (the host user; under sudo, the sudo user) instead "
+        "of the sandbox user (default: off, uid/gid 1000)",
+        "uid": "owner uid to set (default: 1000, the sandbox user)",
+        "gid": "owner gid to set (default: the uid)",
+        "dry_run": "count what would change and change nothing (default: off)",
+    }
+)
+def fix_permissions(
+    c: Context,
+    to_host: bool = False,
+    uid: int | None = None,
+    gid: int | None = None,
+    dry_run: bool = False,
+) -> None:
+    """Fix "Permission denied" in the workspace: set its owner, never following symlinks."""
+    owner = permissions.target_owner(to_host, uid, gid)
+    changes = permissions.fix_ownership(settings(c), *owner, dry_run=dry_run)
+    verb = "would change" if dry_run else "changed"
+    for change in changes:
+        console.success(
+            f"{verb} {change.entries} entries in {change.folder} to {owner[0]}:{owner[1]}"
+        )
+        if change.problems:
+            console.warning(f"some entries could not be reached: {change.problems}")
+
+
+TASKS = (doctor, run, dev_full, clean, fix_permissions)

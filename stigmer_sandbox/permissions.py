@@ -1,0 +1,98 @@
+"""`fix-permissions`: the guide's "Permission denied" fixes, done safely.
+
+Ownership is changed by a throwaway helper container that has only
+CAP_CHOWN, no network, and nothing but the one folder mounted; `find -P`
+never follows a symlink and `chown -h` changes the link itself, so nothing
+outside the folder can change, whatever the sandbox planted in it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import engine, labels
+from .config import Settings
+from .errors import SandboxError
+from .runtime import SANDBOX_UID, check_mount_source
+
+TARGET = "/target"
+
+
+@dataclass(frozen=True)
+class OwnershipChange:
+    """What happened (or would happen) to one folder."""
+
+    folder: Path
+    entries: int
+    problems: str
+
+
+def host_user() -> tuple[int, int]:
+    """The invoking user: under sudo, the user who ran sudo."""
+    if os.getuid() == 0 and os.environ.get("SUDO_UID", "").isdigit():
+        return int(os.environ["SUDO_UID"]), int(os.environ.get("SUDO_GID", os.environ["SUDO_UID"]))
+    return os.getuid(), os.getgid()
+
+
+def target_owner(to_host: bool, uid: int | None, gid: int | None) -> tuple[int, int]:
+    """The owner to give: explicit uid/gid, the host user, or the sandbox user (1000)."""
+    if uid is not None or gid is not None:
+        base = uid if uid is not None else SANDBOX_UID
+        return base, gid if gid is not None else base
+    return host_user() if to_host else (SANDBOX_UID, SANDBOX_UID)
+
+
+def _script(uid: int, gid: int, dry_run: bool) -> str:
+    action = "" if dry_run else f"-exec chown -h {uid}:{gid} {{}} + "
+    return f"find -P {TARGET} \\( ! -uid {uid} -o ! -gid {gid} \\) {action}-printf x | wc -c"
+
+
+def _helper_image(settings: Settings) -> str:
+    for candidate in (settings.base_image, settings.image):
+        try:
+            with engine.engine_errors():
+                engine.client().images.get(candidate)
+            return candidate
+        except SandboxError:
+            continue
+    raise SandboxError(
+        "no image to run the helper from",
+        "run `inv sandbox.bootstrap-base` or `inv sandbox.build-basic`",
+    )
+
+
+def fix_ownership(settings: Settings, uid: int, gid: int, dry_run: bool) -> list[OwnershipChange]:
+    """Give the workspace and logs folders (and everything in them) to uid:gid."""
+    from docker.types import Mount
+
+    image = _helper_image(settings)
+    changes = []
+    for key in ("workspace", "logs"):
+        folder = settings.path(key)
+        if not folder.is_dir():
+            continue
+        check_mount_source(folder, key)
+        with engine.engine_errors():
+            container = engine.client().containers.run(
+                image,
+                ["sh", "-c", _script(uid, gid, dry_run)],
+                user="0:0",
+                cap_drop=["ALL"],
+                cap_add=["CHOWN"],
+                security_opt=["no-new-privileges:true"],
+                network_mode="none",
+                mounts=[Mount(TARGET, str(folder), type="bind")],
+                labels=labels.project_labels("helper"),
+                detach=True,
+            )
+            try:
+                container.wait(timeout=600)
+                out = container.logs(stdout=True, stderr=False).decode().strip()
+                err = container.logs(stdout=False, stderr=True).decode(errors="replace").strip()
+            finally:
+                container.remove(force=True)
+        count = int(out) if out.isdigit() else 0
+        changes.append(OwnershipChange(folder, count, err.splitlines()[0][:160] if err else ""))
+    return changes
