@@ -5,3 +5,15 @@ are a thin layer over it.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The runtime (and the docker SDK behind it) loads only when used: `inv --list` stays fast.
+    if name in ("Sandbox", "ExecResult"):
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(name)
+
+
+__all__ = ["ExecResult", "Sandbox", "__version__"]

@@ -20,6 +20,11 @@ from typing import Any
 from . import engine, labels
 
 STOPPED = ("created", "exited", "dead")
+# Containers and images inherit their image's labels, so a label alone does not make a
+# resource ours: a user's `docker run stigmer-sandbox-basic:local` or `FROM` it is theirs.
+OUR_CONTAINER_KINDS = {"sandbox", "probe", "helper", "compose"}
+OUR_IMAGE_KINDS = {"base", "basic", "full", "user"}
+OUR_IMAGE_PREFIX = "stigmer-sandbox"
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ def orphan_reason(
 
 def _containers(everything: bool) -> Iterable[Resource]:
     for container in engine.client().containers.list(all=True, filters=labels.managed_filter()):
+        if container.labels.get(labels.KIND) not in OUR_CONTAINER_KINDS:
+            continue
         reason = orphan_reason(container.labels)
         if everything:
             reason = reason or "project container"
@@ -67,11 +74,20 @@ def _images(everything: bool) -> Iterable[Resource]:
     filters = labels.managed_filter()
     if not everything:
         filters = {**filters, "dangling": True}
-    found = engine.client().images.list(all=everything, filters=filters)
-    # Newest first: a child image must go before the image it was built on.
+    found = [i for i in engine.client().images.list(filters=filters) if is_our_image(i)]
+    # Newest first: a child image must go before the image it was built on. Build
+    # intermediates go with the image they belong to (docker removes untagged parents).
     for image in sorted(found, key=lambda i: i.attrs.get("Created", ""), reverse=True):
         name = ", ".join(image.tags) or image.short_id
         yield Resource("image", image.id, name, "project image" if everything else "dangling")
+
+
+def is_our_image(image: Any) -> bool:
+    """Labelled by this project and, if tagged, only under this project's names."""
+    if (image.labels or {}).get(labels.KIND) not in OUR_IMAGE_KINDS:
+        return False
+    names = [tag.rsplit(":", 1)[0].rsplit("/", 1)[-1] for tag in image.tags]
+    return all(name.startswith(OUR_IMAGE_PREFIX) for name in names)
 
 
 def _networks() -> Iterable[Resource]:

@@ -85,3 +85,55 @@ def test_result_cause_and_json():
     )
     assert result.cause == "oom" and not result.ok
     assert result.to_dict()["cause"] == "oom"
+
+
+def test_orphans_are_found_by_owner_and_lifetime():
+    from stigmer_sandbox import cleanup, labels
+
+    assert cleanup.orphan_reason({labels.EXPIRES: "100"}, now=200) == "past its maximum lifetime"
+    assert cleanup.orphan_reason({labels.EXPIRES: "300"}, now=200) is None
+    gone = {labels.OWNER_PID: "999999999", labels.OWNER_HOST: "h"}
+    assert "is gone" in cleanup.orphan_reason(gone, now=0, hostname="h")
+    assert cleanup.orphan_reason(gone, now=0, hostname="elsewhere") is None
+    import os
+
+    alive = {labels.OWNER_PID: str(os.getpid()), labels.OWNER_HOST: "h"}
+    assert cleanup.orphan_reason(alive, now=0, hostname="h") is None
+
+
+def test_fix_permissions_owner_choice(monkeypatch):
+    from stigmer_sandbox import permissions
+
+    assert permissions.target_owner(False, None, None) == (1000, 1000)
+    assert permissions.target_owner(False, 1234, None) == (1234, 1234)
+    assert permissions.target_owner(False, None, 55) == (1000, 55)
+    monkeypatch.setattr(permissions.os, "getuid", lambda: 0)
+    monkeypatch.setenv("SUDO_UID", "1500")
+    monkeypatch.setenv("SUDO_GID", "1600")
+    assert permissions.target_owner(True, None, None) == (1500, 1600)
+
+
+def test_fix_permissions_never_follows_symlinks():
+    from stigmer_sandbox import permissions
+
+    script = permissions._script(1000, 1000, dry_run=False)
+    assert script.startswith("find -P /target") and "chown -h 1000:1000" in script
+    assert "chown" not in permissions._script(1000, 1000, dry_run=True)
+
+
+@pytest.mark.parametrize(
+    ("found", "have_ca", "status", "fragment"),
+    [
+        ({"dns": "fail"}, False, "warn", "daemon.json"),
+        ({"dns": "ok", "archive": "fail"}, False, "warn", "--network host"),
+        ({"dns": "ok", "archive": "ok", "pypi": "fail"}, False, "warn", "--ca-cert"),
+        ({"dns": "ok", "archive": "ok", "pypi": "ok", "pypi_plain": "fail"}, True, "pass", ""),
+        ({"dns": "ok", "archive": "ok", "pypi": "ok", "pypi_plain": "ok"}, False, "pass", ""),
+    ],
+)
+def test_build_network_verdicts(found, have_ca, status, fragment):
+    from stigmer_sandbox import diagnostics
+
+    check = diagnostics._network_verdict(found, have_ca)
+    assert check.status == status
+    assert fragment in check.hint
