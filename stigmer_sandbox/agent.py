@@ -26,6 +26,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -33,6 +34,8 @@ TOKEN_VAR = "STIGMER_EXEC_TOKEN"
 TIMEOUT_EXIT = 124
 READ_CHUNK = 65536
 KILL_DEADLINE_S = 10.0
+# Linux refuses any single argument over 128 KiB (MAX_ARG_STRLEN); stay well below.
+MAX_INLINE_ARG = 100_000
 # After the command exits, wait this long for output still in flight; a background
 # child that keeps the pipe open must not hold the result back.
 EXIT_GRACE_S = 0.2
@@ -139,10 +142,11 @@ class Agent:
     def __init__(self, output):
         self.output = output
         self.lock = threading.Lock()
+        self.active = {}
 
     def send(self, message):
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
-        with self.lock:
+        with self.lock, contextlib.suppress(OSError, ValueError):  # the host may be gone
             self.output.write(data)
             self.output.flush()
 
@@ -162,6 +166,9 @@ class Agent:
                     threading.Thread(target=self.run, args=(request,), daemon=True).start()
                 except RuntimeError as exc:  # the sandbox's process limit is reached
                     self.send({"id": request["id"], "type": "error", "message": str(exc)})
+        # The host is gone (closed our stdin, or was killed): nothing it started may linger.
+        for token, process in list(self.active.items()):
+            kill_tree(process, token)
 
     def run(self, request):
         try:
@@ -199,15 +206,24 @@ class Agent:
         env.update(request.get("env") or {})
         env[TOKEN_VAR] = token
         cwd = request.get("cwd") or "/workspace"
-        limit = int(request.get("limit") or 1048576)
-        stdin = request.get("stdin")
         if not os.path.isdir(cwd):
             return failed(rid, 2, f"cd: {cwd}: No such directory\n")
+        argv, script = inline_long_script(request["argv"])
+        try:
+            return self._spawn_and_wait(request, argv, env, cwd, token)
+        finally:
+            if script:
+                os.unlink(script)
+
+    def _spawn_and_wait(self, request, argv, env, cwd, token):
+        rid = request["id"]
+        limit = int(request.get("limit") or 1048576)
+        stdin = request.get("stdin")
         before = oom_kills()
         started = time.monotonic()
         try:
             process = subprocess.Popen(
-                request["argv"],
+                argv,
                 cwd=cwd,
                 env=env,
                 start_new_session=True,
@@ -216,9 +232,10 @@ class Agent:
                 stderr=subprocess.PIPE,
             )
         except FileNotFoundError:
-            return failed(rid, 127, f"{request['argv'][0]}: command not found\n")
+            return failed(rid, 127, f"{argv[0]}: command not found\n")
         except PermissionError:
-            return failed(rid, 126, f"{request['argv'][0]}: permission denied\n")
+            return failed(rid, 126, f"{argv[0]}: permission denied\n")
+        self.active[token] = process
         prefer_as_oom_victim(process.pid)
         captures = {"stdout": OutputCapture(limit), "stderr": OutputCapture(limit)}
         stop = threading.Event()
@@ -252,6 +269,7 @@ class Agent:
         stop.set()
         for reader in readers:
             reader.join()
+        self.active.pop(token, None)
         after = oom_kills()
         signal_number = -returncode if returncode < 0 else None
         oom = (
@@ -274,6 +292,16 @@ class Agent:
             "duration_s": duration,
             **{name: summary(capture) for name, capture in captures.items()},
         }
+
+
+def inline_long_script(argv):
+    """`bash -c SCRIPT` with a script too long for one argument: run it from a file."""
+    if len(argv) < 3 or argv[:2] != ["bash", "-c"] or len(argv[2].encode()) <= MAX_INLINE_ARG:
+        return argv, None
+    descriptor, path = tempfile.mkstemp(prefix="stigmer-command-", suffix=".sh")
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(argv[2])
+    return ["bash", path, *argv[3:]], path
 
 
 def summary(capture):

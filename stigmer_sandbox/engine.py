@@ -11,6 +11,7 @@ matching message text.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -157,8 +158,9 @@ def engine_errors(url: str | None = None) -> Iterator[None]:
     except SandboxError:
         raise
     except docker.errors.ImageNotFound as exc:
+        missing = re.findall(r"no such image: ([^\s:]+(?::[^\s:]+)?)", _explain(exc), re.I)
         raise SandboxNotReady(
-            f"image not found: {_explain(exc)}",
+            f"image not found: {missing[-1] if missing else _explain(exc)}",
             "build it with `inv sandbox.build-basic` (or `inv sandbox.build-full`)",
         ) from None
     except docker.errors.NotFound as exc:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import __version__, base_image, ca, engine, labels
-from .config import Settings, split_image
+from .config import IMAGE_RE, Settings, split_image
 from .errors import BuildError, SandboxError, SandboxNotReady, UsageError
 
 KINDS = ("basic", "full")
@@ -339,6 +339,11 @@ def plan(
             f"{context / dockerfile} not found",
             "run from a stigmer-sandbox checkout or set stigmer.project_dir",
         )
+    for tag in options.tags:
+        if not IMAGE_RE.match(tag):
+            raise UsageError(
+                f"invalid tag {tag!r}", "use name:tag, lowercase, e.g. stigmer-sandbox-basic:v1.0.0"
+            )
     extra_ca = ca.detect(options.ca_cert or settings.ca_cert)
     base, base_args = _base_for(kind, settings, options, watcher, extra_args or {})
     args = {**base_args, "IMAGE_VERSION": __version__, **(extra_args or {}), **options.build_args}

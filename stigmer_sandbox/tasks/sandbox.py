@@ -7,7 +7,17 @@ import time
 
 from invoke import Collection, Context, Exit
 
-from .. import audit, base_image, console, image_checks, image_report, images, labels, runtime
+from .. import (
+    audit,
+    base_image,
+    console,
+    image_checks,
+    image_report,
+    images,
+    labels,
+    runtime,
+    security,
+)
 from ..config import Settings
 from ..errors import UsageError
 from ._common import settings, task
@@ -390,6 +400,20 @@ def history(c: Context, n: int = 20, json: bool = False) -> None:
     console.table(("time", "sandbox", "exit", "cause", "took", "command"), rows)
 
 
+@task(name="audit", help={"json": "print the findings as JSON (default: off)"})
+def audit_security(c: Context, json: bool = False) -> None:
+    """Check the running sandbox against every SECURITY.md property that applies."""
+    findings = security.audit(_sandbox(c))
+    if json:
+        console.emit_json([f.__dict__ for f in findings])
+    else:
+        for finding in findings:
+            status = "pass" if finding.passed else "fail"
+            console.check_line(status, f"{finding.item:>2} {finding.name}", finding.evidence)
+    if not all(f.passed for f in findings):
+        raise Exit(code=1)
+
+
 ns = Collection(
     "sandbox",
     bootstrap_base,
@@ -406,4 +430,5 @@ ns = Collection(
     env,
     packages,
     history,
+    audit_security,
 )

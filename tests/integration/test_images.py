@@ -131,7 +131,7 @@ def test_build_without_network_names_the_network_and_tags_nothing(
     error = done.stderr.strip().splitlines()[-1]
     assert re.search(r"build failed at step \d+/\d+ \(RUN pip install", error)
     assert "no network" in error
-    assert not docker_engine.images.list(name=tag.split(":")[0])
+    assert not docker_engine.images.list(name=tag)
 
 
 def test_full_image_with_loopback_tools_passes_smoke_tests(

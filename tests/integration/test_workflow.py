@@ -1,4 +1,8 @@
-"""Issue 6 on a real engine: safe cleanup, fix-permissions, dev-full."""
+"""Issue 6 on a real engine: safe cleanup, fix-permissions, dev-full.
+
+This module runs last (pytest orders modules by name) and its last test proves
+`inv clean --all`, which removes this project's images: `inv dev-full` rebuilds them.
+"""
 
 from __future__ import annotations
 
@@ -96,30 +100,6 @@ def test_dry_run_changes_nothing(inv, docker_engine):
     assert exists(docker_engine.volumes.get, volume)
 
 
-def test_clean_all_removes_only_labelled_resources(inv, docker_engine, decoys, tmp_path):
-    workspace_file = tmp_path / "workspace" / "keep.txt"
-    workspace_file.parent.mkdir()
-    workspace_file.write_text("mine")
-    image, container, volume = project_resources(docker_engine, uuid.uuid4().hex[:8])
-    done = inv(
-        "clean",
-        "--all",
-        "--volumes",
-        "--yes",
-        env={"INVOKE_STIGMER_WORKSPACE": str(tmp_path / "workspace")},
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert not exists(docker_engine.images.get, image)
-    assert not exists(docker_engine.containers.get, container)
-    assert not exists(docker_engine.volumes.get, volume)
-    for decoy in decoys["images"]:
-        assert exists(docker_engine.images.get, decoy)
-    for decoy in decoys["containers"]:
-        assert exists(docker_engine.containers.get, decoy)
-    assert exists(docker_engine.volumes.get, decoys["volume"])
-    assert workspace_file.read_text() == "mine"
-
-
 def test_destructive_tiers_need_confirmation_without_a_terminal(inv, docker_engine):
     project_resources(docker_engine, uuid.uuid4().hex[:8])
     done = inv("clean", "--all")
@@ -178,3 +158,28 @@ def test_dev_full_second_run_is_a_noop(inv):
     assert "built" not in second.stdout.replace("up to date", "")
     assert "Python 3.11." in second.stdout and "v20." in second.stdout
     assert 'inv run "python --version"' in second.stdout
+
+
+# Last on purpose: it removes every image of this project, as `inv clean --all` must.
+def test_clean_all_removes_only_labelled_resources(inv, docker_engine, decoys, tmp_path):
+    workspace_file = tmp_path / "workspace" / "keep.txt"
+    workspace_file.parent.mkdir()
+    workspace_file.write_text("mine")
+    image, container, volume = project_resources(docker_engine, uuid.uuid4().hex[:8])
+    done = inv(
+        "clean",
+        "--all",
+        "--volumes",
+        "--yes",
+        env={"INVOKE_STIGMER_WORKSPACE": str(tmp_path / "workspace")},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not exists(docker_engine.images.get, image)
+    assert not exists(docker_engine.containers.get, container)
+    assert not exists(docker_engine.volumes.get, volume)
+    for decoy in decoys["images"]:
+        assert exists(docker_engine.images.get, decoy)
+    for decoy in decoys["containers"]:
+        assert exists(docker_engine.containers.get, decoy)
+    assert exists(docker_engine.volumes.get, decoys["volume"])
+    assert workspace_file.read_text() == "mine"
