@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +48,34 @@ def run(argv: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) ->
     if done.returncode != 0:
         raise SystemExit(f"benchmark command failed: {' '.join(argv)}\n{done.stderr[-2000:]}")
     return done.stdout
+
+
+@contextmanager
+def guide_build_context() -> Iterator[list[str]]:
+    """The guide's `docker build` command, run in dockerfiles/ with the extra CA placed
+    where the build task injects it, so both see the same context (and the same cache)."""
+    from stigmer_sandbox import ca, config, images
+
+    settings = config.load_settings(ROOT)
+    extra = ca.detect(settings.ca_cert)
+    placed = ROOT / images.CONTEXT_DIR / images.CA_CONTEXT_PATH
+    if extra:
+        shutil.copyfile(extra.path, placed)
+    docker = shutil.which("docker")
+    if docker is None:
+        raise SystemExit("the docker CLI is needed for the baseline")
+    try:
+        yield [
+            docker,
+            "build",
+            "-q",
+            "-f",
+            "Dockerfile.sandbox.basic",
+            "--build-arg",
+            f"BASE_IMAGE={settings.base_image}",
+        ]
+    finally:
+        placed.unlink(missing_ok=True)
 
 
 def report(

@@ -1,7 +1,7 @@
 """No-op rebuild: `inv sandbox.build-basic` with nothing changed, beside `docker build`.
 
 The baseline is the guide's own command (`docker build -f Dockerfile.sandbox.basic ...`)
-on the same unchanged Dockerfile with a warm layer cache, timed in the same run.
+on the same unchanged Dockerfile and context with a warm layer cache, in the same run.
 
     python benchmarks/rebuild.py [--runs N]
 """
@@ -9,36 +9,22 @@ on the same unchanged Dockerfile with a warm layer cache, timed in the same run.
 from __future__ import annotations
 
 import argparse
-import shutil
 
-from _common import INV, ROOT, median_of, report, run
+from _common import INV, ROOT, guide_build_context, median_of, report, run
 
-from stigmer_sandbox import config
+TAG = "stigmer-sandbox-bench:cached"
+LEGACY = {"DOCKER_BUILDKIT": "0"}
 
 
 def main(runs: int) -> None:
     run([*INV, "sandbox.build-basic"])  # make sure the image exists and is current
     ours = median_of(lambda: run([*INV, "sandbox.build-basic"]), runs)
-    docker = shutil.which("docker")
-    if docker is None:
-        raise SystemExit("the docker CLI is needed for the baseline")
-    base = config.load_settings(ROOT).base_image
-    guide = [
-        docker,
-        "build",
-        "-q",
-        "-f",
-        "Dockerfile.sandbox.basic",
-        "--build-arg",
-        f"BASE_IMAGE={base}",
-        "-t",
-        "stigmer-sandbox-bench:cached",
-        ".",
-    ]
-    env = {"DOCKER_BUILDKIT": "0"}
-    run(guide, cwd=ROOT / "dockerfiles", env=env)  # warm the cache for the CLI's context
-    baseline = median_of(lambda: run(guide, cwd=ROOT / "dockerfiles", env=env), runs)
-    run([docker, "rmi", "stigmer-sandbox-bench:cached"])
+    with guide_build_context() as build:
+        guide = [*build, "-t", TAG, "."]
+        context = ROOT / "dockerfiles"
+        run(guide, cwd=context, env=LEGACY)  # warm: every layer comes from the cache
+        baseline = median_of(lambda: run(guide, cwd=context, env=LEGACY), runs)
+    run(["docker", "rmi", TAG])
     report(
         "no-op rebuild of basic (inv sandbox.build-basic)",
         ours,

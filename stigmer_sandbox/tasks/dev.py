@@ -73,4 +73,13 @@ def lint(c: Context) -> None:
     console.success("lint clean")
 
 
-TASKS = (test, lint)
+@task(help={"quick": "skip the cold build of the basic image, which takes minutes (default: off)"})
+def bench(c: Context, quick: bool = False) -> None:
+    """Run every benchmark in benchmarks/ and write BENCHMARKS.md (figures beside baselines)."""
+    argv = [sys.executable, "benchmarks/run_all.py", *(["--quick"] if quick else [])]
+    code = subprocess.run(argv, cwd=settings(c).root, check=False).returncode
+    if code:
+        raise Exit(code=code)
+
+
+TASKS = (test, lint, bench)
