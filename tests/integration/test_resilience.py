@@ -102,7 +102,7 @@ def test_killed_tool_leaves_no_process_behind(tmp_path, inv, docker_engine):
     name = f"stigmer-sandbox-kill-{uuid.uuid4().hex[:6]}"
     env = {
         "INVOKE_STIGMER_CONTAINER_NAME": name,
-        "INVOKE_STIGMER_WORKSPACE": str(tmp_path / "ws"),
+        "INVOKE_STIGMER_WORKSPACE": str(tmp_path / "workspace"),
         "INVOKE_STIGMER_LOGS": str(tmp_path / "logs"),
     }
     box = Sandbox(settings_in(tmp_path, container_name=name), extra_labels=TEST_LABELS).up()
