@@ -74,6 +74,9 @@ class Settings:
     keep_extra_ca: bool = _key("final images keep trusting the extra CA", True)
     tools_mirror: str = _key("base URL replacing tool download hosts (full image)", "")
     compose: str = _key("compose flavour", "auto", choices=("auto", "v2", "v1"))
+    engine_data_root: str = _key(
+        "dockerd --data-root when this tool starts the engine (default: dockerd's own)", ""
+    )
     memory: str = _key("sandbox memory limit (memory+swap is the same)", "2g", kind="size")
     cpus: float = _key("sandbox CPU limit", 2.0)
     pids_limit: int = _key("sandbox process limit", 512)

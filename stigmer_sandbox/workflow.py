@@ -41,7 +41,10 @@ def _engine(settings: Settings) -> str:
             "`inv dev-full` can install and start it",
         )
     installed = daemon.install()
-    started = daemon.start(daemon.EngineState(settings.path("state_dir")))
+    started = daemon.start(
+        daemon.EngineState(settings.path("state_dir")),
+        data_root=settings.engine_data_root or None,
+    )
     return (f"installed {', '.join(installed)}; " if installed else "") + started
 
 

@@ -25,12 +25,16 @@ def install(c: Context) -> None:
 @task(
     help={
         "timeout": "seconds to wait for the engine to answer (default: 60)",
-        "data_root": "dockerd --data-root for a fresh, separate engine state (default: dockerd's)",
+        "data_root": "dockerd --data-root for a fresh, separate engine state (default: config "
+        "engine_data_root, else dockerd's own)",
     }
 )
 def start(c: Context, timeout: float = 60, data_root: str | None = None) -> None:
     """Start dockerd in the background if no engine answers (idempotent)."""
-    console.success(daemon.start(_state(c), timeout_s=timeout, data_root=data_root))
+    current = settings(c)
+    state = daemon.EngineState(current.path("state_dir"))
+    root = data_root or current.engine_data_root or None
+    console.success(daemon.start(state, timeout_s=timeout, data_root=root))
 
 
 @task
