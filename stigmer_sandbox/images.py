@@ -423,25 +423,18 @@ def _size(image_id: str) -> int:
 def build(plan: BuildPlan, watcher: BuildWatcher) -> BuildOutcome:
     """Build the plan unless its hash tag exists; tag the result with every requested tag."""
     started = time.monotonic()
-    existing = _image_id(plan.hash_tag)
-    options = plan.options
-    if existing and not (options.force or options.no_cache):
-        _tag_all(existing, plan.tags)
-        return BuildOutcome(
-            existing,
-            (*plan.tags, plan.hash_tag),
-            _size(existing),
-            time.monotonic() - started,
-            built=False,
-        )
-    image_id, steps, cached = _run_builder(plan, watcher)
+    image_id = _image_id(plan.hash_tag)
+    steps = cached = 0
+    built = not image_id or plan.options.force or plan.options.no_cache
+    if built:
+        image_id, steps, cached = _run_builder(plan, watcher)
     _tag_all(image_id, plan.tags)
     return BuildOutcome(
         image_id,
         (*plan.tags, plan.hash_tag),
         _size(image_id),
         time.monotonic() - started,
-        True,
+        bool(built),
         steps,
         cached,
     )

@@ -134,13 +134,12 @@ def test_build_without_network_names_the_network_and_tags_nothing(
     assert not docker_engine.images.list(name=tag)
 
 
-def test_full_image_with_loopback_tools_passes_smoke_tests(
-    inv, tmp_path, basic_image, scratch_tags
-):
+def build_full_from_mirror(inv, tmp_path, tag: str, corrupt: str | None = None):
+    """`inv sandbox.build-full` of a project copy whose downloads come from a loopback
+    mirror of fake artifacts (the PyPI and Debian tools are skipped)."""
     project = project_copy(tmp_path)
     mirror = tmp_path / "mirror"
-    write_fake_tools(project, mirror, base_image.architecture())
-    tag = scratch_tags("full")
+    write_fake_tools(project, mirror, base_image.architecture(), corrupt=corrupt)
     skip = [arg for name in ("aws", "azure-cli") for arg in ("--skip-tool", name)]
     with serve(mirror) as url:
         done = inv(
@@ -154,6 +153,14 @@ def test_full_image_with_loopback_tools_passes_smoke_tests(
             *skip,
             env={"INVOKE_STIGMER_PROJECT_DIR": str(project)},
         )
+    return project, done
+
+
+def test_full_image_with_loopback_tools_passes_smoke_tests(
+    inv, tmp_path, basic_image, scratch_tags
+):
+    tag = scratch_tags("full")
+    project, done = build_full_from_mirror(inv, tmp_path, tag)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
     report = json.loads(inv("sandbox.test", "--image", tag, "--json").stdout)
     tools = {c["name"] for c in report["checks"] if c["name"].startswith("tool ")}
@@ -164,22 +171,7 @@ def test_full_image_with_loopback_tools_passes_smoke_tests(
 def test_full_image_bad_checksum_fails_naming_tool_and_both_sums(
     inv, tmp_path, basic_image, scratch_tags
 ):
-    project = project_copy(tmp_path)
-    mirror = tmp_path / "mirror"
-    write_fake_tools(project, mirror, base_image.architecture(), corrupt="kubectl")
-    skip = [arg for name in ("aws", "azure-cli") for arg in ("--skip-tool", name)]
-    with serve(mirror) as url:
-        done = inv(
-            "sandbox.build-full",
-            "--network",
-            "host",
-            "--tools-mirror",
-            url,
-            "--tag",
-            scratch_tags("full"),
-            *skip,
-            env={"INVOKE_STIGMER_PROJECT_DIR": str(project)},
-        )
+    _project, done = build_full_from_mirror(inv, tmp_path, scratch_tags("full"), corrupt="kubectl")
     assert done.returncode == 4
     error = done.stderr.strip().splitlines()[-1]
     assert "tool kubectl: checksum mismatch" in done.stderr
