@@ -29,6 +29,7 @@ from .config import IMAGE_RE, Settings, split_image
 from .errors import BuildError, SandboxError, SandboxNotReady, UsageError
 
 KINDS = ("basic", "full")
+SOURCE_URL = "https://github.com/stigmer/stigmer-sandbox"
 CONTEXT_DIR = "dockerfiles"
 CA_CONTEXT_PATH = "certs/zz-stigmer-extra-ca.crt"
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "FTP_PROXY", "ALL_PROXY")
@@ -346,7 +347,13 @@ def plan(
             )
     extra_ca = ca.detect(options.ca_cert or settings.ca_cert)
     base, base_args = _base_for(kind, settings, options, watcher, extra_args or {})
-    args = {**base_args, "IMAGE_VERSION": __version__, **(extra_args or {}), **options.build_args}
+    args = {
+        **base_args,
+        "IMAGE_VERSION": __version__,
+        "SOURCE_URL": SOURCE_URL,
+        **(extra_args or {}),
+        **options.build_args,
+    }
     hashed = {k: v for k, v in args.items() if k not in UNHASHED_ARGS}
     files = context_files(context, dockerfile)
     ca_bytes = extra_ca.path.read_bytes() if extra_ca else b""

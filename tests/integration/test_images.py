@@ -47,7 +47,7 @@ def test_basic_image_is_labelled_non_root_and_small_enough(basic_image):
     assert basic_image.labels[labels.MANAGED] == "true"
     assert basic_image.labels[labels.KIND] == "basic"
     for key in ("version", "revision", "created", "source", "title"):
-        assert f"org.opencontainers.image.{key}" in basic_image.labels
+        assert basic_image.labels.get(f"org.opencontainers.image.{key}"), key
     assert config["Healthcheck"]["Test"]
     assert basic_image.attrs["Size"] <= 560 * 1000**2, basic_image.attrs["Size"]
 
