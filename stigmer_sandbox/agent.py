@@ -136,6 +136,98 @@ def kill_tree(process, token):
                     os.kill(pid, sig)
 
 
+class Pump:
+    """One command's pipes, exit and deadline, all served by one thread.
+
+    The command's exit wakes the loop through a pidfd; then what it left running is
+    ended (unless kept), and output still in flight gets a short grace.
+    """
+
+    def __init__(self, agent, request, process, token, captures):
+        self.agent, self.request, self.process, self.token = agent, request, process, token
+        self.captures = captures
+        self.deadline = time.monotonic() + float(request.get("timeout") or 3600)
+        self.pipes = {process.stdout.fileno(): "stdout", process.stderr.fileno(): "stderr"}
+        self.exit_fd = exit_watcher(process)
+        self.timed_out = False
+        self.grace_until = None
+
+    def run(self):
+        """Serve the command until its pipes close; returns whether it timed out."""
+        while self.pipes and not self._grace_over():
+            self._check_exit_and_deadline()
+            if self.pipes and not self._grace_over():
+                ready, _, _ = select.select(self._watched(), [], [], self._wait())
+                self._handle(ready)
+        self._wait_without_pipes()
+        for pipe in (self.process.stdout, self.process.stderr):
+            pipe.close()
+        if self.exit_fd is not None:
+            os.close(self.exit_fd)
+        return self.timed_out
+
+    def _grace_over(self):
+        return self.grace_until is not None and time.monotonic() >= self.grace_until
+
+    def _ended(self):
+        if not self.timed_out and not self.request.get("keep_background"):
+            kill_tree(self.process, self.token)  # what the command left running ends with it
+        self.grace_until = time.monotonic() + EXIT_GRACE_S
+
+    def _timeout(self):
+        self.timed_out = True
+        kill_tree(self.process, self.token)
+        self.process.wait()
+
+    def _check_exit_and_deadline(self):
+        if self.exit_fd is None:
+            self.process.poll()
+        if self.process.returncode is None and time.monotonic() >= self.deadline:
+            self._timeout()
+        if self.process.returncode is not None and self.grace_until is None:
+            self._ended()
+
+    def _watched(self):
+        running = self.exit_fd is not None and self.process.returncode is None
+        return [*self.pipes, self.exit_fd] if running else list(self.pipes)
+
+    def _wait(self):
+        wait = (self.grace_until or self.deadline) - time.monotonic()
+        return max(0.0, wait if self.exit_fd is not None else min(wait, 0.05))
+
+    def _handle(self, ready):
+        for fd in ready:
+            if fd == self.exit_fd:
+                self.process.wait()
+                continue
+            data = os.read(fd, READ_CHUNK)
+            if not data:
+                del self.pipes[fd]
+                continue
+            name = self.pipes[fd]
+            live = self.captures[name].feed(data)
+            if live:
+                self.agent.send(
+                    {
+                        "id": self.request["id"],
+                        "type": "out",
+                        "stream": name,
+                        "data": base64.b64encode(live).decode(),
+                    }
+                )
+
+    def _wait_without_pipes(self):
+        """The command closed both pipes but may still run: wait for it, to the deadline."""
+        if self.process.returncode is not None:
+            return
+        try:
+            self.process.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self._timeout()
+        if self.grace_until is None:
+            self._ended()
+
+
 class Agent:
     """Reads requests from stdin, runs each in its own thread, writes answers to stdout."""
 
@@ -176,29 +268,6 @@ class Agent:
         except Exception as exc:
             self.send({"id": request["id"], "type": "error", "message": repr(exc)})
 
-    def _reader(self, rid, name, pipe, capture, stop):
-        fd = pipe.fileno()
-        while True:
-            ready, _, _ = select.select([fd], [], [], 0.05)
-            if not ready:
-                if stop.is_set():
-                    break
-                continue
-            data = os.read(fd, READ_CHUNK)
-            if not data:
-                break
-            live = capture.feed(data)
-            if live:
-                self.send(
-                    {
-                        "id": rid,
-                        "type": "out",
-                        "stream": name,
-                        "data": base64.b64encode(live).decode(),
-                    }
-                )
-        pipe.close()
-
     def execute(self, request):
         rid = request["id"]
         token = f"{os.getpid()}.{rid}.{time.monotonic_ns()}"
@@ -237,38 +306,14 @@ class Agent:
             return failed(rid, 126, f"{argv[0]}: permission denied\n")
         self.active[token] = process
         prefer_as_oom_victim(process.pid)
-        captures = {"stdout": OutputCapture(limit), "stderr": OutputCapture(limit)}
-        stop = threading.Event()
-        readers = [
-            threading.Thread(
-                target=self._reader,
-                daemon=True,
-                args=(rid, name, getattr(process, name), captures[name], stop),
-            )
-            for name in captures
-        ]
-        for reader in readers:
-            reader.start()
         if stdin is not None:
             threading.Thread(
                 target=feed_stdin, args=(process, base64.b64decode(stdin)), daemon=True
             ).start()
-        timed_out = False
-        try:
-            returncode = process.wait(timeout=request.get("timeout"))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            kill_tree(process, token)
-            returncode = process.wait()
+        captures = {"stdout": OutputCapture(limit), "stderr": OutputCapture(limit)}
+        timed_out = Pump(self, request, process, token, captures).run()
+        returncode = process.returncode
         duration = time.monotonic() - started
-        if not timed_out and not request.get("keep_background"):
-            kill_tree(process, token)  # what the command left running ends with it
-        deadline = time.monotonic() + EXIT_GRACE_S
-        for reader in readers:
-            reader.join(max(0.0, deadline - time.monotonic()))
-        stop.set()
-        for reader in readers:
-            reader.join()
         self.active.pop(token, None)
         after = oom_kills()
         signal_number = -returncode if returncode < 0 else None
@@ -336,6 +381,14 @@ def feed_stdin(process, data):
         process.stdin.close()
     except OSError:
         pass
+
+
+def exit_watcher(process):
+    """A pidfd that becomes readable when `process` exits, or None where unsupported."""
+    try:
+        return os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def prefer_as_oom_victim(pid):

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 from . import ca, compose, engine, labels
@@ -42,6 +41,8 @@ class Check:
 
 
 def _version_of(distribution: str) -> str | None:
+    from importlib import metadata  # slow to import; only `doctor` needs it
+
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
