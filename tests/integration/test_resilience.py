@@ -87,12 +87,13 @@ def test_container_killed_from_outside_is_restarted(tmp_path, docker_engine):
 
 
 def test_engine_restart_is_recovered(tmp_path, docker_engine):
-    state = daemon.EngineState(config.load_settings(ROOT).path("state_dir"))
+    settings = config.load_settings(ROOT)
+    state = daemon.EngineState(settings.path("state_dir"))
     assert daemon._started_pid(state), "run the engine with `inv engine.start` (CI does)"
     with make_sandbox(tmp_path) as box:
         box.exec("echo before > /workspace/f.txt")
         daemon.stop(state)
-        daemon.start(state)
+        daemon.start(state, data_root=settings.engine_data_root or None)
         result = box.exec("cat /workspace/f.txt")
         assert result.stdout == "before\n"
         assert any("starting it again" in note for note in box.notes)
