@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 import zlib
 
-from _common import report
+from _common import INV, ROOT, report, run
 
-from stigmer_sandbox import engine
+from stigmer_sandbox import engine, images
 
 GUIDE_MB = {"basic": 300, "full": 1500}
 GOALS = {"basic": ("<= 560 MB", "<= 200 MB"), "full": ("<= 2000 MB", "")}
@@ -25,7 +25,22 @@ def compressed_size(image) -> int:
     return total + len(compressor.flush())
 
 
+def ensure_images(names: list[str]) -> None:
+    """Build what is missing; the full image with the tools this machine can fetch."""
+    client = engine.client()
+    if "stigmer-sandbox-basic:local" in names:
+        run([*INV, "sandbox.build-basic"])
+    if "stigmer-sandbox-full:local" in names and not client.images.list(
+        name="stigmer-sandbox-full:local"
+    ):
+        tools = images.load_tools(ROOT / images.CONTEXT_DIR)
+        downloads = [n for n, spec in tools.items() if spec["source"] == "download"]
+        print(f"building full without the tools this machine cannot download: {downloads}")
+        run([*INV, "sandbox.build-full", *[a for n in downloads for a in ("--skip-tool", n)]])
+
+
 def main(names: list[str]) -> None:
+    ensure_images(names)
     client = engine.client()
     for name in names:
         kind = "full" if "full" in name else "basic"
