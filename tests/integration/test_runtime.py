@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tracemalloc
@@ -279,3 +280,28 @@ def test_commands_are_audited_on_the_host(sandbox):
     assert str(sandbox.audit.path).startswith(str(sandbox.settings.path("state_dir")))
     mounted = {m["Source"] for m in sandbox.inspect()["Mounts"]}
     assert not any(str(sandbox.settings.path("state_dir")) in source for source in mounted)
+
+
+def test_debug_tasks_and_a_shell_without_a_terminal(inv, tmp_path):
+    env = {
+        "INVOKE_STIGMER_CONTAINER_NAME": f"stigmer-sandbox-debug-{uuid.uuid4().hex[:6]}",
+        "INVOKE_STIGMER_WORKSPACE": str(tmp_path / "workspace"),
+        "INVOKE_STIGMER_LOGS": str(tmp_path / "logs"),
+    }
+    try:
+        assert inv("sandbox.up", env=env).returncode == 0
+        shell = inv("sandbox.shell", env=env, input_text="id -un; pwd\n")
+        assert shell.returncode == 0 and shell.stdout.split()[-2:] == ["sandbox", "/workspace"]
+        root = inv("sandbox.shell", "--root", env=env)
+        assert root.returncode == 2 and "allow_root_shell" in root.stderr
+        assert "STIGMER_SANDBOX=1" in inv("sandbox.env", env=env).stdout
+        packages = inv("sandbox.packages", env=env).stdout
+        assert "PyYAML" in packages and "npm@10" in packages
+        status = json.loads(inv("sandbox.status", "--json", env=env).stdout)
+        assert status["state"] == "running" and status["pids_limit"] == 512
+        assert json.loads(inv("sandbox.inspect", env=env).stdout)["HostConfig"]["CapDrop"]
+        assert inv("sandbox.logs", "--tail", "5", env=env).returncode == 0
+        history = json.loads(inv("sandbox.history", "--json", env=env).stdout)
+        assert isinstance(history, list)
+    finally:
+        assert inv("sandbox.down", env=env).returncode == 0
