@@ -216,7 +216,7 @@ def _workspace_check(settings: Settings) -> Check:
 def _disk_usage_check() -> Check:
     with engine.engine_errors():
         usage = engine.client().df()
-        ours = engine.client().images.list(filters={"label": [f"{labels.MANAGED}=true"]})
+        ours = engine.client().images.list(filters=labels.managed_filter())
     images_size = sum(int(i.get("Size") or 0) for i in usage.get("Images") or [])
     cache = sum(int(c.get("Size") or 0) for c in usage.get("BuildCache") or [])
     largest = sorted(ours, key=lambda i: -int(i.attrs.get("Size") or 0))[:3]

@@ -24,9 +24,6 @@ def project_labels(kind: str, **extra: str) -> dict[str, str]:
     return labels
 
 
-def managed_filter(kind: str | None = None) -> dict[str, list[str]]:
-    """An engine-side filter matching this project's resources (of `kind`, if given)."""
-    wanted = [f"{MANAGED}=true"]
-    if kind:
-        wanted.append(f"{KIND}={kind}")
-    return {"label": wanted}
+def managed_filter() -> dict[str, list[str]]:
+    """An engine-side filter matching resources carrying this project's label."""
+    return {"label": [f"{MANAGED}=true"]}
