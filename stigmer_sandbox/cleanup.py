@@ -74,7 +74,11 @@ def _images(everything: bool) -> Iterable[Resource]:
     filters = labels.managed_filter()
     if not everything:
         filters = {**filters, "dangling": True}
-    found = [i for i in engine.client().images.list(filters=filters) if is_our_image(i)]
+    found = [
+        image
+        for image in engine.client().images.list(filters=filters)
+        if is_our_image(image) or (everything and is_our_build_stage(image))
+    ]
     # Newest first: a child image must go before the image it was built on. Build
     # intermediates go with the image they belong to (docker removes untagged parents).
     for image in sorted(found, key=lambda i: i.attrs.get("Created", ""), reverse=True):
@@ -88,6 +92,17 @@ def is_our_image(image: Any) -> bool:
         return False
     names = [tag.rsplit(":", 1)[0].rsplit("/", 1)[-1] for tag in image.tags]
     return all(name.startswith(OUR_IMAGE_PREFIX) for name in names)
+
+
+def is_our_build_stage(image: Any) -> bool:
+    """An untagged stage our Dockerfiles left (build cache of the legacy builder): it
+    carries only the managed label every stage inherits, no kind."""
+    image_labels = image.labels or {}
+    return (
+        not image.tags
+        and image_labels.get(labels.MANAGED) == "true"
+        and labels.KIND not in image_labels
+    )
 
 
 def _networks() -> Iterable[Resource]:

@@ -248,7 +248,7 @@ def content_hash(
     digest.update(hashlib.sha256(extra_ca).digest())
     for path in files:
         relative = path.relative_to(context).as_posix()
-        executable = os.access(path, os.X_OK)
+        executable = bool(path.stat().st_mode & 0o111)  # the rule normalized_entry uses
         digest.update(f"{relative}\0{int(executable)}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]
@@ -401,15 +401,32 @@ def proxy_args(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
     return found
 
 
-def _context_tar(plan: BuildPlan) -> io.BytesIO:
+def normalized_entry(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """A context entry as git sees it: the builder's COPY cache keys on owner and mode,
+    so a clone owned by another user (or made under another umask) would miss it."""
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mtime = 0
+    if info.isfile():
+        info.mode = 0o755 if info.mode & 0o111 else 0o644
+    return info
+
+
+def context_tar(
+    context_dir: Path, files: Iterable[Path], extra_ca: Path | None = None
+) -> io.BytesIO:
+    """The build context as sent to the builder: `files`, plus the extra CA if any."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for path in plan.files:
+        for path in files:
             archive.add(
-                path, arcname=path.relative_to(plan.context_dir).as_posix(), recursive=False
+                path,
+                arcname=path.relative_to(context_dir).as_posix(),
+                recursive=False,
+                filter=normalized_entry,
             )
-        if plan.extra_ca:
-            archive.add(plan.extra_ca.path, arcname=CA_CONTEXT_PATH)
+        if extra_ca:
+            archive.add(extra_ca, arcname=CA_CONTEXT_PATH, filter=normalized_entry)
     buffer.seek(0)
     return buffer
 
@@ -452,7 +469,9 @@ def _run_builder(plan: BuildPlan, watcher: BuildWatcher) -> tuple[str, int, int]
     repository, tag = split_image(plan.hash_tag)
     with engine.engine_errors():
         stream = engine.client().api.build(
-            fileobj=_context_tar(plan),
+            fileobj=context_tar(
+                plan.context_dir, plan.files, plan.extra_ca.path if plan.extra_ca else None
+            ),
             custom_context=True,
             dockerfile=plan.dockerfile,
             tag=f"{repository}:{tag}",

@@ -14,24 +14,25 @@ import uuid
 
 import pytest
 
-from stigmer_sandbox import labels
+from stigmer_sandbox import cleanup, labels
 
 from .conftest import TEST_LABELS
 
 
-def empty_image(client, tag: str, image_labels: dict[str, str] | None = None) -> str:
-    """A tiny image with a fresh id (imported from a one-file tar), optionally labelled."""
+def empty_image(client, tag: str | None, image_labels: dict[str, str] | None = None) -> str:
+    """A tiny image with a fresh id (imported from a one-file tar), optionally labelled
+    and optionally untagged (like a build stage the legacy builder leaves)."""
     data = io.BytesIO()
     with tarfile.open(fileobj=data, mode="w") as archive:
         info = tarfile.TarInfo("marker")
         info.size = 2
         archive.addfile(info, io.BytesIO(b"x\n"))
     changes = [f"LABEL {k}={v}" for k, v in (image_labels or {}).items()]
-    repository, tag_name = tag.split(":")
-    client.api.import_image_from_data(
+    repository, tag_name = tag.split(":") if tag else (None, None)
+    answer = client.api.import_image_from_data(
         data.getvalue(), repository=repository, tag=tag_name, changes=changes
     )
-    return client.images.get(tag).id
+    return client.images.get(tag or json.loads(answer.splitlines()[-1])["status"]).id
 
 
 @pytest.fixture
@@ -91,10 +92,14 @@ def exists(getter, key) -> bool:
 
 def test_dry_run_changes_nothing(inv, docker_engine):
     image, container, volume = project_resources(docker_engine, uuid.uuid4().hex[:8])
+    stage = empty_image(docker_engine, None, {labels.MANAGED: "true", **TEST_LABELS})
     done = inv("clean", "--all", "--volumes", "--dry-run", "--json")
     assert done.returncode == 0, done.stderr
     listed = {r["id"] for r in json.loads(done.stdout)["would_remove"]}
-    assert {image, container} <= listed
+    assert {image, container, stage} <= listed
+    default_tier = inv("clean", "--dry-run", "--json")
+    assert stage not in {r["id"] for r in json.loads(default_tier.stdout)["would_remove"]}
+    assert exists(docker_engine.images.get, stage)
     assert exists(docker_engine.images.get, image)
     assert exists(docker_engine.containers.get, container)
     assert exists(docker_engine.volumes.get, volume)
@@ -166,6 +171,7 @@ def test_clean_all_removes_only_labelled_resources(inv, docker_engine, decoys, t
     workspace_file.parent.mkdir()
     workspace_file.write_text("mine")
     image, container, volume = project_resources(docker_engine, uuid.uuid4().hex[:8])
+    stage = empty_image(docker_engine, None, {labels.MANAGED: "true", **TEST_LABELS})
     done = inv(
         "clean",
         "--all",
@@ -177,6 +183,9 @@ def test_clean_all_removes_only_labelled_resources(inv, docker_engine, decoys, t
     assert not exists(docker_engine.images.get, image)
     assert not exists(docker_engine.containers.get, container)
     assert not exists(docker_engine.volumes.get, volume)
+    assert not exists(docker_engine.images.get, stage)
+    managed = docker_engine.images.list(filters=labels.managed_filter())
+    assert not [i.id for i in managed if cleanup.is_our_build_stage(i)]
     for decoy in decoys["images"]:
         assert exists(docker_engine.images.get, decoy)
     for decoy in decoys["containers"]:

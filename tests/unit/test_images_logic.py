@@ -1,5 +1,8 @@
 """Build planning that needs no engine: hashing, ignore rules, args, failure hints."""
 
+import io
+import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -65,6 +68,27 @@ def test_ignored_files_do_not_change_the_hash(tmp_path):
     (root / "__pycache__" / "y.pyc").write_text("more junk")
     (root / "certs" / "README.md").write_text("edited")
     assert digest(root) == first
+
+
+def test_context_tar_ignores_owner_mode_and_time_like_git(tmp_path):
+    """The builder's COPY cache keys on owner and mode: two clones must send equal bytes."""
+    tars = []
+    for index, (uid, mode) in enumerate([(0, 0o644), (1234, 0o664)]):
+        (tmp_path / str(index)).mkdir()
+        root = context(tmp_path / str(index))
+        script = root / "run.sh"
+        script.write_text("#!/bin/sh\n")
+        script.chmod(0o755 if uid == 0 else 0o775)
+        (root / "requirements.txt").chmod(mode)
+        for path in root.rglob("*"):
+            os.lchown(path, uid, uid)
+            os.utime(path, (index * 1000, index * 1000), follow_symlinks=False)
+        files = images.context_files(root, "Dockerfile.sandbox.basic")
+        tars.append(images.context_tar(root, files).getvalue())
+    assert tars[0] == tars[1]
+    with tarfile.open(fileobj=io.BytesIO(tars[0])) as archive:
+        modes = {member.name: member.mode for member in archive.getmembers()}
+    assert modes["run.sh"] == 0o755 and modes["requirements.txt"] == 0o644
 
 
 def test_build_args_and_tags():
