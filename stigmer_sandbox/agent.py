@@ -18,6 +18,8 @@ The agent answers on stdout:
   {"id": 8, "type": "pong"}
 """
 
+from __future__ import annotations
+
 import base64
 import contextlib
 import json
@@ -29,6 +31,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
+from typing import Any, BinaryIO
+
+Message = dict[str, Any]
+Process = subprocess.Popen[bytes]
 
 TOKEN_VAR = "STIGMER_EXEC_TOKEN"
 TIMEOUT_EXIT = 124
@@ -45,7 +52,7 @@ OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_c
 class OutputCapture:
     """Keeps the first and last `limit // 2` bytes of a stream; counts what it drops."""
 
-    def __init__(self, limit):
+    def __init__(self, limit: int) -> None:
         self.head_budget = max(limit, 2) // 2
         self.tail_budget = max(limit, 2) - self.head_budget
         self.head = bytearray()
@@ -53,7 +60,7 @@ class OutputCapture:
         self.total = 0
         self.dropped = 0
 
-    def feed(self, data):
+    def feed(self, data: bytes) -> bytes:
         """Take `data`; return the part that belongs to the head (to stream live)."""
         self.total += len(data)
         room = self.head_budget - len(self.head)
@@ -68,7 +75,7 @@ class OutputCapture:
                 self.dropped += excess
         return live
 
-    def text(self):
+    def text(self) -> bytes:
         """Head, a visible marker where bytes were dropped, and tail."""
         marker = b""
         if self.dropped:
@@ -76,7 +83,7 @@ class OutputCapture:
         return bytes(self.head) + marker + bytes(self.tail)
 
 
-def exit_cause(exit_code, signal_number, timed_out, oom_killed):
+def exit_cause(exit_code: int, signal_number: int | None, timed_out: bool, oom_killed: bool) -> str:
     """Why a command ended: timeout, oom, signal or exit."""
     if timed_out:
         return "timeout"
@@ -87,7 +94,7 @@ def exit_cause(exit_code, signal_number, timed_out, oom_killed):
     return "exit"
 
 
-def oom_kills():
+def oom_kills() -> int | None:
     """The container's OOM-kill counter (cgroup v2 or v1), or None."""
     for path in OOM_FILES:
         try:
@@ -101,7 +108,7 @@ def oom_kills():
     return None
 
 
-def processes_with_token(token):
+def processes_with_token(token: str) -> list[int]:
     """Pids of every process whose environment carries `token` (setsid cannot hide them)."""
     marker = f"{TOKEN_VAR}={token}".encode()
     found = []
@@ -117,7 +124,7 @@ def processes_with_token(token):
     return found
 
 
-def kill_tree(process, token):
+def kill_tree(process: Process, token: str) -> None:
     """Kill the command's process group and everything else it started.
 
     Each round freezes every marked process (SIGSTOP) before killing them, so
@@ -143,16 +150,26 @@ class Pump:
     ended (unless kept), and output still in flight gets a short grace.
     """
 
-    def __init__(self, agent, request, process, token, captures):
+    def __init__(
+        self,
+        agent: Agent,
+        request: Message,
+        process: Process,
+        token: str,
+        captures: dict[str, OutputCapture],
+    ) -> None:
         self.agent, self.request, self.process, self.token = agent, request, process, token
         self.captures = captures
         self.deadline = time.monotonic() + float(request.get("timeout") or 3600)
+        if process.stdout is None or process.stderr is None:
+            raise ValueError("the command was started without output pipes")
+        self.streams = (process.stdout, process.stderr)
         self.pipes = {process.stdout.fileno(): "stdout", process.stderr.fileno(): "stderr"}
         self.exit_fd = exit_watcher(process)
         self.timed_out = False
-        self.grace_until = None
+        self.grace_until: float | None = None
 
-    def run(self):
+    def run(self) -> bool:
         """Serve the command until its pipes close; returns whether it timed out."""
         while self.pipes and not self._grace_over():
             self._check_exit_and_deadline()
@@ -160,26 +177,26 @@ class Pump:
                 ready, _, _ = select.select(self._watched(), [], [], self._wait())
                 self._handle(ready)
         self._wait_without_pipes()
-        for pipe in (self.process.stdout, self.process.stderr):
+        for pipe in self.streams:
             pipe.close()
         if self.exit_fd is not None:
             os.close(self.exit_fd)
         return self.timed_out
 
-    def _grace_over(self):
+    def _grace_over(self) -> bool:
         return self.grace_until is not None and time.monotonic() >= self.grace_until
 
-    def _ended(self):
+    def _ended(self) -> None:
         if not self.timed_out and not self.request.get("keep_background"):
             kill_tree(self.process, self.token)  # what the command left running ends with it
         self.grace_until = time.monotonic() + EXIT_GRACE_S
 
-    def _timeout(self):
+    def _timeout(self) -> None:
         self.timed_out = True
         kill_tree(self.process, self.token)
         self.process.wait()
 
-    def _check_exit_and_deadline(self):
+    def _check_exit_and_deadline(self) -> None:
         if self.exit_fd is None:
             self.process.poll()
         if self.process.returncode is None and time.monotonic() >= self.deadline:
@@ -187,15 +204,17 @@ class Pump:
         if self.process.returncode is not None and self.grace_until is None:
             self._ended()
 
-    def _watched(self):
-        running = self.exit_fd is not None and self.process.returncode is None
-        return [*self.pipes, self.exit_fd] if running else list(self.pipes)
+    def _watched(self) -> list[int]:
+        watched = list(self.pipes)
+        if self.exit_fd is not None and self.process.returncode is None:
+            watched.append(self.exit_fd)
+        return watched
 
-    def _wait(self):
+    def _wait(self) -> float:
         wait = (self.grace_until or self.deadline) - time.monotonic()
         return max(0.0, wait if self.exit_fd is not None else min(wait, 0.05))
 
-    def _handle(self, ready):
+    def _handle(self, ready: list[int]) -> None:
         for fd in ready:
             if fd == self.exit_fd:
                 self.process.wait()
@@ -216,7 +235,7 @@ class Pump:
                     }
                 )
 
-    def _wait_without_pipes(self):
+    def _wait_without_pipes(self) -> None:
         """The command closed both pipes but may still run: wait for it, to the deadline."""
         if self.process.returncode is not None:
             return
@@ -231,18 +250,18 @@ class Pump:
 class Agent:
     """Reads requests from stdin, runs each in its own thread, writes answers to stdout."""
 
-    def __init__(self, output):
+    def __init__(self, output: BinaryIO) -> None:
         self.output = output
         self.lock = threading.Lock()
-        self.active = {}
+        self.active: dict[str, Process] = {}
 
-    def send(self, message):
+    def send(self, message: Message) -> None:
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
         with self.lock, contextlib.suppress(OSError, ValueError):  # the host may be gone
             self.output.write(data)
             self.output.flush()
 
-    def serve(self, requests):
+    def serve(self, requests: Iterable[bytes]) -> None:
         for line in requests:
             if not line.strip():
                 continue
@@ -262,13 +281,13 @@ class Agent:
         for token, process in list(self.active.items()):
             kill_tree(process, token)
 
-    def run(self, request):
+    def run(self, request: Message) -> None:
         try:
             self.send(self.execute(request))
         except Exception as exc:
             self.send({"id": request["id"], "type": "error", "message": repr(exc)})
 
-    def execute(self, request):
+    def execute(self, request: Message) -> Message:
         rid = request["id"]
         token = f"{os.getpid()}.{rid}.{time.monotonic_ns()}"
         env = dict(os.environ)
@@ -284,7 +303,9 @@ class Agent:
             if script:
                 os.unlink(script)
 
-    def _spawn_and_wait(self, request, argv, env, cwd, token):
+    def _spawn_and_wait(
+        self, request: Message, argv: list[str], env: dict[str, str], cwd: str, token: str
+    ) -> Message:
         rid = request["id"]
         limit = int(request.get("limit") or 1048576)
         stdin = request.get("stdin")
@@ -339,7 +360,7 @@ class Agent:
         }
 
 
-def inline_long_script(argv):
+def inline_long_script(argv: list[str]) -> tuple[list[str], str | None]:
     """`bash -c SCRIPT` with a script too long for one argument: run it from a file."""
     if len(argv) < 3 or argv[:2] != ["bash", "-c"] or len(argv[2].encode()) <= MAX_INLINE_ARG:
         return argv, None
@@ -349,7 +370,7 @@ def inline_long_script(argv):
     return ["bash", path, *argv[3:]], path
 
 
-def summary(capture):
+def summary(capture: OutputCapture) -> Message:
     return {
         "tail": base64.b64encode(bytes(capture.tail)).decode(),
         "dropped": capture.dropped,
@@ -357,7 +378,7 @@ def summary(capture):
     }
 
 
-def failed(rid, exit_code, message):
+def failed(rid: Any, exit_code: int, message: str) -> Message:
     """The answer for a command that could not start (as bash would report it)."""
     data = message.encode()
     empty = {"tail": "", "dropped": 0, "total": 0}
@@ -375,7 +396,9 @@ def failed(rid, exit_code, message):
     }
 
 
-def feed_stdin(process, data):
+def feed_stdin(process: Process, data: bytes) -> None:
+    if process.stdin is None:
+        return
     try:
         process.stdin.write(data)
         process.stdin.close()
@@ -383,7 +406,7 @@ def feed_stdin(process, data):
         pass
 
 
-def exit_watcher(process):
+def exit_watcher(process: Process) -> int | None:
     """A pidfd that becomes readable when `process` exits, or None where unsupported."""
     try:
         return os.pidfd_open(process.pid)
@@ -391,7 +414,7 @@ def exit_watcher(process):
         return None
 
 
-def prefer_as_oom_victim(pid):
+def prefer_as_oom_victim(pid: int) -> None:
     """Make the command, not the agent, the OOM killer's first choice."""
     try:
         with open(f"/proc/{pid}/oom_score_adj", "w") as handle:
@@ -400,7 +423,7 @@ def prefer_as_oom_victim(pid):
         pass
 
 
-def main():
+def main() -> None:
     Agent(sys.stdout.buffer).serve(sys.stdin.buffer)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import itertools
 import json
 import queue
@@ -32,7 +33,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,7 +253,7 @@ class AgentChannel:
             pass
         self.close()
 
-    def _frames(self):
+    def _frames(self) -> Iterator[bytes]:
         """Payloads of the agent's stdout frames (stderr frames are discarded)."""
         pending = b""
         while True:
@@ -384,5 +385,5 @@ class LocalRunner:
             def send(self, message: dict[str, Any]) -> None:
                 take_head(request, message, heads)
 
-        answer = _Sink(None).execute(_exec_message(request, 1))
+        answer = _Sink(io.BytesIO()).execute(_exec_message(request, 1))  # send() overridden
         return raw_result(request, answer, heads, "local")

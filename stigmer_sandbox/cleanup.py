@@ -71,7 +71,7 @@ def _containers(everything: bool) -> Iterable[Resource]:
 
 
 def _images(everything: bool) -> Iterable[Resource]:
-    filters = labels.managed_filter()
+    filters: dict[str, Any] = {**labels.managed_filter()}
     if not everything:
         filters = {**filters, "dangling": True}
     found = [

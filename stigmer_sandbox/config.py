@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -180,7 +180,7 @@ def _build(values: Mapping[str, Any], source: str) -> Settings:
             f"{source}: unknown key '{unknown[0]}' in the '{SECTION}' section",
             "see invoke.example.yaml for every key",
         )
-    coerced = {}
+    coerced: dict[str, Any] = {}
     for name, value in values.items():
         item = _FIELDS[name]
         _validate(item, value, source)
@@ -254,8 +254,14 @@ def load_settings(
     return base.replace(source="arguments", **overrides)
 
 
+class ConfigSource(Protocol):
+    """What is read of Invoke's `Config` (a mapping does as well)."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+
 def settings_from_invoke(
-    config: Mapping[str, Any], environ: Mapping[str, str] | None = None, **flags: Any
+    config: ConfigSource, environ: Mapping[str, str] | None = None, **flags: Any
 ) -> Settings:
     """Settings from Invoke's merged config (file and INVOKE_ vars applied), then flags."""
     environ = os.environ if environ is None else environ

@@ -447,11 +447,13 @@ def _size(image_id: str) -> int:
 def build(plan: BuildPlan, watcher: BuildWatcher) -> BuildOutcome:
     """Build the plan unless its hash tag exists; tag the result with every requested tag."""
     started = time.monotonic()
-    image_id = _image_id(plan.hash_tag)
+    found = _image_id(plan.hash_tag)
     steps = cached = 0
-    built = not image_id or plan.options.force or plan.options.no_cache
-    if built:
+    built = found is None or plan.options.force or plan.options.no_cache
+    if found is None or built:
         image_id, steps, cached = _run_builder(plan, watcher)
+    else:
+        image_id = found
     _tag_all(image_id, plan.tags)
     return BuildOutcome(
         image_id,

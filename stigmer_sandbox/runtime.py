@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from . import agent, engine, images, labels
 from .audit import AuditLog
@@ -51,6 +51,18 @@ SANDBOX_HOME = "/home/sandbox"
 SANDBOX_UID = 1000
 READY_TIMEOUT_S = 60.0
 HEALTHCHECK = {"interval": 5_000_000_000, "timeout": 5_000_000_000, "retries": 3, "start_period": 0}
+
+
+class ExecOptions(TypedDict, total=False):
+    """The options `Sandbox.exec` and `run_local` share, to pass them along as one."""
+
+    timeout: float | None
+    env: dict[str, str] | None
+    cwd: str | None
+    on_stdout: OutputCallback | None
+    on_stderr: OutputCallback | None
+
+
 SENSITIVE_HOST_PATHS = {
     "/",
     "/etc",

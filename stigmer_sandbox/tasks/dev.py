@@ -56,12 +56,13 @@ def lint_commands(dockerfiles: list[str]) -> list[list[str]]:
         ],
         [_tool("ruff"), "check", "."],
         [_tool("ruff"), "format", "--check", "."],
+        [_tool("mypy")],
     ]
 
 
 @task
 def lint(c: Context) -> None:
-    """Lint the Dockerfiles (hadolint, fails on warnings) and the Python code (ruff)."""
+    """Lint the Dockerfiles (hadolint, fails on warnings) and the Python code (ruff, mypy)."""
     root = settings(c).root
     dockerfiles = sorted(str(p) for p in (root / "dockerfiles").glob("Dockerfile.*"))
     failed = 0

@@ -71,13 +71,13 @@ def run(
     """Run a command in the sandbox (or on the host with STIGMER_EXECUTION_MODE=local)."""
     current = settings(c)
     streaming = not json
-    options = {
-        "timeout": timeout,
-        "env": _env_pairs(env or []),
-        "cwd": workdir,
-        "on_stdout": _write(sys.stdout) if streaming else None,
-        "on_stderr": _write(sys.stderr) if streaming else None,
-    }
+    options = runtime.ExecOptions(
+        timeout=timeout,
+        env=_env_pairs(env or []),
+        cwd=workdir,
+        on_stdout=_write(sys.stdout) if streaming else None,
+        on_stderr=_write(sys.stderr) if streaming else None,
+    )
     if current.execution_mode == "local":
         result = runtime.run_local(current, command, **options)
     else:

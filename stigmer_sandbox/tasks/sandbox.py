@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 from invoke import Collection, Context, Exit
 
@@ -176,7 +177,7 @@ def test(c: Context, image: str | None = None, json: bool = False) -> None:
         raise Exit(code=1)
 
 
-def _print_shares(title: str, shares: list[dict[str, object]], total: int) -> None:
+def _print_shares(title: str, shares: list[dict[str, Any]], total: int) -> None:
     console.plain()
     rows = [
         (

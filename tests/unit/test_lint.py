@@ -1,4 +1,5 @@
-"""SECURITY.md item 2: the Dockerfiles pass hadolint at warning level; a bad one does not."""
+"""SECURITY.md item 2: the Dockerfiles pass hadolint at warning level; a bad one does not.
+The library type-checks."""
 
 import subprocess
 import sys
@@ -43,3 +44,14 @@ def test_every_ignored_rule_has_a_written_reason():
     for rule in ignored:
         index = next(i for i, line in enumerate(lines) if line.strip() == f"- {rule}")
         assert lines[index - 1].strip().startswith("#"), f"{rule} has no reason above it"
+
+
+def test_the_library_type_checks():
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "mypy")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout
