@@ -25,6 +25,7 @@ STOPPED = ("created", "exited", "dead")
 OUR_CONTAINER_KINDS = {"sandbox", "probe", "helper", "compose"}
 OUR_IMAGE_KINDS = {"base", "basic", "full", "user"}
 OUR_IMAGE_PREFIX = "stigmer-sandbox"
+BUILD_STAGE_KIND = "build-stage"  # set in Dockerfile.sandbox.basic's first stage
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,13 @@ def is_our_image(image: Any) -> bool:
 
 
 def is_our_build_stage(image: Any) -> bool:
-    """An untagged stage our Dockerfiles left (build cache of the legacy builder): it
-    carries only the managed label every stage inherits, no kind."""
+    """An untagged stage our Dockerfiles left: build cache of the legacy builder. Its kind
+    is `build-stage` (none on images from before that label)."""
     image_labels = image.labels or {}
     return (
         not image.tags
         and image_labels.get(labels.MANAGED) == "true"
-        and labels.KIND not in image_labels
+        and image_labels.get(labels.KIND, BUILD_STAGE_KIND) == BUILD_STAGE_KIND
     )
 
 

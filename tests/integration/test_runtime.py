@@ -197,6 +197,19 @@ def test_workspace_files_are_owned_by_the_sandbox_user_for_a_root_host(sandbox):
     assert written.stat().st_uid == (1000 if os.getuid() == 0 else os.getuid())
 
 
+# A package with a command, packed and installed globally without the network.
+NPM_INSTALL_GLOBAL_OFFLINE = """
+set -e
+cd "$(mktemp -d)"
+echo '{"name": "hello-stigmer", "version": "1.0.0", "bin": {"hello-stigmer": "cli.js"}}' \
+    > package.json
+printf '#!/usr/bin/env node\\nconsole.log("hello from a global package")\\n' > cli.js
+npm pack --silent >/dev/null
+npm install -g --offline --no-audit --no-fund ./hello-stigmer-1.0.0.tgz >/dev/null
+hello-stigmer
+"""
+
+
 def test_workspace_files_are_owned_by_a_non_root_host_user(tmp_path, docker_engine):
     uid = gid = 4321
     workspace = tmp_path / "workspace"
@@ -207,8 +220,15 @@ def test_workspace_files_are_owned_by_a_non_root_host_user(tmp_path, docker_engi
     with make_sandbox(tmp_path, host_user=(uid, gid)) as box:
         assert box.exec("id -u").stdout.strip() == str(uid)
         box.exec("mkdir -p sub && echo hi > sub/file.txt")
+        installed = box.exec(NPM_INSTALL_GLOBAL_OFFLINE, timeout=120)
+        assert installed.exit_code == 0, installed.stdout + installed.stderr
+        assert installed.stdout.strip().endswith("hello from a global package")
+        derived = docker_engine.containers.get(box.name).image
     made = workspace / "sub" / "file.txt"
     assert (made.stat().st_uid, made.stat().st_gid) == (uid, gid)
+    # Re-owning copies files up a layer: only the venv should be copied, not Node.
+    added = derived.attrs["Size"] - docker_engine.images.get(box.settings.image).attrs["Size"]
+    assert added < 40 * 1000**2, added
 
 
 def test_shell_metacharacters_never_reach_a_host_shell(sandbox, inv):

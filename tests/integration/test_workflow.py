@@ -63,6 +63,12 @@ def decoys(docker_engine):
         client.images.remove(iid, force=True)
 
 
+def build_stage(client) -> str:
+    """An untagged stage image as Dockerfile.sandbox.basic leaves one (build cache)."""
+    stage_labels = {labels.MANAGED: "true", labels.KIND: cleanup.BUILD_STAGE_KIND}
+    return empty_image(client, None, {**stage_labels, **TEST_LABELS})
+
+
 def project_resources(client, suffix: str):
     """A labelled project image, stopped container and volume to be cleaned."""
     image = empty_image(
@@ -92,7 +98,7 @@ def exists(getter, key) -> bool:
 
 def test_dry_run_changes_nothing(inv, docker_engine):
     image, container, volume = project_resources(docker_engine, uuid.uuid4().hex[:8])
-    stage = empty_image(docker_engine, None, {labels.MANAGED: "true", **TEST_LABELS})
+    stage = build_stage(docker_engine)
     done = inv("clean", "--all", "--volumes", "--dry-run", "--json")
     assert done.returncode == 0, done.stderr
     listed = {r["id"] for r in json.loads(done.stdout)["would_remove"]}
@@ -171,7 +177,7 @@ def test_clean_all_removes_only_labelled_resources(inv, docker_engine, decoys, t
     workspace_file.parent.mkdir()
     workspace_file.write_text("mine")
     image, container, volume = project_resources(docker_engine, uuid.uuid4().hex[:8])
-    stage = empty_image(docker_engine, None, {labels.MANAGED: "true", **TEST_LABELS})
+    stage = build_stage(docker_engine)
     done = inv(
         "clean",
         "--all",

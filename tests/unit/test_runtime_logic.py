@@ -101,6 +101,24 @@ def test_orphans_are_found_by_owner_and_lifetime():
     assert cleanup.orphan_reason(alive, now=0, hostname="h") is None
 
 
+def test_cleanup_tells_build_cache_from_superseded_images():
+    from types import SimpleNamespace
+
+    from stigmer_sandbox import cleanup, labels
+
+    def image(kind: str | None, tags: tuple[str, ...] = ()) -> SimpleNamespace:
+        found = {labels.MANAGED: "true", **({labels.KIND: kind} if kind else {})}
+        return SimpleNamespace(labels=found, tags=list(tags))
+
+    stage = image(cleanup.BUILD_STAGE_KIND)
+    assert cleanup.is_our_build_stage(stage) and not cleanup.is_our_image(stage)
+    assert cleanup.is_our_build_stage(image(None))  # left by an older Dockerfile
+    superseded = image("basic")
+    assert cleanup.is_our_image(superseded) and not cleanup.is_our_build_stage(superseded)
+    assert not cleanup.is_our_build_stage(image(cleanup.BUILD_STAGE_KIND, ("app:1",)))
+    assert not cleanup.is_our_image(image("basic", ("their-app:1",)))
+
+
 def test_fix_permissions_owner_choice(monkeypatch):
     from stigmer_sandbox import permissions
 
