@@ -7,6 +7,7 @@ Set BENCH_JSON=path to also append the results as JSON lines.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -21,6 +22,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 INV = [sys.executable, "-m", "invoke"]
+
+
+def count_option(doc: str, name: str, default: int, meaning: str) -> int:
+    """The one integer option a benchmark takes (`--runs`, `--commands`), from argv."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument(
+        f"--{name}", type=int, default=default, help=f"{meaning} (default: {default})"
+    )
+    return int(getattr(parser.parse_args(), name))
 
 
 def timed(action: Callable[[], object]) -> float:

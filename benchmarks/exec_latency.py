@@ -11,11 +11,10 @@ Figures, each beside its baseline from the same run:
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 
-from _common import INV, ROOT, median_of, report, run, timed
+from _common import INV, ROOT, count_option, median_of, report, run, timed
 
 from stigmer_sandbox import config
 from stigmer_sandbox.runtime import Sandbox
@@ -86,6 +85,4 @@ def main(runs: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=300, help="timed commands each (default: 300)")
-    main(parser.parse_args().runs)
+    main(count_option(__doc__, "runs", 300, "timed commands each"))

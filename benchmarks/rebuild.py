@@ -8,9 +8,7 @@ on the same unchanged Dockerfile and context with a warm layer cache, in the sam
 
 from __future__ import annotations
 
-import argparse
-
-from _common import INV, ROOT, guide_build_context, median_of, report, run
+from _common import INV, ROOT, count_option, guide_build_context, median_of, report, run
 
 TAG = "stigmer-sandbox-bench:cached"
 LEGACY = {"DOCKER_BUILDKIT": "0"}
@@ -36,6 +34,4 @@ def main(runs: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="timed runs of each (default: 5)")
-    main(parser.parse_args().runs)
+    main(count_option(__doc__, "runs", 5, "timed runs of each"))

@@ -7,11 +7,10 @@ and the second (no-op) `inv dev-full` beside the guide's manual equivalent (a ca
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from _common import INV, ROOT, guide_build_context, median_of, report, run, timed
+from _common import INV, ROOT, count_option, guide_build_context, median_of, report, run, timed
 
 TAG = "stigmer-sandbox-bench:cached"
 
@@ -45,6 +44,4 @@ def main(runs: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=7, help="timed runs each (default: 7)")
-    main(parser.parse_args().runs)
+    main(count_option(__doc__, "runs", 7, "timed runs each"))

@@ -8,11 +8,10 @@ concurrency on the same sandbox.
 
 from __future__ import annotations
 
-import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from _common import ROOT, report
+from _common import ROOT, count_option, report
 
 from stigmer_sandbox import config
 from stigmer_sandbox.runtime import Sandbox
@@ -53,8 +52,4 @@ def main(commands: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--commands", type=int, default=400, help="commands per level (default: 400)"
-    )
-    main(parser.parse_args().commands)
+    main(count_option(__doc__, "commands", 400, "commands per level"))

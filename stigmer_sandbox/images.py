@@ -448,19 +448,18 @@ def build(plan: BuildPlan, watcher: BuildWatcher) -> BuildOutcome:
     """Build the plan unless its hash tag exists; tag the result with every requested tag."""
     started = time.monotonic()
     found = _image_id(plan.hash_tag)
-    steps = cached = 0
-    built = found is None or plan.options.force or plan.options.no_cache
-    if found is None or built:
-        image_id, steps, cached = _run_builder(plan, watcher)
+    if found is not None and not (plan.options.force or plan.options.no_cache):
+        image_id, steps, cached, built = found, 0, 0, False
     else:
-        image_id = found
+        image_id, steps, cached = _run_builder(plan, watcher)
+        built = True
     _tag_all(image_id, plan.tags)
     return BuildOutcome(
         image_id,
         (*plan.tags, plan.hash_tag),
         _size(image_id),
         time.monotonic() - started,
-        bool(built),
+        built,
         steps,
         cached,
     )
