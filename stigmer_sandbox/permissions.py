@@ -14,10 +14,11 @@ from pathlib import Path
 
 from . import engine, labels
 from .config import Settings
-from .errors import SandboxError
+from .errors import SandboxError, UsageError
 from .runtime import SANDBOX_UID, check_mount_source
 
 TARGET = "/target"
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,11 @@ def target_owner(to_host: bool, uid: int | None, gid: int | None) -> tuple[int, 
     """The owner to give: explicit uid/gid, the host user, or the sandbox user (1000)."""
     if uid is not None or gid is not None:
         base = uid if uid is not None else SANDBOX_UID
-        return base, gid if gid is not None else base
+        owner = base, gid if gid is not None else base
+        if not all(0 <= value <= MAX_ID for value in owner):
+            # find reads `-uid -5` as "below 5": a bad id must never reach the script
+            raise UsageError(f"--uid/--gid must be between 0 and {MAX_ID}, got {uid}:{gid}")
+        return owner
     return host_user() if to_host else (SANDBOX_UID, SANDBOX_UID)
 
 

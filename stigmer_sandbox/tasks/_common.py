@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +13,7 @@ import invoke
 from invoke import Context, Exit
 
 from .. import config, console
-from ..errors import SandboxError
+from ..errors import SandboxError, UsageError
 
 
 def task(*args: Any, **kwargs: Any) -> Any:
@@ -20,8 +22,8 @@ def task(*args: Any, **kwargs: Any) -> Any:
     def decorate(func: Callable[..., Any]) -> invoke.Task:
         @functools.wraps(func)
         def body(c: Context, *a: Any, **kw: Any) -> Any:
-            try:
-                return func(c, *a, **kw)
+            try:  # hints read when the task runs, not at start-up for every task
+                return func(c, *a, **parse_numbers(kw, optional_numbers(func)))
             except SandboxError as exc:
                 for line in exc.details:
                     console.detail(line)
@@ -34,6 +36,32 @@ def task(*args: Any, **kwargs: Any) -> Any:
     if len(args) == 1 and callable(args[0]) and not kwargs:
         return decorate(args[0])
     return decorate
+
+
+def optional_numbers(func: Callable[..., Any]) -> dict[str, type]:
+    """Parameters typed `int | None` or `float | None`: Invoke types a flag by its default,
+    so these (None: "fall back to config") arrive as strings."""
+    found = {}
+    for name, hint in typing.get_type_hints(func).items():
+        if isinstance(hint, types.UnionType) and type(None) in hint.__args__:
+            kinds = [k for k in hint.__args__ if k in (int, float)]
+            if kinds:
+                found[name] = kinds[0]
+    return found
+
+
+def parse_numbers(values: dict[str, Any], numbers: dict[str, type]) -> dict[str, Any]:
+    """`values` with the numeric flags converted; a bad one is one clear line."""
+    parsed = dict(values)
+    for name, kind in numbers.items():
+        if isinstance(parsed.get(name), str):
+            try:
+                parsed[name] = kind(parsed[name])
+            except ValueError:
+                what = "a whole number" if kind is int else "a number"
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} must be {what}, got {parsed[name]!r}") from None
+    return parsed
 
 
 def settings(c: Context, **flags: Any) -> config.Settings:

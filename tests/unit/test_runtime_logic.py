@@ -125,6 +125,9 @@ def test_fix_permissions_owner_choice(monkeypatch):
     assert permissions.target_owner(False, None, None) == (1000, 1000)
     assert permissions.target_owner(False, 1234, None) == (1234, 1234)
     assert permissions.target_owner(False, None, 55) == (1000, 55)
+    for bad in ((-5, None), (None, -1), (2**32 - 1, None)):
+        with pytest.raises(UsageError, match="between 0 and"):
+            permissions.target_owner(False, *bad)
     monkeypatch.setattr(permissions.os, "getuid", lambda: 0)
     monkeypatch.setenv("SUDO_UID", "1500")
     monkeypatch.setenv("SUDO_GID", "1600")

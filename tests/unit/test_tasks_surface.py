@@ -78,6 +78,23 @@ def test_bad_flag_value_gives_one_line(tmp_path):
     assert "base_image" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["run", "--timeout", "abc", "true"], "--timeout must be a number"),
+        (["fix-permissions", "--uid", "x"], "--uid must be a whole number"),
+        (["fix-permissions", "--uid", "-5"], "between 0 and"),
+    ],
+)
+def test_bad_numeric_flag_gives_one_line(args, fragment):
+    """Invoke types a None-defaulted flag as text; the task layer parses it, before any
+    engine call."""
+    done = run_cli(args, ROOT, {"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert fragment in done.stderr
+
+
 def test_console_script_lists_the_same_tasks(tmp_path):
     done = subprocess.run(
         [sys.executable, "-c", "from stigmer_sandbox.cli import main; main()", "--list"],
