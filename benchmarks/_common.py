@@ -64,7 +64,8 @@ def run(argv: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) ->
 def guide_build_context() -> Iterator[list[str]]:
     """The guide's `docker build` command, run in dockerfiles/ with the extra CA placed
     where the build task injects it, so both see the same context (and the same cache)."""
-    from stigmer_sandbox import ca, config, images
+    from stigmer_sandbox import config, images
+    from stigmer_sandbox.images import ca
 
     settings = config.load_settings(ROOT)
     extra = ca.detect(settings.ca_cert)

@@ -7,9 +7,11 @@ import sys
 
 from invoke import Collection, Context, Exit
 
-from .. import compose, console, engine, image_checks, labels, runtime
+from .. import console, engine, labels, runtime
 from ..errors import SandboxError, SandboxNotReady
-from ..images import BuildOptions
+from ..host import compose
+from ..images import BuildOptions, smoke
+from ..runtime.sandbox import prepare_folders
 from ._common import settings, task
 from .sandbox import build_kind
 
@@ -62,11 +64,11 @@ def up(
     if build:
         build_kind(current, "basic", BuildOptions(), "auto")
     _refuse_foreign_sandbox(c)
-    runtime.prepare_folders(current, (os.getuid(), os.getgid()))
+    prepare_folders(current, (os.getuid(), os.getgid()))
     _run(target, "up", "-d")
     with engine.engine_errors():
         container = engine.client().containers.get(current.container_name)
-    health = image_checks.wait_healthy(container, timeout)
+    health = smoke.wait_healthy(container, timeout)
     if not health.passed:
         raise SandboxNotReady(
             f"{current.container_name} is not healthy: {health.detail}",

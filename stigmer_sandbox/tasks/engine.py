@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from invoke import Collection, Context
 
-from .. import console, daemon
+from .. import console
+from ..host import daemon
 from ._common import settings, task
 
 

@@ -6,8 +6,9 @@ import sys
 
 from invoke import Context, Exit
 
-from .. import cleanup, console, diagnostics, permissions, runtime, workflow
+from .. import console, runtime
 from ..errors import SandboxError, UsageError
+from ..host import cleanup, diagnostics, permissions, workflow
 from ._common import settings, task
 
 

@@ -8,19 +8,12 @@ from typing import Any
 
 from invoke import Collection, Context, Exit
 
-from .. import (
-    audit,
-    base_image,
-    console,
-    image_checks,
-    image_report,
-    images,
-    labels,
-    runtime,
-    security,
-)
+from .. import console, images, labels, runtime
 from ..config import Settings
 from ..errors import UsageError
+from ..images import debian_base, inventory, smoke
+from ..runtime import security_audit
+from ..runtime.history import AuditLog
 from ._common import settings, task
 
 BUILD_HELP = {
@@ -50,10 +43,10 @@ def bootstrap_base(c: Context, mirror: str | None = None, force: bool = False) -
     progress = console.Progress("bootstrap-base")
 
     def on_line(line: str) -> None:
-        progress.update(line, phase=base_image.phase_of(line))
+        progress.update(line, phase=debian_base.phase_of(line))
 
     try:
-        result = base_image.bootstrap(current.base_image, current.debian_mirror, force, on_line)
+        result = debian_base.bootstrap(current.base_image, current.debian_mirror, force, on_line)
     finally:
         progress.finish()
     size = console.human_bytes(result.size_bytes)
@@ -163,8 +156,8 @@ def test(c: Context, image: str | None = None, json: bool = False) -> None:
     """Smoke-test a sandbox image: tools, packages, user, workspace, health check."""
     current = settings(c, image=image)
     kind = _kind_of(current.image)
-    results = image_checks.smoke_test(current.image, kind)
-    report = image_checks.as_json(current.image, results)
+    results = smoke.smoke_test(current.image, kind)
+    report = smoke.as_json(current.image, results)
     if json:
         console.emit_json(report)
     else:
@@ -199,7 +192,7 @@ def _print_shares(title: str, shares: list[dict[str, Any]], total: int) -> None:
 def report(c: Context, image: str | None = None, json: bool = False) -> None:
     """Show an image's tool versions and where its bytes go (per component and layer)."""
     current = settings(c, image=image)
-    result = image_report.report(current.image)
+    result = inventory.report(current.image)
     if json:
         console.emit_json(result)
         return
@@ -383,7 +376,7 @@ def packages(c: Context) -> None:
 )
 def history(c: Context, n: int = 20, json: bool = False) -> None:
     """Show the audit trail: the last commands run in sandboxes, recorded by the host."""
-    entries = audit.AuditLog(settings(c).path("state_dir") / "audit.jsonl").tail(n)
+    entries = AuditLog(settings(c).path("state_dir") / "audit.jsonl").tail(n)
     if json:
         console.emit_json(entries)
         return
@@ -404,7 +397,7 @@ def history(c: Context, n: int = 20, json: bool = False) -> None:
 @task(name="audit", help={"json": "print the findings as JSON (default: off)"})
 def audit_security(c: Context, json: bool = False) -> None:
     """Check the running sandbox against every SECURITY.md property that applies."""
-    findings = security.audit(_sandbox(c))
+    findings = security_audit.audit(_sandbox(c))
     if json:
         console.emit_json([f.__dict__ for f in findings])
     else:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from stigmer_sandbox import compose
+from stigmer_sandbox.host import compose
 
 from ..conftest import ROOT
 

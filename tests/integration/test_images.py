@@ -10,7 +10,8 @@ import uuid
 
 import pytest
 
-from stigmer_sandbox import base_image, labels
+from stigmer_sandbox import labels
+from stigmer_sandbox.images import debian_base
 
 from ..conftest import ROOT, run_inv
 from .images_support import download_tools, project_copy, serve, write_fake_tools
@@ -156,7 +157,7 @@ def build_full_from_mirror(
     mirror of fake artifacts; the PyPI and Debian tools install for real unless skipped."""
     project = project_copy(tmp_path)
     mirror = tmp_path / "mirror"
-    write_fake_tools(project, mirror, base_image.architecture(), corrupt=corrupt)
+    write_fake_tools(project, mirror, debian_base.architecture(), corrupt=corrupt)
     skip = [arg for name in skip for arg in ("--skip-tool", name)]
     with serve(mirror) as url:
         done = inv(

@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from stigmer_sandbox import config, daemon, security
-from stigmer_sandbox.runtime import Sandbox
+from stigmer_sandbox import config
+from stigmer_sandbox.host import daemon
+from stigmer_sandbox.runtime import Sandbox, security_audit
 
 from ..conftest import ROOT
 from .conftest import TEST_LABELS
@@ -40,7 +41,7 @@ def wait_for(predicate, seconds: float = 15.0) -> bool:
 
 def test_security_audit_passes_every_applicable_property(tmp_path, docker_engine, capsys):
     with make_sandbox(tmp_path) as box:
-        findings = security.audit(box)
+        findings = security_audit.audit(box)
     with capsys.disabled():
         for finding in findings:
             print(

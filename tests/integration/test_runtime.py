@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from stigmer_sandbox import config
-from stigmer_sandbox.channel import AgentDied
 from stigmer_sandbox.errors import ConfigError, UsageError
 from stigmer_sandbox.runtime import Sandbox
+from stigmer_sandbox.runtime.channel import AgentDied
 
 from ..conftest import ROOT
 from .conftest import TEST_LABELS

@@ -14,7 +14,8 @@ import uuid
 
 import pytest
 
-from stigmer_sandbox import cleanup, labels
+from stigmer_sandbox import labels
+from stigmer_sandbox.host import cleanup
 
 from .conftest import TEST_LABELS
 

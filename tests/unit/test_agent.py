@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from stigmer_sandbox import agent
-from stigmer_sandbox.channel import LocalRunner, Request
+from stigmer_sandbox.runtime import agent
+from stigmer_sandbox.runtime.channel import LocalRunner, Request
 
 
 def test_capture_keeps_everything_within_the_limit():

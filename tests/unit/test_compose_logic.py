@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from stigmer_sandbox import compose
 from stigmer_sandbox.errors import ConfigError
+from stigmer_sandbox.host import compose
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,8 +2,9 @@ import io
 
 import pytest
 
-from stigmer_sandbox import ca, console
+from stigmer_sandbox import console
 from stigmer_sandbox.errors import ConfigError
+from stigmer_sandbox.images import ca
 
 
 class Tty(io.StringIO):

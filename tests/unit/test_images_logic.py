@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from stigmer_sandbox import image_report, images
+from stigmer_sandbox import __version__, images
 from stigmer_sandbox.errors import UsageError
+from stigmer_sandbox.images import inventory
 
 
 def context(tmp_path: Path) -> Path:
@@ -98,7 +99,7 @@ def test_build_args_and_tags():
             images.parse_build_args(bad)
     assert images.default_tags("basic") == (
         "stigmer-sandbox-basic:local",
-        f"stigmer-sandbox-basic:v{images.__version__}",
+        f"stigmer-sandbox-basic:v{__version__}",
     )
     assert images.default_tags("basic", "base")[0] == "stigmer-sandbox-base:local"
 
@@ -135,5 +136,5 @@ def test_skip_tool_names_are_validated():
 
 
 def test_report_groups_packages_into_components():
-    grouped = image_report.group_packages("gcc-12\t100\npython3.11\t10\ngit\t5\nlibc6\t1\n")
+    grouped = inventory.group_packages("gcc-12\t100\npython3.11\t10\ngit\t5\nlibc6\t1\n")
     assert grouped == {"toolchain": 102400, "python": 10240, "git + perl": 5120, "base": 1024}

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from stigmer_sandbox import config, runtime
+from stigmer_sandbox import config
 from stigmer_sandbox.errors import ConfigError, UsageError
+from stigmer_sandbox.runtime import sandbox as runtime
 
 
 def test_strings_run_through_bash_inside_lists_pass_as_is():
@@ -88,7 +89,8 @@ def test_result_cause_and_json():
 
 
 def test_orphans_are_found_by_owner_and_lifetime():
-    from stigmer_sandbox import cleanup, labels
+    from stigmer_sandbox import labels
+    from stigmer_sandbox.host import cleanup
 
     assert cleanup.orphan_reason({labels.EXPIRES: "100"}, now=200) == "past its maximum lifetime"
     assert cleanup.orphan_reason({labels.EXPIRES: "300"}, now=200) is None
@@ -104,7 +106,8 @@ def test_orphans_are_found_by_owner_and_lifetime():
 def test_cleanup_tells_build_cache_from_superseded_images():
     from types import SimpleNamespace
 
-    from stigmer_sandbox import cleanup, labels
+    from stigmer_sandbox import labels
+    from stigmer_sandbox.host import cleanup
 
     def image(kind: str | None, tags: tuple[str, ...] = ()) -> SimpleNamespace:
         found = {labels.MANAGED: "true", **({labels.KIND: kind} if kind else {})}
@@ -120,7 +123,7 @@ def test_cleanup_tells_build_cache_from_superseded_images():
 
 
 def test_fix_permissions_owner_choice(monkeypatch):
-    from stigmer_sandbox import permissions
+    from stigmer_sandbox.host import permissions
 
     assert permissions.target_owner(False, None, None) == (1000, 1000)
     assert permissions.target_owner(False, 1234, None) == (1234, 1234)
@@ -135,7 +138,7 @@ def test_fix_permissions_owner_choice(monkeypatch):
 
 
 def test_fix_permissions_never_follows_symlinks():
-    from stigmer_sandbox import permissions
+    from stigmer_sandbox.host import permissions
 
     script = permissions._script(1000, 1000, dry_run=False)
     assert script.startswith("find -P /target") and "chown -h 1000:1000" in script
@@ -153,7 +156,7 @@ def test_fix_permissions_never_follows_symlinks():
     ],
 )
 def test_build_network_verdicts(found, have_ca, status, fragment):
-    from stigmer_sandbox import diagnostics
+    from stigmer_sandbox.host import diagnostics
 
     check = diagnostics._network_verdict(found, have_ca)
     assert check.status == status

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import console, engine
-from .errors import EngineError, SandboxError
+from .. import console, engine
+from ..errors import EngineError, SandboxError
 
 PACKAGES = ("docker.io", "docker-compose", "debootstrap")
 MANUAL_STEPS = (

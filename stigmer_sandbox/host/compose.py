@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Settings
-from .errors import ConfigError, SandboxError
+from ..config import Settings
+from ..errors import ConfigError, SandboxError
 
 INSTALL_HINT = (
     "install the compose plugin (https://docs.docker.com/compose/install/) "

@@ -16,10 +16,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import ca, compose, engine, labels
-from .config import Settings
-from .errors import SandboxError
-from .runtime import SANDBOX_UID
+from .. import engine, labels
+from ..config import Settings
+from ..errors import SandboxError
+from ..images import ca
+from ..runtime.sandbox import SANDBOX_UID
+from . import compose
 
 MIN_FREE_DISK = 5 * 1000**3
 CRITICAL_FREE_DISK = 1 * 1000**3
@@ -252,7 +254,7 @@ DNS_FIX = (
 
 
 def _network_check(settings: Settings) -> Check:
-    from .image_checks import probe_container
+    from ..images.smoke import probe_container
 
     try:
         with probe_container(settings.image) as container, engine.engine_errors():

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import __version__, base_image, ca, engine, labels
-from .config import IMAGE_RE, Settings, split_image
-from .errors import BuildError, SandboxError, SandboxNotReady, UsageError
+from .. import __version__, engine, labels
+from ..config import IMAGE_RE, Settings, split_image
+from ..errors import BuildError, SandboxError, SandboxNotReady, UsageError
+from . import ca, debian_base
 
 KINDS = ("basic", "full")
 SOURCE_URL = "https://github.com/stigmer/stigmer-sandbox"
@@ -286,7 +287,7 @@ def resolve_base(settings: Settings, pull: bool, watcher: BuildWatcher) -> BaseC
             return BaseChoice(upstream, found, "upstream image (pulled)")
     if found is None:
         watcher.note(f"no base image: bootstrapping {own} from Debian's archive (~30 s)")
-        found = base_image.bootstrap(own, settings.debian_mirror, on_line=watcher.line).image_id
+        found = debian_base.bootstrap(own, settings.debian_mirror, on_line=watcher.line).image_id
         found = _image_id(own) or found
     return BaseChoice(own, found, f"project base ({upstream} cannot be pulled here)")
 

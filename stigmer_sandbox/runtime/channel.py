@@ -1,6 +1,6 @@
 """How commands reach a running sandbox: the agent channel, or plain `docker exec`.
 
-Fast path: `stigmer_sandbox.agent` runs inside the container as the sandbox
+Fast path: `stigmer_sandbox.runtime.agent` runs inside the container as the sandbox
 user, started once through one attached `docker exec` whose stdin/stdout carry
 JSON lines. A command then costs a fork inside the container and a few
 kilobytes on a socket, instead of an exec round trip through the engine
@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import agent, engine
-from .errors import SandboxError
+from .. import engine
+from ..errors import SandboxError
+from . import agent
 
 AGENT_SOURCE = Path(agent.__file__).read_text(encoding="utf-8")
 # The agent's source arrives as the first line on stdin: `ps` shows this, not 10 kB of code.

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
 
-from . import engine, labels
+from .. import engine, labels
 
 HEALTH_TIMEOUT_S = 30.0
 # Probe health often so the check takes seconds, with the image's own test command.

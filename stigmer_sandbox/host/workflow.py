@@ -10,10 +10,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import daemon, engine, image_checks, images
-from .config import Settings
-from .errors import EngineError, SandboxError
-from .runtime import Sandbox
+from .. import engine, images
+from ..config import Settings
+from ..errors import EngineError, SandboxError
+from ..images import smoke
+from ..runtime import Sandbox
+from . import daemon
 
 NEXT_STEPS = (
     'inv run "python --version"    run a command in the sandbox',
@@ -61,7 +63,7 @@ def _basic(settings: Settings, watcher: images.BuildWatcher) -> str:
 
 
 def _smoke(settings: Settings) -> str:
-    results = image_checks.smoke_test(settings.image, "basic")
+    results = smoke.smoke_test(settings.image, "basic")
     failed = [r for r in results if not r.passed]
     if failed:
         raise SandboxError(

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import engine, labels
-from .config import split_image
-from .errors import SandboxError
+from .. import engine, labels
+from ..config import split_image
+from ..errors import SandboxError
 
 SUITE = "bookworm"
 VARIANT = "minbase"

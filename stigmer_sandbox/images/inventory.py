@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from . import engine, image_checks
+from .. import engine
+from . import smoke
 
 COMPONENTS = (
     (
@@ -110,7 +111,7 @@ def report(image: str) -> dict[str, Any]:
     """Versions, per-component and per-layer sizes of `image`."""
     with engine.engine_errors():
         size = int(engine.client().images.get(image).attrs.get("Size", 0))
-    with image_checks.probe_container(image) as container:
+    with smoke.probe_container(image) as container:
         versions = {name: _exec(container, cmd)[:70] for name, cmd in VERSIONS.items()}
         parts = group_packages(_exec(container, DPKG_SIZES))
         parts.update(_outside_dpkg(_exec(container, OUTSIDE_DPKG)))

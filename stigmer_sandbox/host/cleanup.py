@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import engine, labels
+from .. import engine, labels
 
 STOPPED = ("created", "exited", "dead")
 # Containers and images inherit their image's labels, so a label alone does not make a

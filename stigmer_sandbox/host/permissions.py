@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import engine, labels
-from .config import Settings
-from .errors import SandboxError, UsageError
-from .runtime import SANDBOX_UID, check_mount_source
+from .. import engine, labels
+from ..config import Settings
+from ..errors import SandboxError, UsageError
+from ..runtime.sandbox import SANDBOX_UID, check_mount_source
 
 TARGET = "/target"
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown

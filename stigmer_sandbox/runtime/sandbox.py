@@ -32,8 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from . import agent, engine, images, labels
-from .audit import AuditLog
+from .. import engine, images, labels
+from ..config import Settings, load_settings
+from ..errors import ConfigError, SandboxError, SandboxNotReady, UsageError
+from . import agent
 from .channel import (
     AgentChannel,
     AgentDied,
@@ -43,8 +45,7 @@ from .channel import (
     RawResult,
     Request,
 )
-from .config import Settings, load_settings
-from .errors import ConfigError, SandboxError, SandboxNotReady, UsageError
+from .history import AuditLog
 
 WORKSPACE = "/workspace"
 SANDBOX_HOME = "/home/sandbox"
