@@ -1,10 +1,13 @@
 """Integration tests run against a real Docker Engine; they fail (never skip) without one.
 
-Every resource a test creates carries `TEST_LABEL`; the session removes them
-all at the end, whatever happened.
+Every resource a test creates carries `TEST_LABEL` with this session's id; the session
+removes its own at the end, whatever happened, and never touches another session's
+(test runs may overlap on one engine).
 """
 
 from __future__ import annotations
+
+import uuid
 
 import pytest
 
@@ -12,7 +15,8 @@ from stigmer_sandbox import engine
 from stigmer_sandbox.errors import SandboxError
 
 TEST_LABEL = "dev.stigmer.sandbox.test"
-TEST_LABELS = {TEST_LABEL: "true"}
+SESSION_ID = uuid.uuid4().hex[:12]
+TEST_LABELS = {TEST_LABEL: SESSION_ID}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,7 +36,7 @@ def docker_engine():
 
 def remove_test_resources(client) -> None:
     """Remove every container, network, volume and image carrying the test label."""
-    wanted = {"label": [f"{TEST_LABEL}=true"]}
+    wanted = {"label": [f"{TEST_LABEL}={SESSION_ID}"]}
     for container in client.containers.list(all=True, filters=wanted):
         container.remove(force=True, v=True)
     for network in client.networks.list(filters=wanted):
