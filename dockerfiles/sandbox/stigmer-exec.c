@@ -1,0 +1,422 @@
+/*
+ * stigmer-exec: run one sandbox command as the sandbox user; nothing it
+ * starts outlives it.
+ *
+ * Threat model: the command is hostile. The agent (uid 0 with only CAP_SETUID,
+ * CAP_SETGID, CAP_KILL) spawns this helper, which stays root, so the command,
+ * running under an unprivileged uid, can neither signal, ptrace nor open
+ * /proc/<pid>/fd of it. The helper is a child subreaper: every orphan of the
+ * command reparents to it, so tree membership rests only on ppid links, which
+ * the command cannot forge (session, process group and environment are never
+ * trusted). The tree is killed in rounds (SIGSTOP every descendant, then
+ * SIGKILL every one, so a fork bomb converges) until waitpid() says ECHILD;
+ * each signal goes through a pidfd checked against the tree, so a recycled pid
+ * is never hit. Signals are blocked and taken with sigtimedwait(): none is
+ * lost, and every wait is bounded or driven by a signal.
+ *
+ * Nothing is printed except a one-line usage error (exit 125); the result is
+ * one JSON line on --status-fd, and the exit status mirrors its exit_code.
+ */
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define USAGE "usage: stigmer-exec [--uid N --gid N] [--status-fd FD] " \
+              "[--timeout SECONDS] [--keep-background] -- PROGRAM [ARGS...]"
+#define PID_LIMIT (4 * 1024 * 1024) /* PID_MAX_LIMIT: no pid is larger */
+#define SEC 1000000000LL
+#define MEMBER 1                    /* bits of tree.mark[pid] */
+#define COUNTED 2
+
+struct opts {
+    long long uid, gid; /* -1: keep the helper's own ids */
+    int status_fd;      /* -1: none */
+    double timeout;     /* 0: none */
+    int keep_background;
+    char **argv;        /* PROGRAM [ARGS...] */
+    char bad[200];      /* first usage error, "" if none */
+};
+
+struct result {
+    pid_t pid;          /* main child, 0 if none was started */
+    int status, reaped, timed_out, cancelled, killed;
+    char error[512];
+};
+
+struct proc { pid_t pid, ppid; char state; };
+
+struct tree {           /* one scan of /proc */
+    unsigned char *mark; /* indexed by pid: MEMBER, COUNTED */
+    struct proc *p;
+    size_t n, cap;
+};
+
+struct start_error { int in_exec, err; }; /* child -> parent, over the pipe */
+
+static long long now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * SEC + t.tv_nsec;
+}
+
+/* Next signal of `set`, or 0 once `deadline` (monotonic ns; 0: none) passes. */
+static int wait_signal(const sigset_t *set, long long deadline)
+{
+    for (;;) {
+        struct timespec ts, *tp = NULL;
+        long long left = 0;
+        if (deadline) {
+            left = deadline - now_ns();
+            left = left > 0 ? left : 0; /* still take a signal already pending */
+            ts.tv_sec = left / SEC;
+            ts.tv_nsec = left % SEC;
+            tp = &ts;
+        }
+        int sig = sigtimedwait(set, NULL, tp);
+        if (sig > 0)
+            return sig;
+        if (deadline && left == 0)
+            return 0; /* else EINTR, or EAGAIN just before the deadline: again */
+    }
+}
+
+/* Reap every child that has exited; 1 once the helper has no child left. */
+static int reap(struct result *r)
+{
+    for (;;) {
+        int st;
+        pid_t p = waitpid(-1, &st, WNOHANG | __WALL);
+        if (p > 0 && p == r->pid) {
+            r->status = st;
+            r->reaped = 1;
+        } else if (p == 0 || (p < 0 && errno != EINTR)) {
+            return p < 0 && errno == ECHILD;
+        }
+    }
+}
+
+/* State and ppid from /proc/PID/stat; comm may hold spaces and ')'. */
+static int read_stat(pid_t pid, char *state, pid_t *ppid)
+{
+    char path[32], buf[2048];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')');
+    int pp;
+    if (!p || sscanf(p + 1, " %c %d", state, &pp) != 2 || pp < 0 || pp >= PID_LIMIT)
+        return -1;
+    *ppid = pp;
+    return 0;
+}
+
+/* List every process, then mark the helper's descendants by ppid links. */
+static void scan(struct tree *t, pid_t self)
+{
+    for (size_t i = 0; i < t->n; i++)
+        t->mark[t->p[i].pid] &= ~MEMBER;
+    t->n = 0;
+    DIR *d = opendir("/proc");
+    struct dirent *e;
+    while (d && (e = readdir(d))) {
+        char *end, st;
+        long pid = strtol(e->d_name, &end, 10);
+        pid_t pp;
+        if (*end || pid <= 0 || pid >= PID_LIMIT || read_stat((pid_t)pid, &st, &pp) < 0)
+            continue;
+        if (t->n == t->cap) {
+            size_t cap = t->cap ? 2 * t->cap : 1024;
+            struct proc *p = realloc(t->p, cap * sizeof *p);
+            if (!p)
+                break; /* out of memory: kill what was listed, list again next round */
+            t->p = p;
+            t->cap = cap;
+        }
+        t->p[t->n++] = (struct proc){ (pid_t)pid, pp, st };
+    }
+    if (d)
+        closedir(d);
+    t->mark[self] |= MEMBER;
+    for (int changed = 1; changed;) { /* until no pass adds a child of a member */
+        changed = 0;
+        for (size_t i = 0; i < t->n; i++)
+            if (!(t->mark[t->p[i].pid] & MEMBER) && (t->mark[t->p[i].ppid] & MEMBER)) {
+                t->mark[t->p[i].pid] |= MEMBER;
+                changed = 1;
+            }
+    }
+}
+
+/* Signal pid only if it is still a descendant: pidfd first, then re-check its
+ * parent, so a pid recycled after the scan is never signalled. */
+static int signal_member(const struct tree *t, pid_t pid, int sig)
+{
+    char st;
+    pid_t pp;
+    int fd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (fd < 0) /* ENOSYS/EPERM: old kernel or seccomp profile; plain kill */
+        return (errno == ENOSYS || errno == EPERM) && kill(pid, sig) == 0;
+    int ok = read_stat(pid, &st, &pp) == 0 && (t->mark[pp] & MEMBER) &&
+             syscall(SYS_pidfd_send_signal, fd, sig, NULL, 0) == 0;
+    close(fd);
+    return ok;
+}
+
+/* Kill every descendant, repeating until none is left (bounded by 10 s). */
+static void kill_tree(struct tree *t, struct result *r)
+{
+    pid_t self = getpid();
+    long long deadline = now_ns() + 10 * SEC;
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    for (;;) {
+        scan(t, self);
+        for (int pass = 0; pass < 2; pass++) /* freeze all, then kill all */
+            for (size_t i = 0; i < t->n; i++) {
+                pid_t p = t->p[i].pid;
+                if (p == self || !(t->mark[p] & MEMBER) || t->p[i].state == 'Z' ||
+                    t->p[i].state == 'X')
+                    continue;
+                if (signal_member(t, p, pass ? SIGKILL : SIGSTOP) && pass && p != r->pid &&
+                    !(t->mark[p] & COUNTED)) {
+                    t->mark[p] |= COUNTED;
+                    r->killed++;
+                }
+            }
+        if (reap(r))
+            return;
+        long long now = now_ns();
+        if (now >= deadline) {
+            if (!r->error[0])
+                snprintf(r->error, sizeof r->error, "processes survived SIGKILL for 10 s");
+            return;
+        }
+        wait_signal(&chld, now + 20 * 1000000LL < deadline ? now + 20 * 1000000LL : deadline);
+    }
+}
+
+static void child(const struct opts *o, int errfd)
+{
+    struct start_error m = { 0, 0 };
+    uid_t u = (uid_t)o->uid, ru, eu, su;
+    gid_t g = (gid_t)o->gid, rg, eg, sg, groups[2];
+    setsid();
+    int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        ssize_t ignored = write(fd, "1000", 4);
+        (void)ignored;
+        close(fd);
+    }
+    if (o->uid >= 0) {
+        if (setgroups(1, &g) || setresgid(g, g, g) || setresuid(u, u, u))
+            m.err = errno;
+        else if (getresuid(&ru, &eu, &su) || getresgid(&rg, &eg, &sg) || ru != u || eu != u ||
+                 su != u || rg != g || eg != g || sg != g || getgroups(2, groups) != 1 ||
+                 groups[0] != g || (u != 0 && setuid(0) == 0))
+            m.err = EPERM;
+    }
+    if (!m.err) {
+        sigset_t none;
+        for (int s = 1; s < NSIG; s++)
+            signal(s, SIG_DFL); /* fails harmlessly for SIGKILL, SIGSTOP, libc's */
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        execvp(o->argv[0], o->argv);
+        m.in_exec = 1;
+        m.err = errno;
+    }
+    ssize_t ignored = write(errfd, &m, sizeof m);
+    (void)ignored;
+    _exit(m.in_exec && m.err == ENOENT ? 127 : 126);
+}
+
+/* Write the status line (bounded: 1 s for the fd to take it) and return code. */
+static int report(int fd, const struct result *r, int code)
+{
+    char err[sizeof r->error * 6 + 3] = "null", sig[16] = "null", pid[16] = "null", line[4096];
+    if (r->error[0]) {
+        char *q = err;
+        *q++ = '"';
+        for (const unsigned char *c = (const unsigned char *)r->error; *c; c++)
+            if (*c == '"' || *c == '\\')
+                q += sprintf(q, "\\%c", *c);
+            else if (*c < 0x20 || *c >= 0x7f)
+                q += sprintf(q, "\\u%04x", *c);
+            else
+                *q++ = (char)*c;
+        strcpy(q, "\"");
+    }
+    if (r->reaped && WIFSIGNALED(r->status))
+        snprintf(sig, sizeof sig, "%d", WTERMSIG(r->status));
+    if (r->pid > 0)
+        snprintf(pid, sizeof pid, "%d", (int)r->pid);
+    int n = snprintf(line, sizeof line,
+                     "{\"exit_code\":%d,\"signal\":%s,\"timed_out\":%s,\"cancelled\":%s,"
+                     "\"error\":%s,\"pid\":%s,\"killed\":%d}\n",
+                     code, sig, r->timed_out ? "true" : "false", r->cancelled ? "true" : "false",
+                     err, pid, r->killed);
+    struct pollfd p = { .fd = fd, .events = POLLOUT };
+    for (int off = 0; fd >= 0 && off < n && poll(&p, 1, 1000) == 1;) {
+        ssize_t w = write(fd, line + off, n - off);
+        if (w == 0 || (w < 0 && errno != EINTR && errno != EAGAIN))
+            break;
+        off += w > 0 ? (int)w : 0;
+    }
+    return code;
+}
+
+static int parse_id(const char *s, long long max, long long *out)
+{
+    char *end;
+    if (!s || !isdigit((unsigned char)*s))
+        return -1;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || *end || v > (unsigned long long)max)
+        return -1;
+    *out = (long long)v;
+    return 0;
+}
+
+/* Strict parse; keeps going after an error so --status-fd is still known. */
+static void parse(int argc, char **argv, struct opts *o)
+{
+    int i;
+#define BAD(...) do { if (!o->bad[0]) snprintf(o->bad, sizeof o->bad, __VA_ARGS__); } while (0)
+    for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
+        const char *a = argv[i], *v = argv[i + 1];
+        long long n;
+        if (!strcmp(a, "--keep-background")) {
+            if (o->keep_background++)
+                BAD("%s given twice", a);
+            continue;
+        }
+        if (strcmp(a, "--uid") && strcmp(a, "--gid") && strcmp(a, "--status-fd") &&
+            strcmp(a, "--timeout")) {
+            BAD("unknown option '%.40s'", a);
+            continue;
+        }
+        i++; /* the value; v == NULL when it is missing */
+        long long *slot = !strcmp(a, "--uid") ? &o->uid : !strcmp(a, "--gid") ? &o->gid : NULL;
+        if (slot) {
+            if (*slot >= 0 || parse_id(v, 4294967294LL, slot) < 0)
+                BAD("%s needs one number in 0..4294967294", a);
+        } else if (!strcmp(a, "--status-fd")) {
+            int flags = -1;
+            if (o->status_fd >= 0 || parse_id(v, INT_MAX, &n) < 0 || n < 3 ||
+                (flags = fcntl((int)n, F_GETFD)) < 0)
+                BAD("--status-fd needs one open fd >= 3");
+            else if (fcntl((int)n, F_SETFD, flags | FD_CLOEXEC) == 0) /* never inherited */
+                o->status_fd = (int)n;
+        } else {
+            char *end = NULL;
+            int digits = v && *v && !v[strspn(v, "0123456789.")];
+            double t = digits ? strtod(v, &end) : 0;
+            if (o->timeout > 0 || !digits || *end || !(t > 0 && t <= 1e9))
+                BAD("--timeout needs one number of seconds in (0, 1e9]");
+            else
+                o->timeout = t;
+        }
+    }
+    if ((o->uid < 0) != (o->gid < 0))
+        BAD("--uid and --gid go together");
+    if (i + 1 >= argc)
+        BAD(i >= argc ? "missing '--' before PROGRAM" : "missing PROGRAM after '--'");
+    else
+        o->argv = argv + i + 1;
+#undef BAD
+}
+
+int main(int argc, char **argv)
+{
+    struct opts o = { .uid = -1, .gid = -1, .status_fd = -1 };
+    struct result r = { 0 };
+    struct tree t = { 0 };
+    pid_t parent = getppid();
+    static const int waited[] = { SIGCHLD, SIGTERM, SIGINT, SIGHUP };
+    sigset_t set;
+    int ep[2];
+
+    signal(SIGPIPE, SIG_IGN); /* a closed status pipe must not kill the helper */
+    parse(argc, argv, &o);
+    if (o.bad[0]) {
+        dprintf(STDERR_FILENO, "stigmer-exec: %s (%s)\n", o.bad, USAGE);
+        snprintf(r.error, sizeof r.error, "usage: %s", o.bad);
+        return report(o.status_fd, &r, 125);
+    }
+    sigemptyset(&set);
+    for (int i = 0; i < 4; i++)
+        sigaddset(&set, waited[i]);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    for (int i = 0; i < 4; i++) /* an inherited SIG_IGN for SIGCHLD would auto-reap */
+        signal(waited[i], SIG_DFL);
+    prctl(PR_SET_CHILD_SUBREAPER, 1);
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) {
+        r.cancelled = 1;
+        snprintf(r.error, sizeof r.error, "parent exited before the command started");
+        return report(o.status_fd, &r, 126);
+    }
+    t.mark = calloc(PID_LIMIT, 1);
+    if (!t.mark || pipe2(ep, O_CLOEXEC | O_NONBLOCK) < 0) {
+        snprintf(r.error, sizeof r.error, "setup: %s", strerror(errno));
+        return report(o.status_fd, &r, 126);
+    }
+    r.pid = fork();
+    if (r.pid < 0) {
+        r.pid = 0;
+        snprintf(r.error, sizeof r.error, "fork: %s", strerror(errno));
+        return report(o.status_fd, &r, 126);
+    }
+    if (r.pid == 0)
+        child(&o, ep[1]);
+    close(ep[1]);
+
+    long long deadline = o.timeout > 0 ? now_ns() + (long long)(o.timeout * SEC) : 0;
+    while (!r.reaped && !r.timed_out && !r.cancelled) {
+        int sig = wait_signal(&set, deadline);
+        if (sig == SIGCHLD)
+            reap(&r);
+        else if (sig == 0)
+            r.timed_out = 1;
+        else
+            r.cancelled = 1; /* SIGTERM/SIGINT/SIGHUP: the agent cancels, or died */
+    }
+    if (!r.reaped || !o.keep_background) /* timed out, cancelled, or the default */
+        kill_tree(&t, &r);
+
+    struct start_error m;
+    int code = r.timed_out ? 124 : !r.reaped ? 128 + SIGKILL
+             : WIFSIGNALED(r.status) ? 128 + WTERMSIG(r.status) : WEXITSTATUS(r.status);
+    if (r.reaped && read(ep[0], &m, sizeof m) == (ssize_t)sizeof m) {
+        code = m.in_exec && m.err == ENOENT ? 127 : 126;
+        if (m.in_exec)
+            snprintf(r.error, sizeof r.error, "%.200s: %s", o.argv[0], strerror(m.err));
+        else
+            snprintf(r.error, sizeof r.error, "cannot run as uid %lld gid %lld: %s", o.uid, o.gid,
+                     strerror(m.err));
+    }
+    return report(o.status_fd, &r, code);
+}
