@@ -6,6 +6,11 @@ of the SDK or its transport into an `EngineError` with one actionable line.
 Connection failures are classified by walking the exception chain (a missing
 socket is a `FileNotFoundError`, a denied one a `PermissionError`), never by
 matching message text.
+
+The lookups every module needs (`find_image`, `image_id`, `image`,
+`find_container`, `wait_healthy`) live here with that mapping built in, so a
+call site cannot forget it: "missing" is None or a friendly `SandboxNotReady`,
+anything else one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import EngineError, SandboxError, SandboxNotReady
 
@@ -27,6 +33,8 @@ MIN_API_VERSION = (1, 40)
 DEFAULT_SOCKET = "/var/run/docker.sock"
 CONNECT_TIMEOUT_S = 60
 ROOTLESS_DOCS = "https://docs.docker.com/engine/security/rootless/"
+BUILD_HINT = "build it with `inv sandbox.build-basic` (or `inv sandbox.build-full`)"
+HEALTH_POLL_S = 0.2
 
 _lock = threading.Lock()
 _client: docker.DockerClient | None = None
@@ -160,8 +168,7 @@ def engine_errors(url: str | None = None) -> Iterator[None]:
     except docker.errors.ImageNotFound as exc:
         missing = re.findall(r"no such image: ([^\s:]+(?::[^\s:]+)?)", _explain(exc), re.I)
         raise SandboxNotReady(
-            f"image not found: {missing[-1] if missing else _explain(exc)}",
-            "build it with `inv sandbox.build-basic` (or `inv sandbox.build-full`)",
+            f"image not found: {missing[-1] if missing else _explain(exc)}", BUILD_HINT
         ) from None
     except docker.errors.NotFound as exc:
         raise SandboxNotReady(f"not found: {_explain(exc)}") from None
@@ -177,3 +184,79 @@ def ping() -> dict[str, Any]:
     """The engine's version report; raises `EngineError` when it does not answer."""
     with engine_errors():
         return client().version()
+
+
+def find_image(reference: str) -> Any | None:
+    """The image a name:tag or id refers to, or None when the engine has no such image."""
+    import docker.errors
+
+    with engine_errors():
+        try:
+            return client().images.get(reference)
+        except docker.errors.ImageNotFound:
+            return None
+
+
+def image_id(reference: str) -> str | None:
+    """The id (`sha256:...`) of the image `reference` names, or None when it is missing."""
+    found = find_image(reference)
+    return None if found is None else str(found.id)
+
+
+def image(reference: str) -> Any:
+    """The image `reference` names; a missing one is a `SandboxNotReady` saying how to build it."""
+    found = find_image(reference)
+    if found is None:
+        raise SandboxNotReady(f"image not found: {reference}", BUILD_HINT)
+    return found
+
+
+def find_container(name: str) -> Any | None:
+    """The container with this name or id, or None when there is none."""
+    import docker.errors
+
+    with engine_errors():
+        try:
+            return client().containers.get(name)
+        except docker.errors.NotFound:
+            return None
+
+
+class Health(NamedTuple):
+    """How a wait for a container's health check ended."""
+
+    healthy: bool
+    detail: str
+    seconds: float
+
+
+def wait_healthy(container: Any, timeout_s: float) -> Health:
+    """Wait until the engine reports `container` healthy; stop early when it cannot become so
+    (it exited, its check failed, or its image has no HEALTHCHECK)."""
+    started = time.monotonic()
+    status = "starting"
+    while time.monotonic() - started < timeout_s:
+        with engine_errors():
+            container.reload()
+        state = container.attrs["State"]
+        ended = _health_verdict(state)
+        if ended is not None:
+            return Health(ended[0], ended[1], time.monotonic() - started)
+        status = (state.get("Health") or {}).get("Status", status)
+        time.sleep(HEALTH_POLL_S)
+    return Health(False, f"still {status} after {timeout_s:.0f} s", time.monotonic() - started)
+
+
+def _health_verdict(state: dict[str, Any]) -> tuple[bool, str] | None:
+    """(healthy, detail) once the container's state settles the question, else None."""
+    if state.get("Status") in ("exited", "dead"):
+        return False, f"the container exited with code {state.get('ExitCode')}"
+    health = state.get("Health")
+    if not health:
+        return False, "the image has no HEALTHCHECK"
+    if health.get("Status") == "healthy":
+        return True, "healthy"
+    if health.get("Status") == "unhealthy":
+        log = health.get("Log") or [{}]
+        return False, f"unhealthy: {str(log[-1].get('Output', '')).strip()[:100]}"
+    return None

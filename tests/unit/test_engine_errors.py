@@ -1,4 +1,7 @@
-"""Every engine failure becomes one actionable line, classified by exception type."""
+"""Every engine failure becomes one actionable line, classified by exception type; the
+lookups (images, containers, health) carry that mapping themselves."""
+
+from types import SimpleNamespace
 
 import docker.errors
 import pytest
@@ -74,3 +77,111 @@ def test_engine_errors_maps_missing_image_to_build_hint():
 def test_engine_url_prefers_docker_host(monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", "tcp://10.0.0.1:2375")
     assert engine.engine_url() == "tcp://10.0.0.1:2375"
+
+
+class FakeCollection:
+    """`client.images` / `client.containers`: `get` returns `found` or raises `error`."""
+
+    def __init__(self, found=None, error: BaseException | None = None):
+        self.found, self.error = found, error
+
+    def get(self, _name):
+        if self.error is not None:
+            raise self.error
+        return self.found
+
+
+def fake_engine(monkeypatch, found=None, error: BaseException | None = None) -> None:
+    collection = FakeCollection(found, error)
+    client = SimpleNamespace(images=collection, containers=collection)
+    monkeypatch.setattr(engine, "client", lambda: client)
+
+
+CONNECTION_LOST = requests.exceptions.ConnectionError(
+    ProtocolError("Connection aborted.", ConnectionRefusedError(111, "refused"))
+)
+
+
+def test_image_lookups_answer_none_or_the_image(monkeypatch):
+    fake_engine(monkeypatch, found=SimpleNamespace(id="sha256:abc"))
+    assert engine.image_id("x:1") == "sha256:abc"
+    assert engine.image("x:1").id == "sha256:abc"
+    fake_engine(monkeypatch, error=docker.errors.ImageNotFound("No such image: x:1"))
+    assert engine.find_image("x:1") is None
+    assert engine.image_id("x:1") is None
+
+
+def test_a_missing_image_asked_for_is_a_friendly_not_ready(monkeypatch):
+    fake_engine(monkeypatch, error=docker.errors.ImageNotFound("No such image: x:1"))
+    with pytest.raises(SandboxNotReady) as caught:
+        engine.image("x:1")
+    assert caught.value.message == "image not found: x:1"
+    assert "inv sandbox.build-basic" in caught.value.hint
+
+
+def test_a_missing_container_is_none(monkeypatch):
+    fake_engine(monkeypatch, error=docker.errors.NotFound("No such container: box"))
+    assert engine.find_container("box") is None
+
+
+@pytest.mark.parametrize(
+    "lookup", [engine.find_image, engine.image_id, engine.image, engine.find_container]
+)
+@pytest.mark.parametrize(
+    ("error", "fragment"),
+    [
+        (CONNECTION_LOST, "not running"),
+        (docker.errors.APIError("500", explanation="boom\nmore"), "Docker Engine error: boom"),
+        (requests.exceptions.ReadTimeout("read timed out"), "did not answer in time"),
+    ],
+)
+def test_lookups_turn_every_other_failure_into_one_engine_error(
+    monkeypatch, lookup, error, fragment
+):
+    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/sbin/dockerd")
+    fake_engine(monkeypatch, error=error)
+    with pytest.raises(EngineError) as caught:
+        lookup("x:1")
+    assert fragment in caught.value.message and "\n" not in caught.value.message
+
+
+class FakeContainer:
+    """A container whose `reload` walks through the given `State` values."""
+
+    def __init__(self, *states: dict):
+        self.states = list(states)
+        self.attrs: dict = {}
+
+    def reload(self) -> None:
+        self.attrs = {"State": self.states.pop(0) if len(self.states) > 1 else self.states[0]}
+
+
+def health(status: str, output: str = "") -> dict:
+    return {"Status": "running", "Health": {"Status": status, "Log": [{"Output": output}]}}
+
+
+@pytest.mark.parametrize(
+    ("states", "healthy", "detail"),
+    [
+        ((health("starting"), health("healthy")), True, "healthy"),
+        ((health("starting"), health("unhealthy", "no bash\n")), False, "unhealthy: no bash"),
+        (({"Status": "exited", "ExitCode": 3},), False, "exited with code 3"),
+        (({"Status": "running"},), False, "no HEALTHCHECK"),
+        ((health("starting"),), False, "still starting after 0 s"),
+    ],
+)
+def test_wait_healthy_reports_how_the_wait_ended(monkeypatch, states, healthy, detail):
+    monkeypatch.setattr(engine, "HEALTH_POLL_S", 0.01)
+    result = engine.wait_healthy(FakeContainer(*states), 0.2)
+    assert result.healthy is healthy
+    assert detail in result.detail
+    assert result.seconds < 1
+
+
+def test_wait_healthy_maps_a_vanished_container(monkeypatch):
+    class Gone:
+        def reload(self):
+            raise docker.errors.NotFound("No such container: box")
+
+    with pytest.raises(SandboxNotReady):
+        engine.wait_healthy(Gone(), 1)
