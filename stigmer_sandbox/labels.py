@@ -5,6 +5,8 @@ Cleanup touches only what carries `MANAGED`; nothing else on the machine is ours
 
 from __future__ import annotations
 
+import time
+
 from . import __version__
 
 PREFIX = "dev.stigmer.sandbox"
@@ -27,3 +29,9 @@ def project_labels(kind: str, **extra: str) -> dict[str, str]:
 def managed_filter() -> dict[str, list[str]]:
     """An engine-side filter matching resources carrying this project's label."""
     return {"label": [f"{MANAGED}=true"]}
+
+
+def expired(container_labels: dict[str, str], now: float | None = None) -> bool:
+    """Whether a sandbox has outlived the lifetime its `expires` label set (None: no limit)."""
+    expires = container_labels.get(EXPIRES, "")
+    return expires.isdigit() and int(expires) < (time.time() if now is None else now)

@@ -2,22 +2,27 @@
 
 Tiers, each including the ones before it:
 - default: the project's stopped containers, its dangling images, and orphans
-  (sandboxes whose owning process is gone, or that outlived their lifetime);
+  (sandboxes whose owning process is gone, or that outlived their lifetime and
+  have no owner left to use them);
 - all: every project container, image (basic, full, base, hashed and derived
   tags, build intermediates) and network;
 - volumes: the project's volumes too.
+A running sandbox whose owner process lives is in use: only `all` removes it.
+An untagged image is ours only when the image record says this tool built it
+(labels are inherited by a user's images built FROM ours; see images/record.py).
 Files on the host, the workspace above all, are never deleted.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from .. import engine, labels
+from ..config import Settings
+from ..images.record import ImageRecord, short_id
 
 STOPPED = ("created", "exited", "dead")
 # Containers and images inherit their image's labels, so a label alone does not make a
@@ -39,30 +44,43 @@ class Resource:
 
 
 def orphan_reason(
-    container_labels: dict[str, str], now: float | None = None, hostname: str | None = None
+    container_labels: dict[str, str],
+    stopped: bool,
+    now: float | None = None,
+    hostname: str | None = None,
 ) -> str | None:
-    """Why a labelled container is an orphan (owner gone, lifetime over), or None."""
-    now = time.time() if now is None else now
-    expires = container_labels.get(labels.EXPIRES)
-    if expires and expires.isdigit() and int(expires) < now:
+    """Why a labelled container is an orphan, or None. Its owner process is gone; or it
+    outlived its lifetime with no owner and is stopped. A sandbox in use, i.e. running
+    with its owner alive (or on another host, where that cannot be checked), never is."""
+    if _owner_gone(container_labels, hostname):
+        return f"its owner (pid {container_labels[labels.OWNER_PID]}) is gone"
+    ownerless = labels.OWNER_PID not in container_labels
+    if labels.expired(container_labels, now) and ownerless and stopped:
         return "past its maximum lifetime"
-    pid = container_labels.get(labels.OWNER_PID)
-    host = container_labels.get(labels.OWNER_HOST)
-    if pid and pid.isdigit() and host == (hostname or os.uname().nodename):
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return f"its owner (pid {pid}) is gone"
-        except PermissionError:
-            return None
     return None
+
+
+def _owner_gone(container_labels: dict[str, str], hostname: str | None) -> bool:
+    """Whether the owner process named by the labels is known to have ended: only a pid on
+    this host can be checked; one that exists under another user still lives."""
+    pid = container_labels.get(labels.OWNER_PID, "")
+    host = container_labels.get(labels.OWNER_HOST)
+    if not pid.isdigit() or host != (hostname or os.uname().nodename):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # it exists, under another user
+    return False
 
 
 def _containers(everything: bool) -> Iterable[Resource]:
     for container in engine.client().containers.list(all=True, filters=labels.managed_filter()):
         if container.labels.get(labels.KIND) not in OUR_CONTAINER_KINDS:
             continue
-        reason = orphan_reason(container.labels)
+        reason = orphan_reason(container.labels, stopped=container.status in STOPPED)
         if everything:
             reason = reason or "project container"
         elif container.status in STOPPED:
@@ -71,14 +89,14 @@ def _containers(everything: bool) -> Iterable[Resource]:
             yield Resource("container", container.id, container.name, reason)
 
 
-def _images(everything: bool) -> Iterable[Resource]:
+def _images(everything: bool, recorded: Collection[str]) -> Iterable[Resource]:
     filters: dict[str, Any] = {**labels.managed_filter()}
     if not everything:
         filters = {**filters, "dangling": True}
     found = [
         image
         for image in engine.client().images.list(filters=filters)
-        if is_our_image(image) or (everything and is_our_build_stage(image))
+        if is_our_image(image, recorded) or (everything and is_our_build_stage(image, recorded))
     ]
     # Newest first: a child image must go before the image it was built on. Build
     # intermediates go with the image they belong to (docker removes untagged parents).
@@ -87,22 +105,26 @@ def _images(everything: bool) -> Iterable[Resource]:
         yield Resource("image", image.id, name, "project image" if everything else "dangling")
 
 
-def is_our_image(image: Any) -> bool:
-    """Labelled by this project and, if tagged, only under this project's names."""
+def is_our_image(image: Any, recorded: Collection[str]) -> bool:
+    """Labelled as one of this project's image kinds and either tagged only under this
+    project's names, or untagged and in the record of images this tool built."""
     if (image.labels or {}).get(labels.KIND) not in OUR_IMAGE_KINDS:
         return False
+    if not image.tags:
+        return short_id(image.id) in recorded
     names = [tag.rsplit(":", 1)[0].rsplit("/", 1)[-1] for tag in image.tags]
     return all(name.startswith(OUR_IMAGE_PREFIX) for name in names)
 
 
-def is_our_build_stage(image: Any) -> bool:
-    """An untagged stage our Dockerfiles left: build cache of the legacy builder. Its kind
-    is `build-stage` (none on images from before that label)."""
+def is_our_build_stage(image: Any, recorded: Collection[str]) -> bool:
+    """An untagged stage our Dockerfiles left (build cache of the legacy builder), recorded
+    by the build that made it. Its kind is `build-stage` (none on older images)."""
     image_labels = image.labels or {}
     return (
         not image.tags
         and image_labels.get(labels.MANAGED) == "true"
         and image_labels.get(labels.KIND, BUILD_STAGE_KIND) == BUILD_STAGE_KIND
+        and short_id(image.id) in recorded
     )
 
 
@@ -116,10 +138,11 @@ def _volumes() -> Iterable[Resource]:
         yield Resource("volume", volume.id, volume.name, "project volume")
 
 
-def plan(everything: bool = False, volumes: bool = False) -> list[Resource]:
+def plan(settings: Settings, everything: bool = False, volumes: bool = False) -> list[Resource]:
     """What a cleanup of this tier would remove; nothing is changed."""
+    recorded = ImageRecord.of(settings).ids()
     with engine.engine_errors():
-        found = [*_containers(everything), *_images(everything)]
+        found = [*_containers(everything), *_images(everything, recorded)]
         if everything:
             found.extend(_networks())
         if volumes:

@@ -22,12 +22,13 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .. import __version__, engine, labels
 from ..config import IMAGE_RE, Settings, split_image
-from ..errors import BuildError, SandboxError, SandboxNotReady, UsageError
+from ..errors import BuildError, SandboxError, UsageError
 from . import ca, debian_base
+from .record import ImageRecord
 
 KINDS = ("basic", "full")
 SOURCE_URL = "https://github.com/stigmer/stigmer-sandbox"
@@ -37,6 +38,8 @@ PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "FTP_PROXY", "ALL_PROXY")
 # Build args that change on every build but not the image's contents.
 UNHASHED_ARGS = {"BUILD_DATE", "VCS_REF", *PROXY_VARS, *(v.lower() for v in PROXY_VARS)}
 STEP_RE = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
+# The image a step produced (or found in the cache), as the classic builder prints it.
+STEP_IMAGE_RE = re.compile(r"^\s*---> ([0-9a-f]{12})\s*$")
 BUILD_ARG_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HINTS = (
     (("no space left on device",), "Docker's disk is full: free space with `inv clean --all`"),
@@ -120,6 +123,7 @@ class BuildPlan:
     extra_ca: ca.ExtraCA | None
     base: BaseChoice
     options: BuildOptions
+    record: ImageRecord
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,16 @@ class BuildOutcome:
     built: bool
     steps: int = 0
     cached_steps: int = 0
+
+
+class BuilderRun(NamedTuple):
+    """What one call of the builder made: the image, its step counts, and the id of every
+    image a step produced or reused (build stages and intermediates included)."""
+
+    image_id: str
+    steps: int
+    cached_steps: int
+    produced: tuple[str, ...]
 
 
 class BuildWatcher(Protocol):
@@ -255,16 +269,6 @@ def content_hash(
     return digest.hexdigest()[:16]
 
 
-def _image_id(reference: str) -> str | None:
-    import docker.errors
-
-    with engine.engine_errors():
-        try:
-            return str(engine.client().images.get(reference).id)
-        except docker.errors.ImageNotFound:
-            return None
-
-
 def _try_pull(reference: str) -> str | None:
     try:
         with engine.engine_errors():
@@ -276,19 +280,21 @@ def _try_pull(reference: str) -> str | None:
 def resolve_base(settings: Settings, pull: bool, watcher: BuildWatcher) -> BaseChoice:
     """Upstream base if present (or pullable), else the project's own, bootstrapped if needed."""
     upstream = settings.upstream_base
-    found = _try_pull(upstream) if pull else _image_id(upstream)
+    found = _try_pull(upstream) if pull else engine.image_id(upstream)
     if found:
         return BaseChoice(upstream, found, "upstream image" + (" (pulled)" if pull else ""))
     own = settings.base_image
-    found = _image_id(own)
+    found = engine.image_id(own)
     if found is None and not pull:
         found = _try_pull(upstream)
         if found:
             return BaseChoice(upstream, found, "upstream image (pulled)")
     if found is None:
         watcher.note(f"no base image: bootstrapping {own} from Debian's archive (~30 s)")
-        found = debian_base.bootstrap(own, settings.debian_mirror, on_line=watcher.line).image_id
-        found = _image_id(own) or found
+        made = debian_base.bootstrap(
+            own, settings.debian_mirror, on_line=watcher.line, record=ImageRecord.of(settings)
+        )
+        found = engine.image_id(own) or made.image_id
     return BaseChoice(own, found, f"project base ({upstream} cannot be pulled here)")
 
 
@@ -302,7 +308,7 @@ def _base_for(
     """What the Dockerfile of `kind` starts from, and the build args that say so."""
     if kind == "full":
         basic = extra_args["BASIC_IMAGE"]
-        found = _image_id(basic)
+        found = engine.image_id(basic)
         if found is None:
             raise SandboxError(f"{basic} not found", "run `inv sandbox.build-basic` first")
         return BaseChoice(basic, found, "the basic image"), {}
@@ -389,6 +395,7 @@ def plan(
         extra_ca=extra_ca,
         base=base,
         options=options,
+        record=ImageRecord.of(settings),
     )
 
 
@@ -440,25 +447,21 @@ def _tag_all(image_id: str, tags: Iterable[str]) -> None:
             api.tag(image_id, repository, version, force=True)
 
 
-def _size(image_id: str) -> int:
-    with engine.engine_errors():
-        return int(engine.client().images.get(image_id).attrs.get("Size", 0))
-
-
 def build(plan: BuildPlan, watcher: BuildWatcher) -> BuildOutcome:
     """Build the plan unless its hash tag exists; tag the result with every requested tag."""
     started = time.monotonic()
-    found = _image_id(plan.hash_tag)
+    found = engine.image_id(plan.hash_tag)
     if found is not None and not (plan.options.force or plan.options.no_cache):
         image_id, steps, cached, built = found, 0, 0, False
     else:
-        image_id, steps, cached = _run_builder(plan, watcher)
-        built = True
+        run = _run_builder(plan, watcher)
+        _record(plan, run, watcher)
+        image_id, steps, cached, built = run.image_id, run.steps, run.cached_steps, True
     _tag_all(image_id, plan.tags)
     return BuildOutcome(
         image_id,
         (*plan.tags, plan.hash_tag),
-        _size(image_id),
+        int(engine.image(image_id).attrs.get("Size", 0)),
         time.monotonic() - started,
         built,
         steps,
@@ -466,7 +469,19 @@ def build(plan: BuildPlan, watcher: BuildWatcher) -> BuildOutcome:
     )
 
 
-def _run_builder(plan: BuildPlan, watcher: BuildWatcher) -> tuple[str, int, int]:
+def _record(plan: BuildPlan, run: BuilderRun, watcher: BuildWatcher) -> None:
+    """Write the build's images into the record; a build that worked stays a success when
+    the record cannot be written, only its leftovers are then kept by `inv clean`."""
+    try:
+        plan.record.add(plan.kind, (run.image_id, *run.produced))
+    except OSError as exc:
+        watcher.note(
+            f"could not record the build in {plan.record.path} ({exc.strerror}): "
+            "`inv clean` will keep its untagged leftovers"
+        )
+
+
+def _run_builder(plan: BuildPlan, watcher: BuildWatcher) -> BuilderRun:
     options = plan.options
     repository, tag = split_image(plan.hash_tag)
     with engine.engine_errors():
@@ -490,11 +505,12 @@ def _run_builder(plan: BuildPlan, watcher: BuildWatcher) -> tuple[str, int, int]
         return _follow(stream, watcher)
 
 
-def _follow(stream: Iterator[dict[str, Any]], watcher: BuildWatcher) -> tuple[str, int, int]:
+def _follow(stream: Iterator[dict[str, Any]], watcher: BuildWatcher) -> BuilderRun:
     """Consume the build stream; raise `BuildError` naming the step on failure."""
     image_id, total, cached = "", 0, 0
     current = (0, "")
     recent: list[str] = []
+    produced: list[str] = []
     for chunk in stream:
         if "error" in chunk:
             raise _failure(chunk, current, total, recent)
@@ -507,11 +523,12 @@ def _follow(stream: Iterator[dict[str, Any]], watcher: BuildWatcher) -> tuple[st
                 watcher.step(current[0], total, current[1])
             elif text.strip():
                 cached += "Using cache" in text
+                produced.extend(STEP_IMAGE_RE.findall(text))
                 recent = [*recent[-39:], text]
                 watcher.line(text)
     if not image_id:
         raise BuildError("the builder finished without producing an image")
-    return image_id, total, cached
+    return BuilderRun(image_id, total, cached, tuple(produced))
 
 
 def _failure(
@@ -543,13 +560,9 @@ def image_for_user(image: str, uid: int, gid: int) -> str:
     """
     if uid in (0, 1000) and gid in (0, 1000):
         return image
-    base_id = _image_id(image)
-    if base_id is None:
-        raise SandboxNotReady(
-            f"image not found: {image}", "build it with `inv sandbox.build-basic`"
-        )
+    base_id = str(engine.image(image).id)
     tag = f"stigmer-sandbox-user:{uid}-{gid}-{base_id.removeprefix('sha256:')[:12]}"
-    if _image_id(tag):
+    if engine.image_id(tag):
         return tag
     dockerfile = USER_DOCKERFILE.format(image=image, uid=uid, gid=gid).encode()
     with engine.engine_errors():
@@ -561,11 +574,13 @@ def image_for_user(image: str, uid: int, gid: int) -> str:
             decode=True,
             labels=labels.project_labels("user", base=base_id),
         )
-        _follow(stream, _SilentWatcher())
+        _follow(stream, SilentWatcher())
     return tag
 
 
-class _SilentWatcher:
+class SilentWatcher:
+    """A build watcher that shows nothing (a failure still raises with the log's tail)."""
+
     def note(self, text: str) -> None:
         pass
 

@@ -19,10 +19,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import engine, labels
 from ..config import split_image
 from ..errors import SandboxError
+from .record import ImageRecord
 
 SUITE = "bookworm"
 VARIANT = "minbase"
@@ -127,37 +129,36 @@ def phase_of(line: str) -> str | None:
     return _PHASES.get(words[1]) if len(words) > 1 and words[0] == "I:" else None
 
 
-def existing(image: str) -> tuple[str, dict[str, str], int] | None:
-    """(id, labels, size) of `image` if the engine has it."""
-    import docker.errors
-
-    with engine.engine_errors():
-        try:
-            found = engine.client().images.get(image)
-        except docker.errors.ImageNotFound:
-            return None
-        return found.id, found.labels or {}, int(found.attrs.get("Size", 0))
-
-
 def bootstrap(
-    image: str, mirror: str = "", force: bool = False, on_line: Callable[[str], None] | None = None
+    image: str,
+    mirror: str = "",
+    force: bool = False,
+    on_line: Callable[[str], None] | None = None,
+    record: ImageRecord | None = None,
 ) -> BaseResult:
-    """Build `image` from Debian's archive unless an identical one exists."""
+    """Build `image` from Debian's archive unless an identical one exists; write the new
+    image's id into `record` (cleanup removes an untagged base only when it is there)."""
     wanted = inputs_hash(mirror)
-    found = existing(image)
-    if found and found[1].get(labels.INPUTS) == wanted and not force:
-        return BaseResult(image, found[0], False, found[2], wanted)
+    found = engine.find_image(image)
+    if found is not None and (found.labels or {}).get(labels.INPUTS) == wanted and not force:
+        return BaseResult(image, str(found.id), False, _size(found), wanted)
     _require_tools()
     workdir = Path(tempfile.mkdtemp(prefix="stigmer-base-", dir="/var/tmp"))
     try:
         rootfs = workdir / "rootfs"
         _debootstrap(rootfs, mirror, on_line or (lambda _line: None))
         slim(rootfs)
-        image_id = _import(rootfs, image, wanted)
+        _import(rootfs, image, wanted)
     finally:
         _remove_workdir(workdir)
-    found = existing(image)
-    return BaseResult(image, image_id, True, found[2] if found else 0, wanted)
+    made = engine.image(image)
+    if record is not None:
+        record.add("base", [made.id])
+    return BaseResult(image, str(made.id), True, _size(made), wanted)
+
+
+def _size(image: Any) -> int:
+    return int(image.attrs.get("Size", 0))
 
 
 def _require_tools() -> None:
@@ -250,7 +251,7 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _import(rootfs: Path, image: str, wanted: str) -> str:
+def _import(rootfs: Path, image: str, wanted: str) -> None:
     repository, tag = split_image(image)
     changes = [*IMAGE_CHANGES]
     changes += [
@@ -268,8 +269,9 @@ def _import(rootfs: Path, image: str, wanted: str) -> str:
     tar.stdout.close()
     if tar.wait() != 0:
         raise SandboxError(f"tar of {rootfs} failed", "is the disk full?")
-    status = json.loads(answer.splitlines()[-1]) if isinstance(answer, str) else {}
-    return str(status.get("status", ""))
+    last = json.loads(answer.splitlines()[-1]) if isinstance(answer, str) and answer else {}
+    if "error" in last:  # the engine answers 200 and names the failure in the stream
+        raise SandboxError(f"importing {image} failed: {str(last['error']).strip()[:200]}")
 
 
 def _remove_workdir(path: Path) -> None:

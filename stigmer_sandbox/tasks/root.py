@@ -147,7 +147,7 @@ def clean(
     json: bool = False,
 ) -> None:
     """Remove this project's labelled leftovers; never the workspace, never others' resources."""
-    planned = cleanup.plan(everything=all_, volumes=volumes)
+    planned = cleanup.plan(settings(c), everything=all_, volumes=volumes)
     if dry_run:
         _report_clean(planned, [], json, "would remove")
         return

@@ -1,15 +1,18 @@
-"""Build planning that needs no engine: hashing, ignore rules, args, failure hints."""
+"""Build planning that needs no engine: hashing, ignore rules, args, failure hints, and
+the record of the images a build made."""
 
 import io
 import os
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from stigmer_sandbox import __version__, images
-from stigmer_sandbox.errors import UsageError
-from stigmer_sandbox.images import inventory
+from stigmer_sandbox.errors import SandboxError, UsageError
+from stigmer_sandbox.images import builder, inventory
+from stigmer_sandbox.images.record import ImageRecord
 
 
 def context(tmp_path: Path) -> Path:
@@ -138,3 +141,68 @@ def test_skip_tool_names_are_validated():
 def test_report_groups_packages_into_components():
     grouped = inventory.group_packages("gcc-12\t100\npython3.11\t10\ngit\t5\nlibc6\t1\n")
     assert grouped == {"toolchain": 102400, "python": 10240, "git + perl": 5120, "base": 1024}
+
+
+class QuietWatcher:
+    """A build watcher that keeps only the notes."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def step(self, number: int, total: int, instruction: str) -> None:
+        pass
+
+    def line(self, text: str) -> None:
+        pass
+
+
+def test_builder_stream_yields_every_image_a_step_produced_or_reused():
+    stream = [
+        {"stream": "Step 1/3 : FROM stigmer-sandbox-debian:bookworm-slim AS node\n"},
+        {"stream": " ---> 603d51b9eda2\n"},
+        {"stream": "Step 2/3 : RUN true\n"},
+        {"stream": " ---> Using cache\n ---> f6a62d74dedd\n"},
+        {"stream": "Step 3/3 : LABEL x=1\n"},
+        {"stream": " ---> Running in 0a1b2c3d4e5f\n"},
+        {"stream": "Removing intermediate container 0a1b2c3d4e5f\n ---> 612b53605990\n"},
+        {"aux": {"ID": "sha256:612b53605990" + "0" * 52}},
+    ]
+    run = builder._follow(iter(stream), QuietWatcher())
+    assert run.image_id == "sha256:612b53605990" + "0" * 52
+    assert (run.steps, run.cached_steps) == (3, 1)
+    assert run.produced == ("603d51b9eda2", "f6a62d74dedd", "612b53605990")
+
+
+def test_image_record_appends_one_line_per_build_and_reads_short_ids(tmp_path):
+    store = ImageRecord(tmp_path / "state" / "images.jsonl")
+    assert store.ids() == frozenset()
+    store.add("basic", ["sha256:612B53605990" + "0" * 52, "f6a62d74dedd", ""])
+    store.add("base", ["603d51b9eda2"])
+    store.add("basic", [])
+    assert len(store.path.read_text().splitlines()) == 2
+    assert store.ids() == {"612b53605990", "f6a62d74dedd", "603d51b9eda2"}
+
+
+def test_image_record_ignores_lines_that_are_not_records(tmp_path):
+    store = ImageRecord(tmp_path / "images.jsonl")
+    store.path.write_text('not json\n[1]\n{"ids": "612b53605990"}\n{"ids": [1, "f6a62d74dedd"]}\n')
+    assert store.ids() == {"f6a62d74dedd"}
+
+
+def test_unreadable_image_record_is_one_clear_error(tmp_path):
+    store = ImageRecord(tmp_path / "images.jsonl")
+    store.path.mkdir()  # reading a folder fails whoever runs the test, root included
+    with pytest.raises(SandboxError, match="cannot read the image record"):
+        store.ids()
+
+
+def test_a_build_the_record_cannot_take_still_succeeds_with_a_note(tmp_path):
+    watcher = QuietWatcher()
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    plan = SimpleNamespace(kind="basic", record=ImageRecord(blocked / "images.jsonl"))
+    builder._record(plan, builder.BuilderRun("sha256:ab", 1, 0, ()), watcher)
+    assert "could not record the build" in watcher.notes[0]

@@ -89,18 +89,38 @@ def test_result_cause_and_json():
 
 
 def test_orphans_are_found_by_owner_and_lifetime():
+    import os
+
     from stigmer_sandbox import labels
     from stigmer_sandbox.host import cleanup
 
-    assert cleanup.orphan_reason({labels.EXPIRES: "100"}, now=200) == "past its maximum lifetime"
-    assert cleanup.orphan_reason({labels.EXPIRES: "300"}, now=200) is None
-    gone = {labels.OWNER_PID: "999999999", labels.OWNER_HOST: "h"}
-    assert "is gone" in cleanup.orphan_reason(gone, now=0, hostname="h")
-    assert cleanup.orphan_reason(gone, now=0, hostname="elsewhere") is None
-    import os
+    def reason(stopped: bool, **extra: str) -> str | None:
+        found = {getattr(labels, key.upper()): value for key, value in extra.items()}
+        return cleanup.orphan_reason(found, stopped, now=200, hostname="h")
 
-    alive = {labels.OWNER_PID: str(os.getpid()), labels.OWNER_HOST: "h"}
-    assert cleanup.orphan_reason(alive, now=0, hostname="h") is None
+    expired, alive, dead = "100", str(os.getpid()), "999999999"
+    # In use: running with its owner alive, whatever its age.
+    assert reason(False, expires=expired, owner_pid=alive, owner_host="h") is None
+    # Owner gone: an orphan, running or not, expired or not.
+    assert "(pid 999999999) is gone" in reason(False, owner_pid=dead, owner_host="h")
+    assert "is gone" in reason(True, expires=expired, owner_pid=dead, owner_host="h")
+    # An owner on another host cannot be checked: never taken for gone.
+    assert reason(False, expires=expired, owner_pid=dead, owner_host="elsewhere") is None
+    # Past its lifetime with no owner: an orphan once it stopped, still in use while running.
+    assert reason(True, expires=expired) == "past its maximum lifetime"
+    assert reason(False, expires=expired) is None
+    assert reason(True, expires="300") is None
+    assert reason(True, expires=expired, owner_pid=alive, owner_host="h") is None
+
+
+def test_expired_reads_the_lifetime_label():
+    from stigmer_sandbox import labels
+
+    assert labels.expired({labels.EXPIRES: "100"}, now=200)
+    assert not labels.expired({labels.EXPIRES: "300"}, now=200)
+    assert not labels.expired({}, now=200)
+    assert not labels.expired({labels.EXPIRES: "soon"}, now=200)
+    assert not labels.expired({labels.EXPIRES: "4102444800"})  # 2100: checked against now
 
 
 def test_cleanup_tells_build_cache_from_superseded_images():
@@ -109,17 +129,44 @@ def test_cleanup_tells_build_cache_from_superseded_images():
     from stigmer_sandbox import labels
     from stigmer_sandbox.host import cleanup
 
-    def image(kind: str | None, tags: tuple[str, ...] = ()) -> SimpleNamespace:
-        found = {labels.MANAGED: "true", **({labels.KIND: kind} if kind else {})}
-        return SimpleNamespace(labels=found, tags=list(tags))
+    recorded = {"0123456789ab"}
 
-    stage = image(cleanup.BUILD_STAGE_KIND)
-    assert cleanup.is_our_build_stage(stage) and not cleanup.is_our_image(stage)
-    assert cleanup.is_our_build_stage(image(None))  # left by an older Dockerfile
+    def image(kind: str | None, tags: tuple[str, ...] = (), built: bool = True):
+        found = {labels.MANAGED: "true", **({labels.KIND: kind} if kind else {})}
+        image_id = "sha256:" + ("0123456789ab" if built else "ba9876543210") + "cd" * 26
+        return SimpleNamespace(id=image_id, labels=found, tags=list(tags))
+
+    def ours(found) -> bool:
+        return cleanup.is_our_image(found, recorded)
+
+    def stage(found) -> bool:
+        return cleanup.is_our_build_stage(found, recorded)
+
+    assert stage(image(cleanup.BUILD_STAGE_KIND)) and not ours(image(cleanup.BUILD_STAGE_KIND))
+    assert stage(image(None))  # left by an older Dockerfile
     superseded = image("basic")
-    assert cleanup.is_our_image(superseded) and not cleanup.is_our_build_stage(superseded)
-    assert not cleanup.is_our_build_stage(image(cleanup.BUILD_STAGE_KIND, ("app:1",)))
-    assert not cleanup.is_our_image(image("basic", ("their-app:1",)))
+    assert ours(superseded) and not stage(superseded)
+    assert not stage(image(cleanup.BUILD_STAGE_KIND, ("app:1",)))
+    assert not ours(image("basic", ("their-app:1",)))
+    assert ours(image("basic", ("stigmer-sandbox-basic:local",), built=False))
+
+
+def test_untagged_images_count_as_ours_only_when_recorded():
+    """A user's untagged image built FROM ours inherits our labels, never our record."""
+    from types import SimpleNamespace
+
+    from stigmer_sandbox import labels
+    from stigmer_sandbox.host import cleanup
+
+    def untagged(kind: str, image_id: str):
+        found = {labels.MANAGED: "true", labels.KIND: kind}
+        return SimpleNamespace(id=image_id, labels=found, tags=[])
+
+    recorded = {"0123456789ab"}
+    users = untagged("basic", "sha256:ba9876543210" + "0" * 52)
+    assert not cleanup.is_our_image(users, recorded)
+    assert cleanup.is_our_image(untagged("basic", "sha256:0123456789ab" + "0" * 52), recorded)
+    assert not cleanup.is_our_build_stage(untagged(cleanup.BUILD_STAGE_KIND, users.id), recorded)
 
 
 def test_fix_permissions_owner_choice(monkeypatch):
