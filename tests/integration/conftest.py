@@ -3,6 +3,13 @@
 Every resource a test creates carries `TEST_LABEL` with this session's id; the session
 removes its own at the end, whatever happened, and never touches another session's
 (test runs may overlap on one engine).
+
+A module gets the project images it needs from the `base_image` and `basic_image`
+fixtures, which build them through the library when they are missing, never from a
+module that ran before it; every module here uses the basic image, so the session
+makes sure of it before the first test even where a module does not ask. Tests marked
+`destroys_project_images` (`inv clean --all`) run after every other test, so the
+suite passes again right after it.
 """
 
 from __future__ import annotations
@@ -11,12 +18,30 @@ import uuid
 
 import pytest
 
-from stigmer_sandbox import engine
+from stigmer_sandbox import engine, images
+from stigmer_sandbox.config import Settings, load_settings
 from stigmer_sandbox.errors import SandboxError
+from stigmer_sandbox.images import debian_base
+from stigmer_sandbox.images.builder import SilentWatcher
+from stigmer_sandbox.images.record import ImageRecord
+
+from ..conftest import ROOT
 
 TEST_LABEL = "dev.stigmer.sandbox.test"
 SESSION_ID = uuid.uuid4().hex[:12]
 TEST_LABELS = {TEST_LABEL: SESSION_ID}
+DESTROYS_IMAGES = "destroys_project_images"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{DESTROYS_IMAGES}: removes this project's images; runs after every other test"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Move the tests that remove the project's images to the end (stable otherwise)."""
+    items.sort(key=lambda item: item.get_closest_marker(DESTROYS_IMAGES) is not None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,6 +57,31 @@ def docker_engine():
     client = engine.client()
     yield client
     remove_test_resources(client)
+
+
+@pytest.fixture(scope="session")
+def project_settings() -> Settings:
+    """This checkout's settings, as the tasks read them."""
+    return load_settings(ROOT)
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_engine, project_settings):
+    """The project's Debian base image, bootstrapped from Debian's archive if missing."""
+    settings = project_settings
+    debian_base.bootstrap(
+        settings.base_image, settings.debian_mirror, record=ImageRecord.of(settings)
+    )
+    return engine.image(settings.base_image)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def basic_image(base_image, project_settings):
+    """stigmer-sandbox-basic:local of this checkout, built through the library unless it
+    is up to date (then this takes well under a second)."""
+    watcher = SilentWatcher()
+    planned = images.plan(project_settings, "basic", images.BuildOptions(), watcher)
+    return engine.image(images.build(planned, watcher).image_id)
 
 
 def remove_test_resources(client) -> None:

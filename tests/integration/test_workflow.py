@@ -1,7 +1,9 @@
 """Issue 6 on a real engine: safe cleanup, fix-permissions, dev-full.
 
-This module runs last (pytest orders modules by name) and its last test proves
-`inv clean --all`, which removes this project's images: `inv dev-full` rebuilds them.
+The cleanup tests give `inv clean` a state folder of their own, so it reads only the
+image record of the images they built. The test of `inv clean --all` removes this
+project's images; it is marked to run after every other test, and the next session's
+`basic_image` fixture builds them again.
 """
 
 from __future__ import annotations
@@ -10,14 +12,21 @@ import io
 import json
 import os
 import tarfile
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
-from stigmer_sandbox import labels
+from stigmer_sandbox import config, images, labels
 from stigmer_sandbox.host import cleanup
+from stigmer_sandbox.images import smoke
+from stigmer_sandbox.images.builder import SilentWatcher
+from stigmer_sandbox.images.record import ImageRecord
 
-from .conftest import TEST_LABELS
+from .conftest import SESSION_ID, TEST_LABEL, TEST_LABELS
+
+TINY_DOCKERFILE = f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nLABEL {TEST_LABEL}={SESSION_ID}\n"
 
 
 def empty_image(client, tag: str | None, image_labels: dict[str, str] | None = None) -> str:
@@ -36,38 +45,69 @@ def empty_image(client, tag: str | None, image_labels: dict[str, str] | None = N
     return client.images.get(tag or json.loads(answer.splitlines()[-1])["status"]).id
 
 
+def users_untagged_image(client, parent) -> str:
+    """What a user builds `FROM` one of our images without a tag: it inherits our labels."""
+    dockerfile = f"FROM {parent.tags[0]}\nLABEL x=1\n".encode()
+    image, _logs = client.images.build(fileobj=io.BytesIO(dockerfile), labels=TEST_LABELS, rm=True)
+    assert not image.tags and image.labels[labels.KIND] == "basic"
+    return image.id
+
+
 @pytest.fixture
-def decoys(docker_engine):
-    """Unlabelled image, container and volume, plus a user image built FROM ours."""
+def decoys(docker_engine, base_image, basic_image):
+    """Unlabelled image, container and volume, plus user images built FROM ours."""
     suffix = uuid.uuid4().hex[:8]
     client = docker_engine
     image = empty_image(client, f"decoy-image:{suffix}")
     derived = empty_image(
         client, f"decoy-app:{suffix}", {labels.MANAGED: "true", labels.KIND: "basic"}
     )
-    container = client.containers.create(
-        "stigmer-sandbox-debian:bookworm-slim", ["true"], name=f"decoy-{suffix}"
-    )
-    inherited = client.containers.create(
-        "stigmer-sandbox-basic:local", ["true"], name=f"decoy-guide-{suffix}"
-    )
+    untagged = users_untagged_image(client, basic_image)
+    container = client.containers.create(base_image.id, ["true"], name=f"decoy-{suffix}")
+    inherited = client.containers.create(basic_image.id, ["true"], name=f"decoy-guide-{suffix}")
     volume = client.volumes.create(f"decoy-{suffix}")
     yield {
-        "images": [image, derived],
+        "images": [image, derived, untagged],
         "containers": [container.id, inherited.id],
         "volume": volume.name,
     }
     for cid in (container.id, inherited.id):
         client.containers.get(cid).remove(force=True)
     client.volumes.get(volume.name).remove(force=True)
-    for iid in (image, derived):
+    for iid in (image, derived, untagged):
         client.images.remove(iid, force=True)
 
 
-def build_stage(client) -> str:
-    """An untagged stage image as Dockerfile.sandbox.basic leaves one (build cache)."""
+@pytest.fixture
+def state_dir(tmp_path) -> Path:
+    """A state folder of the test's own: `inv clean` reads the image record in it."""
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def clean_env(state_dir) -> dict[str, str]:
+    return {"INVOKE_STIGMER_STATE_DIR": str(state_dir)}
+
+
+def build_stage(client, state_dir: Path) -> str:
+    """An untagged stage image as Dockerfile.sandbox.basic leaves one (build cache),
+    recorded as the builder records the stages it makes."""
     stage_labels = {labels.MANAGED: "true", labels.KIND: cleanup.BUILD_STAGE_KIND}
-    return empty_image(client, None, {**stage_labels, **TEST_LABELS})
+    stage = empty_image(client, None, {**stage_labels, **TEST_LABELS})
+    ImageRecord(state_dir / "images.jsonl").add("basic", [stage])
+    return stage
+
+
+def build_through_the_library(project: Path, tag: str) -> str:
+    """Build `tag` from a one-line Dockerfile in `project`, never from the cache, through
+    the library (which records it in the project's state folder); the image's id."""
+    context = project / images.CONTEXT_DIR
+    context.mkdir(parents=True, exist_ok=True)
+    (context / "Dockerfile.sandbox.basic").write_text(TINY_DOCKERFILE)
+    settings = config.load_settings(project, environ={})
+    watcher = SilentWatcher()
+    options = images.BuildOptions(tags=(tag,), no_cache=True)
+    return images.build(images.plan(settings, "basic", options, watcher), watcher).image_id
 
 
 def project_resources(client, suffix: str):
@@ -97,15 +137,19 @@ def exists(getter, key) -> bool:
     return True
 
 
-def test_dry_run_changes_nothing(inv, docker_engine):
+def listed(done) -> dict[str, str]:
+    """id → reason of what a `clean --json` run removed or would remove."""
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    return {r["id"]: r["reason"] for r in answer.get("removed", answer.get("would_remove"))}
+
+
+def test_dry_run_changes_nothing(inv, docker_engine, state_dir, clean_env):
     image, container, volume = project_resources(docker_engine, uuid.uuid4().hex[:8])
-    stage = build_stage(docker_engine)
-    done = inv("clean", "--all", "--volumes", "--dry-run", "--json")
-    assert done.returncode == 0, done.stderr
-    listed = {r["id"] for r in json.loads(done.stdout)["would_remove"]}
-    assert {image, container, stage} <= listed
-    default_tier = inv("clean", "--dry-run", "--json")
-    assert stage not in {r["id"] for r in json.loads(default_tier.stdout)["would_remove"]}
+    stage = build_stage(docker_engine, state_dir)
+    everything = listed(inv("clean", "--all", "--volumes", "--dry-run", "--json", env=clean_env))
+    assert {image, container, stage} <= everything.keys()
+    assert stage not in listed(inv("clean", "--dry-run", "--json", env=clean_env))
     assert exists(docker_engine.images.get, stage)
     assert exists(docker_engine.images.get, image)
     assert exists(docker_engine.containers.get, container)
@@ -119,23 +163,45 @@ def test_destructive_tiers_need_confirmation_without_a_terminal(inv, docker_engi
     assert "--yes" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_orphaned_sandbox_of_a_dead_owner_is_removed(inv, docker_engine):
-    orphan = docker_engine.containers.run(
-        "stigmer-sandbox-basic:local",
-        ["sandbox-keepalive"],
+def expired_sandbox(client, image, owner_pid: int):
+    """A running sandbox past its lifetime (an hour ago), owned by `owner_pid` on this host."""
+    owner = {"owner_pid": str(owner_pid), "owner_host": os.uname().nodename}
+    expired = str(int(time.time()) - 3600)
+    return client.containers.run(
+        image.id,
+        smoke.KEEPALIVE,
         detach=True,
-        name=f"stigmer-sandbox-orphan-{uuid.uuid4().hex[:6]}",
-        labels={
-            **labels.project_labels(
-                "sandbox", owner_pid="999999999", owner_host=os.uname().nodename
-            ),
-            **TEST_LABELS,
-        },
+        name=f"stigmer-sandbox-expired-{uuid.uuid4().hex[:6]}",
+        labels={**labels.project_labels("sandbox", expires=expired, **owner), **TEST_LABELS},
     )
-    done = inv("clean")
-    assert done.returncode == 0, done.stderr
-    assert "owner (pid 999999999) is gone" in done.stdout
+
+
+def test_clean_spares_a_sandbox_in_use_and_removes_one_whose_owner_is_gone(
+    inv, docker_engine, basic_image, clean_env
+):
+    in_use = expired_sandbox(docker_engine, basic_image, os.getpid())
+    orphan = expired_sandbox(docker_engine, basic_image, 999999999)
+    removed = listed(inv("clean", "--json", env=clean_env))
+    assert in_use.id not in removed
+    assert docker_engine.containers.get(in_use.id).status == "running"
+    assert removed[orphan.id] == "its owner (pid 999999999) is gone"
     assert not exists(docker_engine.containers.get, orphan.id)
+
+
+def test_clean_keeps_a_users_untagged_image_and_removes_our_dangling_one(
+    inv, docker_engine, basic_image, tmp_path
+):
+    users = users_untagged_image(docker_engine, basic_image)
+    project, tag = tmp_path / "project", f"stigmer-sandbox-test-basic:{uuid.uuid4().hex[:8]}"
+    superseded = build_through_the_library(project, tag)
+    current = build_through_the_library(project, tag)
+    assert current != superseded and not docker_engine.images.get(superseded).tags
+    env = {"INVOKE_STIGMER_STATE_DIR": str(project / ".state")}
+    removed = listed(inv("clean", "--json", env=env))
+    assert removed.get(superseded) == "dangling"
+    assert not exists(docker_engine.images.get, superseded)
+    assert users not in removed and exists(docker_engine.images.get, users)
+    assert current not in removed and exists(docker_engine.images.get, current)
 
 
 def test_fix_permissions_stays_inside_the_workspace(inv, tmp_path):
@@ -172,27 +238,24 @@ def test_dev_full_second_run_is_a_noop(inv):
     assert 'inv run "python --version"' in second.stdout
 
 
-# Last on purpose: it removes every image of this project, as `inv clean --all` must.
-def test_clean_all_removes_only_labelled_resources(inv, docker_engine, decoys, tmp_path):
+# After every other test: it removes every image of this project, as `inv clean --all` must.
+@pytest.mark.destroys_project_images
+def test_clean_all_removes_only_labelled_resources(
+    inv, docker_engine, decoys, tmp_path, state_dir, clean_env
+):
     workspace_file = tmp_path / "workspace" / "keep.txt"
     workspace_file.parent.mkdir()
     workspace_file.write_text("mine")
     image, container, volume = project_resources(docker_engine, uuid.uuid4().hex[:8])
-    stage = build_stage(docker_engine)
-    done = inv(
-        "clean",
-        "--all",
-        "--volumes",
-        "--yes",
-        env={"INVOKE_STIGMER_WORKSPACE": str(tmp_path / "workspace")},
-    )
+    stage = build_stage(docker_engine, state_dir)
+    env = {**clean_env, "INVOKE_STIGMER_WORKSPACE": str(tmp_path / "workspace")}
+    done = inv("clean", "--all", "--volumes", "--yes", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert not exists(docker_engine.images.get, image)
     assert not exists(docker_engine.containers.get, container)
     assert not exists(docker_engine.volumes.get, volume)
     assert not exists(docker_engine.images.get, stage)
-    managed = docker_engine.images.list(filters=labels.managed_filter())
-    assert not [i.id for i in managed if cleanup.is_our_build_stage(i)]
+    assert not docker_engine.images.list(filters=labels.managed_filter(), name="stigmer-sandbox-*")
     for decoy in decoys["images"]:
         assert exists(docker_engine.images.get, decoy)
     for decoy in decoys["containers"]:
