@@ -25,7 +25,19 @@ _STYLES = {
     "dim": Style.DIM,
     "bold": Style.BRIGHT,
 }
-_MARKS = {"pass": ("✓", "success"), "warn": ("!", "warning"), "fail": ("✗", "error")}
+_MARKS: dict[str, tuple[str, str]] = {
+    "pass": ("✓", "success"),
+    "warn": ("!", "warning"),
+    "fail": ("✗", "error"),
+}
+# Tables on a terminal: two spaces between columns; no cell cut below this width.
+COLUMN_GAP = 2
+MIN_CELL = 8
+
+
+def is_terminal(stream: TextIO) -> bool:
+    """Whether `stream` is an interactive terminal (not a file, pipe or capture)."""
+    return bool(getattr(stream, "isatty", lambda: False)())
 
 
 def colour_enabled(stream: TextIO) -> bool:
@@ -36,7 +48,7 @@ def colour_enabled(stream: TextIO) -> bool:
         return True
     if os.environ.get("TERM") == "dumb":
         return False
-    return bool(getattr(stream, "isatty", lambda: False)())
+    return is_terminal(stream)
 
 
 def paint(text: str, style: str, stream: TextIO | None = None) -> str:
@@ -110,12 +122,35 @@ def confirm(question: str) -> None:
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A left-aligned text table."""
+    """A left-aligned text table; on a terminal, the widest cells are cut to fit it.
+
+    Output to a file or a pipe keeps every cell whole: logs are read for the cut part.
+    """
     body = [[str(cell) for cell in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
-    plain(paint("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), "bold"))
+    if is_terminal(sys.stdout):
+        widths = fit_widths(widths, shutil.get_terminal_size((100, 20)).columns - 1)
+    plain(paint(_table_line(headers, widths), "bold"))
     for row in body:
-        plain("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        plain(_table_line(row, widths))
+
+
+def fit_widths(widths: Sequence[int], limit: int) -> list[int]:
+    """Column widths whose line fits `limit` characters, narrowing the widest first."""
+    fitted = list(widths)
+    excess = sum(fitted) + COLUMN_GAP * (len(fitted) - 1) - limit
+    while excess > 0:
+        widest = max(range(len(fitted)), key=fitted.__getitem__)
+        if fitted[widest] <= MIN_CELL:
+            break  # a line wraps rather than become unreadable
+        fitted[widest] -= 1
+        excess -= 1
+    return fitted
+
+
+def _table_line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    fitted = [c if len(c) <= w else c[: w - 1] + "…" for c, w in zip(cells, widths, strict=True)]
+    return (" " * COLUMN_GAP).join(c.ljust(w) for c, w in zip(fitted, widths, strict=True)).rstrip()
 
 
 def bar(fraction: float, width: int = 30) -> str:
@@ -148,7 +183,7 @@ class Progress:
     def __init__(self, title: str, stream: TextIO | None = None) -> None:
         self.title = title
         self.stream = stream or sys.stdout
-        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.live = is_terminal(self.stream)
         self.started = time.monotonic()
         self.phase = ""
 

@@ -120,9 +120,8 @@ def dev_full(c: Context, progress: str = "auto") -> None:
 
 def _steps_table(done: list[workflow.StepResult]) -> None:
     if done:
-        console.table(
-            ("step", "took", "result"), [(r.name, f"{r.seconds:.1f}s", r.detail[:90]) for r in done]
-        )
+        rows = [(r.name, f"{r.seconds:.1f}s", r.detail) for r in done]
+        console.table(("step", "took", "result"), rows)
 
 
 @task(

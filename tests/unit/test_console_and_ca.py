@@ -1,4 +1,5 @@
 import io
+import os
 
 import pytest
 
@@ -49,3 +50,30 @@ def test_explicit_ca_must_exist_and_be_pem(tmp_path):
     junk.write_text("not a cert")
     with pytest.raises(ConfigError, match="not a PEM"):
         ca.detect(str(junk), {})
+
+
+LONG_PATH = "/var/lib/stigmer/state/engine/dockerd-started-by-stigmer-sandbox.log " * 3
+
+
+def test_table_keeps_whole_cells_when_output_is_not_a_terminal(capsys):
+    console.table(("step", "result"), [("engine", LONG_PATH.strip())])
+    assert LONG_PATH.strip() in capsys.readouterr().out
+
+
+def test_table_fits_a_terminal_cutting_the_widest_column(monkeypatch):
+    screen = Tty()
+    monkeypatch.setattr("sys.stdout", screen)
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setattr(
+        console.shutil, "get_terminal_size", lambda fallback: os.terminal_size((61, 20))
+    )
+    console.table(("step", "result"), [("engine", LONG_PATH.strip())])
+    lines = screen.getvalue().splitlines()
+    assert all(len(line) <= 60 for line in lines), lines
+    assert lines[1].startswith("engine  /var/lib/stigmer/") and lines[1].endswith("…")
+
+
+def test_fit_widths_never_cuts_a_column_below_its_minimum():
+    assert console.fit_widths([10, 100], 50) == [10, 38]
+    assert console.fit_widths([30, 30], 10) == [console.MIN_CELL, console.MIN_CELL]
+    assert console.fit_widths([5, 5], 80) == [5, 5]
