@@ -17,6 +17,9 @@ from typing import Any, TextIO
 
 from colorama import Fore, Style
 
+from . import checks
+from .checks import CheckResult
+
 _STYLES = {
     "info": Fore.CYAN,
     "success": Fore.GREEN,
@@ -101,13 +104,28 @@ def echo_command(argv: Sequence[str]) -> None:
     _emit("$ " + shlex.join(argv), "dim")
 
 
-def check_line(status: str, name: str, detail: str, hint: str | None = None) -> None:
-    """A pass/warn/fail line as used by `doctor` and the smoke tests."""
-    mark, style = _MARKS[status]
-    line = f"{paint(mark, style)} {name}: {detail}"
-    if hint and status != "pass":
-        line += paint(f"  → {hint}", "dim")
+def check_line(result: CheckResult) -> None:
+    """One check as a line: mark, SECURITY.md item, name, detail, time, and the fix."""
+    mark, style = _MARKS[result.status]
+    item = "" if result.item is None else f"{result.item:>2} "
+    line = f"{paint(mark, style)} {item}{result.name}: {result.detail}"
+    if result.seconds is not None:
+        line += f"  ({result.seconds:.2f}s)"
+    if result.hint and not result.passed:
+        line += paint(f"  → {result.hint}", "dim")
     plain(line)
+
+
+def show_checks(results: Sequence[CheckResult], as_json: bool, **context: Any) -> bool:
+    """Print `results` as lines and a summary, or as the one JSON report; True when ok."""
+    report = checks.report(results, **context)
+    if as_json:
+        emit_json(report)
+    else:
+        for result in results:
+            check_line(result)
+        plain(checks.summary(results))
+    return bool(report["ok"])
 
 
 def confirm(question: str) -> None:

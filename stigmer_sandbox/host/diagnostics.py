@@ -1,7 +1,8 @@
 """`doctor`: everything that decides whether the sandbox can work on this host.
 
-Each check yields a `Check` with a status (pass, warn, fail), a detail and a
-fix. Only checks marked `required` decide the exit status.
+Each check yields a `CheckResult` with a status (pass, warn, fail), a detail and a
+fix. Low disk space and an unreadable extra CA are not `required`: they show as
+failures but do not decide the exit status; every other failure does.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import engine, labels
+from ..checks import CheckResult, Status, verdict
 from ..config import Settings
 from ..errors import SandboxError
 from ..images import ca
@@ -25,21 +26,6 @@ from . import compose
 
 MIN_FREE_DISK = 5 * 1000**3
 CRITICAL_FREE_DISK = 1 * 1000**3
-
-
-@dataclass(frozen=True)
-class Check:
-    """One line of the doctor's report."""
-
-    name: str
-    status: str
-    detail: str
-    hint: str = ""
-    required: bool = False
-
-    @property
-    def failed(self) -> bool:
-        return self.required and self.status == "fail"
 
 
 def _version_of(distribution: str) -> str | None:
@@ -51,14 +37,13 @@ def _version_of(distribution: str) -> str | None:
         return None
 
 
-def _python_checks() -> Iterator[Check]:
+def _python_checks() -> Iterator[CheckResult]:
     ok = sys.version_info >= (3, 11)
-    yield Check(
+    yield CheckResult(
         "python",
-        "pass" if ok else "fail",
+        verdict(ok),
         platform.python_version(),
         "use Python 3.11 or newer",
-        required=True,
     )
     for name, minimum in (
         ("invoke", (2, 2)),
@@ -68,19 +53,18 @@ def _python_checks() -> Iterator[Check]:
     ):
         version = _version_of(name)
         good = version is not None and compose.version_tuple(version) >= minimum
-        yield Check(
+        yield CheckResult(
             f"{name} (Python)",
-            "pass" if good else "fail",
+            verdict(good),
             version or "not installed",
             "pip install -e '.[dev]'",
-            required=True,
         )
 
 
-def _cli_version() -> Check:
+def _cli_version() -> CheckResult:
     docker_cli = shutil.which("docker")
     if not docker_cli:
-        return Check(
+        return CheckResult(
             "docker CLI",
             "warn",
             "not found (the tool itself does not need it)",
@@ -94,21 +78,20 @@ def _cli_version() -> Check:
         check=False,
     )
     version = done.stdout.strip() or "unknown"
-    return Check("docker CLI", "pass", f"{version} ({docker_cli})")
+    return CheckResult("docker CLI", "pass", f"{version} ({docker_cli})")
 
 
-def _engine_checks(settings: Settings) -> Iterator[Check]:
+def _engine_checks(settings: Settings) -> Iterator[CheckResult]:
     try:
         report = engine.ping()
     except SandboxError as exc:
-        yield Check("docker engine", "fail", exc.message, exc.hint or "", required=True)
+        yield CheckResult("docker engine", "fail", exc.message, exc.hint)
         return
-    yield Check(
+    yield CheckResult(
         "docker engine",
         "pass",
         f"{report.get('Version')} (API {report.get('ApiVersion')}, "
         f"{report.get('Os')}/{report.get('Arch')}) at {engine.engine_url()}",
-        required=True,
     )
     yield from _disk_check()
     yield _registry_check(settings)
@@ -117,37 +100,40 @@ def _engine_checks(settings: Settings) -> Iterator[Check]:
     yield _network_check(settings)
 
 
-def _disk_check() -> Iterator[Check]:
+def _disk_check() -> Iterator[CheckResult]:
     with engine.engine_errors():
         root = engine.client().info().get("DockerRootDir", "")
     if not root or not Path(root).exists():
-        yield Check("disk", "pass", f"data root {root or '?'} is remote; not checked")
+        yield CheckResult("disk", "pass", f"data root {root or '?'} is remote; not checked")
         return
     free = shutil.disk_usage(root).free
-    status = "pass" if free >= MIN_FREE_DISK else "warn" if free >= CRITICAL_FREE_DISK else "fail"
-    yield Check(
+    status: Status = (
+        "pass" if free >= MIN_FREE_DISK else "warn" if free >= CRITICAL_FREE_DISK else "fail"
+    )
+    yield CheckResult(
         "disk",
         status,
         f"{free / 1000**3:.1f} GB free under {root}",
         "free space: `inv clean --all`, see `docker system df`",
+        required=False,
     )
 
 
-def _registry_check(settings: Settings) -> Check:
+def _registry_check(settings: Settings) -> CheckResult:
     try:
         with engine.engine_errors():
             engine.client().images.get_registry_data(settings.upstream_base)
     except SandboxError as exc:
-        return Check(
+        return CheckResult(
             "registry",
             "warn",
             f"cannot reach the registry for {settings.upstream_base}: {exc.message[:120]}",
             "fine offline: images build from `inv sandbox.bootstrap-base`",
         )
-    return Check("registry", "pass", f"{settings.upstream_base} can be pulled")
+    return CheckResult("registry", "pass", f"{settings.upstream_base} can be pulled")
 
 
-def _image_checks(settings: Settings) -> Iterator[Check]:
+def _image_checks(settings: Settings) -> Iterator[CheckResult]:
     import docker.errors
 
     wanted = (
@@ -159,26 +145,28 @@ def _image_checks(settings: Settings) -> Iterator[Check]:
             with engine.engine_errors():
                 found = engine.client().images.get(name)
         except (docker.errors.ImageNotFound, SandboxError):
-            yield Check(label, "warn", f"{name} not built yet", f"run `{fix}`")
+            yield CheckResult(label, "warn", f"{name} not built yet", f"run `{fix}`")
             continue
         size = found.attrs.get("Size", 0) / 1000**2
-        yield Check(
+        yield CheckResult(
             label, "pass", f"{name} ({found.short_id.removeprefix('sha256:')}, {size:.0f} MB)"
         )
 
 
-def _compose_check(settings: Settings) -> Check:
+def _compose_check(settings: Settings) -> CheckResult:
     try:
         tool = compose.detect(settings.compose)
     except SandboxError as exc:
-        return Check("compose", "warn", exc.message, exc.hint or "")
-    return Check("compose", "pass", f"{tool.flavour} {tool.version} ({' '.join(tool.prefix)})")
+        return CheckResult("compose", "warn", exc.message, exc.hint)
+    return CheckResult(
+        "compose", "pass", f"{tool.flavour} {tool.version} ({' '.join(tool.prefix)})"
+    )
 
 
-def _buildkit_check() -> Check:
+def _buildkit_check() -> CheckResult:
     if _succeeds(["docker", "buildx", "version"]):
-        return Check("buildkit", "pass", "buildx plugin available")
-    return Check(
+        return CheckResult("buildkit", "pass", "buildx plugin available")
+    return CheckResult(
         "buildkit",
         "pass",
         "no buildx; builds use the engine's classic builder through the SDK, which this tool needs",
@@ -192,10 +180,10 @@ def _succeeds(argv: list[str]) -> bool:
     return done.returncode == 0
 
 
-def _workspace_check(settings: Settings) -> Check:
+def _workspace_check(settings: Settings) -> CheckResult:
     path = settings.path("workspace")
     if not path.is_dir():
-        return Check(
+        return CheckResult(
             "workspace",
             "warn",
             f"{path} does not exist",
@@ -206,16 +194,16 @@ def _workspace_check(settings: Settings) -> Check:
     detail = f"{path} owner {info.st_uid}:{info.st_gid}, sandbox runs as uid {sandbox_uid}"
     writable = info.st_uid == sandbox_uid or bool(info.st_mode & stat.S_IWOTH)
     if not writable:
-        return Check(
+        return CheckResult(
             "workspace",
             "warn",
             detail + ": the sandbox cannot write here",
             "run `inv fix-permissions` (or `--to-host` to take the files back)",
         )
-    return Check("workspace", "pass", detail)
+    return CheckResult("workspace", "pass", detail)
 
 
-def _disk_usage_check() -> Check:
+def _disk_usage_check() -> CheckResult:
     with engine.engine_errors():
         usage = engine.client().df()
         ours = engine.client().images.list(filters=labels.managed_filter())
@@ -225,7 +213,7 @@ def _disk_usage_check() -> Check:
     names = ", ".join(
         f"{(i.tags or [i.short_id])[0]} {i.attrs.get('Size', 0) / 1000**2:.0f} MB" for i in largest
     )
-    return Check(
+    return CheckResult(
         "disk usage",
         "pass",
         f"images {images_size / 1000**3:.1f} GB, build cache "
@@ -253,14 +241,14 @@ DNS_FIX = (
 )
 
 
-def _network_check(settings: Settings) -> Check:
+def _network_check(settings: Settings) -> CheckResult:
     from ..images.smoke import probe_container
 
     try:
         with probe_container(settings.image) as container, engine.engine_errors():
             _code, output = container.exec_run(["bash", "-c", NETWORK_PROBE])
     except SandboxError:
-        return Check(
+        return CheckResult(
             "build network",
             "warn",
             f"not probed: {settings.image} is not built",
@@ -270,12 +258,12 @@ def _network_check(settings: Settings) -> Check:
     return _network_verdict(found, ca.detect(settings.ca_cert) is not None)
 
 
-def _network_verdict(found: dict[str, str], have_ca: bool) -> Check:
+def _network_verdict(found: dict[str, str], have_ca: bool) -> CheckResult:
     mirror = found.get("mirror") or "Debian's archive"
     if found.get("dns") != "ok":
-        return Check("build network", "warn", "containers cannot resolve names", DNS_FIX)
+        return CheckResult("build network", "warn", "containers cannot resolve names", DNS_FIX)
     if found.get("archive") != "ok":
-        return Check(
+        return CheckResult(
             "build network",
             "warn",
             f"containers cannot reach {mirror}",
@@ -283,7 +271,7 @@ def _network_verdict(found: dict[str, str], have_ca: bool) -> Check:
             "or bootstrap with --mirror URL",
         )
     if found.get("pypi") != "ok":
-        return Check(
+        return CheckResult(
             "build network",
             "warn",
             "containers reach Debian but not the Python package index",
@@ -291,30 +279,30 @@ def _network_verdict(found: dict[str, str], have_ca: bool) -> Check:
         )
     if found.get("pypi_plain") != "ok":
         detail = "PyPI is reachable only with the extra CA (a TLS-inspecting proxy)"
-        return Check(
+        return CheckResult(
             "build network",
             "pass" if have_ca else "warn",
             detail,
-            "" if have_ca else "pass its CA with --ca-cert PATH",
+            None if have_ca else "pass its CA with --ca-cert PATH",
         )
-    return Check("build network", "pass", f"containers reach {mirror} and the Python index")
+    return CheckResult("build network", "pass", f"containers reach {mirror} and the Python index")
 
 
-def _ca_check(settings: Settings) -> Check:
+def _ca_check(settings: Settings) -> CheckResult:
     try:
         found = ca.detect(settings.ca_cert)
     except SandboxError as exc:
-        return Check("extra CA", "fail", exc.message, exc.hint or "")
+        return CheckResult("extra CA", "fail", exc.message, exc.hint, required=False)
     if found is None:
-        return Check("extra CA", "pass", "none (builds use the image's default CAs)")
-    return Check("extra CA", "pass", f"{found.path} (from {found.source}); builds trust it")
+        return CheckResult("extra CA", "pass", "none (builds use the image's default CAs)")
+    return CheckResult("extra CA", "pass", f"{found.path} (from {found.source}); builds trust it")
 
 
-def run_checks(settings: Settings) -> list[Check]:
+def run_checks(settings: Settings) -> list[CheckResult]:
     """Every check, in report order."""
-    checks: list[Check] = [*_python_checks(), _cli_version()]
+    checks: list[CheckResult] = [*_python_checks(), _cli_version()]
     checks.extend(_engine_checks(settings))
-    extra: list[Callable[[], Check]] = [
+    extra: list[Callable[[], CheckResult]] = [
         lambda: _compose_check(settings),
         _buildkit_check,
         lambda: _workspace_check(settings),
@@ -322,8 +310,3 @@ def run_checks(settings: Settings) -> list[Check]:
     ]
     checks.extend(step() for step in extra)
     return checks
-
-
-def report(checks: list[Check]) -> dict[str, object]:
-    """The JSON form of the report."""
-    return {"ok": not any(c.failed for c in checks), "checks": [asdict(c) for c in checks]}

@@ -12,11 +12,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from .. import engine, labels
+from ..checks import CheckResult, verdict
 
 HEALTH_TIMEOUT_S = 30.0
 # Probe health often so the check takes seconds, with the image's own test command.
@@ -38,16 +39,6 @@ class SmokeCheck:
     command: str
     expect: str
     kinds: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """The outcome of one check."""
-
-    name: str
-    passed: bool
-    detail: str
-    seconds: float
 
 
 def load_checks(kind: str, extra: list[SmokeCheck] | None = None) -> list[SmokeCheck]:
@@ -96,48 +87,22 @@ def run_check(container: Any, check: SmokeCheck) -> CheckResult:
     took = time.monotonic() - started
     first = text.splitlines()[0][:100] if text else ""
     if code != 0:
-        return CheckResult(check.name, False, f"exit {code}: {first}", took)
+        return CheckResult(check.name, "fail", f"exit {code}: {first}", seconds=took)
     match = re.search(check.expect, text, re.MULTILINE)
     if not match:
-        return CheckResult(
-            check.name, False, f"output does not match /{check.expect}/: {first}", took
-        )
+        detail = f"output does not match /{check.expect}/: {first}"
+        return CheckResult(check.name, "fail", detail, seconds=took)
     line_start = text.rfind("\n", 0, match.start()) + 1
-    return CheckResult(check.name, True, text[line_start:].split("\n", 1)[0][:100], took)
+    matched_line = text[line_start:].split("\n", 1)[0][:100]
+    return CheckResult(check.name, "pass", matched_line, seconds=took)
 
 
 def wait_healthy(container: Any, timeout_s: float = HEALTH_TIMEOUT_S) -> CheckResult:
     """Wait until the container's health check reports healthy."""
-    started = time.monotonic()
-    status = "none"
-    while time.monotonic() - started < timeout_s:
-        with engine.engine_errors():
-            container.reload()
-        state = container.attrs["State"]
-        if state["Status"] in ("exited", "dead"):
-            return CheckResult(
-                "health check",
-                False,
-                f"the container exited with code {state.get('ExitCode')}",
-                time.monotonic() - started,
-            )
-        health = state.get("Health") or {}
-        status = health.get("Status", "none")
-        if status in ("healthy", "none"):
-            break
-        if status == "unhealthy":
-            log = health.get("Log") or [{}]
-            return CheckResult(
-                "health check",
-                False,
-                f"unhealthy: {str(log[-1].get('Output', '')).strip()[:100]}",
-                time.monotonic() - started,
-            )
-        time.sleep(0.2)
-    took = time.monotonic() - started
-    if status == "none":
-        return CheckResult("health check", False, "the image has no HEALTHCHECK", took)
-    return CheckResult("health check", status == "healthy", status, took)
+    health = engine.wait_healthy(container, timeout_s)
+    return CheckResult(
+        "health check", verdict(health.healthy), health.detail, seconds=health.seconds
+    )
 
 
 def tool_checks(container: Any) -> list[SmokeCheck]:
@@ -160,12 +125,3 @@ def smoke_test(image: str, kind: str) -> list[CheckResult]:
         results = [run_check(container, check) for check in load_checks(kind, extra)]
         results.append(wait_healthy(container))
     return results
-
-
-def as_json(image: str, results: list[CheckResult]) -> dict[str, Any]:
-    """The machine-readable report."""
-    return {
-        "image": image,
-        "ok": all(r.passed for r in results),
-        "checks": [asdict(r) for r in results],
-    }

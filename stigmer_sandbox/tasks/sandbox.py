@@ -157,16 +157,7 @@ def test(c: Context, image: str | None = None, json: bool = False) -> None:
     current = settings(c, image=image)
     kind = _kind_of(current.image)
     results = smoke.smoke_test(current.image, kind)
-    report = smoke.as_json(current.image, results)
-    if json:
-        console.emit_json(report)
-    else:
-        for result in results:
-            status = "pass" if result.passed else "fail"
-            console.check_line(status, result.name, f"{result.detail}  ({result.seconds:.2f}s)")
-        passed = sum(r.passed for r in results)
-        console.plain(f"{passed} passed, {len(results) - passed} failed")
-    if not report["ok"]:
+    if not console.show_checks(results, json, image=current.image):
         raise Exit(code=1)
 
 
@@ -394,17 +385,12 @@ def history(c: Context, n: int = 20, json: bool = False) -> None:
     console.table(("time", "sandbox", "exit", "cause", "took", "command"), rows)
 
 
-@task(name="audit", help={"json": "print the findings as JSON (default: off)"})
+@task(name="audit", help={"json": "print the report as one JSON object (default: off)"})
 def audit_security(c: Context, json: bool = False) -> None:
     """Check the running sandbox against every SECURITY.md property that applies."""
-    findings = security_audit.audit(_sandbox(c))
-    if json:
-        console.emit_json([f.__dict__ for f in findings])
-    else:
-        for finding in findings:
-            status = "pass" if finding.passed else "fail"
-            console.check_line(status, f"{finding.item:>2} {finding.name}", finding.evidence)
-    if not all(f.passed for f in findings):
+    sandbox = _sandbox(c)
+    results = security_audit.audit(sandbox)
+    if not console.show_checks(results, json, sandbox=sandbox.name):
         raise Exit(code=1)
 
 

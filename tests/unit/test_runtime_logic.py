@@ -207,4 +207,4 @@ def test_build_network_verdicts(found, have_ca, status, fragment):
 
     check = diagnostics._network_verdict(found, have_ca)
     assert check.status == status
-    assert fragment in check.hint
+    assert fragment in (check.hint or "")

@@ -1,0 +1,86 @@
+"""`sandbox.audit` on a real engine: it reports what it observes inside the sandbox.
+
+Each sandbox differs from the default in one setting, and the audit's evidence must
+change with it: a property the sandbox really lacks fails, whatever was asked for.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from stigmer_sandbox.checks import CheckResult
+from stigmer_sandbox.runtime import security_audit
+
+from .test_runtime import make_sandbox
+
+AGENT_ITEM = 25  # privilege separation: lands with the root agent in runtime/sandbox.py
+
+
+def audited(tmp_path, **changes) -> tuple[dict[int, list[CheckResult]], dict]:
+    """The audit of a fresh sandbox with `changes`, by item, and its `docker inspect`."""
+    with make_sandbox(tmp_path, **changes) as box:
+        results = security_audit.audit(box)
+        attrs = box.inspect()
+    by_item: dict[int, list[CheckResult]] = {}
+    for result in results:
+        by_item.setdefault(result.item or 0, []).append(result)
+    return by_item, attrs
+
+
+def detail(by_item: dict[int, list[CheckResult]], item: int) -> str:
+    return " | ".join(r.detail for r in by_item[item])
+
+
+@pytest.fixture(scope="module")
+def default_audit(tmp_path_factory, docker_engine):
+    return audited(tmp_path_factory.mktemp("audit"))
+
+
+def test_a_default_sandbox_passes_every_observed_property(default_audit, capsys):
+    by_item, _attrs = default_audit
+    with capsys.disabled():
+        for results in by_item.values():
+            for r in results:
+                print(f"{r.status:4} {r.item:>2} {r.name}: {r.detail}")
+    assert set(by_item) >= {1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 25}
+    failed = [r for item, rs in by_item.items() for r in rs if item != AGENT_ITEM and r.failed]
+    assert not failed, failed
+    # Observed, not read back: the cgroup files, the kernel's seccomp mode, a real write.
+    assert "pids.max=" in detail(by_item, 6) and "Seccomp=2" in detail(by_item, 5)
+    assert "No space left on device" in detail(by_item, 9)
+    assert "healthy after" in detail(by_item, 16)
+
+
+def test_commands_cannot_touch_the_agent(default_audit):
+    by_item, attrs = default_audit
+    (result,) = by_item[AGENT_ITEM]
+    if attrs["Config"]["User"].split(":")[0] not in ("0", "root"):
+        # Everything runs as the sandbox user: a command can signal its agent, and the
+        # audit must say so.
+        assert result.failed and "kill -0 $PPID: allowed" in result.detail, result
+        pytest.xfail("the agent still runs as the sandbox user (runtime/sandbox.py)")
+    assert result.passed, result
+    assert "kill -0 $PPID: " in result.detail and "Operation not permitted" in result.detail
+    assert "reading $PPID's environ: " in result.detail and "Permission denied" in result.detail
+
+
+def test_a_sandbox_without_process_or_cpu_limit_fails_those_items(tmp_path, docker_engine):
+    by_item, attrs = audited(tmp_path, pids_limit=0, cpus=0.0)
+    assert not attrs["HostConfig"].get("NanoCpus")
+    (pids,) = by_item[6]
+    (cpu,) = by_item[8]
+    assert pids.failed and pids.detail.endswith("pids.max=max"), pids
+    assert cpu.failed and ("=-1" in cpu.detail or "=max " in cpu.detail), cpu
+    assert all(r.passed for r in by_item[7]), "the memory limit still holds"
+
+
+def test_network_none_and_read_only_root_change_the_evidence(
+    tmp_path, default_audit, docker_engine
+):
+    by_item, _attrs = audited(tmp_path, network="none", read_only_root=True)
+    default, _ = default_audit
+    assert "network on (bridge): interfaces eth0, lo" in detail(default, 13)
+    assert detail(by_item, 13).startswith("network none: interfaces lo, default route none")
+    assert "/ mounted rw" in detail(default, 9) and "not required" in detail(default, 9)
+    assert "/ mounted ro" in detail(by_item, 9) and "Read-only file system" in detail(by_item, 9)
+    assert all(r.passed for item in (9, 13) for r in by_item[item])
