@@ -11,7 +11,7 @@ from invoke import Collection, Context, Exit
 from .. import console, images, labels, runtime
 from ..config import Settings
 from ..errors import UsageError
-from ..images import debian_base, inventory, smoke
+from ..images import ca, debian_base, inventory, smoke, tool_sources
 from ..runtime import security_audit
 from ..runtime.history import AuditLog
 from ._common import settings, task
@@ -220,7 +220,14 @@ def build_full(
 ) -> None:
     """Build stigmer-sandbox-full:local: basic plus cloud and infrastructure CLIs."""
     current = settings(c, tools_mirror=tools_mirror)
-    skipped = images.check_skipped(current.root / images.CONTEXT_DIR, skip_tool or [])
+    context = current.root / images.CONTEXT_DIR
+    skipped = images.check_skipped(context, skip_tool or [])
+    extra_ca = ca.detect(ca_cert or current.ca_cert)
+    reachable = tool_sources.preflight(
+        context, current.tools_mirror, skip_tool or [], extra_ca.path if extra_ca else None
+    )
+    if reachable:
+        console.info(f"preflight: all {len(reachable)} tool downloads answer")
     shared = _options([], False, pull, None, [], network, ca_cert, False)
     basic = build_kind(current, "basic", shared, progress)
     options = _options(tag or [], no_cache, pull, target, build_arg or [], network, ca_cert, force)
