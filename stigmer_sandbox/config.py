@@ -37,11 +37,20 @@ IMAGE_RE = re.compile(
 )
 CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([bkmg]?)b?$", re.IGNORECASE)
+# The largest per-call output cap: the channel sizes its frames from it.
+MAX_OUTPUT_LIMIT = 64 * 1024 * 1024
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
-def _key(help_text: str, default: Any, choices: tuple[str, ...] = (), kind: str = "") -> Any:
-    return field(default=default, metadata={"help": help_text, "choices": choices, "kind": kind})
+def _key(
+    help_text: str,
+    default: Any,
+    choices: tuple[str, ...] = (),
+    kind: str = "",
+    maximum: float | None = None,
+) -> Any:
+    metadata = {"help": help_text, "choices": choices, "kind": kind, "maximum": maximum}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,10 @@ class Settings:
 
     image: str = _key("sandbox image to run", "stigmer-sandbox-basic:local", kind="image")
     execution_mode: str = _key(
-        "where `inv run` runs commands", "sandbox", choices=("sandbox", "local")
+        "where commands run: sandbox, local (this host, no isolation), or auto (sandbox when "
+        "the engine answers and the image exists)",
+        "sandbox",
+        choices=("sandbox", "local", "auto"),
     )
     container_name: str = _key(
         "name of the long-lived sandbox container", "stigmer-sandbox", kind="container"
@@ -80,15 +92,23 @@ class Settings:
     memory: str = _key("sandbox memory limit (memory+swap is the same)", "2g", kind="size")
     cpus: float = _key("sandbox CPU limit", 2.0)
     pids_limit: int = _key("sandbox process limit", 512)
-    tmp_size: str = _key("size of the /tmp tmpfs", "512m", kind="size")
+    tmp_size: str = _key(
+        "size of the /tmp tmpfs (executable; counts against the memory limit)", "512m", kind="size"
+    )
     network: str = _key("sandbox network", "bridge", choices=("bridge", "none"))
     read_only_root: bool = _key("mount the sandbox's root filesystem read-only", False)
     timeout: float = _key("default command timeout in seconds", 600.0)
-    output_limit: int = _key("bytes kept per output stream", 1024 * 1024)
+    output_limit: int = _key(
+        "bytes kept per output stream (at most 64 MiB)", 1024 * 1024, maximum=MAX_OUTPUT_LIMIT
+    )
     max_lifetime_hours: float = _key("sandbox lifetime before cleanup may reap it (0: none)", 24.0)
     mount_aws: bool = _key("mount ~/.aws read-only into the sandbox", False)
     mount_kube: bool = _key("mount ~/.kube read-only into the sandbox", False)
     allow_root_shell: bool = _key("allow `sandbox.shell --root`", False)
+    git_name: str = _key("git author and committer name in the sandbox", "Stigmer Sandbox")
+    git_email: str = _key(
+        "git author and committer email in the sandbox", "sandbox@stigmer-sandbox.invalid"
+    )
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):
@@ -153,7 +173,7 @@ def _validate(item: dataclasses.Field, value: Any, source: str) -> None:
 
 
 def _check_value(item: dataclasses.Field, value: Any, source: str) -> None:
-    choices, kind = item.metadata["choices"], item.metadata["kind"]
+    choices, kind, maximum = (item.metadata[k] for k in ("choices", "kind", "maximum"))
     problem = None
     if choices and value not in choices:
         problem = f"must be one of {', '.join(choices)}"
@@ -165,6 +185,8 @@ def _check_value(item: dataclasses.Field, value: Any, source: str) -> None:
         problem = "must be a size like 512m or 2g"
     elif isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
         problem = "must not be negative"
+    elif maximum is not None and value > maximum:
+        problem = f"must be at most {maximum}"
     if problem:
         raise ConfigError(f"{source}: key '{item.name}' {problem}, got {value!r}")
 

@@ -35,7 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define USAGE "usage: stigmer-exec [--uid N --gid N] [--status-fd FD] " \
+#define USAGE "usage: stigmer-exec [--uid N --gid N] [--cwd DIR] [--status-fd FD] " \
               "[--timeout SECONDS] [--keep-background] -- PROGRAM [ARGS...]"
 #define PID_LIMIT (4 * 1024 * 1024) /* PID_MAX_LIMIT: no pid is larger */
 #define SEC 1000000000LL
@@ -47,6 +47,7 @@ struct opts {
     int status_fd;      /* -1: none */
     double timeout;     /* 0: none */
     int keep_background;
+    const char *cwd;    /* entered as the command's user; NULL: stay */
     char **argv;        /* PROGRAM [ARGS...] */
     char bad[200];      /* first usage error, "" if none */
 };
@@ -65,7 +66,8 @@ struct tree {           /* one scan of /proc */
     size_t n, cap;
 };
 
-struct start_error { int in_exec, err; }; /* child -> parent, over the pipe */
+enum step { SWITCH_IDS, EXEC, CHDIR };   /* where the child failed */
+struct start_error { int step, err; }; /* child -> parent, over the pipe */
 
 static long long now_ns(void)
 {
@@ -192,6 +194,10 @@ static void kill_tree(struct tree *t, struct result *r)
     sigemptyset(&chld);
     sigaddset(&chld, SIGCHLD);
     for (;;) {
+        /* No child left means no descendant: orphans are re-parented to this subreaper,
+         * so a command that left nothing costs no /proc scan. */
+        if (reap(r))
+            return;
         scan(t, self);
         for (int pass = 0; pass < 2; pass++) /* freeze all, then kill all */
             for (size_t i = 0; i < t->n; i++) {
@@ -205,8 +211,6 @@ static void kill_tree(struct tree *t, struct result *r)
                     r->killed++;
                 }
             }
-        if (reap(r))
-            return;
         long long now = now_ns();
         if (now >= deadline) {
             if (!r->error[0])
@@ -237,6 +241,10 @@ static void child(const struct opts *o, int errfd)
                  groups[0] != g || (u != 0 && setuid(0) == 0))
             m.err = EPERM;
     }
+    if (!m.err && o->cwd && chdir(o->cwd)) { /* as the command's user: no root lookups */
+        m.step = CHDIR;
+        m.err = errno;
+    }
     if (!m.err) {
         sigset_t none;
         for (int s = 1; s < NSIG; s++)
@@ -244,12 +252,12 @@ static void child(const struct opts *o, int errfd)
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
         execvp(o->argv[0], o->argv);
-        m.in_exec = 1;
+        m.step = EXEC;
         m.err = errno;
     }
     ssize_t ignored = write(errfd, &m, sizeof m);
     (void)ignored;
-    _exit(m.in_exec && m.err == ENOENT ? 127 : 126);
+    _exit(m.step == EXEC && m.err == ENOENT ? 127 : 126);
 }
 
 /* Write the status line (bounded: 1 s for the fd to take it) and return code. */
@@ -311,6 +319,14 @@ static void parse(int argc, char **argv, struct opts *o)
         if (!strcmp(a, "--keep-background")) {
             if (o->keep_background++)
                 BAD("%s given twice", a);
+            continue;
+        }
+        if (!strcmp(a, "--cwd")) {
+            i++;
+            if (o->cwd || !v || !*v)
+                BAD("--cwd needs one folder");
+            else
+                o->cwd = v;
             continue;
         }
         if (strcmp(a, "--uid") && strcmp(a, "--gid") && strcmp(a, "--status-fd") &&
@@ -411,9 +427,11 @@ int main(int argc, char **argv)
     int code = r.timed_out ? 124 : !r.reaped ? 128 + SIGKILL
              : WIFSIGNALED(r.status) ? 128 + WTERMSIG(r.status) : WEXITSTATUS(r.status);
     if (r.reaped && read(ep[0], &m, sizeof m) == (ssize_t)sizeof m) {
-        code = m.in_exec && m.err == ENOENT ? 127 : 126;
-        if (m.in_exec)
+        code = m.step == EXEC && m.err == ENOENT ? 127 : 126;
+        if (m.step == EXEC)
             snprintf(r.error, sizeof r.error, "%.200s: %s", o.argv[0], strerror(m.err));
+        else if (m.step == CHDIR)
+            snprintf(r.error, sizeof r.error, "cd: %.200s: %s", o.cwd, strerror(m.err));
         else
             snprintf(r.error, sizeof r.error, "cannot run as uid %lld gid %lld: %s", o.uid, o.gid,
                      strerror(m.err));

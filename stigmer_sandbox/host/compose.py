@@ -11,12 +11,13 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import engine, labels, policy
 from ..config import Settings
-from ..errors import ConfigError, SandboxError
+from ..errors import ConfigError, SandboxError, SandboxNotReady
 
 INSTALL_HINT = (
     "install the compose plugin (https://docs.docker.com/compose/install/) "
@@ -73,27 +74,8 @@ BASE_FILE = "docker-compose.sandbox.yml"
 ADVANCED_FILE = "docker-compose.sandbox.advanced.yml"
 DATABASE_FILE = "docker-compose.sandbox.database.yml"
 SERVICE = "sandbox"
-HOST_NAMESPACES = ("network_mode", "pid", "ipc", "uts", "userns_mode")
-DANGEROUS_CAPS = {"ALL", "SYS_ADMIN", "SYS_PTRACE", "SYS_MODULE", "NET_ADMIN", "DAC_READ_SEARCH"}
-SENSITIVE_SOURCES = (
-    "/",
-    "/etc",
-    "/root",
-    "/var",
-    "/run",
-    "/proc",
-    "/sys",
-    "/dev",
-    "/boot",
-    "/usr",
-    "~",
-    "~/.aws",
-    "~/.kube",
-    "~/.ssh",
-    "~/.docker",
-    "~/.gnupg",
-    "~/.config",
-)
+# `${VAR}` and `${VAR:-default}` as compose substitutes them in a volume source.
+VARIABLE_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
 
 
 @dataclass(frozen=True)
@@ -135,39 +117,63 @@ def compose_files(directory: Path, advanced: bool, database: bool) -> tuple[Path
     return files
 
 
-def _service_problems(service: str, spec: dict) -> Iterator[str]:
+@dataclass(frozen=True)
+class MountContext:
+    """What a volume source is resolved against: compose's variables and folders."""
+
+    environment: Mapping[str, str]
+    directory: Path
+    protected: policy.Protected
+
+    def expand(self, text: str) -> str:
+        """`text` with compose's variables substituted."""
+        return VARIABLE_RE.sub(
+            lambda m: self.environment.get(m.group(1)) or (m.group(2) or ""), text
+        )
+
+    def source(self, text: str) -> Path | None:
+        """The host path a bind source names (None for a named volume)."""
+        if not text.startswith(("/", ".", "~")):
+            return None
+        return (self.directory / os.path.expanduser(text)).resolve()
+
+
+def _service_problems(service: str, spec: dict, mounts: MountContext) -> Iterator[str]:
     if spec.get("privileged"):
         yield f"service '{service}': privileged: true is not allowed"
-    for key in HOST_NAMESPACES:
+    for key in policy.HOST_NAMESPACE_KEYS:
         if str(spec.get(key, "")).startswith("host"):
             yield f"service '{service}': {key}: host shares the host's namespace"
     added = {str(cap).upper().removeprefix("CAP_") for cap in spec.get("cap_add") or []}
-    if added & DANGEROUS_CAPS:
-        yield f"service '{service}': cap_add {sorted(added & DANGEROUS_CAPS)} is not allowed"
+    if added & policy.DANGEROUS_CAPABILITIES:
+        dangerous = sorted(added & policy.DANGEROUS_CAPABILITIES)
+        yield f"service '{service}': cap_add {dangerous} is not allowed"
     if spec.get("devices"):
         yield f"service '{service}': devices exposes host devices"
     for volume in spec.get("volumes") or []:
-        problem = _volume_problem(volume)
+        problem = _volume_problem(volume, mounts)
         if problem:
             yield f"service '{service}': volumes: {problem}"
 
 
-def _volume_problem(volume: object) -> str | None:
+def _volume_problem(volume: object, mounts: MountContext) -> str | None:
     if isinstance(volume, dict):
-        source, read_only = str(volume.get("source", "")), bool(volume.get("read_only"))
+        source = mounts.expand(str(volume.get("source", "")))
+        read_only = bool(volume.get("read_only"))
     else:
-        parts = str(volume).split(":")
+        parts = mounts.expand(str(volume)).split(":")
         source = parts[0]
         read_only = len(parts) > 2 and "ro" in parts[2].split(",")
-    if "docker.sock" in source:
-        return f"{source} would give the sandbox the Docker Engine"
-    normalised = source.rstrip("/") or "/"
-    if normalised in SENSITIVE_SOURCES and not read_only:
-        return f"{source} is a sensitive host folder and must be mounted read-only (:ro)"
-    return None
+    path = mounts.source(source)
+    if path is None:
+        return None
+    problem = policy.mount_problem(path, mounts.protected, read_only=read_only)
+    if problem and not read_only:
+        problem += " (a read-only credential folder needs :ro)"
+    return f"{source} ({path}) {problem}" if problem else None
 
 
-def validate(path: Path) -> dict:
+def validate(path: Path, mounts: MountContext) -> dict:
     """Load one compose file and refuse what a sandbox must never have; one line per problem."""
     import yaml
 
@@ -181,31 +187,32 @@ def validate(path: Path) -> dict:
     if not isinstance(services, dict):
         raise ConfigError(f"{path}: needs a 'services' mapping")
     for name, spec in services.items():
-        for problem in _service_problems(str(name), spec or {}):
+        for problem in _service_problems(str(name), spec or {}, mounts):
             raise ConfigError(f"{path}: {problem}")
     return document
 
 
 def project(settings: Settings, advanced: bool = False, database: bool = False) -> ComposeProject:
-    """The compose project for these settings: tool found, files validated, values filled in."""
+    """The compose project for these settings: folders checked against the policy, tool
+    found, files validated, values filled in. Nothing on disk changes before that."""
+    folders = policy.sandbox_folders(settings)
+    if advanced:  # the advanced file mounts ~/.aws and ~/.kube read-only
+        policy.credential_folders(settings.replace(mount_aws=True, mount_kube=True))
     tool = detect(settings.compose)
     files = compose_files(settings.root, advanced, database)
-    for path in files:
-        validate(path)
-    if advanced:
-        for folder in (".aws", ".kube"):
-            if not (Path.home() / folder).is_dir():
-                raise ConfigError(
-                    f"--advanced mounts ~/{folder} read-only, but it does not exist",
-                    f"create {Path.home() / folder} (it may stay empty)",
-                )
     environment = {
         "STIGMER_SANDBOX_IMAGE": settings.image,
-        "STIGMER_WORKSPACE": str(settings.path("workspace")),
-        "STIGMER_LOGS": str(settings.path("logs")),
+        "STIGMER_WORKSPACE": str(folders["workspace"]),
+        "STIGMER_LOGS": str(folders["logs"]),
         "STIGMER_MEMORY": settings.memory,
         "STIGMER_TMP_SIZE": settings.tmp_size,
+        "STIGMER_GIT_NAME": settings.git_name,
+        "STIGMER_GIT_EMAIL": settings.git_email,
     }
+    protected = policy.Protected.of(settings)
+    mounts = MountContext({**os.environ, **environment}, settings.root, protected)
+    for path in files:
+        validate(path, mounts)
     return ComposeProject(tool, settings.root, (*files, _limits_override(settings)), environment)
 
 
@@ -242,3 +249,35 @@ def run(
         capture_output=capture,
         text=True,
     )
+
+
+def up(
+    settings: Settings,
+    advanced: bool = False,
+    database: bool = False,
+    timeout: float = 60.0,
+    echo: Callable[[list[str]], None] | None = None,
+) -> float:
+    """Start the compose sandbox in the background and wait until it is healthy; returns
+    the seconds the wait took. Refuses a sandbox of the same name that `Sandbox.up` made."""
+    target = project(settings, advanced, database)
+    existing = engine.find_container(settings.container_name)
+    if existing is not None and existing.labels.get(labels.KIND) != "compose":
+        raise SandboxError(
+            f"{existing.name} was started by `inv sandbox.up`",
+            "stop it with `inv sandbox.down` first",
+        )
+    policy.prepare_folders(settings)
+    done = run(target, "up", "-d", echo=echo)
+    if done.returncode:
+        raise SandboxError(f"compose up failed (exit {done.returncode})")
+    container = engine.find_container(settings.container_name)
+    if container is None:
+        raise SandboxNotReady(f"compose did not create {settings.container_name}")
+    healthy, detail, seconds = engine.wait_healthy(container, timeout)
+    if not healthy:
+        raise SandboxNotReady(
+            f"{settings.container_name} is not healthy: {detail}",
+            f"see `inv compose.logs`; `docker inspect {settings.container_name}`",
+        )
+    return seconds

@@ -8,14 +8,12 @@ outside the folder can change, whatever the sandbox planted in it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import engine, labels
+from .. import engine, labels, policy
 from ..config import Settings
 from ..errors import SandboxError, UsageError
-from ..runtime.sandbox import SANDBOX_UID, check_mount_source
 
 TARGET = "/target"
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown
@@ -30,23 +28,18 @@ class OwnershipChange:
     problems: str
 
 
-def host_user() -> tuple[int, int]:
-    """The invoking user: under sudo, the user who ran sudo."""
-    if os.getuid() == 0 and os.environ.get("SUDO_UID", "").isdigit():
-        return int(os.environ["SUDO_UID"]), int(os.environ.get("SUDO_GID", os.environ["SUDO_UID"]))
-    return os.getuid(), os.getgid()
-
-
 def target_owner(to_host: bool, uid: int | None, gid: int | None) -> tuple[int, int]:
-    """The owner to give: explicit uid/gid, the host user, or the sandbox user (1000)."""
+    """The owner to give: explicit uid/gid, the host user, or the user the sandbox runs as
+    (the host user's ids, or 1000 for a root host user: `policy.sandbox_user`)."""
+    default = policy.host_user() if to_host else policy.sandbox_user()
     if uid is not None or gid is not None:
-        base = uid if uid is not None else SANDBOX_UID
+        base = uid if uid is not None else default[0]
         owner = base, gid if gid is not None else base
         if not all(0 <= value <= MAX_ID for value in owner):
             # find reads `-uid -5` as "below 5": a bad id must never reach the script
             raise UsageError(f"--uid/--gid must be between 0 and {MAX_ID}, got {uid}:{gid}")
         return owner
-    return host_user() if to_host else (SANDBOX_UID, SANDBOX_UID)
+    return default
 
 
 def _script(uid: int, gid: int, dry_run: bool) -> str:
@@ -72,13 +65,12 @@ def fix_ownership(settings: Settings, uid: int, gid: int, dry_run: bool) -> list
     """Give the workspace and logs folders (and everything in them) to uid:gid."""
     from docker.types import Mount
 
+    folders = policy.sandbox_folders(settings)  # every folder checked before any change
     image = _helper_image(settings)
     changes = []
-    for key in ("workspace", "logs"):
-        folder = settings.path(key)
+    for folder in folders.values():
         if not folder.is_dir():
             continue
-        check_mount_source(folder, key)
         with engine.engine_errors():
             container = engine.client().containers.run(
                 image,

@@ -1,14 +1,18 @@
-"""The sandbox runtime: containers, the command channel and its in-container agent, the
-audit trail (`history`) and the security audit of a running sandbox (`security_audit`)."""
+"""The sandbox runtime: containers (`sandbox`), local mode (`local`), what a command is and
+returns (`commands`), how commands travel (`channel`) and run inside (`agent`), the audit
+trail (`history`) and the security audit of a running sandbox (`security_audit`)."""
 
 from .channel import OutputCallback
-from .sandbox import ExecOptions, ExecResult, Sandbox, interactive_shell, run_local
+from .commands import ExecOptions, ExecResult
+from .local import LocalSandbox, open_sandbox
+from .sandbox import Sandbox, interactive_shell
 
 __all__ = [
     "ExecOptions",
     "ExecResult",
+    "LocalSandbox",
     "OutputCallback",
     "Sandbox",
     "interactive_shell",
-    "run_local",
+    "open_sandbox",
 ]

@@ -1,21 +1,31 @@
 """In-container command agent: runs the host's commands over one attached exec stream.
 
-This file is sent into the sandbox as source (`python3 -u -c <this file>`) and
-must stay standard-library Python 3.11 with no imports from the package. The
-host imports `OutputCapture` and `exit_cause` from it too, so both sides cap
-output and classify exits the same way.
+The host sends this file's source as the first line on the agent's stdin and starts it
+as `/usr/bin/python3 -I -S -u -c <bootstrap> UID GID` (absolute path, isolated mode, no
+site: nothing the sandbox user can write is imported). It must stay standard-library
+Python 3.11 with no imports from the package. The host imports `OutputCapture`,
+`exit_cause`, `Pump` and `oom_kills` from it too, so both sides cap output and classify
+exits the same way.
+
+Privilege separation: the agent runs as uid 0 holding only CAP_SETUID, CAP_SETGID and
+CAP_KILL. Each command runs through the root-owned `stigmer-exec` helper, which becomes
+the command's subreaper, switches it to the sandbox user (no capabilities) and kills
+every process the command started when it ends, times out or the agent dies. A command
+can therefore neither signal, trace nor read the agent or its helper, nor write into
+their pipes: nothing it does reaches the stream the host reads.
 
 Protocol: JSON lines. The host writes requests to the agent's stdin:
-  {"op": "exec", "id": 7, "argv": [...], "env": {...}, "cwd": "/workspace",
+  {"op": "exec", "id": 7, "cid": "ab12", "argv": [...], "env": {...}, "cwd": "/workspace",
    "timeout": 600, "limit": 1048576, "stdin": "<base64>" | null, "keep_background": false}
   {"op": "ping", "id": 8}
 The agent answers on stdout:
   {"id": 7, "type": "out", "stream": "stdout", "data": "<base64>"}   (live, head only)
   {"id": 7, "type": "done", "exit_code": 0, "signal": null, "timed_out": false,
-   "oom_killed": false, "duration_s": 0.01,
+   "oom_killed": false, "oom_overlap": [], "duration_s": 0.01, "error": null,
    "stdout": {"tail": "<base64>", "dropped": 0, "total": 12}, "stderr": {...}}
-  (the head of each stream arrived before as "out" messages)
-  {"id": 8, "type": "pong"}
+  {"id": 8, "type": "pong", "pid": 42}
+  {"id": 0, "type": "beat"}          (every second: the host judges liveness by it)
+  {"id": 7, "type": "error", "message": "..."}   (this request alone could not run)
 """
 
 from __future__ import annotations
@@ -24,23 +34,25 @@ import base64
 import contextlib
 import json
 import os
+import pwd
 import select
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterable
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterable
+from typing import IO, Any, BinaryIO
 
 Message = dict[str, Any]
 Process = subprocess.Popen[bytes]
 
-TOKEN_VAR = "STIGMER_EXEC_TOKEN"
+EXEC_HELPER = "/usr/local/libexec/stigmer-sandbox/stigmer-exec"
 TIMEOUT_EXIT = 124
 READ_CHUNK = 65536
-KILL_DEADLINE_S = 10.0
+HEARTBEAT_S = 1.0
+# The helper enforces each timeout; the agent steps in only if the helper does not.
+BACKSTOP_S = 3.0
 # Linux refuses any single argument over 128 KiB (MAX_ARG_STRLEN); stay well below.
 MAX_INLINE_ARG = 100_000
 # After the command exits, wait this long for output still in flight; a background
@@ -83,8 +95,12 @@ class OutputCapture:
         return bytes(self.head) + marker + bytes(self.tail)
 
 
-def exit_cause(exit_code: int, signal_number: int | None, timed_out: bool, oom_killed: bool) -> str:
-    """Why a command ended: timeout, oom, signal or exit."""
+def exit_cause(
+    exit_code: int | None, signal_number: int | None, timed_out: bool, oom_killed: bool
+) -> str:
+    """Why a command ended: lost, timeout, oom, signal or exit."""
+    if exit_code is None:
+        return "lost"
     if timed_out:
         return "timeout"
     if oom_killed:
@@ -103,106 +119,74 @@ def oom_kills() -> int | None:
                     key, _, value = line.partition(" ")
                     if key == "oom_kill":
                         return int(value)
-        except OSError:
+        except (OSError, ValueError):
             continue
     return None
-
-
-def processes_with_token(token: str) -> list[int]:
-    """Pids of every process whose environment carries `token` (setsid cannot hide them)."""
-    marker = f"{TOKEN_VAR}={token}".encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as handle:
-                if marker in handle.read().split(b"\0"):
-                    found.append(int(name))
-        except OSError:
-            continue
-    return found
-
-
-def kill_tree(process: Process, token: str) -> None:
-    """Kill the command's process group and everything else it started.
-
-    Each round freezes every marked process (SIGSTOP) before killing them, so
-    even a fork bomb stops growing and the rounds converge.
-    """
-    with contextlib.suppress(OSError):
-        os.killpg(process.pid, signal.SIGKILL)
-    deadline = time.monotonic() + KILL_DEADLINE_S
-    while time.monotonic() < deadline:
-        pids = processes_with_token(token)
-        if not pids:
-            return
-        for sig in (signal.SIGSTOP, signal.SIGKILL):
-            for pid in pids:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, sig)
 
 
 class Pump:
     """One command's pipes, exit and deadline, all served by one thread.
 
-    The command's exit wakes the loop through a pidfd; then what it left running is
-    ended (unless kept), and output still in flight gets a short grace.
+    The process's exit wakes the loop through a pidfd; `expire` runs once at the
+    deadline, `ended` once when the process has exited; output still in flight after
+    the exit gets a short grace.
     """
 
     def __init__(
         self,
-        agent: Agent,
-        request: Message,
         process: Process,
-        token: str,
+        *,
         captures: dict[str, OutputCapture],
+        live: Callable[[str, bytes], None],
+        deadline: float,
+        expire: Callable[[], None],
+        ended: Callable[[], None],
     ) -> None:
-        self.agent, self.request, self.process, self.token = agent, request, process, token
-        self.captures = captures
-        self.deadline = time.monotonic() + float(request.get("timeout") or 3600)
         if process.stdout is None or process.stderr is None:
             raise ValueError("the command was started without output pipes")
+        self.process, self.captures, self.live = process, captures, live
+        self.deadline, self.expire, self.ended = deadline, expire, ended
         self.streams = (process.stdout, process.stderr)
         self.pipes = {process.stdout.fileno(): "stdout", process.stderr.fileno(): "stderr"}
         self.exit_fd = exit_watcher(process)
-        self.timed_out = False
+        self.expired = False
         self.grace_until: float | None = None
 
-    def run(self) -> bool:
-        """Serve the command until its pipes close; returns whether it timed out."""
-        while self.pipes and not self._grace_over():
-            self._check_exit_and_deadline()
-            if self.pipes and not self._grace_over():
-                ready, _, _ = select.select(self._watched(), [], [], self._wait())
-                self._handle(ready)
-        self._wait_without_pipes()
-        for pipe in self.streams:
-            pipe.close()
-        if self.exit_fd is not None:
-            os.close(self.exit_fd)
-        return self.timed_out
+    def run(self) -> None:
+        """Serve the process until its pipes close (or the grace after its exit ends)."""
+        try:
+            while self.pipes and not self._grace_over():
+                self._check_exit_and_deadline()
+                if self.pipes and not self._grace_over():
+                    ready, _, _ = select.select(self._watched(), [], [], self._wait())
+                    self._handle(ready)
+            while self.process.returncode is None:
+                self._check_exit_and_deadline()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=max(0.01, self._wait()))
+            if self.grace_until is None:
+                self._exited()
+        finally:
+            for pipe in self.streams:
+                pipe.close()
+            if self.exit_fd is not None:
+                os.close(self.exit_fd)
 
     def _grace_over(self) -> bool:
         return self.grace_until is not None and time.monotonic() >= self.grace_until
 
-    def _ended(self) -> None:
-        if not self.timed_out and not self.request.get("keep_background"):
-            kill_tree(self.process, self.token)  # what the command left running ends with it
+    def _exited(self) -> None:
+        self.ended()
         self.grace_until = time.monotonic() + EXIT_GRACE_S
 
-    def _timeout(self) -> None:
-        self.timed_out = True
-        kill_tree(self.process, self.token)
-        self.process.wait()
-
     def _check_exit_and_deadline(self) -> None:
-        if self.exit_fd is None:
-            self.process.poll()
-        if self.process.returncode is None and time.monotonic() >= self.deadline:
-            self._timeout()
+        self.process.poll()
+        due = time.monotonic() >= self.deadline
+        if self.process.returncode is None and not self.expired and due:
+            self.expired = True
+            self.expire()
         if self.process.returncode is not None and self.grace_until is None:
-            self._ended()
+            self._exited()
 
     def _watched(self) -> list[int]:
         watched = list(self.pipes)
@@ -211,49 +195,35 @@ class Pump:
         return watched
 
     def _wait(self) -> float:
-        wait = (self.grace_until or self.deadline) - time.monotonic()
+        until = self.grace_until or (self.deadline if not self.expired else time.monotonic() + 1)
+        wait = until - time.monotonic()
         return max(0.0, wait if self.exit_fd is not None else min(wait, 0.05))
 
     def _handle(self, ready: list[int]) -> None:
         for fd in ready:
             if fd == self.exit_fd:
-                self.process.wait()
+                self.process.poll()
                 continue
             data = os.read(fd, READ_CHUNK)
             if not data:
                 del self.pipes[fd]
                 continue
             name = self.pipes[fd]
-            live = self.captures[name].feed(data)
-            if live:
-                self.agent.send(
-                    {
-                        "id": self.request["id"],
-                        "type": "out",
-                        "stream": name,
-                        "data": base64.b64encode(live).decode(),
-                    }
-                )
-
-    def _wait_without_pipes(self) -> None:
-        """The command closed both pipes but may still run: wait for it, to the deadline."""
-        if self.process.returncode is not None:
-            return
-        try:
-            self.process.wait(timeout=max(0.0, self.deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            self._timeout()
-        if self.grace_until is None:
-            self._ended()
+            head = self.captures[name].feed(data)
+            if head:
+                self.live(name, head)
 
 
 class Agent:
     """Reads requests from stdin, runs each in its own thread, writes answers to stdout."""
 
-    def __init__(self, output: BinaryIO) -> None:
+    def __init__(self, output: BinaryIO, uid: int, gid: int) -> None:
         self.output = output
+        self.uid, self.gid = uid, gid
         self.lock = threading.Lock()
-        self.active: dict[str, Process] = {}
+        self.running: dict[str, set[str]] = {}  # command id -> ids that overlapped it
+        self.helpers: set[Process] = set()
+        self.base_env = command_environment(dict(os.environ), uid)
 
     def send(self, message: Message) -> None:
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
@@ -261,113 +231,230 @@ class Agent:
             self.output.write(data)
             self.output.flush()
 
+    def heartbeat(self) -> None:
+        while True:
+            self.send({"id": 0, "type": "beat"})
+            time.sleep(HEARTBEAT_S)
+
     def serve(self, requests: Iterable[bytes]) -> None:
+        threading.Thread(target=self.heartbeat, daemon=True).start()
         for line in requests:
-            if not line.strip():
-                continue
-            try:
-                request = json.loads(line)
-                request["id"]
-            except (ValueError, TypeError, KeyError):
+            request = parse_request(line)
+            if request is None:
                 continue  # not a request; the host never sends these
-            if request.get("op") == "ping":
+            if request["op"] == "ping":
                 self.send({"id": request["id"], "type": "pong", "pid": os.getpid()})
-            elif request.get("op") == "exec":
+            elif request["op"] == "exec":
                 try:
                     threading.Thread(target=self.run, args=(request,), daemon=True).start()
                 except RuntimeError as exc:  # the sandbox's process limit is reached
-                    self.send({"id": request["id"], "type": "error", "message": str(exc)})
-        # The host is gone (closed our stdin, or was killed): nothing it started may linger.
-        for token, process in list(self.active.items()):
-            kill_tree(process, token)
+                    self.fail(request, f"could not start a thread for it: {exc}")
+        # The host is gone: each helper ends its command's whole tree on SIGTERM.
+        for helper in list(self.helpers):
+            with contextlib.suppress(OSError):
+                helper.send_signal(signal.SIGTERM)
+
+    def fail(self, request: Message, reason: str) -> None:
+        self.send({"id": request["id"], "type": "error", "message": reason})
 
     def run(self, request: Message) -> None:
         try:
             self.send(self.execute(request))
-        except Exception as exc:
-            self.send({"id": request["id"], "type": "error", "message": repr(exc)})
+        except Exception as exc:  # one request failing must not end the agent
+            self.fail(request, f"{type(exc).__name__}: {exc}")
 
     def execute(self, request: Message) -> Message:
-        rid = request["id"]
-        token = f"{os.getpid()}.{rid}.{time.monotonic_ns()}"
-        env = dict(os.environ)
-        env.update(request.get("env") or {})
-        env[TOKEN_VAR] = token
-        cwd = request.get("cwd") or "/workspace"
-        if not os.path.isdir(cwd):
-            return failed(rid, 2, f"cd: {cwd}: No such directory\n")
-        argv, script = inline_long_script(request["argv"])
+        cid = str(request.get("cid") or request["id"])
+        with self.lock:
+            for others in self.running.values():
+                others.add(cid)
+            self.running[cid] = set(self.running)
+            self.running[cid].discard(cid)
         try:
-            return self._spawn_and_wait(request, argv, env, cwd, token)
+            message = self._execute(request)
         finally:
-            if script:
-                os.unlink(script)
+            with self.lock:
+                overlap = self.running.pop(cid, set())
+        if message["oom_killed"]:
+            message["oom_overlap"] = sorted(overlap)
+        return message
 
-    def _spawn_and_wait(
-        self, request: Message, argv: list[str], env: dict[str, str], cwd: str, token: str
-    ) -> Message:
-        rid = request["id"]
-        limit = int(request.get("limit") or 1048576)
+    def _execute(self, request: Message) -> Message:
+        argv, script = inline_long_script(list(request["argv"]))
+        status_read, status_write = os.pipe()
+        script_read, script_write = os.pipe() if script is not None else (-1, -1)
+        passed = [fd for fd in (status_write, script_read) if fd >= 0]
+        if script is not None:
+            os.fchmod(script_read, 0o444)  # bash reopens /dev/fd/N as the sandbox user
+            argv = [argv[0], f"/dev/fd/{script_read}", *argv[1:]]
         stdin = request.get("stdin")
         before = oom_kills()
         started = time.monotonic()
         try:
             process = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
+                self._helper_argv(request, status_write, argv),
+                env={**self.base_env, **(request.get("env") or {})},
+                cwd="/",
+                pass_fds=passed,
                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )
-        except FileNotFoundError:
-            return failed(rid, 127, f"{argv[0]}: command not found\n")
-        except PermissionError:
-            return failed(rid, 126, f"{argv[0]}: permission denied\n")
-        self.active[token] = process
-        prefer_as_oom_victim(process.pid)
-        if stdin is not None:
-            threading.Thread(
-                target=feed_stdin, args=(process, base64.b64decode(stdin)), daemon=True
-            ).start()
+        except OSError:
+            for fd in (status_read, script_write):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in passed:
+                os.close(fd)
+        if script is not None:
+            feed(os.fdopen(script_write, "wb"), script)
+        with self.lock:
+            self.helpers.add(process)
+        try:
+            captures = self._pump(request, process, stdin)
+        finally:
+            with self.lock:
+                self.helpers.discard(process)
+        status = read_status(status_read, process.returncode)
+        grew = oom_grew(before, oom_kills())
+        return done_message(request, status, grew, time.monotonic() - started, captures)
+
+    def _helper_argv(self, request: Message, status_fd: int, argv: list[str]) -> list[str]:
+        options = ["--uid", str(self.uid), "--gid", str(self.gid), "--status-fd", str(status_fd)]
+        options += ["--timeout", repr(float(request.get("timeout") or 3600))]
+        options += ["--cwd", str(request.get("cwd") or "/workspace")]
+        if request.get("keep_background"):
+            options.append("--keep-background")
+        return [EXEC_HELPER, *options, "--", *argv]
+
+    def _pump(
+        self, request: Message, process: Process, stdin: str | None
+    ) -> dict[str, OutputCapture]:
+        if stdin is not None and process.stdin is not None:
+            feed(process.stdin, base64.b64decode(stdin))
+        limit = int(request.get("limit") or 1048576)
         captures = {"stdout": OutputCapture(limit), "stderr": OutputCapture(limit)}
-        timed_out = Pump(self, request, process, token, captures).run()
-        returncode = process.returncode
-        duration = time.monotonic() - started
-        self.active.pop(token, None)
-        after = oom_kills()
-        signal_number = -returncode if returncode < 0 else None
-        oom = (
-            not timed_out
-            and before is not None
-            and after is not None
-            and after > before
-            and signal_number == signal.SIGKILL
-        )
-        exit_code = (
-            TIMEOUT_EXIT if timed_out else (128 + signal_number if signal_number else returncode)
-        )
-        return {
-            "id": rid,
-            "type": "done",
-            "exit_code": exit_code,
-            "signal": signal_number,
-            "timed_out": timed_out,
-            "oom_killed": oom,
-            "duration_s": duration,
-            **{name: summary(capture) for name, capture in captures.items()},
-        }
+
+        def live(name: str, data: bytes) -> None:
+            message = {"id": request["id"], "type": "out", "stream": name}
+            self.send({**message, "data": base64.b64encode(data).decode()})
+
+        timeout = float(request.get("timeout") or 3600)
+        deadline = time.monotonic() + timeout + BACKSTOP_S
+        Pump(
+            process,
+            captures=captures,
+            live=live,
+            deadline=deadline,
+            expire=lambda: backstop(process),
+            ended=lambda: None,
+        ).run()
+        return captures
 
 
-def inline_long_script(argv: list[str]) -> tuple[list[str], str | None]:
-    """`bash -c SCRIPT` with a script too long for one argument: run it from a file."""
-    if len(argv) < 3 or argv[:2] != ["bash", "-c"] or len(argv[2].encode()) <= MAX_INLINE_ARG:
+def parse_request(line: bytes) -> Message | None:
+    """A well-formed request, or None."""
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(request, dict) or not isinstance(request.get("id"), int):
+        return None
+    if request.get("op") == "exec" and not (
+        isinstance(request.get("argv"), list)
+        and request["argv"]
+        and all(isinstance(a, str) for a in request["argv"])
+    ):
+        return None
+    return request if request.get("op") in ("ping", "exec") else None
+
+
+def command_environment(environ: dict[str, str], uid: int) -> dict[str, str]:
+    """The agent's environment made the sandbox user's: home, user name."""
+    try:
+        entry = pwd.getpwuid(uid)
+        environ.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
+    except KeyError:
+        environ.update(HOME="/tmp", USER=str(uid), LOGNAME=str(uid))
+    return environ
+
+
+def inline_long_script(argv: list[str]) -> tuple[list[str], bytes | None]:
+    """`bash -c SCRIPT` with a script too long for one argument: bash reads it from a pipe
+    (no file a command could delete or a full /tmp could refuse)."""
+    if len(argv) < 3 or argv[1] != "-c" or len(argv[2].encode()) <= MAX_INLINE_ARG:
         return argv, None
-    descriptor, path = tempfile.mkstemp(prefix="stigmer-command-", suffix=".sh")
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(argv[2])
-    return ["bash", path, *argv[3:]], path
+    if os.path.basename(argv[0]) not in ("bash", "sh"):
+        return argv, None
+    return [argv[0], *argv[3:]], argv[2].encode()
+
+
+def feed(pipe: IO[bytes], data: bytes) -> None:
+    """Write `data` to a pipe in the background, then close it."""
+    threading.Thread(target=feed_pipe, args=(pipe, data), daemon=True).start()
+
+
+def feed_pipe(pipe: IO[bytes], data: bytes) -> None:
+    with contextlib.suppress(OSError, ValueError):  # the reader may exit without reading
+        pipe.write(data)
+    with contextlib.suppress(OSError, ValueError):
+        pipe.close()
+
+
+def backstop(process: Process) -> None:
+    """The helper missed its own deadline: ask it to end the tree, then make sure."""
+    with contextlib.suppress(OSError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=BACKSTOP_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def read_status(fd: int, returncode: int | None) -> Message:
+    """The helper's one-line status; a helper that died without one is reported as such."""
+    with os.fdopen(fd, "rb") as handle:
+        raw = handle.read(65536)
+    try:
+        status = json.loads(raw)
+        if isinstance(status, dict) and isinstance(status.get("exit_code"), int):
+            return status
+    except (ValueError, RecursionError):
+        pass
+    code = returncode if returncode is not None else -9
+    return {
+        "exit_code": 128 - code if code < 0 else code,
+        "signal": -code if code < 0 else None,
+        "timed_out": False,
+        "error": f"the exec helper ended without a status (returncode {code})",
+    }
+
+
+def oom_grew(before: int | None, after: int | None) -> bool:
+    return before is not None and after is not None and after > before
+
+
+def done_message(
+    request: Message,
+    status: Message,
+    oom: bool,
+    duration: float,
+    captures: dict[str, OutputCapture],
+) -> Message:
+    return {
+        "id": request["id"],
+        "type": "done",
+        "exit_code": int(status["exit_code"]),
+        "signal": status.get("signal"),
+        "timed_out": bool(status.get("timed_out")),
+        "oom_killed": oom,
+        "oom_overlap": [],
+        "duration_s": duration,
+        "error": status.get("error"),
+        **{name: summary(capture) for name, capture in captures.items()},
+    }
 
 
 def summary(capture: OutputCapture) -> Message:
@@ -378,34 +465,6 @@ def summary(capture: OutputCapture) -> Message:
     }
 
 
-def failed(rid: Any, exit_code: int, message: str) -> Message:
-    """The answer for a command that could not start (as bash would report it)."""
-    data = message.encode()
-    empty = {"tail": "", "dropped": 0, "total": 0}
-    err = {"tail": base64.b64encode(data).decode(), "dropped": 0, "total": len(data)}
-    return {
-        "id": rid,
-        "type": "done",
-        "exit_code": exit_code,
-        "signal": None,
-        "timed_out": False,
-        "oom_killed": False,
-        "duration_s": 0.0,
-        "stdout": empty,
-        "stderr": err,
-    }
-
-
-def feed_stdin(process: Process, data: bytes) -> None:
-    if process.stdin is None:
-        return
-    try:
-        process.stdin.write(data)
-        process.stdin.close()
-    except OSError:
-        pass
-
-
 def exit_watcher(process: Process) -> int | None:
     """A pidfd that becomes readable when `process` exits, or None where unsupported."""
     try:
@@ -414,17 +473,9 @@ def exit_watcher(process: Process) -> int | None:
         return None
 
 
-def prefer_as_oom_victim(pid: int) -> None:
-    """Make the command, not the agent, the OOM killer's first choice."""
-    try:
-        with open(f"/proc/{pid}/oom_score_adj", "w") as handle:
-            handle.write("1000")
-    except OSError:
-        pass
-
-
 def main() -> None:
-    Agent(sys.stdout.buffer).serve(sys.stdin.buffer)
+    uid, gid = (int(value) for value in sys.argv[1:3])
+    Agent(sys.stdout.buffer, uid, gid).serve(sys.stdin.buffer)
 
 
 if __name__ == "__main__":

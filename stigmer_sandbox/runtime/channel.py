@@ -1,30 +1,28 @@
-"""How commands reach a running sandbox: the agent channel, or plain `docker exec`.
+"""How commands reach a running sandbox: the agent channel, or one `docker exec` each.
 
-Fast path: `stigmer_sandbox.runtime.agent` runs inside the container as the sandbox
-user, started once through one attached `docker exec` whose stdin/stdout carry
-JSON lines. A command then costs a fork inside the container and a few
-kilobytes on a socket, instead of an exec round trip through the engine
-(~50 ms). Many commands can be in flight at once; answers are matched by id.
+Fast path: `stigmer_sandbox.runtime.agent` runs inside the container as uid 0 with only
+CAP_SETUID, CAP_SETGID and CAP_KILL, started once through one attached `docker exec`
+whose stdin/stdout carry JSON lines. A command then costs two small execs inside the
+container and a few kilobytes on a socket, instead of an exec round trip through the
+engine (~50 ms). Many commands can be in flight at once; answers are matched by id.
 
-Threat model: the agent has exactly the rights of the commands it runs (same
-user, no capabilities, no new privileges); it adds no way out of the sandbox.
-A command can kill or tamper with it, because it lives inside the sandbox's
-trust boundary; then it can only misreport the sandbox's own results, which a
-sandboxed command can always do by printing. The host trusts nothing it says
-about size: every line read is bounded, output is re-capped on the host, and a
-dead or misbehaving agent is dropped; the next command falls back to
-`docker exec` and a new agent is started, so killing it only costs speed.
+Trust: commands run as the sandbox user through the root-owned `stigmer-exec` helper,
+so nothing they do reaches this stream (see `agent`). The host still trusts nothing it
+reads: every frame is checked for shape and type, lines are bounded, output is re-capped
+here, and a stream that breaks the protocol is dropped, its commands reported `lost`.
+Liveness is judged by the agent's heartbeat, never by silence: a command may print
+nothing for hours. Each command has a hard deadline of its timeout plus a grace,
+whatever the container sends.
 
-Slow path (`DirectRunner`): one `docker exec` per command, the timeout enforced
-inside the container with `timeout -s KILL`, leftover processes killed by the
-per-command token, OOM read from the cgroup counter before and after.
+Slow path (`DirectRunner`): one `docker exec` of the same helper per command; the same
+timeout, tree kill and exit meanings, with the exit status read from the exec.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
-import io
 import itertools
 import json
 import queue
@@ -32,13 +30,12 @@ import socket
 import struct
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import engine
+from .. import engine, policy
 from ..errors import SandboxError
 from . import agent
 
@@ -48,12 +45,10 @@ AGENT_BOOTSTRAP = (
     "# stigmer-sandbox agent\nimport sys, json; exec(json.loads(sys.stdin.buffer.readline()))"
 )
 FRAME_HEADER = struct.Struct(">BxxxL")
-# Slack on top of a command's timeout before the host gives up on the agent.
-HOST_TIMEOUT_SLACK_S = 15.0
-KILL_BY_TOKEN = (
-    'for p in /proc/[0-9]*; do grep -qa "$0" "$p/environ" 2>/dev/null && '
-    'kill -9 "${p#/proc/}" 2>/dev/null; done; true'
-)
+# A command's hard deadline on the host is its timeout plus this grace.
+HOST_GRACE_S = 10.0
+# No frame at all (the agent beats every second) for this long: the agent is lost.
+LIVENESS_S = 10.0
 OOM_COUNTER = (
     "cat /sys/fs/cgroup/memory.events /sys/fs/cgroup/memory/memory.oom_control 2>/dev/null"
 )
@@ -74,13 +69,15 @@ class Request:
     keep_background: bool = False
     on_stdout: OutputCallback | None = None
     on_stderr: OutputCallback | None = None
+    cid: str = ""
 
 
 @dataclass
 class RawResult:
-    """What came back: bytes per stream (head + marker + tail) and how it ended."""
+    """What came back: bytes per stream (head + marker + tail) and how it ended.
+    `exit_code` is None when the result was lost with the agent."""
 
-    exit_code: int
+    exit_code: int | None
     signal: int | None
     timed_out: bool
     oom_killed: bool
@@ -90,24 +87,86 @@ class RawResult:
     totals: dict[str, int] = field(default_factory=dict)
     truncated: dict[str, bool] = field(default_factory=dict)
     via: str = "agent"
+    error: str | None = None
+    oom_overlap: list[str] = field(default_factory=list)
 
 
-class AgentDied(SandboxError):
-    """The agent stopped answering; the command's fate is unknown."""
+class AgentLost(SandboxError):
+    """The agent died, stopped or broke the protocol; results in flight are lost."""
 
 
-def _callback(request: Request, stream: str) -> OutputCallback | None:
+class ProtocolError(ValueError):
+    """A frame from the agent that no honest agent sends."""
+
+
+def stream_callback(request: Request, stream: str) -> OutputCallback | None:
     return request.on_stdout if stream == "stdout" else request.on_stderr
+
+
+_FIELD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
+    "out": {"stream": (str,), "data": (str,)},
+    "done": {
+        "exit_code": (int,),
+        "signal": (int, type(None)),
+        "timed_out": (bool,),
+        "oom_killed": (bool,),
+        "duration_s": (int, float),
+        "error": (str, type(None)),
+        "oom_overlap": (list,),
+        "stdout": (dict,),
+        "stderr": (dict,),
+    },
+    "pong": {"pid": (int,)},
+    "beat": {},
+    "error": {"message": (str,)},
+}
+_STREAM_FIELDS: dict[str, tuple[type, ...]] = {"tail": (str,), "dropped": (int,), "total": (int,)}
+
+
+def _check_fields(message: dict[str, Any], wanted: Mapping[str, tuple[type, ...]]) -> None:
+    for name, types in wanted.items():
+        value = message.get(name)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ProtocolError(f"field {name!r} is {type(value).__name__}")
+
+
+def check_message(line: bytes) -> dict[str, Any]:
+    """One line from the agent, parsed and checked for shape; ProtocolError otherwise."""
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError) as exc:  # invalid UTF-8 is a ValueError too
+        raise ProtocolError(f"not JSON ({type(exc).__name__})") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"not an object but {type(message).__name__}")
+    kind = message.get("type")
+    if not isinstance(kind, str) or kind not in _FIELD_TYPES:
+        raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
+    _check_fields(message, {"id": (int,), **_FIELD_TYPES[kind]})
+    if kind == "out" and message["stream"] not in ("stdout", "stderr"):
+        raise ProtocolError("unknown stream")
+    if kind == "done":
+        for name in ("stdout", "stderr"):
+            _check_fields(message[name], _STREAM_FIELDS)
+        if not all(isinstance(item, str) for item in message["oom_overlap"]):
+            raise ProtocolError("oom_overlap holds non-strings")
+    return message
+
+
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("invalid base64") from None
 
 
 def take_head(request: Request, answer: dict[str, Any], heads: dict[str, bytearray]) -> None:
     """Keep a live "out" message's bytes (within the head budget) and pass them on."""
     stream = answer["stream"]
-    data = base64.b64decode(answer["data"])
+    data = _b64(answer["data"])
     room = request.limit // 2 - len(heads[stream])
     data = data[: max(room, 0)]  # never trust the agent with the host's memory
     heads[stream] += data
-    callback = _callback(request, stream)
+    callback = stream_callback(request, stream)
     if callback and data:
         callback(data)
 
@@ -122,33 +181,46 @@ def raw_result(
         info = answer[name]
         capture = agent.OutputCapture(request.limit)
         capture.head = heads[name]
-        tail = base64.b64decode(info["tail"])[-capture.tail_budget :]
+        tail = _b64(info["tail"])[-capture.tail_budget :]
         capture.tail = bytearray(tail)
-        capture.dropped = max(0, int(info["total"]) - len(heads[name]) - len(tail))
+        total = max(int(info["total"]), len(heads[name]) + len(tail))
+        capture.dropped = total - len(heads[name]) - len(tail)
         streams[name] = capture.text()
-        totals[name] = int(info["total"])
+        totals[name] = total
         truncated[name] = capture.dropped > 0
-        callback = _callback(request, name)
+        callback = stream_callback(request, name)
         if callback and len(streams[name]) > len(heads[name]):
             callback(streams[name][len(heads[name]) :])
     return RawResult(
-        int(answer["exit_code"]),
-        answer.get("signal"),
-        bool(answer["timed_out"]),
-        bool(answer["oom_killed"]),
+        answer["exit_code"],
+        answer["signal"],
+        answer["timed_out"],
+        answer["oom_killed"],
         float(answer["duration_s"]),
         streams["stdout"],
         streams["stderr"],
         totals,
         truncated,
         via,
+        answer["error"],
+        list(answer["oom_overlap"]),
     )
+
+
+def start_failure(request: Request, message: str, via: str) -> RawResult:
+    """The result of a command that could not be started (as bash reports it: 126)."""
+    text = f"stigmer-sandbox: the command could not start: {message}\n".encode()
+    callback = stream_callback(request, "stderr")
+    if callback:
+        callback(text)
+    return RawResult(126, None, False, False, 0.0, b"", text, via=via, error=message)
 
 
 def _exec_message(request: Request, rid: int) -> dict[str, Any]:
     return {
         "op": "exec",
         "id": rid,
+        "cid": request.cid,
         "argv": request.argv,
         "env": request.env,
         "cwd": request.cwd,
@@ -159,63 +231,79 @@ def _exec_message(request: Request, rid: int) -> dict[str, Any]:
     }
 
 
+Inbox = queue.Queue[dict[str, Any] | None]
+
+
 class AgentChannel:
     """One agent process inside one container, shared by concurrent callers."""
 
-    def __init__(self, container_id: str, max_line: int) -> None:
+    def __init__(
+        self,
+        container_id: str,
+        user: tuple[int, int],
+        max_line: int,
+        source: str = AGENT_SOURCE,
+    ) -> None:
+        self.container_id = container_id
         api = engine.client().api
         with engine.engine_errors():
             exec_id = api.exec_create(
                 container_id,
-                ["python3", "-I", "-u", "-c", AGENT_BOOTSTRAP],
+                [policy.PYTHON, "-I", "-S", "-u", "-c", AGENT_BOOTSTRAP, *map(str, user)],
                 stdin=True,
                 stdout=True,
                 stderr=True,
                 tty=False,
+                user="0:0",
             )["Id"]
             self._socket_io = api.exec_start(exec_id, socket=True)
         self._sock: socket.socket = getattr(self._socket_io, "_sock", self._socket_io)
+        self._sock.settimeout(None)  # silence is fine: liveness comes from heartbeats
         self._max_line = max_line
         self._ids = itertools.count(1)
         self._write_lock = threading.Lock()
-        self._pending: dict[int, queue.Queue[dict[str, Any] | None]] = {}
+        self._pending: dict[int, Inbox] = {}
         self._pending_lock = threading.Lock()
+        self._last_frame = time.monotonic()
+        self._stderr_tail = b""
+        self.agent_pid: int | None = None
         self.alive = True
-        self._sock.sendall(json.dumps(AGENT_SOURCE).encode() + b"\n")
-        self._reader = threading.Thread(
-            target=self._read_loop, daemon=True, name="stigmer-agent-reader"
-        )
-        self._reader.start()
+        self.lost_reason = ""
+        self._sock.sendall(json.dumps(source).encode() + b"\n")
+        for target, name in ((self._read_loop, "reader"), (self._watchdog, "watchdog")):
+            threading.Thread(target=target, daemon=True, name=f"stigmer-agent-{name}").start()
 
-    def _send(self, message: dict[str, Any]) -> queue.Queue[dict[str, Any] | None]:
-        inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    def _send(self, message: dict[str, Any]) -> Inbox:
+        inbox: Inbox = queue.Queue()
         with self._pending_lock:
+            if not self.alive:
+                raise AgentLost(self.lost_reason or "the sandbox agent is gone")
             self._pending[message["id"]] = inbox
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
         try:
             with self._write_lock:
                 self._sock.sendall(data)
         except OSError as exc:
-            self.close()
-            raise AgentDied(f"the sandbox agent is gone ({exc})") from None
+            self.reset(f"the sandbox agent is gone ({exc})")
         return inbox
 
     def ping(self, timeout: float = 10.0) -> None:
-        """Round-trip a ping; raises `AgentDied` if there is no answer."""
+        """Round-trip a ping (and learn the agent's pid); raises `AgentLost` without one."""
         rid = next(self._ids)
-        inbox = self._send({"op": "ping", "id": rid})
-        self._wait(inbox, rid, timeout)
+        answer = self._wait(self._send({"op": "ping", "id": rid}), rid, time.monotonic() + timeout)
+        if answer["type"] != "pong":
+            raise AgentLost(f"the sandbox agent answered a ping with {answer['type']!r}")
+        self.agent_pid = answer["pid"]
 
-    def _wait(
-        self, inbox: queue.Queue[dict[str, Any] | None], rid: int, timeout: float
-    ) -> dict[str, Any]:
+    def _wait(self, inbox: Inbox, rid: int, deadline: float) -> dict[str, Any]:
         try:
-            message = inbox.get(timeout=timeout)
+            message = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
+            self._forget(rid)
+            self.reset("no answer from the sandbox agent before the command's hard deadline")
             message = None
         if message is None:
-            self._forget(rid)
-            raise AgentDied("the sandbox agent stopped answering")
+            raise AgentLost(self.lost_reason)
         return message
 
     def _forget(self, rid: int) -> None:
@@ -225,37 +313,46 @@ class AgentChannel:
     def run(self, request: Request) -> RawResult:
         """Run one command through the agent, streaming its head to the callbacks."""
         rid = next(self._ids)
-        message = _exec_message(request, rid)
-        inbox = self._send(message)
+        inbox = self._send(_exec_message(request, rid))
         heads = {"stdout": bytearray(), "stderr": bytearray()}
-        deadline = time.monotonic() + request.timeout + HOST_TIMEOUT_SLACK_S
-        while True:
-            answer = self._wait(inbox, rid, max(0.1, deadline - time.monotonic()))
-            if answer.get("type") == "out":
-                take_head(request, answer, heads)
-                continue
+        deadline = time.monotonic() + request.timeout + HOST_GRACE_S
+        try:
+            while True:
+                answer = self._wait(inbox, rid, deadline)
+                if answer["type"] == "out":
+                    take_head(request, answer, heads)
+                elif answer["type"] == "done":
+                    return raw_result(request, answer, heads, "agent")
+                elif answer["type"] == "error":
+                    return start_failure(request, answer["message"], "agent")
+        except ProtocolError as exc:
+            self.reset(f"the sandbox agent broke the protocol ({exc})")
+            raise AgentLost(self.lost_reason) from None
+        finally:
             self._forget(rid)
-            if answer.get("type") != "done":
-                raise AgentDied(f"the sandbox agent failed: {answer.get('message')}")
-            return raw_result(request, answer, heads, "agent")
 
     def _read_loop(self) -> None:
+        reason = "the sandbox agent exited"
         buffer = bytearray()
         try:
             for data in self._frames():
+                self._last_frame = time.monotonic()
                 buffer += data
-                while b"\n" in buffer:
-                    line, _, rest = bytes(buffer).partition(b"\n")
-                    buffer = bytearray(rest)
-                    self._dispatch(json.loads(line))
+                while (end := buffer.find(b"\n")) >= 0:
+                    line = bytes(buffer[:end])
+                    del buffer[: end + 1]
+                    self._dispatch(check_message(line))
                 if len(buffer) > self._max_line:
-                    break  # a line longer than any honest answer: drop the agent
-        except (OSError, ValueError):
-            pass
-        self.close()
+                    raise ProtocolError("a line longer than any honest answer")
+        except ProtocolError as exc:
+            reason = f"the sandbox agent broke the protocol ({exc})"
+        except OSError as exc:
+            reason = f"the sandbox agent's stream failed ({exc})"
+        tail = self._stderr_tail.decode(errors="replace").strip().splitlines()
+        self.reset(reason + (f": {tail[-1][:200]}" if tail else ""))
 
     def _frames(self) -> Iterator[bytes]:
-        """Payloads of the agent's stdout frames (stderr frames are discarded)."""
+        """Payloads of the agent's stdout frames (the last bytes of stderr are kept)."""
         pending = b""
         while True:
             chunk = self._sock.recv(262144)
@@ -270,79 +367,109 @@ class AgentChannel:
                 pending = pending[FRAME_HEADER.size + size :]
                 if stream == 1:
                     yield payload
+                else:
+                    self._stderr_tail = (self._stderr_tail + payload)[-4096:]
+                    self._last_frame = time.monotonic()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         with self._pending_lock:
-            inbox = self._pending.get(message.get("id", -1))
+            inbox = self._pending.get(message["id"])
         if inbox is not None:
             inbox.put(message)
 
-    def close(self) -> None:
-        """Drop the channel; every waiting caller gets `AgentDied`."""
-        self.alive = False
+    def _watchdog(self) -> None:
+        while self.alive:
+            time.sleep(1.0)
+            silent = time.monotonic() - self._last_frame
+            if silent > LIVENESS_S:
+                self.reset(f"the sandbox agent stopped answering (no heartbeat for {silent:.0f} s)")
+
+    def reset(self, reason: str) -> None:
+        """Drop the channel: waiting callers get `AgentLost`, the agent is killed, and each
+        helper it left ends its command's whole tree (they watch their parent)."""
+        with self._pending_lock:
+            if not self.alive:
+                return
+            self.alive = False
+            self.lost_reason = reason
+            waiting, self._pending = list(self._pending.values()), {}
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        with self._pending_lock:
-            waiting, self._pending = list(self._pending.values()), {}
         for inbox in waiting:
             inbox.put(None)
+        if self.agent_pid is not None:
+            threading.Thread(target=self._kill_agent, daemon=True).start()
+
+    def _kill_agent(self) -> None:
+        kill = f"import os; os.kill({self.agent_pid}, 9)"
+        with contextlib.suppress(SandboxError):
+            run_exec(self.container_id, [policy.PYTHON, "-I", "-S", "-c", kill], user="0:0")
+
+    def close(self) -> None:
+        """Close the channel (the agent ends everything it started)."""
+        self.reset("the channel was closed")
+
+
+def run_exec(container_id: str, argv: list[str], **options: Any) -> tuple[int, bytes]:
+    """One `docker exec`, waited for: exit status and output."""
+    api = engine.client().api
+    with engine.engine_errors():
+        exec_id = api.exec_create(container_id, argv, **options)["Id"]
+        output = api.exec_start(exec_id)
+        return int(api.exec_inspect(exec_id)["ExitCode"]), output
 
 
 class DirectRunner:
-    """One `docker exec` per command: slower, with nothing running in the sandbox."""
+    """One `docker exec` of the helper per command: slower, no agent in the sandbox."""
 
-    def __init__(self, container_id: str) -> None:
+    def __init__(self, container_id: str, user: tuple[int, int]) -> None:
         self.container_id = container_id
-
-    def _exec(
-        self, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None
-    ) -> tuple[int, bytes]:
-        api = engine.client().api
-        with engine.engine_errors():
-            exec_id = api.exec_create(self.container_id, argv, environment=env, workdir=cwd)["Id"]
-            output = api.exec_start(exec_id)
-            return int(api.exec_inspect(exec_id)["ExitCode"]), output
+        self.user = user
 
     def _oom_count(self) -> int | None:
-        _code, output = self._exec(["sh", "-c", OOM_COUNTER])
+        _code, output = run_exec(self.container_id, ["sh", "-c", OOM_COUNTER])
         for line in output.decode(errors="replace").splitlines():
             key, _, value = line.partition(" ")
             if key == "oom_kill" and value.strip().isdigit():
                 return int(value)
         return None
 
-    def run(self, request: Request) -> RawResult:
-        """Run one command with its own exec, timeout enforced inside the container."""
-        token = uuid.uuid4().hex
-        env = {**request.env, agent.TOKEN_VAR: token}
-        wrapped = ["timeout", "-s", "KILL", f"{request.timeout:.3f}", *request.argv]
+    def _argv(self, request: Request) -> tuple[list[str], dict[str, str]]:
+        env = dict(request.env)
+        argv = request.argv
         if request.stdin is not None:
             env["STIGMER_STDIN_B64"] = base64.b64encode(request.stdin).decode()
-            wrapped = [
-                "bash",
-                "-c",
-                'printf %s "$STIGMER_STDIN_B64" | base64 -d | "$@"',
-                "_",
-                *wrapped,
-            ]
+            feed = 'printf %s "$STIGMER_STDIN_B64" | base64 -d | "$@"'
+            argv = ["/bin/bash", "-c", feed, "_", *argv]
+        uid, gid = self.user
+        options = ["--uid", str(uid), "--gid", str(gid), "--timeout", repr(request.timeout)]
+        options += ["--cwd", request.cwd]
+        options += ["--keep-background"] if request.keep_background else []
+        return [agent.EXEC_HELPER, *options, "--", *argv], env
+
+    def run(self, request: Request) -> RawResult:
+        """Run one command with its own exec; the helper enforces timeout and tree kill."""
+        argv, env = self._argv(request)
+        captures = {name: agent.OutputCapture(request.limit) for name in ("stdout", "stderr")}
         before = self._oom_count()
         started = time.monotonic()
-        exit_code, captures = self._stream(wrapped, env, request)
-        duration = time.monotonic() - started
-        timed_out = exit_code == agent.TIMEOUT_EXIT and duration >= request.timeout
-        if timed_out or not request.keep_background:
-            self._exec(["sh", "-c", KILL_BY_TOKEN, f"{agent.TOKEN_VAR}={token}"])
-        after = self._oom_count()
-        oom = (
-            not timed_out
-            and exit_code == 137
-            and before is not None
-            and after is not None
-            and after > before
+        outcome: dict[str, Any] = {}
+        worker = threading.Thread(
+            target=self._stream, args=(argv, env, request, captures, outcome), daemon=True
         )
+        worker.start()
+        worker.join(request.timeout + HOST_GRACE_S)
+        duration = time.monotonic() - started
+        if worker.is_alive() or "error" in outcome:
+            error = outcome.get("error") or "no result from docker exec before the hard deadline"
+            return RawResult(None, None, False, False, duration, b"", b"", via="exec", error=error)
+        code = outcome["exit_code"]
+        timed_out = code == agent.TIMEOUT_EXIT and duration >= request.timeout
+        oom = agent.oom_grew(before, self._oom_count())
+        signal_number = code - 128 if 128 < code < 160 and not timed_out else None
         return RawResult(
-            exit_code,
-            None,
+            code,
+            signal_number,
             timed_out,
             oom,
             duration,
@@ -354,37 +481,23 @@ class DirectRunner:
         )
 
     def _stream(
-        self, argv: list[str], env: dict[str, str], request: Request
-    ) -> tuple[int, dict[str, agent.OutputCapture]]:
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        request: Request,
+        captures: dict[str, agent.OutputCapture],
+        outcome: dict[str, Any],
+    ) -> None:
         api = engine.client().api
-        captures = {
-            "stdout": agent.OutputCapture(request.limit),
-            "stderr": agent.OutputCapture(request.limit),
-        }
-        with engine.engine_errors():
-            exec_id = api.exec_create(
-                self.container_id, argv, environment=env, workdir=request.cwd
-            )["Id"]
-            for out, err in api.exec_start(exec_id, stream=True, demux=True):
-                for name, data in (("stdout", out), ("stderr", err)):
-                    if data:
-                        live = captures[name].feed(data)
-                        callback = _callback(request, name)
-                        if callback and live:
-                            callback(live)
-            return int(api.exec_inspect(exec_id)["ExitCode"]), captures
-
-
-class LocalRunner:
-    """Runs a command on this host (`STIGMER_EXECUTION_MODE=local`) with the agent's logic:
-    the same timeout (whole process tree), output caps and exit causes."""
-
-    def run(self, request: Request) -> RawResult:
-        heads = {"stdout": bytearray(), "stderr": bytearray()}
-
-        class _Sink(agent.Agent):
-            def send(self, message: dict[str, Any]) -> None:
-                take_head(request, message, heads)
-
-        answer = _Sink(io.BytesIO()).execute(_exec_message(request, 1))  # send() overridden
-        return raw_result(request, answer, heads, "local")
+        try:
+            with engine.engine_errors():
+                exec_id = api.exec_create(self.container_id, argv, environment=env, user="0:0")
+                for out, err in api.exec_start(exec_id["Id"], stream=True, demux=True):
+                    for name, data in (("stdout", out), ("stderr", err)):
+                        head = captures[name].feed(data) if data else b""
+                        callback = stream_callback(request, name)
+                        if callback and head:
+                            callback(head)
+                outcome["exit_code"] = int(api.exec_inspect(exec_id["Id"])["ExitCode"])
+        except SandboxError as exc:
+            outcome["error"] = exc.message

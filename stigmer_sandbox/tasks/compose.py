@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from invoke import Collection, Context, Exit
 
-from .. import console, engine, labels, runtime
-from ..errors import SandboxError, SandboxNotReady
+from .. import console
 from ..host import compose
-from ..images import BuildOptions, smoke
-from ..runtime.sandbox import prepare_folders
+from ..images import BuildOptions
 from ._common import settings, task
 from .sandbox import build_kind
 
@@ -35,15 +32,6 @@ def _run(target: compose.ComposeProject, verb: str, *args: str) -> None:
         )
 
 
-def _refuse_foreign_sandbox(c: Context) -> None:
-    existing = runtime.Sandbox(settings(c)).find()
-    if existing is not None and existing.labels.get(labels.KIND) != "compose":
-        raise SandboxError(
-            f"{existing.name} was started by `inv sandbox.up`",
-            "stop it with `inv sandbox.down` first",
-        )
-
-
 @task(
     help={
         **FILE_HELP,
@@ -60,21 +48,10 @@ def up(
 ) -> None:
     """Start the compose sandbox in the background and wait until it is healthy."""
     current = settings(c)
-    target = compose.project(current, advanced, database)
     if build:
         build_kind(current, "basic", BuildOptions(), "auto")
-    _refuse_foreign_sandbox(c)
-    prepare_folders(current, (os.getuid(), os.getgid()))
-    _run(target, "up", "-d")
-    with engine.engine_errors():
-        container = engine.client().containers.get(current.container_name)
-    health = smoke.wait_healthy(container, timeout)
-    if not health.passed:
-        raise SandboxNotReady(
-            f"{current.container_name} is not healthy: {health.detail}",
-            f"see `inv compose.logs`; `docker inspect {current.container_name}`",
-        )
-    console.success(f"{current.container_name} is up and healthy ({health.seconds:.1f} s)")
+    seconds = compose.up(current, advanced, database, timeout, echo=console.echo_command)
+    console.success(f"{current.container_name} is up and healthy ({seconds:.1f} s)")
 
 
 @task(

@@ -1,12 +1,13 @@
-"""The agent's pure logic, and the same logic run on this host (`execution_mode: local`)."""
+"""The agent's pure logic, the channel's frame checks, and local mode on this host."""
 
 import subprocess
 import time
 
 import pytest
 
-from stigmer_sandbox.runtime import agent
-from stigmer_sandbox.runtime.channel import LocalRunner, Request
+from stigmer_sandbox.runtime import agent, channel
+from stigmer_sandbox.runtime.channel import Request
+from stigmer_sandbox.runtime.local import run_on_host
 
 
 def test_capture_keeps_everything_within_the_limit():
@@ -29,6 +30,7 @@ def test_capture_keeps_head_and_tail_with_a_marker():
     ("args", "cause"),
     [
         ((0, None, False, False), "exit"),
+        ((None, None, False, False), "lost"),
         ((124, 9, True, False), "timeout"),
         ((137, 9, False, True), "oom"),
         ((143, 15, False, False), "signal"),
@@ -49,7 +51,7 @@ def local(argv, timeout=10.0, limit=1 << 20, keep=False, stdin=None):
         keep_background=keep,
         stdin=stdin,
     )
-    return LocalRunner().run(request)
+    return run_on_host(request)
 
 
 def test_local_runner_exit_code_output_and_stdin():
@@ -58,7 +60,7 @@ def test_local_runner_exit_code_output_and_stdin():
 
 
 def test_local_runner_timeout_kills_setsid_children():
-    marker = f"sleep 77{int(time.time()) % 1000}"
+    marker = f"sleep 77{int(time.time()) % 1000}.{time.monotonic_ns() % 10**6}"
     result = local(["bash", "-c", f"setsid {marker} & {marker}"], timeout=0.5)
     assert result.timed_out and result.exit_code == 124
     time.sleep(0.1)
@@ -80,3 +82,59 @@ def test_local_runner_caps_output():
     result = local(["bash", "-c", "head -c 100000 /dev/zero"], limit=1000)
     assert result.truncated["stdout"] and result.totals["stdout"] == 100000
     assert len(result.stdout) < 1100
+
+
+DONE = (
+    b'{"id":1,"type":"done","exit_code":0,"signal":null,"timed_out":false,"oom_killed":false,'
+    b'"oom_overlap":[],"duration_s":0.1,"error":null,"stdout":{"tail":"","dropped":0,"total":0},'
+    b'"stderr":{"tail":"","dropped":0,"total":0}}'
+)
+
+INVALID_UTF8 = b'{"id":1,"type":"beat","x":"' + bytes([0xFF, 0xFE]) + b'"}'
+
+
+def test_well_formed_frames_pass_the_check():
+    assert channel.check_message(DONE)["exit_code"] == 0
+    assert channel.check_message(b'{"id":0,"type":"beat"}')["type"] == "beat"
+    out = b'{"id":3,"type":"out","stream":"stderr","data":"aGk="}'
+    assert channel.check_message(out)["stream"] == "stderr"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"[1]",
+        b"1",
+        b'"text"',
+        b"{not json",
+        b'{"id":[1],"type":"done"}',
+        b'{"id":true,"type":"beat"}',
+        b'{"id":1,"type":"surprise"}',
+        b'{"id":1,"type":"done","exit_code":0}',
+        DONE.replace(b'"exit_code":0', b'"exit_code":"0"'),
+        DONE.replace(b'"timed_out":false', b'"timed_out":1'),
+        DONE.replace(b'"total":0}}', b'"total":"x"}}'),
+        DONE.replace(b'"oom_overlap":[]', b'"oom_overlap":[1]'),
+        b'{"id":1,"type":"out","stream":"stdin","data":""}',
+        b"[" * 100_000 + b"]" * 100_000,
+        INVALID_UTF8,
+    ],
+)
+def test_malformed_frames_are_protocol_errors_never_tracebacks(line):
+    with pytest.raises(channel.ProtocolError):
+        channel.check_message(line)
+
+
+def test_bad_base64_is_a_protocol_error():
+    request = Request(argv=["true"], env={}, cwd="/", timeout=1, limit=100)
+    heads = {"stdout": bytearray(), "stderr": bytearray()}
+    with pytest.raises(channel.ProtocolError):
+        channel.take_head(request, {"stream": "stdout", "data": "!!!"}, heads)
+
+
+def test_an_agent_cannot_make_the_host_keep_more_than_the_limit():
+    request = Request(argv=["true"], env={}, cwd="/", timeout=1, limit=10)
+    heads = {"stdout": bytearray(), "stderr": bytearray()}
+    big = {"stream": "stdout", "data": __import__("base64").b64encode(b"x" * 1000).decode()}
+    channel.take_head(request, big, heads)
+    assert len(heads["stdout"]) == 5

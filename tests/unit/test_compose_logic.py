@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from stigmer_sandbox import config, policy
 from stigmer_sandbox.errors import ConfigError
 from stigmer_sandbox.host import compose
 
@@ -51,6 +52,12 @@ def test_detect_prefers_v2_then_v1(monkeypatch):
         compose.detect("auto")
 
 
+def mounts(tmp_path, **environment: str) -> compose.MountContext:
+    """Volume sources resolved as for a project in `tmp_path`."""
+    settings = config.Settings(project_dir=str(tmp_path))
+    return compose.MountContext(environment, tmp_path, policy.Protected.of(settings))
+
+
 def write(tmp_path, text):
     path = tmp_path / "c.yml"
     path.write_text(text)
@@ -63,9 +70,12 @@ def write(tmp_path, text):
         ("privileged: true", "privileged: true is not allowed"),
         ("network_mode: host", "network_mode: host"),
         ("pid: host", "pid: host"),
-        ("volumes: ['/var/run/docker.sock:/var/run/docker.sock']", "Docker Engine"),
-        ("volumes: ['~/.aws:/home/sandbox/.aws']", "must be mounted read-only"),
-        ("volumes: [{type: bind, source: /etc, target: /x}]", "must be mounted read-only"),
+        ("volumes: ['/var/run/docker.sock:/var/run/docker.sock']", "Docker socket"),
+        ("volumes: ['~/.aws:/home/sandbox/.aws']", "needs :ro"),
+        ("volumes: [{type: bind, source: /etc, target: /x}]", "system folder /etc"),
+        ("volumes: ['/etc/cron.d:/x']", "system folder /etc"),
+        ("volumes: ['${STIGMER_WORKSPACE:-./workspace}:/workspace']", "the project folder"),
+        ("volumes: ['${NOT_SET_ANYWHERE:-/}:/host:ro']", "volumes: / (/)"),
         ("cap_add: [SYS_ADMIN]", "cap_add"),
         ("devices: ['/dev/sda:/dev/sda']", "devices"),
     ],
@@ -73,17 +83,27 @@ def write(tmp_path, text):
 def test_validator_refuses_with_one_line(tmp_path, service, expected):
     path = write(tmp_path, f"services:\n  sandbox:\n    image: x\n    {service}\n")
     with pytest.raises(ConfigError) as caught:
-        compose.validate(path)
+        compose.validate(path, mounts(tmp_path, STIGMER_WORKSPACE=str(tmp_path)))
     message = str(caught.value)
     assert expected in message and "service 'sandbox'" in message and "\n" not in message
 
 
 def test_validator_accepts_read_only_credentials_and_the_project_files(tmp_path):
-    compose.validate(write(tmp_path, "services:\n  s:\n    volumes: ['~/.aws:/a:ro']\n"))
+    context = mounts(tmp_path)
+    compose.validate(write(tmp_path, "services:\n  s:\n    volumes: ['~/.aws:/a:ro']\n"), context)
     for name in (compose.BASE_FILE, compose.ADVANCED_FILE, compose.DATABASE_FILE):
-        compose.validate(ROOT / name)
+        compose.validate(ROOT / name, context)
+
+
+def test_project_checks_the_workspace_before_writing_anything(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    settings = config.Settings(project_dir=str(project), workspace=str(project))
+    with pytest.raises(ConfigError, match=r"^workspace: .*the project folder"):
+        compose.project(settings)
+    assert list(project.iterdir()) == []
 
 
 def test_validator_names_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match=r"c\.yml: invalid YAML at line"):
-        compose.validate(write(tmp_path, "services: [\n"))
+        compose.validate(write(tmp_path, "services: [\n"), mounts(tmp_path))

@@ -41,7 +41,7 @@ def helper(tmp_path_factory: pytest.TempPathFactory) -> str:
     gcc = shutil.which("gcc")
     assert gcc, "gcc is required (it is in the sandbox images and CI)"
     out = tmp_path_factory.mktemp("stigmer-exec") / "stigmer-exec"
-    cmd = [gcc, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(SOURCE)]
+    cmd = [gcc, "-O2", "-static", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(SOURCE)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     return str(out)
@@ -416,6 +416,18 @@ def test_non_executable_file_is_126(helper: str, public_dir: Path):
     assert "RAN" not in result.out
 
 
+def test_cwd_is_entered_as_the_commands_user(helper: str, public_dir: Path, tmp_path: Path):
+    entered = bash(helper, "pwd", "--cwd", str(public_dir))
+    assert (entered.code, entered.out) == (0, f"{public_dir}\n")
+    private = tmp_path / "root-only"  # 0700 root: only a root chdir would get in
+    private.mkdir(mode=0o700)
+    refused = bash(helper, "echo RAN", "--cwd", str(private))
+    assert refused.code == 126 and "RAN" not in refused.out
+    assert refused.status["error"] == f"cd: {private}: Permission denied"
+    missing = bash(helper, "echo RAN", "--cwd", "/no/such/dir")
+    assert missing.status["error"] == "cd: /no/such/dir: No such file or directory"
+
+
 def test_argument_over_max_arg_strlen_never_reaches_the_helper(helper: str):
     """A 200,000-byte argument is over MAX_ARG_STRLEN (128 KiB): the kernel refuses to exec the
     helper itself, so the caller gets E2BIG at spawn time (and must report 126 itself)."""
@@ -489,6 +501,8 @@ BAD_USAGE = {
     "timeout-trailing-junk": ["--timeout", "1s", "--", "true"],
     "status-fd-twice": ["--status-fd", "51", "--", "true"],
     "keep-background-twice": ["--keep-background", "--keep-background", "--", "true"],
+    "cwd-twice": ["--cwd", "/", "--cwd", "/", "--", "true"],
+    "cwd-empty": ["--cwd", "", "--", "true"],
 }
 
 

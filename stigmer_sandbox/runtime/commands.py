@@ -1,0 +1,161 @@
+"""What a command is and what comes back, shared by every kind of sandbox.
+
+Commands are strings run by bash inside the sandbox, or argument lists; nothing passes
+through a host shell. Every result is recorded in the host-side audit trail.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypedDict
+
+from .. import config
+from ..errors import UsageError
+from . import agent
+from .channel import OutputCallback, RawResult, Request
+
+
+class ExecOptions(TypedDict, total=False):
+    """The options every sandbox's `exec` takes, to pass them along as one."""
+
+    timeout: float | None
+    env: dict[str, str] | None
+    cwd: str | None
+    stdin: bytes | str | None
+    on_stdout: OutputCallback | None
+    on_stderr: OutputCallback | None
+    output_limit: int | None
+    keep_background: bool
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """A command's faithful result. `exit_code` is None when the result was lost (the
+    agent died or stopped answering); `error` then says what happened."""
+
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    duration_s: float
+    timed_out: bool = False
+    oom_killed: bool = False
+    signal: int | None = None
+    truncated: dict[str, bool] = field(default_factory=dict)
+    output_bytes: dict[str, int] = field(default_factory=dict)
+    via: str = "agent"
+    error: str | None = None
+    command_id: str = ""
+    # Other commands that ran at the same time as an OOM kill this one saw.
+    oom_overlap: tuple[str, ...] = ()
+
+    @property
+    def cause(self) -> str:
+        """Why it ended: `exit`, `timeout`, `oom`, `signal` or `lost`."""
+        return agent.exit_cause(self.exit_code, self.signal, self.timed_out, self.oom_killed)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.cause == "exit"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, with `cause`."""
+        return {**asdict(self), "cause": self.cause}
+
+    @classmethod
+    def from_raw(cls, raw: RawResult, command_id: str) -> ExecResult:
+        return cls(
+            exit_code=raw.exit_code,
+            stdout=raw.stdout.decode(errors="replace"),
+            stderr=raw.stderr.decode(errors="replace"),
+            duration_s=raw.duration_s,
+            timed_out=raw.timed_out,
+            oom_killed=raw.oom_killed,
+            signal=raw.signal,
+            truncated=raw.truncated,
+            output_bytes=raw.totals,
+            via=raw.via,
+            error=raw.error,
+            command_id=command_id,
+            oom_overlap=tuple(raw.oom_overlap),
+        )
+
+
+def lost(request: Request, reason: str, duration_s: float, via: str) -> RawResult:
+    """The result of a command whose agent was lost: no exit code, the reason."""
+    return RawResult(None, None, False, False, duration_s, b"", b"", via=via, error=reason)
+
+
+def command_argv(command: str | Sequence[str]) -> list[str]:
+    """A command as an argument list: strings run through bash inside the sandbox."""
+    if isinstance(command, str):
+        if not command.strip():
+            raise UsageError("empty command")
+        argv = ["/bin/bash", "-c", command]
+    else:
+        argv = [str(part) for part in command]
+        if not argv or not argv[0]:
+            raise UsageError("empty command")
+    if any("\0" in part for part in argv):
+        raise UsageError("a command cannot contain NUL bytes")
+    return argv
+
+
+def check_env(env: dict[str, str] | None) -> dict[str, str]:
+    """Environment for a command: names without `=`/NUL, values without NUL."""
+    checked = {}
+    for key, value in (env or {}).items():
+        if not key or "=" in key or "\0" in key or "\0" in str(value):
+            raise UsageError(f"invalid environment variable {key!r}")
+        checked[str(key)] = str(value)
+    return checked
+
+
+def make_request(
+    settings: config.Settings, command: str | Sequence[str], cwd: str, options: ExecOptions
+) -> Request:
+    """A checked request from `exec`'s arguments; bad input is one clear UsageError."""
+    timeout = options.get("timeout")
+    timeout = float(timeout if timeout is not None else settings.timeout)
+    if timeout <= 0:
+        raise UsageError(f"timeout must be positive, got {timeout:g}")
+    limit = int(options.get("output_limit") or settings.output_limit)
+    if not 2 <= limit <= config.MAX_OUTPUT_LIMIT:
+        raise UsageError(
+            f"output_limit must be between 2 and {config.MAX_OUTPUT_LIMIT} bytes, got {limit}"
+        )
+    stdin = options.get("stdin")
+    return Request(
+        argv=command_argv(command),
+        env=check_env(options.get("env")),
+        cwd=cwd,
+        timeout=timeout,
+        limit=limit,
+        stdin=stdin.encode() if isinstance(stdin, str) else stdin,
+        keep_background=bool(options.get("keep_background")),
+        on_stdout=options.get("on_stdout"),
+        on_stderr=options.get("on_stderr"),
+        cid=uuid.uuid4().hex[:12],
+    )
+
+
+def audit_entry(
+    sandbox: str, command: str | Sequence[str], request: Request, result: ExecResult
+) -> dict[str, Any]:
+    """What the audit trail keeps of one command."""
+    return {
+        "sandbox": sandbox,
+        "id": result.command_id,
+        "command": command if isinstance(command, str) else request.argv,
+        "cwd": request.cwd,
+        "exit_code": result.exit_code,
+        "cause": result.cause,
+        "duration_s": round(result.duration_s, 4),
+        "timed_out": result.timed_out,
+        "oom_killed": result.oom_killed,
+        "oom_overlap": list(result.oom_overlap),
+        "output_bytes": result.output_bytes,
+        "error": result.error,
+        "via": result.via,
+    }

@@ -1,0 +1,193 @@
+"""`execution_mode: local`: commands on this host, with no isolation at all.
+
+`LocalSandbox` has the same `exec` signature and result as the Docker `Sandbox`, so an
+agent runner switches between them by configuration. Commands run in the host
+workspace folder; a timeout or the command's end kills its process group and every
+process that carries its token in the environment (a host has no subreaper to spare:
+this is the guide's local mode, not a security boundary). `open_sandbox` picks the
+kind of sandbox the settings ask for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from typing import Any, Unpack
+
+from .. import engine
+from ..config import Settings, load_settings
+from ..errors import SandboxError
+from . import agent
+from .channel import RawResult, Request, stream_callback
+from .commands import ExecOptions, ExecResult, audit_entry, make_request
+from .history import AuditLog
+from .sandbox import Sandbox
+
+TOKEN_VAR = "STIGMER_EXEC_TOKEN"
+KILL_DEADLINE_S = 10.0
+
+
+def processes_with_token(token: str) -> list[int]:
+    """Pids of every process whose environment carries `token` (setsid cannot hide them)."""
+    marker = f"{TOKEN_VAR}={token}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as handle:
+                if marker in handle.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def kill_tree(process: subprocess.Popen[bytes], token: str) -> None:
+    """Kill the command's process group and everything else carrying its token; each
+    round freezes them all (SIGSTOP) before killing, so a fork loop converges."""
+    with contextlib.suppress(OSError):
+        os.killpg(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_DEADLINE_S
+    while time.monotonic() < deadline and (pids := processes_with_token(token)):
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+
+
+def run_on_host(request: Request) -> RawResult:
+    """Run one request as a host process with the sandbox's timeout, caps and causes."""
+    token = f"{os.getpid()}.{request.cid}.{time.monotonic_ns()}"
+    env = {**os.environ, **request.env, TOKEN_VAR: token}
+    started = time.monotonic()
+    try:
+        process = subprocess.Popen(
+            request.argv,
+            cwd=request.cwd,
+            env=env,
+            start_new_session=True,
+            stdin=subprocess.PIPE if request.stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    except OSError as exc:
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        text = f"{request.argv[0]}: {exc.strerror}\n".encode()
+        return RawResult(code, None, False, False, 0.0, b"", text, {"stderr": len(text)})
+    if request.stdin is not None and process.stdin is not None:
+        agent.feed(process.stdin, request.stdin)
+    captures = {name: agent.OutputCapture(request.limit) for name in ("stdout", "stderr")}
+
+    def live(name: str, data: bytes) -> None:
+        callback = stream_callback(request, name)
+        if callback:
+            callback(data)
+
+    def ended() -> None:
+        if not request.keep_background:
+            kill_tree(process, token)
+
+    pump = agent.Pump(
+        process,
+        captures=captures,
+        live=live,
+        deadline=started + request.timeout,
+        expire=lambda: kill_tree(process, token),
+        ended=ended,
+    )
+    pump.run()
+    return _host_result(request, process.returncode, pump.expired, captures, started)
+
+
+def _host_result(
+    request: Request,
+    returncode: int | None,
+    timed_out: bool,
+    captures: dict[str, agent.OutputCapture],
+    started: float,
+) -> RawResult:
+    code = returncode if returncode is not None else -signal.SIGKILL
+    signal_number = -code if code < 0 and not timed_out else None
+    exit_code = agent.TIMEOUT_EXIT if timed_out else (128 - code if code < 0 else code)
+    streams = {name: capture.text() for name, capture in captures.items()}
+    for name, text in streams.items():
+        head, callback = captures[name].head, stream_callback(request, name)
+        if callback and len(text) > len(head):
+            callback(text[len(head) :])
+    return RawResult(
+        exit_code,
+        signal_number,
+        timed_out,
+        False,
+        time.monotonic() - started,
+        streams["stdout"],
+        streams["stderr"],
+        {k: c.total for k, c in captures.items()},
+        {k: c.dropped > 0 for k, c in captures.items()},
+        via="local",
+    )
+
+
+class LocalSandbox:
+    """Commands on this host (`execution_mode: local`), with `Sandbox.exec`'s signature."""
+
+    name = "local"
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or load_settings()
+        self.workspace = self.settings.path("workspace")
+        self.audit = AuditLog(self.settings.path("state_dir") / "audit.jsonl")
+        self.notes: list[str] = []
+
+    def up(self, timeout: float = 0.0) -> LocalSandbox:
+        """Create the workspace folder; there is nothing else to start."""
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def exec(self, command: str | Sequence[str], **options: Unpack[ExecOptions]) -> ExecResult:
+        """Run a command on this host in the workspace folder (see `Sandbox.exec`)."""
+        self.up()
+        cwd = options.get("cwd")
+        folder = self.workspace / cwd if cwd else self.workspace
+        request = make_request(self.settings, command, str(folder), options)
+        result = ExecResult.from_raw(run_on_host(request), request.cid)
+        self.audit.record(audit_entry(self.name, command, request, result))
+        return result
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def __enter__(self) -> LocalSandbox:
+        return self.up()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def open_sandbox(settings: Settings | None = None, **kwargs: Any) -> Sandbox | LocalSandbox:
+    """The sandbox `execution_mode` asks for: `sandbox`, `local`, or `auto` (a sandbox when
+    an engine answers and the image exists, else local; a note says which and why)."""
+    current = settings or load_settings()
+    mode, why = current.execution_mode, ""
+    if mode == "auto":
+        mode, why = _auto_mode(current)
+    chosen: Sandbox | LocalSandbox = (
+        LocalSandbox(current) if mode == "local" else Sandbox(current, **kwargs)
+    )
+    if why:
+        chosen.notes.append(f"execution mode auto: {mode} ({why})")
+    return chosen
+
+
+def _auto_mode(settings: Settings) -> tuple[str, str]:
+    try:
+        if engine.image_id(settings.image) is None:
+            return "local", f"the image {settings.image} does not exist"
+    except SandboxError as exc:
+        return "local", exc.message
+    return "sandbox", f"the engine answers and {settings.image} exists"
