@@ -140,3 +140,34 @@ def test_the_guides_compose_files_work_unchanged(tmp_path, name, compose_env, do
         assert "Python 3.11." in result.stdout
     finally:
         compose_run("down")
+
+
+@pytest.mark.parametrize("task", ["sandbox.up", "compose.up"])
+@pytest.mark.parametrize(
+    ("workspace", "reason"),
+    [
+        (str(ROOT), "the project folder"),
+        (str(ROOT / ".state"), "the tool's state folder"),
+        ("~", "your home folder"),
+        ("/", "Docker socket"),
+        ("/etc/cron.d", "system folder /etc"),
+        ("/var/lib/docker/volumes", "system folder /var"),
+        ("/usr/local/bin", "system folder /usr"),
+        ("~/.ssh", "credentials folder"),
+    ],
+)
+def test_a_dangerous_workspace_is_refused_before_anything_changes(
+    inv, task, workspace, reason, docker_engine, tmp_path
+):
+    watched = [ROOT, ROOT / "tasks.py", ROOT / "workspace"]
+    owners = {path: (path.stat().st_uid, path.stat().st_gid) for path in watched if path.exists()}
+    name = f"stigmer-refused-{tmp_path.name[-8:]}".lower()
+    env = {"INVOKE_STIGMER_WORKSPACE": workspace, "INVOKE_STIGMER_CONTAINER_NAME": name}
+    done = inv(task, env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    line = done.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert line.startswith("error: workspace: ") or "workspace: " in line, line
+    assert reason in line, line
+    assert {p: (p.stat().st_uid, p.stat().st_gid) for p in owners} == owners
+    assert not docker_engine.containers.list(all=True, filters={"name": name})
