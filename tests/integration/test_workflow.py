@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from stigmer_sandbox import config, images, labels
+from stigmer_sandbox import config, engine, images, labels
 from stigmer_sandbox.host import cleanup
 from stigmer_sandbox.images import smoke
 from stigmer_sandbox.images.builder import SilentWatcher
@@ -129,12 +129,8 @@ def project_resources(client, suffix: str):
     return image, container.id, volume.name
 
 
-def exists(getter, key) -> bool:
-    try:
-        getter(key)
-    except Exception:
-        return False
-    return True
+def volume_exists(client, name: str) -> bool:
+    return bool(client.volumes.list(filters={"name": f"^{name}$"}))
 
 
 def listed(done) -> dict[str, str]:
@@ -150,10 +146,10 @@ def test_dry_run_changes_nothing(inv, docker_engine, state_dir, clean_env):
     everything = listed(inv("clean", "--all", "--volumes", "--dry-run", "--json", env=clean_env))
     assert {image, container, stage} <= everything.keys()
     assert stage not in listed(inv("clean", "--dry-run", "--json", env=clean_env))
-    assert exists(docker_engine.images.get, stage)
-    assert exists(docker_engine.images.get, image)
-    assert exists(docker_engine.containers.get, container)
-    assert exists(docker_engine.volumes.get, volume)
+    assert engine.image_id(stage)
+    assert engine.image_id(image)
+    assert engine.find_container(container)
+    assert volume_exists(docker_engine, volume)
 
 
 def test_destructive_tiers_need_confirmation_without_a_terminal(inv, docker_engine):
@@ -185,7 +181,7 @@ def test_clean_spares_a_sandbox_in_use_and_removes_one_whose_owner_is_gone(
     assert in_use.id not in removed
     assert docker_engine.containers.get(in_use.id).status == "running"
     assert removed[orphan.id] == "its owner (pid 999999999) is gone"
-    assert not exists(docker_engine.containers.get, orphan.id)
+    assert not engine.find_container(orphan.id)
 
 
 def test_clean_keeps_a_users_untagged_image_and_removes_our_dangling_one(
@@ -199,9 +195,9 @@ def test_clean_keeps_a_users_untagged_image_and_removes_our_dangling_one(
     env = {"INVOKE_STIGMER_STATE_DIR": str(project / ".state")}
     removed = listed(inv("clean", "--json", env=env))
     assert removed.get(superseded) == "dangling"
-    assert not exists(docker_engine.images.get, superseded)
-    assert users not in removed and exists(docker_engine.images.get, users)
-    assert current not in removed and exists(docker_engine.images.get, current)
+    assert not engine.image_id(superseded)
+    assert users not in removed and engine.image_id(users)
+    assert current not in removed and engine.image_id(current)
 
 
 def test_fix_permissions_stays_inside_the_workspace(inv, tmp_path):
@@ -251,14 +247,14 @@ def test_clean_all_removes_only_labelled_resources(
     env = {**clean_env, "INVOKE_STIGMER_WORKSPACE": str(tmp_path / "workspace")}
     done = inv("clean", "--all", "--volumes", "--yes", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert not exists(docker_engine.images.get, image)
-    assert not exists(docker_engine.containers.get, container)
-    assert not exists(docker_engine.volumes.get, volume)
-    assert not exists(docker_engine.images.get, stage)
+    assert not engine.image_id(image)
+    assert not engine.find_container(container)
+    assert not volume_exists(docker_engine, volume)
+    assert not engine.image_id(stage)
     assert not docker_engine.images.list(filters=labels.managed_filter(), name="stigmer-sandbox-*")
     for decoy in decoys["images"]:
-        assert exists(docker_engine.images.get, decoy)
+        assert engine.image_id(decoy)
     for decoy in decoys["containers"]:
-        assert exists(docker_engine.containers.get, decoy)
-    assert exists(docker_engine.volumes.get, decoys["volume"])
+        assert engine.find_container(decoy)
+    assert volume_exists(docker_engine, decoys["volume"])
     assert workspace_file.read_text() == "mine"
