@@ -62,12 +62,6 @@ def spec_hash(spec: dict[str, Any], image_id: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def expired(container_labels: dict[str, str], now: float | None = None) -> bool:
-    """Whether a sandbox has outlived its maximum lifetime."""
-    expires = container_labels.get(labels.EXPIRES, "")
-    return expires.isdigit() and int(expires) < (time.time() if now is None else now)
-
-
 class Sandbox:
     """One sandbox container: create or find it, run commands in it, copy files."""
 
@@ -163,7 +157,7 @@ class Sandbox:
         why = None
         if container.labels.get(f"{labels.PREFIX}.config", wanted) != wanted:
             why = "its image or settings changed"
-        elif expired(container.labels):
+        elif labels.expired(container.labels):
             why = "it outlived its maximum lifetime"
         if why is None:
             return container

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import tracemalloc
 import uuid
 from pathlib import Path
@@ -326,3 +327,13 @@ def test_debug_tasks_and_a_shell_without_a_terminal(inv, tmp_path):
         assert isinstance(history, list)
     finally:
         assert inv("sandbox.down", env=env).returncode == 0
+
+
+def test_an_expired_sandbox_is_recreated_not_restarted(tmp_path, docker_engine):
+    with make_sandbox(tmp_path, max_lifetime_hours=0.0005) as box:  # about 2 s
+        first = box.inspect()["Id"]
+        time.sleep(3)
+        box.up()
+        assert box.inspect()["Id"] != first
+        assert any("outlived its maximum lifetime" in note for note in box.notes), box.notes
+        assert box.exec("echo fresh").stdout == "fresh\n"
