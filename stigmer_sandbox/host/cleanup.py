@@ -8,8 +8,10 @@ Tiers, each including the ones before it:
   tags, build intermediates) and network;
 - volumes: the project's volumes too.
 A running sandbox whose owner process lives is in use: only `all` removes it.
-An untagged image is ours only when the image record says this tool built it
-(labels are inherited by a user's images built FROM ours; see images/record.py).
+An untagged image of one of our image kinds is ours only when the image record
+says this tool built it: a user's image built FROM ours inherits our labels (see
+images/record.py). Build stages need no record: no image a user builds FROM ours
+can carry their kind.
 Files on the host, the workspace above all, are never deleted.
 """
 
@@ -96,7 +98,7 @@ def _images(everything: bool, recorded: Collection[str]) -> Iterable[Resource]:
     found = [
         image
         for image in engine.client().images.list(filters=filters)
-        if is_our_image(image, recorded) or (everything and is_our_build_stage(image, recorded))
+        if is_our_image(image, recorded) or (everything and is_our_build_stage(image))
     ]
     # Newest first: a child image must go before the image it was built on. Build
     # intermediates go with the image they belong to (docker removes untagged parents).
@@ -116,15 +118,15 @@ def is_our_image(image: Any, recorded: Collection[str]) -> bool:
     return all(name.startswith(OUR_IMAGE_PREFIX) for name in names)
 
 
-def is_our_build_stage(image: Any, recorded: Collection[str]) -> bool:
-    """An untagged stage our Dockerfiles left (build cache of the legacy builder), recorded
-    by the build that made it. Its kind is `build-stage` (none on older images)."""
+def is_our_build_stage(image: Any) -> bool:
+    """An untagged stage our Dockerfiles left: build cache of the legacy builder. Its kind
+    is `build-stage` (none on images from before that label); only an intermediate stage
+    of our Dockerfiles carries either, never an image built FROM one of our images."""
     image_labels = image.labels or {}
     return (
         not image.tags
         and image_labels.get(labels.MANAGED) == "true"
         and image_labels.get(labels.KIND, BUILD_STAGE_KIND) == BUILD_STAGE_KIND
-        and short_id(image.id) in recorded
     )
 
 

@@ -140,13 +140,11 @@ class BuildOutcome:
 
 
 class BuilderRun(NamedTuple):
-    """What one call of the builder made: the image, its step counts, and the id of every
-    image a step produced or reused (build stages and intermediates included)."""
+    """What one call of the builder made: the image and its step counts."""
 
     image_id: str
     steps: int
     cached_steps: int
-    produced: tuple[str, ...]
 
 
 class BuildWatcher(Protocol):
@@ -454,9 +452,8 @@ def build(plan: BuildPlan, watcher: BuildWatcher) -> BuildOutcome:
     if found is not None and not (plan.options.force or plan.options.no_cache):
         image_id, steps, cached, built = found, 0, 0, False
     else:
-        run = _run_builder(plan, watcher)
-        _record(plan, run, watcher)
-        image_id, steps, cached, built = run.image_id, run.steps, run.cached_steps, True
+        image_id, steps, cached = _run_builder(plan, watcher)
+        built = True
     _tag_all(image_id, plan.tags)
     return BuildOutcome(
         image_id,
@@ -469,48 +466,63 @@ def build(plan: BuildPlan, watcher: BuildWatcher) -> BuildOutcome:
     )
 
 
-def _record(plan: BuildPlan, run: BuilderRun, watcher: BuildWatcher) -> None:
-    """Write the build's images into the record; a build that worked stays a success when
-    the record cannot be written, only its leftovers are then kept by `inv clean`."""
+def _run_builder(plan: BuildPlan, watcher: BuildWatcher) -> BuilderRun:
+    options = plan.options
+    repository, tag = split_image(plan.hash_tag)
+    return _build_recorded(
+        plan.record,
+        plan.kind,
+        watcher,
+        fileobj=context_tar(
+            plan.context_dir, plan.files, plan.extra_ca.path if plan.extra_ca else None
+        ),
+        custom_context=True,
+        dockerfile=plan.dockerfile,
+        tag=f"{repository}:{tag}",
+        buildargs=plan.build_args,
+        labels=plan.labels,
+        nocache=options.no_cache,
+        pull=False,
+        target=options.target,
+        network_mode=options.network,
+    )
+
+
+def _build_recorded(
+    record: ImageRecord | None, kind: str, watcher: BuildWatcher, **request: Any
+) -> BuilderRun:
+    """Run the builder (`request`: `APIClient.build` arguments) and follow it. Every image
+    it produced goes into `record`, a failed build's too: its finished steps stay behind."""
+    produced: list[str] = []
     try:
-        plan.record.add(plan.kind, (run.image_id, *run.produced))
+        with engine.engine_errors():
+            stream = engine.client().api.build(rm=True, forcerm=True, decode=True, **request)
+            return _follow(stream, watcher, produced)
+    finally:
+        if record is not None:
+            _record(record, kind, produced, watcher)
+
+
+def _record(record: ImageRecord, kind: str, ids: list[str], watcher: BuildWatcher) -> None:
+    """Write a build's images into the record; a build stays a success when the record
+    cannot be written, only its untagged leftovers are then kept by `inv clean`."""
+    try:
+        record.add(kind, ids)
     except OSError as exc:
         watcher.note(
-            f"could not record the build in {plan.record.path} ({exc.strerror}): "
+            f"could not record the build in {record.path} ({exc.strerror}): "
             "`inv clean` will keep its untagged leftovers"
         )
 
 
-def _run_builder(plan: BuildPlan, watcher: BuildWatcher) -> BuilderRun:
-    options = plan.options
-    repository, tag = split_image(plan.hash_tag)
-    with engine.engine_errors():
-        stream = engine.client().api.build(
-            fileobj=context_tar(
-                plan.context_dir, plan.files, plan.extra_ca.path if plan.extra_ca else None
-            ),
-            custom_context=True,
-            dockerfile=plan.dockerfile,
-            tag=f"{repository}:{tag}",
-            buildargs=plan.build_args,
-            labels=plan.labels,
-            nocache=options.no_cache,
-            pull=False,
-            target=options.target,
-            network_mode=options.network,
-            rm=True,
-            forcerm=True,
-            decode=True,
-        )
-        return _follow(stream, watcher)
-
-
-def _follow(stream: Iterator[dict[str, Any]], watcher: BuildWatcher) -> BuilderRun:
-    """Consume the build stream; raise `BuildError` naming the step on failure."""
+def _follow(
+    stream: Iterator[dict[str, Any]], watcher: BuildWatcher, produced: list[str]
+) -> BuilderRun:
+    """Consume the build stream, adding to `produced` the id of every image a step made or
+    took from the cache; raise `BuildError` naming the step on failure."""
     image_id, total, cached = "", 0, 0
     current = (0, "")
     recent: list[str] = []
-    produced: list[str] = []
     for chunk in stream:
         if "error" in chunk:
             raise _failure(chunk, current, total, recent)
@@ -528,7 +540,8 @@ def _follow(stream: Iterator[dict[str, Any]], watcher: BuildWatcher) -> BuilderR
                 watcher.line(text)
     if not image_id:
         raise BuildError("the builder finished without producing an image")
-    return BuilderRun(image_id, total, cached, tuple(produced))
+    produced.append(image_id)
+    return BuilderRun(image_id, total, cached)
 
 
 def _failure(
@@ -552,11 +565,12 @@ USER sandbox
 """
 
 
-def image_for_user(image: str, uid: int, gid: int) -> str:
+def image_for_user(image: str, uid: int, gid: int, record: ImageRecord | None = None) -> str:
     """`image`, or a derived image whose sandbox user has the host user's uid/gid.
 
     Files the agent writes into the bind-mounted workspace are then owned by
-    the host user. Root (0) and uid 1000 need no derived image.
+    the host user. Root (0) and uid 1000 need no derived image. A build writes its
+    images into `record` (the derived image is tagged; a failed build's steps are not).
     """
     if uid in (0, 1000) and gid in (0, 1000):
         return image
@@ -565,16 +579,14 @@ def image_for_user(image: str, uid: int, gid: int) -> str:
     if engine.image_id(tag):
         return tag
     dockerfile = USER_DOCKERFILE.format(image=image, uid=uid, gid=gid).encode()
-    with engine.engine_errors():
-        stream = engine.client().api.build(
-            fileobj=io.BytesIO(dockerfile),
-            tag=tag,
-            rm=True,
-            forcerm=True,
-            decode=True,
-            labels=labels.project_labels("user", base=base_id),
-        )
-        _follow(stream, SilentWatcher())
+    _build_recorded(
+        record,
+        "user",
+        SilentWatcher(),
+        fileobj=io.BytesIO(dockerfile),
+        tag=tag,
+        labels=labels.project_labels("user", base=base_id),
+    )
     return tag
 
 

@@ -7,10 +7,13 @@ import os
 import re
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
 from stigmer_sandbox import labels
+from stigmer_sandbox.config import load_settings
+from stigmer_sandbox.host import cleanup
 from stigmer_sandbox.images import debian_base
 
 from ..conftest import ROOT
@@ -33,6 +36,17 @@ def scratch_tags(docker_engine):
         found = docker_engine.images.list(name=tag)
         for image in found:  # by id: also drops the sha- tag the build added
             docker_engine.images.remove(image.id, force=True)
+
+
+@pytest.fixture
+def project(tmp_path, docker_engine):
+    """A project copy to build from. Its builds record their images in its own state
+    folder; the untagged ones (a failed build's finished steps) are removed afterwards,
+    as `inv clean` run in that project would."""
+    copy = project_copy(tmp_path)
+    yield copy
+    leftovers = cleanup.plan(load_settings(copy, environ={}))
+    cleanup.remove([found for found in leftovers if found.kind == "image"])
 
 
 def test_basic_image_is_labelled_non_root_and_small_enough(basic_image):
@@ -88,8 +102,7 @@ def test_report_shows_components_and_layers(inv, basic_image):
     assert any("pip install" in layer["name"] for layer in report["layers"])
 
 
-def test_requirements_change_rebuilds_only_later_layers(inv, tmp_path, basic_image, scratch_tags):
-    project = project_copy(tmp_path)
+def test_requirements_change_rebuilds_only_later_layers(inv, project, basic_image, scratch_tags):
     requirements = project / "dockerfiles/requirements.txt"
     original = requirements.read_text()
     # Another user's clone under another umask: the builder's COPY cache keys on owner
@@ -120,9 +133,8 @@ def test_requirements_change_rebuilds_only_later_layers(inv, tmp_path, basic_ima
 
 
 def test_build_without_network_names_the_network_and_tags_nothing(
-    inv, tmp_path, basic_image, scratch_tags, docker_engine
+    inv, project, basic_image, scratch_tags, docker_engine
 ):
-    project = project_copy(tmp_path)
     requirements = project / "dockerfiles/requirements.txt"
     requirements.write_text(requirements.read_text() + f"# bust {uuid.uuid4().hex}\n")
     tag = scratch_tags("basic")
@@ -143,12 +155,11 @@ def test_build_without_network_names_the_network_and_tags_nothing(
 
 
 def build_full_from_mirror(
-    inv, tmp_path, tag: str, corrupt: str | None = None, skip: tuple[str, ...] = ()
+    inv, project: Path, tag: str, corrupt: str | None = None, skip: tuple[str, ...] = ()
 ):
     """`inv sandbox.build-full` of a project copy whose downloads come from a loopback
     mirror of fake artifacts; the PyPI and Debian tools install for real unless skipped."""
-    project = project_copy(tmp_path)
-    mirror = tmp_path / "mirror"
+    mirror = project.parent / "mirror"
     write_fake_tools(project, mirror, debian_base.architecture(), corrupt=corrupt)
     skip = [arg for name in skip for arg in ("--skip-tool", name)]
     with serve(mirror) as url:
@@ -163,14 +174,12 @@ def build_full_from_mirror(
             *skip,
             env={"INVOKE_STIGMER_PROJECT_DIR": str(project)},
         )
-    return project, done
+    return done
 
 
-def test_full_image_with_loopback_tools_passes_smoke_tests(
-    inv, tmp_path, basic_image, scratch_tags
-):
+def test_full_image_with_loopback_tools_passes_smoke_tests(inv, project, basic_image, scratch_tags):
     tag = scratch_tags("full")
-    project, done = build_full_from_mirror(inv, tmp_path, tag)
+    done = build_full_from_mirror(inv, project, tag)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
     report = json.loads(inv("sandbox.test", "--image", tag, "--json").stdout)
     tools = {c["name"] for c in report["checks"] if c["name"].startswith("tool ")}
@@ -180,10 +189,10 @@ def test_full_image_with_loopback_tools_passes_smoke_tests(
 
 
 def test_full_image_bad_checksum_fails_naming_tool_and_both_sums(
-    inv, tmp_path, basic_image, scratch_tags
+    inv, project, basic_image, scratch_tags
 ):
-    _project, done = build_full_from_mirror(
-        inv, tmp_path, scratch_tags("full"), corrupt="kubectl", skip=("aws", "azure-cli")
+    done = build_full_from_mirror(
+        inv, project, scratch_tags("full"), corrupt="kubectl", skip=("aws", "azure-cli")
     )
     assert done.returncode == 4
     error = done.stderr.strip().splitlines()[-1]

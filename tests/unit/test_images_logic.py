@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from stigmer_sandbox import __version__, images
-from stigmer_sandbox.errors import SandboxError, UsageError
+from stigmer_sandbox.errors import BuildError, SandboxError, UsageError
 from stigmer_sandbox.images import builder, inventory
 from stigmer_sandbox.images.record import ImageRecord
 
@@ -170,10 +170,25 @@ def test_builder_stream_yields_every_image_a_step_produced_or_reused():
         {"stream": "Removing intermediate container 0a1b2c3d4e5f\n ---> 612b53605990\n"},
         {"aux": {"ID": "sha256:612b53605990" + "0" * 52}},
     ]
-    run = builder._follow(iter(stream), QuietWatcher())
-    assert run.image_id == "sha256:612b53605990" + "0" * 52
-    assert (run.steps, run.cached_steps) == (3, 1)
-    assert run.produced == ("603d51b9eda2", "f6a62d74dedd", "612b53605990")
+    produced: list[str] = []
+    run = builder._follow(iter(stream), QuietWatcher(), produced)
+    assert run == ("sha256:612b53605990" + "0" * 52, 3, 1)
+    assert produced == ["603d51b9eda2", "f6a62d74dedd", "612b53605990", run.image_id]
+
+
+def test_a_failed_build_still_records_the_images_of_its_finished_steps(tmp_path, monkeypatch):
+    stream = [
+        {"stream": "Step 1/2 : FROM stigmer-sandbox-basic:local\n"},
+        {"stream": " ---> 612b53605990\n"},
+        {"stream": "Step 2/2 : RUN exit 3\n"},
+        {"error": "The command '/bin/sh -c exit 3' returned a non-zero code: 3"},
+    ]
+    api = SimpleNamespace(build=lambda **_request: iter(stream))
+    monkeypatch.setattr(builder.engine, "client", lambda: SimpleNamespace(api=api))
+    store = ImageRecord(tmp_path / "images.jsonl")
+    with pytest.raises(BuildError, match=r"step 2/2 \(RUN exit 3\)"):
+        builder._build_recorded(store, "basic", QuietWatcher(), tag="x:1")
+    assert store.ids() == {"612b53605990"}
 
 
 def test_image_record_appends_one_line_per_build_and_reads_short_ids(tmp_path):
@@ -203,6 +218,5 @@ def test_a_build_the_record_cannot_take_still_succeeds_with_a_note(tmp_path):
     watcher = QuietWatcher()
     blocked = tmp_path / "file"
     blocked.write_text("")
-    plan = SimpleNamespace(kind="basic", record=ImageRecord(blocked / "images.jsonl"))
-    builder._record(plan, builder.BuilderRun("sha256:ab", 1, 0, ()), watcher)
+    builder._record(ImageRecord(blocked / "images.jsonl"), "basic", ["sha256:ab"], watcher)
     assert "could not record the build" in watcher.notes[0]

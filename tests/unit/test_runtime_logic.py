@@ -139,11 +139,10 @@ def test_cleanup_tells_build_cache_from_superseded_images():
     def ours(found) -> bool:
         return cleanup.is_our_image(found, recorded)
 
-    def stage(found) -> bool:
-        return cleanup.is_our_build_stage(found, recorded)
-
+    stage = cleanup.is_our_build_stage
     assert stage(image(cleanup.BUILD_STAGE_KIND)) and not ours(image(cleanup.BUILD_STAGE_KIND))
     assert stage(image(None))  # left by an older Dockerfile
+    assert stage(image(cleanup.BUILD_STAGE_KIND, built=False))  # its kind is never inherited
     superseded = image("basic")
     assert ours(superseded) and not stage(superseded)
     assert not stage(image(cleanup.BUILD_STAGE_KIND, ("app:1",)))
@@ -166,7 +165,7 @@ def test_untagged_images_count_as_ours_only_when_recorded():
     users = untagged("basic", "sha256:ba9876543210" + "0" * 52)
     assert not cleanup.is_our_image(users, recorded)
     assert cleanup.is_our_image(untagged("basic", "sha256:0123456789ab" + "0" * 52), recorded)
-    assert not cleanup.is_our_build_stage(untagged(cleanup.BUILD_STAGE_KIND, users.id), recorded)
+    assert not cleanup.is_our_build_stage(users)
 
 
 def test_fix_permissions_owner_choice(monkeypatch):
