@@ -7,7 +7,6 @@ failures but do not decide the exit status; every other failure does.
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import stat
@@ -16,12 +15,11 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .. import engine, labels
+from .. import engine, labels, policy
 from ..checks import CheckResult, Status, verdict
 from ..config import Settings
 from ..errors import SandboxError
 from ..images import ca
-from ..runtime.sandbox import SANDBOX_UID
 from . import compose
 
 MIN_FREE_DISK = 5 * 1000**3
@@ -182,6 +180,10 @@ def _succeeds(argv: list[str]) -> bool:
 
 def _workspace_check(settings: Settings) -> CheckResult:
     path = settings.path("workspace")
+    try:
+        policy.sandbox_folders(settings)
+    except SandboxError as exc:  # the same policy every sandbox path applies
+        return CheckResult("workspace", "fail", exc.message, exc.hint)
     if not path.is_dir():
         return CheckResult(
             "workspace",
@@ -190,7 +192,7 @@ def _workspace_check(settings: Settings) -> CheckResult:
             "it is created by `inv sandbox.up`, or mkdir it",
         )
     info = path.stat()
-    sandbox_uid = SANDBOX_UID if os.getuid() == 0 else os.getuid()
+    sandbox_uid = policy.sandbox_user()[0]
     detail = f"{path} owner {info.st_uid}:{info.st_gid}, sandbox runs as uid {sandbox_uid}"
     writable = info.st_uid == sandbox_uid or bool(info.st_mode & stat.S_IWOTH)
     if not writable:

@@ -11,6 +11,9 @@ from ..errors import SandboxError, UsageError
 from ..host import cleanup, diagnostics, permissions, workflow
 from ._common import settings, task
 
+# `inv run` exits with this when a command's result was lost with the sandbox agent.
+LOST_EXIT = 255
+
 
 @task(help={"json": "print the report as one JSON object (default: off)"})
 def doctor(c: Context, json: bool = False) -> None:
@@ -65,29 +68,26 @@ def run(
     """Run a command in the sandbox (or on the host with STIGMER_EXECUTION_MODE=local)."""
     current = settings(c)
     streaming = not json
-    options = runtime.ExecOptions(
+    sandbox = runtime.open_sandbox(current, network=network)
+    result = sandbox.exec(
+        command,
         timeout=timeout,
         env=_env_pairs(env or []),
         cwd=workdir,
         on_stdout=_write(sys.stdout) if streaming else None,
         on_stderr=_write(sys.stderr) if streaming else None,
+        keep_background=keep_background,
     )
-    if current.execution_mode == "local":
-        result = runtime.run_local(current, command, **options)
-    else:
-        name = current.container_name
-        if network and network != current.network:
-            name = f"{name}-{network}"
-        sandbox = runtime.Sandbox(current, name=name, network=network)
-        result = sandbox.exec(command, keep_background=keep_background, **options)
-        for note in sandbox.notes:
-            console.warning(note)
+    for note in sandbox.notes:
+        console.warning(note)
     if json:
         console.emit_json(result.to_dict())
+    elif result.cause == "lost":
+        console.warning(f"the command's result was lost: {result.error}")
     elif result.cause != "exit":
         console.warning(f"command ended by {result.cause} (exit {result.exit_code})")
-    if result.exit_code:
-        raise Exit(code=result.exit_code)
+    if result.exit_code != 0:
+        raise Exit(code=LOST_EXIT if result.exit_code is None else result.exit_code)
 
 
 @task(
@@ -188,8 +188,8 @@ def _report_clean(
 @task(
     help={
         "to_host": "give the files to you (the host user; under sudo, the sudo user) instead "
-        "of the sandbox user (default: off, uid/gid 1000)",
-        "uid": "owner uid to set (default: 1000, the sandbox user)",
+        "of the user the sandbox runs as (default: off: your uid/gid, or 1000 for root)",
+        "uid": "owner uid to set (default: the uid the sandbox runs as)",
         "gid": "owner gid to set (default: the uid)",
         "dry_run": "count what would change and change nothing (default: off)",
     }

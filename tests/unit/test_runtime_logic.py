@@ -1,16 +1,17 @@
-"""Command construction and container configuration, without an engine."""
-
-from pathlib import Path
+"""Command construction and results, cleanup and diagnostics logic, without an engine."""
 
 import pytest
 
-from stigmer_sandbox import config
-from stigmer_sandbox.errors import ConfigError, UsageError
-from stigmer_sandbox.runtime import sandbox as runtime
+from stigmer_sandbox.errors import UsageError
+from stigmer_sandbox.runtime import commands as runtime
 
 
 def test_strings_run_through_bash_inside_lists_pass_as_is():
-    assert runtime.command_argv("echo $(id); rm -rf /") == ["bash", "-c", "echo $(id); rm -rf /"]
+    assert runtime.command_argv("echo $(id); rm -rf /") == [
+        "/bin/bash",
+        "-c",
+        "echo $(id); rm -rf /",
+    ]
     assert runtime.command_argv(["ls", "-la"]) == ["ls", "-la"]
 
 
@@ -25,59 +26,6 @@ def test_env_values_may_hold_newlines_and_equals_but_names_may_not():
     for bad in ({"A=B": "1"}, {"": "1"}, {"A": "nul\0"}):
         with pytest.raises(UsageError):
             runtime.check_env(bad)
-
-
-def settings(tmp_path: Path, **changes) -> config.Settings:
-    return config.Settings(project_dir=str(tmp_path)).replace(**changes)
-
-
-def test_container_spec_is_hardened_by_default(tmp_path):
-    spec = runtime.container_spec(settings(tmp_path), "img:1", {})
-    assert spec["cap_drop"] == ["ALL"]
-    assert spec["security_opt"] == ["no-new-privileges:true"]
-    assert spec["privileged"] is False
-    assert spec["pids_limit"] == 512
-    assert spec["mem_limit"] == spec["memswap_limit"] == 2 * 1024**3
-    assert spec["nano_cpus"] == 2_000_000_000
-    assert spec["tmpfs"] == {"/tmp": "rw,nosuid,nodev,size=512m"}
-    assert spec["network_mode"] == "bridge"
-    assert all(m["BindOptions"]["Propagation"] == "rprivate" for m in spec["mounts"])
-    assert [m["Target"] for m in spec["mounts"]] == ["/workspace", "/logs"]
-
-
-def test_lifetime_wraps_the_keepalive(tmp_path):
-    spec = runtime.container_spec(settings(tmp_path, max_lifetime_hours=1.5), "img:1", {})
-    assert spec["command"] == ["timeout", "-s", "TERM", "5400", "sandbox-keepalive"]
-    spec = runtime.container_spec(settings(tmp_path, max_lifetime_hours=0.0), "img:1", {})
-    assert spec["command"] == ["sandbox-keepalive"]
-
-
-@pytest.mark.parametrize("folder", ["/", "/etc", "/var/run", "/run", "/var"])
-def test_sensitive_mount_sources_are_refused(folder):
-    with pytest.raises(ConfigError):
-        runtime.check_mount_source(Path(folder), "workspace")
-
-
-def test_docker_socket_itself_is_refused():
-    with pytest.raises(ConfigError, match="Docker socket"):
-        runtime.check_mount_source(Path("/var/run/docker.sock"), "workspace")
-
-
-def test_spec_hash_changes_with_image_and_limits(tmp_path):
-    spec = runtime.container_spec(settings(tmp_path), "img:1", {})
-    other = runtime.container_spec(settings(tmp_path, memory="1g"), "img:1", {})
-    assert runtime.spec_hash(spec, "sha256:a") == runtime.spec_hash(spec, "sha256:a")
-    assert runtime.spec_hash(spec, "sha256:a") != runtime.spec_hash(spec, "sha256:b")
-    assert runtime.spec_hash(spec, "sha256:a") != runtime.spec_hash(other, "sha256:a")
-
-
-def test_missing_credentials_folder_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(ConfigError, match="mount_aws is on but"):
-        runtime.credential_mounts(settings(tmp_path, mount_aws=True))
-    (tmp_path / ".aws").mkdir()
-    mounts = runtime.credential_mounts(settings(tmp_path, mount_aws=True))
-    assert mounts[0]["ReadOnly"] is True and mounts[0]["Target"] == "/home/sandbox/.aws"
 
 
 def test_result_cause_and_json():
@@ -169,6 +117,7 @@ def test_untagged_images_count_as_ours_only_when_recorded():
 
 
 def test_fix_permissions_owner_choice(monkeypatch):
+    from stigmer_sandbox import policy
     from stigmer_sandbox.host import permissions
 
     assert permissions.target_owner(False, None, None) == (1000, 1000)
@@ -177,10 +126,15 @@ def test_fix_permissions_owner_choice(monkeypatch):
     for bad in ((-5, None), (None, -1), (2**32 - 1, None)):
         with pytest.raises(UsageError, match="between 0 and"):
             permissions.target_owner(False, *bad)
-    monkeypatch.setattr(permissions.os, "getuid", lambda: 0)
+    monkeypatch.setattr(policy.os, "getuid", lambda: 0)
     monkeypatch.setenv("SUDO_UID", "1500")
     monkeypatch.setenv("SUDO_GID", "1600")
     assert permissions.target_owner(True, None, None) == (1500, 1600)
+    # A non-root user's sandbox runs as that user: the default owner follows the policy.
+    monkeypatch.delenv("SUDO_UID")
+    monkeypatch.setattr(policy.os, "getuid", lambda: 4321)
+    monkeypatch.setattr(policy.os, "getgid", lambda: 99)
+    assert permissions.target_owner(False, None, None) == (4321, 99)
 
 
 def test_fix_permissions_never_follows_symlinks():
@@ -207,3 +161,14 @@ def test_build_network_verdicts(found, have_ca, status, fragment):
     check = diagnostics._network_verdict(found, have_ca)
     assert check.status == status
     assert fragment in (check.hint or "")
+
+
+def test_doctor_reports_a_workspace_the_policy_refuses(tmp_path):
+    from stigmer_sandbox import config
+    from stigmer_sandbox.host import diagnostics
+
+    current = config.Settings(project_dir=str(tmp_path), workspace=str(tmp_path))
+    check = diagnostics._workspace_check(current)
+    assert check.status == "fail" and "the project folder" in check.detail
+    fine = diagnostics._workspace_check(current.replace(workspace="ws"))
+    assert fine.status != "fail"
