@@ -132,17 +132,14 @@ def _registry_check(settings: Settings) -> CheckResult:
 
 
 def _image_checks(settings: Settings) -> Iterator[CheckResult]:
-    import docker.errors
 
     wanted = (
         ("base image", settings.base_image, "inv sandbox.bootstrap-base"),
         ("sandbox image", settings.image, "inv sandbox.build-basic"),
     )
     for label, name, fix in wanted:
-        try:
-            with engine.engine_errors():
-                found = engine.client().images.get(name)
-        except (docker.errors.ImageNotFound, SandboxError):
+        found = engine.find_image(name)
+        if found is None:
             yield CheckResult(label, "warn", f"{name} not built yet", f"run `{fix}`")
             continue
         size = found.attrs.get("Size", 0) / 1000**2

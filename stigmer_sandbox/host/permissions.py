@@ -49,12 +49,8 @@ def _script(uid: int, gid: int, dry_run: bool) -> str:
 
 def _helper_image(settings: Settings) -> str:
     for candidate in (settings.base_image, settings.image):
-        try:
-            with engine.engine_errors():
-                engine.client().images.get(candidate)
+        if engine.image_id(candidate):
             return candidate
-        except SandboxError:
-            continue
     raise SandboxError(
         "no image to run the helper from",
         "run `inv sandbox.bootstrap-base` or `inv sandbox.build-basic`",

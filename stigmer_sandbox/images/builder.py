@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from .. import __version__, engine, labels
+from .. import __version__, engine, labels, policy
 from ..config import IMAGE_RE, Settings, split_image
 from ..errors import BuildError, SandboxError, UsageError
 from . import ca, debian_base
@@ -560,25 +560,26 @@ USER_DOCKERFILE = """\
 FROM {image}
 USER root
 RUN groupmod -o -g {gid} sandbox && usermod -o -u {uid} -g {gid} sandbox \\
-    && find / -xdev \\( -uid 1000 -o -gid 1000 \\) -exec chown -h {uid}:{gid} {{}} +
+    && find / -xdev \\( -uid {image_uid} -o -gid {image_gid} \\) -exec chown -h {uid}:{gid} {{}} +
 USER sandbox
 """
 
 
 def image_for_user(image: str, uid: int, gid: int, record: ImageRecord | None = None) -> str:
-    """`image`, or a derived image whose sandbox user has the host user's uid/gid.
-
-    Files the agent writes into the bind-mounted workspace are then owned by
-    the host user. Root (0) and uid 1000 need no derived image. A build writes its
-    images into `record` (the derived image is tagged; a failed build's steps are not).
+    """`image`, or a derived image whose sandbox user has `uid`/`gid` (the user the sandbox
+    runs as, `policy.sandbox_user`), so files written into the bind-mounted workspace are
+    the host user's. The image's own sandbox user needs no derived image. A build writes
+    its images into `record` (the derived image is tagged; a failed build's steps are not).
     """
-    if uid in (0, 1000) and gid in (0, 1000):
+    if (uid, gid) == (policy.SANDBOX_UID, policy.SANDBOX_GID):
         return image
     base_id = str(engine.image(image).id)
     tag = f"stigmer-sandbox-user:{uid}-{gid}-{base_id.removeprefix('sha256:')[:12]}"
     if engine.image_id(tag):
         return tag
-    dockerfile = USER_DOCKERFILE.format(image=image, uid=uid, gid=gid).encode()
+    dockerfile = USER_DOCKERFILE.format(
+        image=image, uid=uid, gid=gid, image_uid=policy.SANDBOX_UID, image_gid=policy.SANDBOX_GID
+    ).encode()
     _build_recorded(
         record,
         "user",

@@ -97,8 +97,9 @@ def _exec(container: Any, command: str) -> str:
 
 def layers(image: str) -> list[Share]:
     """Non-empty layers, newest first, named by the instruction that made them."""
+    found = engine.image(image)
     with engine.engine_errors():
-        history = engine.client().images.get(image).history()
+        history = found.history()
     shares = []
     for entry in history:
         if entry.get("Size", 0) > 0:
@@ -109,8 +110,7 @@ def layers(image: str) -> list[Share]:
 
 def report(image: str) -> dict[str, Any]:
     """Versions, per-component and per-layer sizes of `image`."""
-    with engine.engine_errors():
-        size = int(engine.client().images.get(image).attrs.get("Size", 0))
+    size = int(engine.image(image).attrs.get("Size", 0))
     with smoke.probe_container(image) as container:
         versions = {name: _exec(container, cmd)[:70] for name, cmd in VERSIONS.items()}
         parts = group_packages(_exec(container, DPKG_SIZES))

@@ -110,9 +110,9 @@ def exit_cause(
     return "exit"
 
 
-def oom_kills() -> int | None:
+def oom_kills(paths: Iterable[str] = OOM_FILES) -> int | None:
     """The container's OOM-kill counter (cgroup v2 or v1), or None."""
-    for path in OOM_FILES:
+    for path in paths:
         try:
             with open(path) as handle:
                 for line in handle:
@@ -122,6 +122,11 @@ def oom_kills() -> int | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+def oom_counter_files() -> tuple[str, ...]:
+    """The OOM counter files this cgroup has (looked up once, read for every command)."""
+    return tuple(path for path in OOM_FILES if os.path.exists(path))
 
 
 class Pump:
@@ -224,6 +229,7 @@ class Agent:
         self.running: dict[str, set[str]] = {}  # command id -> ids that overlapped it
         self.helpers: set[Process] = set()
         self.base_env = command_environment(dict(os.environ), uid)
+        self.oom_files = oom_counter_files()
 
     def send(self, message: Message) -> None:
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
@@ -288,7 +294,7 @@ class Agent:
             os.fchmod(script_read, 0o444)  # bash reopens /dev/fd/N as the sandbox user
             argv = [argv[0], f"/dev/fd/{script_read}", *argv[1:]]
         stdin = request.get("stdin")
-        before = oom_kills()
+        before = oom_kills(self.oom_files)
         started = time.monotonic()
         try:
             process = subprocess.Popen(
@@ -318,7 +324,7 @@ class Agent:
             with self.lock:
                 self.helpers.discard(process)
         status = read_status(status_read, process.returncode)
-        grew = oom_grew(before, oom_kills())
+        grew = oom_grew(before, oom_kills(self.oom_files))
         return done_message(request, status, grew, time.monotonic() - started, captures)
 
     def _helper_argv(self, request: Message, status_fd: int, argv: list[str]) -> list[str]:

@@ -29,6 +29,7 @@ from typing import Any, Unpack
 from .. import config, engine, images, labels, policy
 from ..config import Settings, load_settings
 from ..errors import SandboxError, SandboxNotReady, UsageError
+from ..images.record import ImageRecord
 from .channel import AgentChannel, AgentLost, DirectRunner, RawResult, Request
 from .commands import ExecOptions, ExecResult, audit_entry, lost, make_request
 from .history import AuditLog
@@ -133,7 +134,8 @@ class Sandbox:
         """Make sure the container exists, runs and is ready (idempotent)."""
         with self._lock:
             spec = policy.container_spec(self.settings, self.settings.image, {})
-            image = images.image_for_user(self.settings.image, *self.sandbox_user)
+            record = ImageRecord.of(self.settings)
+            image = images.image_for_user(self.settings.image, *self.sandbox_user, record)
             image_id = engine.image(image).id
             spec["image"] = image
             wanted = spec_hash(spec, image_id)
@@ -329,9 +331,12 @@ class Sandbox:
         it unless `keep_background` is set, e.g. for a server used by later commands.
         """
         request = make_request(self.settings, command, self._cwd(options.get("cwd")), options)
-        return ExecResult.from_raw(self._execute(command, request), request.cid)
+        return self._execute(command, request)[1]
 
-    def _execute(self, command: str | Sequence[str], request: Request) -> RawResult:
+    def _execute(
+        self, command: str | Sequence[str], request: Request
+    ) -> tuple[RawResult, ExecResult]:
+        """Run a request, record it in the audit trail; the raw and the decoded result."""
         started = time.monotonic()
         runner = self._runner()
         try:
@@ -342,7 +347,7 @@ class Sandbox:
             raw = lost(request, reason, time.monotonic() - started, "agent")
         result = ExecResult.from_raw(raw, request.cid)
         self.audit.record(audit_entry(self.name, command, request, result))
-        return raw
+        return raw, result
 
     @staticmethod
     def _cwd(cwd: str | None) -> str:
@@ -367,7 +372,7 @@ class Sandbox:
             policy.WORKSPACE,
             {"timeout": FILE_TIMEOUT_S, "env": {"PATH": SYSTEM_PATH}, **options},
         )
-        raw = self._execute(request.argv, request)
+        raw, _result = self._execute(request.argv, request)
         if raw.exit_code != 0:
             why = raw.stderr.decode(errors="replace").strip() or raw.error or "failed"
             raise UsageError(f"{path}: {why.splitlines()[-1][:200]}")

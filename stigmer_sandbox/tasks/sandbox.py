@@ -12,6 +12,7 @@ from .. import console, images, labels, runtime
 from ..config import Settings
 from ..errors import UsageError
 from ..images import ca, debian_base, inventory, smoke, tool_sources
+from ..images.record import ImageRecord
 from ..runtime import security_audit
 from ..runtime.history import AuditLog
 from ._common import settings, task
@@ -46,7 +47,13 @@ def bootstrap_base(c: Context, mirror: str | None = None, force: bool = False) -
         progress.update(line, phase=debian_base.phase_of(line))
 
     try:
-        result = debian_base.bootstrap(current.base_image, current.debian_mirror, force, on_line)
+        result = debian_base.bootstrap(
+            current.base_image,
+            current.debian_mirror,
+            force,
+            on_line,
+            record=ImageRecord.of(current),
+        )
     finally:
         progress.finish()
     size = console.human_bytes(result.size_bytes)
@@ -140,8 +147,7 @@ def build_basic(
 def _kind_of(image: str) -> str:
     from .. import engine
 
-    with engine.engine_errors():
-        found = engine.client().images.get(image)
+    found = engine.image(image)
     return (found.labels or {}).get(labels.KIND) or ("full" if "full" in image else "basic")
 
 
