@@ -21,7 +21,10 @@ from _common import ROOT, count_option, report, run, timed
 from stigmer_sandbox import config, policy
 from stigmer_sandbox.runtime import Sandbox
 
-LOOP = 'start=$(date +%s%N); for i in $(seq {n}); do {command}; done; echo $(( $(date +%s%N) - start ))'
+LOOP = (
+    "start=$(date +%s%N); for i in $(seq {n}); do {command}; done; "
+    "echo $(( $(date +%s%N) - start ))"
+)
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
