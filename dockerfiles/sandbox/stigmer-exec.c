@@ -14,6 +14,10 @@
  * is never hit. Signals are blocked and taken with sigtimedwait(): none is
  * lost, and every wait is bounded or driven by a signal.
  *
+ * With --watch-parent the helper cancels (kills the tree) when the process that
+ * started it dies: the agent passes it. `docker exec` (the fallback runner) does
+ * not: there the helper's parent is runc, which exits as soon as it started it.
+ *
  * Nothing is printed except a one-line usage error (exit 125); the result is
  * one JSON line on --status-fd, and the exit status mirrors its exit_code.
  */
@@ -36,7 +40,7 @@
 #include <unistd.h>
 
 #define USAGE "usage: stigmer-exec [--uid N --gid N] [--cwd DIR] [--status-fd FD] " \
-              "[--timeout SECONDS] [--keep-background] -- PROGRAM [ARGS...]"
+              "[--timeout SECONDS] [--keep-background] [--watch-parent] -- PROGRAM [ARGS...]"
 #define PID_LIMIT (4 * 1024 * 1024) /* PID_MAX_LIMIT: no pid is larger */
 #define SEC 1000000000LL
 #define MEMBER 1                    /* bits of tree.mark[pid] */
@@ -47,6 +51,7 @@ struct opts {
     int status_fd;      /* -1: none */
     double timeout;     /* 0: none */
     int keep_background;
+    int watch_parent;   /* cancel when the parent dies (PR_SET_PDEATHSIG) */
     const char *cwd;    /* entered as the command's user; NULL: stay */
     char **argv;        /* PROGRAM [ARGS...] */
     char bad[200];      /* first usage error, "" if none */
@@ -316,8 +321,9 @@ static void parse(int argc, char **argv, struct opts *o)
     for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
         const char *a = argv[i], *v = argv[i + 1];
         long long n;
-        if (!strcmp(a, "--keep-background")) {
-            if (o->keep_background++)
+        if (!strcmp(a, "--keep-background") || !strcmp(a, "--watch-parent")) {
+            int *flag = a[2] == 'k' ? &o->keep_background : &o->watch_parent;
+            if ((*flag)++)
                 BAD("%s given twice", a);
             continue;
         }
@@ -389,8 +395,9 @@ int main(int argc, char **argv)
     for (int i = 0; i < 4; i++) /* an inherited SIG_IGN for SIGCHLD would auto-reap */
         signal(waited[i], SIG_DFL);
     prctl(PR_SET_CHILD_SUBREAPER, 1);
-    prctl(PR_SET_PDEATHSIG, SIGTERM);
-    if (getppid() != parent) {
+    if (o.watch_parent)
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (o.watch_parent && getppid() != parent) {
         r.cancelled = 1;
         snprintf(r.error, sizeof r.error, "parent exited before the command started");
         return report(o.status_fd, &r, 126);

@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import pwd
+import queue
 import select
 import signal
 import subprocess
@@ -219,8 +220,39 @@ class Pump:
                 self.live(name, head)
 
 
+class Workers:
+    """Threads reused from one command to the next (starting one costs ~0.2 ms); at most
+    `keep` wait idle, so a burst of commands does not hold the sandbox's pids for ever."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.idle = 0
+        self.lock = threading.Lock()
+        self.jobs: queue.SimpleQueue[tuple[Callable[[Message], None], Message]] = (
+            queue.SimpleQueue()
+        )
+
+    def submit(self, job: Callable[[Message], None], request: Message) -> None:
+        """Run `job(request)` on an idle worker, or a new one (RuntimeError at the pid limit)."""
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+                self.jobs.put((job, request))
+                return
+        threading.Thread(target=self._work, args=(job, request), daemon=True).start()
+
+    def _work(self, job: Callable[[Message], None], request: Message) -> None:
+        while True:
+            job(request)
+            with self.lock:
+                if self.idle >= self.keep:
+                    return
+                self.idle += 1
+            job, request = self.jobs.get()
+
+
 class Agent:
-    """Reads requests from stdin, runs each in its own thread, writes answers to stdout."""
+    """Reads requests from stdin, runs each on a worker thread, writes answers to stdout."""
 
     def __init__(self, output: BinaryIO, uid: int, gid: int) -> None:
         self.output = output
@@ -230,6 +262,7 @@ class Agent:
         self.helpers: set[Process] = set()
         self.base_env = command_environment(dict(os.environ), uid)
         self.oom_files = oom_counter_files()
+        self.workers = Workers()
 
     def send(self, message: Message) -> None:
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
@@ -252,7 +285,7 @@ class Agent:
                 self.send({"id": request["id"], "type": "pong", "pid": os.getpid()})
             elif request["op"] == "exec":
                 try:
-                    threading.Thread(target=self.run, args=(request,), daemon=True).start()
+                    self.workers.submit(self.run, request)
                 except RuntimeError as exc:  # the sandbox's process limit is reached
                     self.fail(request, f"could not start a thread for it: {exc}")
         # The host is gone: each helper ends its command's whole tree on SIGTERM.
@@ -330,7 +363,7 @@ class Agent:
     def _helper_argv(self, request: Message, status_fd: int, argv: list[str]) -> list[str]:
         options = ["--uid", str(self.uid), "--gid", str(self.gid), "--status-fd", str(status_fd)]
         options += ["--timeout", repr(float(request.get("timeout") or 3600))]
-        options += ["--cwd", str(request.get("cwd") or "/workspace")]
+        options += ["--cwd", str(request.get("cwd") or "/workspace"), "--watch-parent"]
         if request.get("keep_background"):
             options.append("--keep-background")
         return [EXEC_HELPER, *options, "--", *argv]

@@ -367,6 +367,7 @@ def test_parent_death_makes_the_helper_kill_the_tree(helper: str, marker: str, t
     r, w = status_pipe()
     command = script(marker, "setsid sleep M & ( ( sleep M & ) & )", 2) + f"sleep {marker}"
     argv = [sys.executable, "-c", INTERMEDIATE, str(w), helper, "--status-fd", str(w)]
+    argv += ["--watch-parent"]
     argv += [*AS_SANDBOX_USER, "--", "bash", "-c", command]
     with out.open("wb") as sink:
         parent = subprocess.Popen(argv, pass_fds=(w,), stdout=sink, cwd="/", env=ENV)
@@ -502,6 +503,7 @@ BAD_USAGE = {
     "status-fd-twice": ["--status-fd", "51", "--", "true"],
     "keep-background-twice": ["--keep-background", "--keep-background", "--", "true"],
     "cwd-twice": ["--cwd", "/", "--cwd", "/", "--", "true"],
+    "watch-parent-twice": ["--watch-parent", "--watch-parent", "--", "true"],
     "cwd-empty": ["--cwd", "", "--", "true"],
 }
 
