@@ -11,12 +11,12 @@ opened for appending, so concurrent builds never interleave or lose lines.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import jsonl
 from ..config import Settings
 from ..errors import SandboxError
 
@@ -46,13 +46,7 @@ class ImageRecord:
         ids = sorted({short_id(i) for i in image_ids if i})
         if not ids:
             return
-        line = json.dumps({"at": int(time.time()), "kind": kind, "ids": ids}) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(descriptor, line.encode())
-        finally:
-            os.close(descriptor)
+        jsonl.append(self.path, {"at": int(time.time()), "kind": kind, "ids": ids}, 0o644)
 
     def ids(self) -> frozenset[str]:
         """Every recorded id (short form); lines that are not a record are ignored."""

@@ -7,11 +7,12 @@ sandbox, so a sandboxed command can neither forge nor erase its entries.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+from .. import jsonl
 
 
 class AuditLog:
@@ -23,18 +24,7 @@ class AuditLog:
     def record(self, entry: dict[str, Any]) -> None:
         """Append one entry (with the time); a single write, so concurrent appends interleave
         whole lines."""
-        line = (
-            json.dumps(
-                {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, sort_keys=True, default=str
-            )
-            + "\n"
-        )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(descriptor, line.encode())
-        finally:
-            os.close(descriptor)
+        jsonl.append(self.path, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry})
 
     def tail(self, count: int) -> list[dict[str, Any]]:
         """The last `count` entries, oldest first (unreadable lines are skipped)."""

@@ -14,6 +14,7 @@ suite passes again right after it.
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -101,3 +102,13 @@ def run_in(client, image: str, command: list[str], **kwargs) -> str:
     """Output of `command` in a throwaway, labelled container of `image`."""
     output = client.containers.run(image, command, remove=True, labels=TEST_LABELS, **kwargs)
     return output.decode(errors="replace")
+
+
+def wait_for(predicate, seconds: float = 15.0) -> bool:
+    """Whether `predicate()` became true within `seconds` (polled every 0.2 s)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False

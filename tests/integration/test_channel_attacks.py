@@ -22,7 +22,7 @@ from stigmer_sandbox.errors import UsageError
 from stigmer_sandbox.runtime import Sandbox
 from stigmer_sandbox.runtime.channel import AgentChannel, AgentLost, Request
 
-from .conftest import TEST_LABELS
+from .conftest import TEST_LABELS, wait_for
 from .test_runtime import make_sandbox
 
 
@@ -203,17 +203,8 @@ def test_agent_killed_or_stopped_mid_command_is_reported_lost(box, docker_engine
     assert outcome["seconds"] < 20 + 15
     audited = [e for e in box.audit.tail(20) if e["id"] == result.command_id]
     assert audited and audited[0]["cause"] == "lost"
-    assert wait_until(lambda: f"sleep {m}" not in processes(box)), processes(box)
+    assert wait_for(lambda: f"sleep {m}" not in processes(box)), processes(box)
     assert box.exec("echo next").stdout == "next\n"
-
-
-def wait_until(predicate, seconds: float = 15.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_silence_is_not_failure(box):

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +17,7 @@ from stigmer_sandbox.host import daemon
 from stigmer_sandbox.runtime import Sandbox
 
 from ..conftest import ROOT
-from .conftest import TEST_LABELS
+from .conftest import TEST_LABELS, wait_for
 from .test_runtime import make_sandbox, settings_in
 
 
@@ -28,15 +27,6 @@ def one_line(done: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, done.stderr
     assert "Traceback" not in done.stderr
     return lines[0]
-
-
-def wait_for(predicate, seconds: float = 15.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_container_removed_from_outside_is_recreated(tmp_path, docker_engine):
