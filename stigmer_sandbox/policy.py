@@ -31,6 +31,10 @@ SANDBOX_HOME = "/home/sandbox"
 # Root-owned files the agent starts by absolute path, never through PATH.
 PYTHON = "/usr/bin/python3"
 EXEC_HELPER = "/usr/local/libexec/stigmer-sandbox/stigmer-exec"
+KEEPALIVE = "/usr/local/bin/sandbox-keepalive"
+HEALTHCHECK_COMMAND = "/usr/local/bin/sandbox-healthcheck"
+# PATH for anything run as root in a sandbox: the sandbox user owns /opt/venv/bin.
+ROOT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # What the agent keeps: switch each command to the sandbox user, and end its processes.
 AGENT_CAPABILITIES = ("SETUID", "SETGID", "KILL")
 # Never granted to a sandbox (compose files are checked against this list).
@@ -193,9 +197,10 @@ def container_spec(settings: Settings, image: str, labels: dict[str, str]) -> di
     """Everything `containers.create` gets: the confinement, limits and mounts."""
     folders = sandbox_folders(settings)
     credentials = credential_folders(settings)
-    command = ["sandbox-keepalive"]
+    command = [KEEPALIVE]
     if settings.max_lifetime_hours:
-        command = ["timeout", "-s", "TERM", f"{settings.max_lifetime_hours * 3600:.0f}", *command]
+        lifetime = f"{settings.max_lifetime_hours * 3600:.0f}"
+        command = ["/usr/bin/timeout", "-s", "TERM", lifetime, *command]
     memory = settings.memory_bytes
     return {
         "image": image,

@@ -168,8 +168,8 @@ def _volume_problem(volume: object, mounts: MountContext) -> str | None:
     if path is None:
         return None
     problem = policy.mount_problem(path, mounts.protected, read_only=read_only)
-    if problem and not read_only:
-        problem += " (a read-only credential folder needs :ro)"
+    if problem and not read_only and not policy.mount_problem(path, mounts.protected, True):
+        problem += " (mounted read-only, with :ro, it would be allowed)"
     return f"{source} ({path}) {problem}" if problem else None
 
 

@@ -427,7 +427,8 @@ class DirectRunner:
         self.user = user
 
     def _oom_count(self) -> int | None:
-        _code, output = run_exec(self.container_id, ["sh", "-c", OOM_COUNTER])
+        argv = ["/bin/sh", "-c", OOM_COUNTER]  # as root: root's PATH, not the sandbox user's
+        _code, output = run_exec(self.container_id, argv, environment={"PATH": policy.ROOT_PATH})
         for line in output.decode(errors="replace").splitlines():
             key, _, value = line.partition(" ")
             if key == "oom_kill" and value.strip().isdigit():

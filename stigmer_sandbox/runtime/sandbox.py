@@ -184,7 +184,9 @@ class Sandbox:
                     )
                 if state.get("Health", {}).get("Status") == "healthy":
                     return  # the engine's own check passed: skip a ~50 ms exec
-                code, output = self._container.exec_run(["sandbox-healthcheck"])
+                code, output = self._container.exec_run(
+                    [policy.HEALTHCHECK_COMMAND], environment={"PATH": policy.ROOT_PATH}
+                )
             if code == 0:
                 return
             detail = output.decode(errors="replace").strip()[:200]
@@ -405,5 +407,7 @@ def interactive_shell(sandbox: Sandbox, root: bool = False) -> int:
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
     uid, gid = (0, 0) if root else sandbox.sandbox_user
     argv = [docker, "exec", "-i", *(["-t"] if terminal else []), "-w", policy.WORKSPACE]
-    argv += ["-u", f"{uid}:{gid}", sandbox.name, "bash"]
+    if root:  # never the sandbox user's tools on root's PATH
+        argv += ["-e", f"PATH={policy.ROOT_PATH}"]
+    argv += ["-u", f"{uid}:{gid}", sandbox.name, "/bin/bash"]
     return subprocess.run(argv, check=False).returncode

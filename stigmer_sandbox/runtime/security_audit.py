@@ -16,9 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .. import engine
+from .. import engine, policy
 from ..checks import CheckResult, Status, verdict
-from .sandbox import ExecResult, Sandbox
+from .commands import ExecResult
+from .sandbox import Sandbox
 
 SETUID_ALLOWLIST = "/usr/local/share/stigmer-sandbox/setuid-allowlist.txt"
 COMMAND_TIMEOUT_S = 60.0
@@ -36,7 +37,7 @@ STANDARD_DEVICES = frozenset(
 )
 # PID 1 and the agent run as root holding only these, so commands (another uid,
 # no capabilities) cannot signal, trace or read them (SECURITY.md 25).
-AGENT_CAPABILITIES = frozenset({"SETUID", "SETGID", "KILL"})
+AGENT_CAPABILITIES = frozenset(policy.AGENT_CAPABILITIES)
 CAPABILITY_NAMES = [
     "CHOWN",
     "DAC_OVERRIDE",
@@ -455,7 +456,7 @@ def _setuid(box: Sandbox, _attrs: dict[str, Any]) -> Verdict:
 
 
 def _ownership(box: Sandbox, _attrs: dict[str, Any]) -> Verdict:
-    _output(box, "echo audit > /workspace/.stigmer-audit")
+    _output(box, f"echo audit > {policy.WORKSPACE}/.stigmer-audit")
     path = box.settings.path("workspace") / ".stigmer-audit"
     owner = path.stat().st_uid if path.exists() else -1
     path.unlink(missing_ok=True)

@@ -170,6 +170,36 @@ def test_planted_files_never_run_in_a_later_agent(box):
         )
 
 
+ROOT_RUN_TOOLS = ("id", "setpriv", "sleep", "timeout", "sh", "cat", "stat", "bash", "kill")
+
+
+def test_root_never_runs_the_sandbox_users_tools(tmp_path, docker_engine):
+    """The health check, the keep-alive, a restart and the fallback runner run as root: none
+    of them may pick up a tool the sandbox user planted first on its PATH."""
+    planted = (
+        "#!/bin/sh\n/usr/bin/touch /workspace/planted-ran-as-$(/usr/bin/id -u)\n"
+        'exec /usr/bin/$(/usr/bin/basename "$0") "$@"\n'
+    )
+    with make_sandbox(tmp_path) as victim:
+        for tool in ROOT_RUN_TOOLS:
+            victim.put_file(f"planted-{tool}", planted, mode=0o755)
+        moved = victim.exec(
+            f"for t in {' '.join(ROOT_RUN_TOOLS)}; do /bin/mv /workspace/planted-$t "
+            "/opt/venv/bin/$t; done; /bin/ls /opt/venv/bin | /usr/bin/wc -l"
+        )
+        assert moved.exit_code == 0, moved
+        assert victim.exec("id -u").stdout.strip() != "0"  # the planted tools work
+        time.sleep(12)  # at least one engine health check (every 5 s), as root
+        fallback = Sandbox(victim.settings, use_agent=False, extra_labels=TEST_LABELS)
+        assert fallback.exec("echo via-exec").stdout == "via-exec\n"  # root OOM probe
+        victim.stop()
+        assert victim.exec("echo restarted").stdout == "restarted\n"  # keep-alive, timeout
+        victim.up(timeout=30)  # readiness probe as root
+        workspace = victim.settings.path("workspace")
+        assert not (workspace / "planted-ran-as-0").exists(), sorted(workspace.iterdir())
+        assert (workspace / f"planted-ran-as-{victim.sandbox_user[0]}").exists()
+
+
 def agent_of(box: Sandbox) -> int:
     box.exec("true")
     channel = box._channel
@@ -400,3 +430,25 @@ def test_tmp_is_executable_and_git_commit_works(box):
         "&& git log --format='%an <%ae>'"
     )
     assert commit.exit_code == 0 and "Stigmer Sandbox" in commit.stdout, commit
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_output_caps_keep_head_tail_and_the_streamed_copy_agrees(box, stream):
+    redirect = ">&2" if stream == "stderr" else ""
+    command = (
+        f"{{ echo HEAD-MARK; head -c 5000000 /dev/zero | tr '\\0' x; echo; echo TAIL-MARK; }} "
+        f"{redirect}; exit 5"
+    )
+    streamed: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+    result = box.exec(
+        command,
+        output_limit=100_000,
+        on_stdout=streamed["stdout"].append,
+        on_stderr=streamed["stderr"].append,
+    )
+    kept = getattr(result, stream)
+    assert (result.exit_code, result.cause) == (5, "exit")
+    assert result.truncated[stream] and result.output_bytes[stream] == 5_000_000 + 21
+    assert kept.startswith("HEAD-MARK\nxxx") and kept.endswith("xxx\nTAIL-MARK\n")
+    assert "bytes truncated by stigmer-sandbox" in kept and len(kept) < 100_200
+    assert b"".join(streamed[stream]).decode() == kept

@@ -97,7 +97,7 @@ def test_advanced_without_credentials_folder_is_one_clear_line(inv, compose_env,
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
-        ("      - /var/run/docker.sock:/var/run/docker.sock", "Docker Engine"),
+        ("      - /var/run/docker.sock:/var/run/docker.sock", "would expose the Docker socket"),
         ("    privileged: true", "privileged: true is not allowed"),
     ],
 )

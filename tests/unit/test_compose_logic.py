@@ -71,7 +71,7 @@ def write(tmp_path, text):
         ("network_mode: host", "network_mode: host"),
         ("pid: host", "pid: host"),
         ("volumes: ['/var/run/docker.sock:/var/run/docker.sock']", "Docker socket"),
-        ("volumes: ['~/.aws:/home/sandbox/.aws']", "needs :ro"),
+        ("volumes: ['~/.aws:/home/sandbox/.aws']", "with :ro, it would be allowed"),
         ("volumes: [{type: bind, source: /etc, target: /x}]", "system folder /etc"),
         ("volumes: ['/etc/cron.d:/x']", "system folder /etc"),
         ("volumes: ['${STIGMER_WORKSPACE:-./workspace}:/workspace']", "the project folder"),

@@ -39,9 +39,10 @@ def test_git_identity_is_configurable(tmp_path):
 
 def test_lifetime_wraps_the_keepalive(tmp_path):
     spec = policy.container_spec(settings(tmp_path, max_lifetime_hours=1.5), "img:1", {})
-    assert spec["command"] == ["timeout", "-s", "TERM", "5400", "sandbox-keepalive"]
+    keepalive = "/usr/local/bin/sandbox-keepalive"
+    assert spec["command"] == ["/usr/bin/timeout", "-s", "TERM", "5400", keepalive]
     spec = policy.container_spec(settings(tmp_path, max_lifetime_hours=0.0), "img:1", {})
-    assert spec["command"] == ["sandbox-keepalive"]
+    assert spec["command"] == [keepalive]
 
 
 def test_spec_hash_changes_with_image_and_limits(tmp_path):
