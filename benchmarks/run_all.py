@@ -70,7 +70,23 @@ def write(rows: list[dict], target: Path) -> None:
     target.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def prepare() -> None:
+    """Everything the benchmarks measure must exist first (the test suite's last test
+    removes the project's images): `inv dev-full` makes it, and does nothing when it is."""
+    print("== preparing: inv dev-full", flush=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "invoke", "dev-full", "--progress", "plain"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        raise SystemExit(f"inv dev-full failed; nothing was measured:\n{done.stderr[-2000:]}")
+
+
 def main(quick: bool) -> int:
+    prepare()
     with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as sink:
         results = Path(sink.name)
     failed = []
