@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from invoke import Context, Exit
 
 from .. import console, runtime
 from ..errors import SandboxError, UsageError
-from ..host import cleanup, diagnostics, permissions, workflow
+from ..host import cleanup
+
+if TYPE_CHECKING:
+    from ..host import workflow
 from ._common import settings, task
 
 # `inv run` exits with this when a command's result was lost with the sandbox agent.
@@ -18,6 +22,8 @@ LOST_EXIT = 255
 @task(help={"json": "print the report as one JSON object (default: off)"})
 def doctor(c: Context, json: bool = False) -> None:
     """Check this host: Python packages, engine, compose, disk, images, workspace, CA."""
+    from ..host import diagnostics  # its probes are heavy: loaded when doctor runs
+
     if not console.show_checks(diagnostics.run_checks(settings(c)), json):
         raise Exit(code=1)
 
@@ -96,6 +102,8 @@ def run(
 def dev_full(c: Context, progress: str = "auto") -> None:
     """Everything from a fresh clone to a running, tested sandbox (idempotent)."""
     view = console.StepView("dev-full", plain_output=progress == "plain")
+    from ..host import workflow
+
     done: list[workflow.StepResult] = []
     try:
         for result in workflow.dev_full(settings(c), view, lambda n: console.info(f"→ {n}")):
@@ -202,6 +210,8 @@ def fix_permissions(
     dry_run: bool = False,
 ) -> None:
     """Fix "Permission denied" in the workspace: set its owner, never following symlinks."""
+    from ..host import permissions
+
     owner = permissions.target_owner(to_host, uid, gid)
     changes = permissions.fix_ownership(settings(c), *owner, dry_run=dry_run)
     verb = "would change" if dry_run else "changed"

@@ -11,10 +11,7 @@ from invoke import Collection, Context, Exit
 from .. import console, images, labels, runtime
 from ..config import Settings
 from ..errors import UsageError
-from ..images import ca, debian_base, inventory, smoke, tool_sources
-from ..images.record import ImageRecord
-from ..runtime import security_audit
-from ..runtime.history import AuditLog
+from ..images import ca, smoke
 from ._common import settings, task
 
 BUILD_HELP = {
@@ -40,6 +37,9 @@ BUILD_HELP = {
 )
 def bootstrap_base(c: Context, mirror: str | None = None, force: bool = False) -> None:
     """Build the Debian base image from Debian's archive (no registry needed)."""
+    from ..images import debian_base
+    from ..images.record import ImageRecord
+
     current = settings(c, debian_mirror=mirror)
     progress = console.Progress("bootstrap-base")
 
@@ -189,6 +189,8 @@ def _print_shares(title: str, shares: list[dict[str, Any]], total: int) -> None:
 def report(c: Context, image: str | None = None, json: bool = False) -> None:
     """Show an image's tool versions and where its bytes go (per component and layer)."""
     current = settings(c, image=image)
+    from ..images import inventory
+
     result = inventory.report(current.image)
     if json:
         console.emit_json(result)
@@ -228,6 +230,8 @@ def build_full(
     current = settings(c, tools_mirror=tools_mirror)
     context = current.root / images.CONTEXT_DIR
     skipped = images.check_skipped(context, skip_tool or [])
+    from ..images import tool_sources
+
     extra_ca = ca.detect(ca_cert or current.ca_cert)
     reachable = tool_sources.preflight(
         context, current.tools_mirror, skip_tool or [], extra_ca.path if extra_ca else None
@@ -380,6 +384,8 @@ def packages(c: Context) -> None:
 )
 def history(c: Context, n: int = 20, json: bool = False) -> None:
     """Show the audit trail: the last commands run in sandboxes, recorded by the host."""
+    from ..runtime.history import AuditLog
+
     entries = AuditLog(settings(c).path("state_dir") / "audit.jsonl").tail(n)
     if json:
         console.emit_json(entries)
@@ -402,6 +408,8 @@ def history(c: Context, n: int = 20, json: bool = False) -> None:
 def audit_security(c: Context, json: bool = False) -> None:
     """Check the running sandbox against every SECURITY.md property that applies."""
     sandbox = _sandbox(c)
+    from ..runtime import security_audit
+
     results = security_audit.audit(sandbox)
     if not console.show_checks(results, json, sandbox=sandbox.name):
         raise Exit(code=1)
