@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "dockerfiles/sandbox/stigmer-exec.c"
 ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
 AS_SANDBOX_USER = ("--uid", "1000", "--gid", "1000")
+# Popen options that start the helper itself as uid 1000 (an unprivileged helper).
+RUN_AS_1000 = {"user": 1000, "group": 1000, "extra_groups": []}
 KEYS = {"exit_code", "signal", "timed_out", "cancelled", "error", "pid", "killed"}
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="drops to uid 1000: needs root")
@@ -452,16 +454,7 @@ def test_fork_failure_is_reported_not_hung(unprivileged: str):
     def one_process_only() -> None:
         resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
 
-    result = run(
-        unprivileged,
-        "--",
-        "/bin/echo",
-        "RAN",
-        user=1000,
-        group=1000,
-        extra_groups=[],
-        preexec_fn=one_process_only,
-    )
+    result = run(unprivileged, "--", "/bin/echo", "RAN", **RUN_AS_1000, preexec_fn=one_process_only)
     assert (result.code, result.status["pid"], result.out) == (126, None, "")
     assert result.status["error"] == "fork: Resource temporarily unavailable"
     assert result.elapsed < 5
@@ -469,19 +462,8 @@ def test_fork_failure_is_reported_not_hung(unprivileged: str):
 
 def test_ids_that_cannot_be_taken_never_run_the_command(unprivileged: str):
     """A helper that is not root cannot switch to uid 1001: 126, and the command never runs."""
-    result = run(
-        unprivileged,
-        "--uid",
-        "1001",
-        "--gid",
-        "1001",
-        "--",
-        "/bin/echo",
-        "RAN",
-        user=1000,
-        group=1000,
-        extra_groups=[],
-    )
+    ids = ("--uid", "1001", "--gid", "1001")
+    result = run(unprivileged, *ids, "--", "/bin/echo", "RAN", **RUN_AS_1000)
     assert (result.code, result.out) == (126, "")
     assert result.status["error"] == "cannot run as uid 1001 gid 1001: Operation not permitted"
 
