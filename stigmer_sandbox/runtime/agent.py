@@ -16,7 +16,8 @@ their pipes: nothing it does reaches the stream the host reads.
 
 Protocol: JSON lines. The host writes requests to the agent's stdin:
   {"op": "exec", "id": 7, "cid": "ab12", "argv": [...], "env": {...}, "cwd": "/workspace",
-   "timeout": 600, "limit": 1048576, "stdin": "<base64>" | null, "keep_background": false}
+   "timeout": 600, "limit": 1048576, "stdin": "<base64>" | null, "keep_background": false,
+   "merge_output": false}       (merge_output: stderr goes to stdout, in the order written)
   {"op": "ping", "id": 8}
 The agent answers on stdout:
   {"id": 7, "type": "out", "stream": "stdout", "data": "<base64>"}   (live, head only)
@@ -148,12 +149,14 @@ class Pump:
         expire: Callable[[], None],
         ended: Callable[[], None],
     ) -> None:
-        if process.stdout is None or process.stderr is None:
-            raise ValueError("the command was started without output pipes")
+        if process.stdout is None:
+            raise ValueError("the command was started without an output pipe")
         self.process, self.captures, self.live = process, captures, live
         self.deadline, self.expire, self.ended = deadline, expire, ended
-        self.streams = (process.stdout, process.stderr)
-        self.pipes = {process.stdout.fileno(): "stdout", process.stderr.fileno(): "stderr"}
+        # Without a stderr pipe, stderr was merged into stdout (one ordered stream).
+        named = (("stdout", process.stdout), ("stderr", process.stderr))
+        self.streams = tuple(pipe for _name, pipe in named if pipe is not None)
+        self.pipes = {pipe.fileno(): name for name, pipe in named if pipe is not None}
         self.exit_fd = exit_watcher(process)
         self.expired = False
         self.grace_until: float | None = None
@@ -337,7 +340,7 @@ class Agent:
                 pass_fds=passed,
                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stderr=subprocess.STDOUT if request.get("merge_output") else subprocess.PIPE,
             )
         except OSError:
             for fd in (status_read, script_write):

@@ -67,6 +67,7 @@ class Request:
     limit: int
     stdin: bytes | None = None
     keep_background: bool = False
+    merge_output: bool = False
     on_stdout: OutputCallback | None = None
     on_stderr: OutputCallback | None = None
     cid: str = ""
@@ -228,6 +229,7 @@ def _exec_message(request: Request, rid: int) -> dict[str, Any]:
         "limit": request.limit,
         "stdin": base64.b64encode(request.stdin).decode() if request.stdin is not None else None,
         "keep_background": request.keep_background,
+        "merge_output": request.merge_output,
     }
 
 
@@ -495,8 +497,10 @@ class DirectRunner:
                 exec_id = api.exec_create(self.container_id, argv, environment=env, user="0:0")
                 for out, err in api.exec_start(exec_id["Id"], stream=True, demux=True):
                     for name, data in (("stdout", out), ("stderr", err)):
-                        head = captures[name].feed(data) if data else b""
-                        callback = stream_callback(request, name)
+                        # Docker keeps the order the frames were written in across streams.
+                        kept = "stdout" if request.merge_output else name
+                        head = captures[kept].feed(data) if data else b""
+                        callback = stream_callback(request, kept)
                         if callback and head:
                             callback(head)
                 outcome["exit_code"] = int(api.exec_inspect(exec_id["Id"])["ExitCode"])

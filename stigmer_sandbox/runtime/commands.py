@@ -28,6 +28,7 @@ class ExecOptions(TypedDict, total=False):
     on_stderr: OutputCallback | None
     output_limit: int | None
     keep_background: bool
+    merge_output: bool
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ def make_request(
         limit=limit,
         stdin=stdin.encode() if isinstance(stdin, str) else stdin,
         keep_background=bool(options.get("keep_background")),
+        merge_output=bool(options.get("merge_output")),
         on_stdout=options.get("on_stdout"),
         on_stderr=options.get("on_stderr"),
         cid=uuid.uuid4().hex[:12],

@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any, Unpack
@@ -24,6 +25,7 @@ from ..errors import SandboxError
 from . import agent
 from .channel import RawResult, Request, stream_callback
 from .commands import ExecOptions, ExecResult, audit_entry, make_request
+from .files import BATCH_SOURCE, TRANSFER_TIMEOUT_S, FileTransfers
 from .history import AuditLog
 from .sandbox import Sandbox
 
@@ -73,7 +75,7 @@ def run_on_host(request: Request) -> RawResult:
             start_new_session=True,
             stdin=subprocess.PIPE if request.stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.STDOUT if request.merge_output else subprocess.PIPE,
         )
     except OSError as exc:
         code = 127 if isinstance(exc, FileNotFoundError) else 126
@@ -133,7 +135,7 @@ def _host_result(
     )
 
 
-class LocalSandbox:
+class LocalSandbox(FileTransfers):
     """Commands on this host (`execution_mode: local`), with `Sandbox.exec`'s signature."""
 
     name = "local"
@@ -155,9 +157,23 @@ class LocalSandbox:
         cwd = options.get("cwd")
         folder = self.workspace / cwd if cwd else self.workspace
         request = make_request(self.settings, command, str(folder), options)
-        result = ExecResult.from_raw(run_on_host(request), request.cid)
+        return self._execute(command, request)[1]
+
+    def _execute(
+        self, command: str | Sequence[str], request: Request
+    ) -> tuple[RawResult, ExecResult]:
+        raw = run_on_host(request)
+        result = ExecResult.from_raw(raw, request.cid)
         self.audit.record(audit_entry(self.name, command, request, result))
-        return result
+        return raw, result
+
+    def _run_batch(self, argv: list[str], stdin: bytes, output_limit: int) -> RawResult:
+        self.up()
+        command = [sys.executable, "-I", "-S", "-c", BATCH_SOURCE, *argv]
+        options: ExecOptions = {"timeout": TRANSFER_TIMEOUT_S}
+        options["stdin"], options["output_limit"] = stdin, output_limit
+        request = make_request(self.settings, command, str(self.workspace), options)
+        return self._execute(f"(file transfer: {argv[0]})", request)[0]
 
     def close(self) -> None:
         """Nothing to release."""
@@ -169,16 +185,23 @@ class LocalSandbox:
         self.close()
 
 
-def open_sandbox(settings: Settings | None = None, **kwargs: Any) -> Sandbox | LocalSandbox:
+def open_sandbox(
+    settings: Settings | None = None, *, ephemeral: bool = False, **kwargs: Any
+) -> Sandbox | LocalSandbox:
     """The sandbox `execution_mode` asks for: `sandbox`, `local`, or `auto` (a sandbox when
-    an engine answers and the image exists, else local; a note says which and why)."""
+    an engine answers and the image exists, else local; a note says which and why).
+    `ephemeral` gives a uniquely named sandbox, removed when its `with` block ends."""
     current = settings or load_settings()
     mode, why = current.execution_mode, ""
     if mode == "auto":
         mode, why = _auto_mode(current)
-    chosen: Sandbox | LocalSandbox = (
-        LocalSandbox(current) if mode == "local" else Sandbox(current, **kwargs)
-    )
+    chosen: Sandbox | LocalSandbox
+    if mode == "local":
+        chosen = LocalSandbox(current)
+    elif ephemeral:
+        chosen = Sandbox.create_ephemeral(current, **kwargs)
+    else:
+        chosen = Sandbox(current, **kwargs)
     if why:
         chosen.notes.append(f"execution mode auto: {mode} ({why})")
     return chosen

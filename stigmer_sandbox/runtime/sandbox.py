@@ -32,6 +32,7 @@ from ..errors import SandboxError, SandboxNotReady, UsageError
 from ..images.record import ImageRecord
 from .channel import AgentChannel, AgentLost, DirectRunner, RawResult, Request
 from .commands import ExecOptions, ExecResult, audit_entry, lost, make_request
+from .files import BATCH_SOURCE, TRANSFER_TIMEOUT_S, FileTransfers
 from .history import AuditLog
 
 READY_TIMEOUT_S = 60.0
@@ -63,7 +64,7 @@ def spec_hash(spec: dict[str, Any], image_id: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class Sandbox:
+class Sandbox(FileTransfers):
     """One sandbox container: create or find it, run commands in it, copy files."""
 
     def __init__(
@@ -329,8 +330,9 @@ class Sandbox:
 
         Options: timeout (s), env, cwd (relative to /workspace), stdin, on_stdout /
         on_stderr callbacks (the head of each stream, live), output_limit (bytes kept per
-        stream, head and tail), keep_background. Everything the command started ends with
-        it unless `keep_background` is set, e.g. for a server used by later commands.
+        stream, head and tail), keep_background, merge_output (stderr into stdout, in the
+        order written). Everything the command started ends with it unless
+        `keep_background` is set, e.g. for a server used by later commands.
         """
         request = make_request(self.settings, command, self._cwd(options.get("cwd")), options)
         return self._execute(command, request)[1]
@@ -396,6 +398,13 @@ class Sandbox:
         if raw.truncated.get("stdout"):
             raise UsageError(f"{path} grew past {max_bytes} bytes while it was read")
         return raw.stdout
+
+    def _run_batch(self, argv: list[str], stdin: bytes, output_limit: int) -> RawResult:
+        command = [policy.PYTHON, "-I", "-S", "-c", BATCH_SOURCE, *argv]
+        options: ExecOptions = {"timeout": TRANSFER_TIMEOUT_S, "env": {"PATH": SYSTEM_PATH}}
+        options["stdin"], options["output_limit"] = stdin, output_limit
+        request = make_request(self.settings, command, "/", options)
+        return self._execute(f"(file transfer: {argv[0]})", request)[0]
 
 
 def interactive_shell(sandbox: Sandbox, root: bool = False) -> int:

@@ -1,0 +1,167 @@
+"""Batched file transfers by absolute path, as the sandbox user: one round trip per batch.
+
+    results = sandbox.upload_files([("/workspace/a.py", b"print(1)\\n")])
+    [r.error for r in results]                     # [None]
+    sandbox.download_files(["/workspace/a.py"])[0].content
+
+Each batch is one command running `file_batch` in the sandbox (see there for the wire
+format). Nothing raises for a file: each result carries deepagents' error code
+(`file_not_found`, `permission_denied`, `is_directory`, `invalid_path`), or
+`file_too_large`, `no_space_left`, or a sentence when the transfer itself failed.
+Batches larger than one round trip's budget are split, never truncated.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import config
+from . import file_batch
+from .channel import RawResult
+
+# One file at most; a reply (header + data) must fit in one output stream.
+MAX_FILE_BYTES = config.MAX_OUTPUT_LIMIT - 4 * 1024 * 1024
+# Bytes of file data one round trip carries when several files share it.
+ROUND_TRIP_BYTES = 32 * 1024 * 1024
+PATHS_PER_TRIP = 2000
+TRANSFER_TIMEOUT_S = 120.0
+BATCH_SOURCE = Path(file_batch.__file__).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class FileTransfer:
+    """One file's outcome: `content` for a download that worked, else `error` or None."""
+
+    path: str
+    content: bytes | None = None
+    error: str | None = None
+
+
+def path_problem(path: object) -> str | None:
+    """`invalid_path` for what no transfer should attempt, checked on the host."""
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        return "invalid_path"
+    normal = posixpath.normpath(path)
+    if any(normal == t or normal.startswith(t + "/") for t in file_batch.KERNEL_TREES):
+        return "invalid_path"
+    return None
+
+
+def _trips(sizes: Sequence[tuple[int, int]]) -> Iterator[list[int]]:
+    """Indexes grouped into round trips of at most ROUND_TRIP_BYTES (a bigger file alone)."""
+    trip: list[int] = []
+    used = 0
+    for index, size in sizes:
+        if trip and (used + size > ROUND_TRIP_BYTES or len(trip) >= PATHS_PER_TRIP):
+            yield trip
+            trip, used = [], 0
+        trip.append(index)
+        used += size
+    if trip:
+        yield trip
+
+
+class FileTransfers(ABC):
+    """`upload_files` / `download_files` for any sandbox that can run the batch script."""
+
+    @abstractmethod
+    def _run_batch(self, argv: list[str], stdin: bytes, output_limit: int) -> RawResult:
+        """Run the batch script (argv is its arguments after the interpreter)."""
+
+    def upload_files(self, files: Sequence[tuple[str, bytes]]) -> list[FileTransfer]:
+        """Write each (absolute path, bytes) as the sandbox user, creating parent folders."""
+        errors: dict[int, str | None] = {}
+        pending = []
+        for index, (path, data) in enumerate(files):
+            problem = path_problem(path)
+            if problem is None and not isinstance(data, bytes | bytearray):
+                problem = "error: content must be bytes"
+            elif problem is None and len(data) > MAX_FILE_BYTES:
+                problem = "file_too_large"
+            if problem:
+                errors[index] = problem
+            else:
+                pending.append((index, len(data)))
+        for trip in _trips(pending):
+            errors.update(zip(trip, self._upload_trip([files[i] for i in trip]), strict=True))
+        return [FileTransfer(path, error=errors[i]) for i, (path, _data) in enumerate(files)]
+
+    def _upload_trip(self, files: list[tuple[str, bytes]]) -> list[str | None]:
+        header = json.dumps([{"path": p, "size": len(d)} for p, d in files]).encode()
+        stdin = b"".join([header, b"\n", *(bytes(d) for _p, d in files)])
+        raw = self._run_batch(["upload"], stdin, 1024 * 1024)
+        try:
+            if raw.exit_code == 0:
+                answer = json.loads(raw.stdout)
+                if isinstance(answer, list) and len(answer) == len(files):
+                    return [str(code) if code is not None else None for code in answer]
+        except ValueError:
+            pass
+        return [_trip_failure(raw)] * len(files)
+
+    def download_files(self, paths: Sequence[str]) -> list[FileTransfer]:
+        """Read each absolute path as the sandbox user (regular files only, size checked
+        before reading)."""
+        results: dict[int, FileTransfer] = {}
+        pending = []
+        for index, path in enumerate(paths):
+            problem = path_problem(path)
+            if problem:
+                results[index] = FileTransfer(path, error=problem)
+            else:
+                pending.append(index)
+        while pending:
+            trip = pending[:PATHS_PER_TRIP]
+            answered = self._download_trip([paths[i] for i in trip])
+            deferred = [i for i, item in zip(trip, answered, strict=True) if item is None]
+            results.update(
+                (i, item) for i, item in zip(trip, answered, strict=True) if item is not None
+            )
+            pending = deferred + pending[len(trip) :]
+        return [results[i] for i in range(len(paths))]
+
+    def _download_trip(self, paths: list[str]) -> list[FileTransfer | None]:
+        """One round trip: a result per path, None for one deferred to the next trip."""
+        request = {"paths": paths, "max_file": MAX_FILE_BYTES, "budget": ROUND_TRIP_BYTES}
+        raw = self._run_batch(["download"], json.dumps(request).encode(), config.MAX_OUTPUT_LIMIT)
+        try:
+            return _decode_download(paths, raw)
+        except ValueError:
+            return [FileTransfer(p, error=_trip_failure(raw)) for p in paths]
+
+
+def _decode_download(paths: list[str], raw: RawResult) -> list[FileTransfer | None]:
+    if raw.exit_code != 0 or any(raw.truncated.values()):
+        raise ValueError("the transfer did not complete")
+    header_line, _, data = raw.stdout.partition(b"\n")
+    header = json.loads(header_line)
+    if not isinstance(header, list) or len(header) != len(paths):
+        raise ValueError("the transfer's answer does not match its request")
+    results: list[FileTransfer | None] = []
+    offset = 0
+    for path, item in zip(paths, header, strict=True):
+        error, size = item.get("error"), int(item.get("size", 0))
+        if error == file_batch.DEFERRED:
+            results.append(None)
+        elif error:
+            results.append(FileTransfer(path, error=str(error)))
+        else:
+            results.append(FileTransfer(path, content=data[offset : offset + size]))
+            offset += size
+    if offset != len(data):
+        raise ValueError("the transfer's data does not match its header")
+    return results
+
+
+def _trip_failure(raw: RawResult) -> str:
+    """Why a whole round trip failed, as one line for each of its files."""
+    if raw.timed_out:
+        return "error: the transfer timed out"
+    lines = raw.stderr.decode(errors="replace").strip().splitlines()
+    reason = raw.error or (lines[-1] if lines else f"exit code {raw.exit_code}")
+    return f"error: the transfer failed ({reason[:200]})"
