@@ -27,6 +27,10 @@ SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 WORKSPACE = "/workspace"
 LOGS = "/logs"
+# Root-only tmpfs for the agents' shared state: sessions, background processes. Its own
+# size limit (it counts against the memory limit too).
+RUN_DIR = "/run/stigmer"
+RUN_DIR_SIZE = "64m"
 SANDBOX_HOME = "/home/sandbox"
 # Root-owned files the agent starts by absolute path, never through PATH.
 PYTHON = "/usr/bin/python3"
@@ -220,7 +224,11 @@ def container_spec(settings: Settings, image: str, labels: dict[str, str]) -> di
         "memswap_limit": memory,
         "nano_cpus": int(settings.cpus * 1e9) or None,
         # exec: builds and venvs in /tmp must run; the tmpfs counts against mem_limit.
-        "tmpfs": {"/tmp": f"rw,exec,nosuid,nodev,size={settings.tmp_size}"},
+        "tmpfs": {
+            "/tmp": f"rw,exec,nosuid,nodev,size={settings.tmp_size}",
+            # Root-only: session state and background processes' records and output.
+            RUN_DIR: f"rw,noexec,nosuid,nodev,mode=0700,size={RUN_DIR_SIZE}",
+        },
         "read_only": settings.read_only_root,
         "network_mode": settings.network,
         "mounts": [

@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import pwd
 import queue
+import re
 import select
 import signal
 import subprocess
@@ -61,6 +63,28 @@ MAX_INLINE_ARG = 100_000
 # child that keeps the pipe open must not hold the result back.
 EXIT_GRACE_S = 0.2
 OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
+# Root-only tmpfs (see policy): session state and background processes live here, for as
+# long as the sandbox does, reachable from every agent.
+RUN_DIR = "/run/stigmer"
+SESSION_DIR = RUN_DIR + "/sessions"
+SESSION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+PRELUDE_VAR = "STIGMER_SESSION_PRELUDE"
+OPERATIONS = frozenset({"ping", "exec", "session_close"})
+# Bash's own bookkeeping, not state: restoring these would be wrong (SHLVL would grow).
+SESSION_OWN_VARIABLES = frozenset({"SHLVL", "_", "PWD", PRELUDE_VAR})
+STATE_LIMIT = 1 << 20
+# One environment string may not exceed 128 KiB (MAX_ARG_STRLEN), the prelude included.
+MAX_FUNCTIONS = 96 * 1024
+STATE_END = b"\0STIGMER-STATE-END"
+# Bash builtins only (no fork): the working directory, every exported variable, then the
+# shell functions, written to the state pipe FD when the shell exits however it exits.
+SAVE_STATE = (
+    "__stigmer_save() { { printf '%s\\0' \"$PWD\"; for __stigmer_n in $(compgen -e); do "
+    "printf '%s=%s\\0' \"$__stigmer_n\" \"${!__stigmer_n}\"; done; printf '\\0'; "
+    "declare -f; printf '\\0STIGMER-STATE-END'; } >&@FD@ 2>/dev/null; }\n"
+    "trap __stigmer_save EXIT"
+)
 
 
 class OutputCapture:
@@ -98,13 +122,19 @@ class OutputCapture:
 
 
 def exit_cause(
-    exit_code: int | None, signal_number: int | None, timed_out: bool, oom_killed: bool
+    exit_code: int | None,
+    signal_number: int | None,
+    timed_out: bool,
+    oom_killed: bool,
+    idle_timed_out: bool = False,
 ) -> str:
-    """Why a command ended: lost, timeout, oom, signal or exit."""
+    """Why a command ended: lost, timeout, idle, oom, signal or exit."""
     if exit_code is None:
         return "lost"
     if timed_out:
         return "timeout"
+    if idle_timed_out:
+        return "idle"
     if oom_killed:
         return "oom"
     if signal_number:
@@ -148,18 +178,26 @@ class Pump:
         deadline: float,
         expire: Callable[[], None],
         ended: Callable[[], None],
+        extra: dict[str, IO[bytes]] | None = None,
+        idle: tuple[float, Callable[[], None]] | None = None,
     ) -> None:
         if process.stdout is None:
             raise ValueError("the command was started without an output pipe")
         self.process, self.captures, self.live = process, captures, live
         self.deadline, self.expire, self.ended = deadline, expire, ended
         # Without a stderr pipe, stderr was merged into stdout (one ordered stream).
-        named = (("stdout", process.stdout), ("stderr", process.stderr))
+        named = [("stdout", process.stdout), ("stderr", process.stderr)]
+        named += list((extra or {}).items())  # read like output, never streamed live
         self.streams = tuple(pipe for _name, pipe in named if pipe is not None)
         self.pipes = {pipe.fileno(): name for name, pipe in named if pipe is not None}
         self.exit_fd = exit_watcher(process)
         self.expired = False
         self.grace_until: float | None = None
+        # Idle timeout: (seconds without output, what to do once); None when not asked.
+        self.idle_s: float | None = idle[0] if idle else None
+        self.on_idle: Callable[[], None] | None = idle[1] if idle else None
+        self.idled = False
+        self.last_output = time.monotonic()
 
     def run(self) -> None:
         """Serve the process until its pipes close (or the grace after its exit ends)."""
@@ -188,10 +226,20 @@ class Pump:
         self.ended()
         self.grace_until = time.monotonic() + EXIT_GRACE_S
 
+    def _idle_due(self) -> float | None:
+        if self.idle_s is None or self.idled:
+            return None
+        return self.last_output + self.idle_s
+
     def _check_exit_and_deadline(self) -> None:
         self.process.poll()
-        due = time.monotonic() >= self.deadline
-        if self.process.returncode is None and not self.expired and due:
+        now = time.monotonic()
+        idle_due = self._idle_due()
+        if self.process.returncode is None and idle_due is not None and now >= idle_due:
+            self.idled = True
+            if self.on_idle is not None:
+                self.on_idle()
+        if self.process.returncode is None and not self.expired and now >= self.deadline:
             self.expired = True
             self.expire()
         if self.process.returncode is not None and self.grace_until is None:
@@ -205,6 +253,9 @@ class Pump:
 
     def _wait(self) -> float:
         until = self.grace_until or (self.deadline if not self.expired else time.monotonic() + 1)
+        idle_due = self._idle_due()
+        if self.grace_until is None and idle_due is not None:
+            until = min(until, idle_due)
         wait = until - time.monotonic()
         return max(0.0, wait if self.exit_fd is not None else min(wait, 0.05))
 
@@ -219,8 +270,10 @@ class Pump:
                 continue
             name = self.pipes[fd]
             head = self.captures[name].feed(data)
-            if head:
-                self.live(name, head)
+            if name in ("stdout", "stderr"):
+                self.last_output = time.monotonic()
+                if head:
+                    self.live(name, head)
 
 
 class Workers:
@@ -266,6 +319,9 @@ class Agent:
         self.base_env = command_environment(dict(os.environ), uid)
         self.oom_files = oom_counter_files()
         self.workers = Workers()
+        self.operations: dict[str, Callable[[Message], Message]] = {
+            "session_close": self.close_session,
+        }
 
     def send(self, message: Message) -> None:
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
@@ -286,11 +342,11 @@ class Agent:
                 continue  # not a request; the host never sends these
             if request["op"] == "ping":
                 self.send({"id": request["id"], "type": "pong", "pid": os.getpid()})
-            elif request["op"] == "exec":
-                try:
-                    self.workers.submit(self.run, request)
-                except RuntimeError as exc:  # the sandbox's process limit is reached
-                    self.fail(request, f"could not start a thread for it: {exc}")
+                continue
+            try:
+                self.workers.submit(self.run if request["op"] == "exec" else self.answer, request)
+            except RuntimeError as exc:  # the sandbox's process limit is reached
+                self.fail(request, f"could not start a thread for it: {exc}")
         # The host is gone: each helper ends its command's whole tree on SIGTERM.
         for helper in list(self.helpers):
             with contextlib.suppress(OSError):
@@ -304,6 +360,18 @@ class Agent:
             self.send(self.execute(request))
         except Exception as exc:  # one request failing must not end the agent
             self.fail(request, f"{type(exc).__name__}: {exc}")
+
+    def answer(self, request: Message) -> None:
+        """A request that is not a command: sessions and background processes."""
+        try:
+            data = self.operations[request["op"]](request)
+        except Exception as exc:  # the request fails alone, with its reason
+            self.fail(request, f"{type(exc).__name__}: {exc}")
+            return
+        self.send({"id": request["id"], "type": "reply", "data": data})
+
+    def close_session(self, request: Message) -> Message:
+        return {"existed": SessionState.close(str(request.get("session")))}
 
     def execute(self, request: Message) -> Message:
         cid = str(request.get("cid") or request["id"])
@@ -322,10 +390,35 @@ class Agent:
         return message
 
     def _execute(self, request: Message) -> Message:
-        argv, script = inline_long_script(list(request["argv"]))
+        name = request.get("session")
+        if not name:
+            env = {**self.base_env, **(request.get("env") or {})}
+            return self._run(request, list(request["argv"]), env, str(request.get("cwd")))
+        timeout = float(request.get("timeout") or 3600)
+        asked = time.monotonic()
+        with SessionState(str(name), timeout) as session:
+            waited = time.monotonic() - asked
+            request = {**request, "timeout": max(timeout - waited, 0.001)}
+            state_read, state_write = os.pipe()
+            argv, env = session.command(request, self.base_env, state_write)
+            message = self._run(request, argv, env, "/", (state_read, state_write))
+            session.save(message.pop("state", None))
+            return message
+
+    def _run(
+        self,
+        request: Message,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str,
+        state: tuple[int, int] | None = None,
+    ) -> Message:
+        """Start the helper for `argv`, serve its pipes, and build the `done` message; with
+        `state`, a session's state pipe (read end, write end passed to the command)."""
+        argv, script = inline_long_script(argv)
         status_read, status_write = os.pipe()
         script_read, script_write = os.pipe() if script is not None else (-1, -1)
-        passed = [fd for fd in (status_write, script_read) if fd >= 0]
+        passed = [fd for fd in (status_write, script_read, state[1] if state else -1) if fd >= 0]
         if script is not None:
             os.fchmod(script_read, 0o444)  # bash reopens /dev/fd/N as the sandbox user
             argv = [argv[0], f"/dev/fd/{script_read}", *argv[1:]]
@@ -334,8 +427,8 @@ class Agent:
         started = time.monotonic()
         try:
             process = subprocess.Popen(
-                self._helper_argv(request, status_write, argv),
-                env={**self.base_env, **(request.get("env") or {})},
+                self._helper_argv(request, status_write, cwd, argv),
+                env=env,
                 cwd="/",
                 pass_fds=passed,
                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
@@ -343,7 +436,7 @@ class Agent:
                 stderr=subprocess.STDOUT if request.get("merge_output") else subprocess.PIPE,
             )
         except OSError:
-            for fd in (status_read, script_write):
+            for fd in (status_read, script_write, state[0] if state else -1):
                 if fd >= 0:
                     os.close(fd)
             raise
@@ -352,48 +445,177 @@ class Agent:
                 os.close(fd)
         if script is not None:
             feed(os.fdopen(script_write, "wb"), script)
+        extra: dict[str, IO[bytes]] = {}
+        if state:
+            extra["state"] = os.fdopen(state[0], "rb", buffering=0)
         with self.lock:
             self.helpers.add(process)
         try:
-            captures = self._pump(request, process, stdin)
+            captures, idled = self._pump(request, process, stdin, extra)
         finally:
             with self.lock:
                 self.helpers.discard(process)
         status = read_status(status_read, process.returncode)
         grew = oom_grew(before, oom_kills(self.oom_files))
-        return done_message(request, status, grew, time.monotonic() - started, captures)
+        outputs = {name: captures[name] for name in ("stdout", "stderr")}
+        message = done_message(request, status, grew, time.monotonic() - started, outputs)
+        if idled:
+            message.update(exit_code=TIMEOUT_EXIT, signal=None, idle_timed_out=True)
+        if state and not (idled or status.get("timed_out") or status.get("cancelled")):
+            message["state"] = captures["state"].text()  # only a command that finished
+        return message
 
-    def _helper_argv(self, request: Message, status_fd: int, argv: list[str]) -> list[str]:
+    def _helper_argv(
+        self, request: Message, status_fd: int, cwd: str, argv: list[str]
+    ) -> list[str]:
         options = ["--uid", str(self.uid), "--gid", str(self.gid), "--status-fd", str(status_fd)]
         options += ["--timeout", repr(float(request.get("timeout") or 3600))]
-        options += ["--cwd", str(request.get("cwd") or "/workspace"), "--watch-parent"]
+        options += ["--cwd", cwd or "/workspace", "--watch-parent"]
         if request.get("keep_background"):
             options.append("--keep-background")
         return [EXEC_HELPER, *options, "--", *argv]
 
     def _pump(
-        self, request: Message, process: Process, stdin: str | None
-    ) -> dict[str, OutputCapture]:
+        self,
+        request: Message,
+        process: Process,
+        stdin: str | None,
+        extra: dict[str, IO[bytes]],
+    ) -> tuple[dict[str, OutputCapture], bool]:
         if stdin is not None and process.stdin is not None:
             feed(process.stdin, base64.b64decode(stdin))
         limit = int(request.get("limit") or 1048576)
         captures = {"stdout": OutputCapture(limit), "stderr": OutputCapture(limit)}
+        captures.update({name: OutputCapture(2 * STATE_LIMIT) for name in extra})
 
         def live(name: str, data: bytes) -> None:
             message = {"id": request["id"], "type": "out", "stream": name}
             self.send({**message, "data": base64.b64encode(data).decode()})
 
+        def cancel() -> None:  # the helper ends the whole tree on SIGTERM
+            with contextlib.suppress(OSError):
+                process.send_signal(signal.SIGTERM)
+
         timeout = float(request.get("timeout") or 3600)
-        deadline = time.monotonic() + timeout + BACKSTOP_S
-        Pump(
+        idle = request.get("idle_timeout")
+        pump = Pump(
             process,
             captures=captures,
             live=live,
-            deadline=deadline,
+            deadline=time.monotonic() + timeout + BACKSTOP_S,
             expire=lambda: backstop(process),
             ended=lambda: None,
-        ).run()
-        return captures
+            extra=extra,
+            idle=(float(idle), cancel) if idle else None,
+        )
+        pump.run()
+        return captures, pump.idled
+
+
+class SessionState:
+    """A named shell session's state, kept by root in the sandbox, not by any one agent:
+    the working directory, exported variables and shell functions as of the last command
+    that finished. Each session command is a fresh bash that restores it first and, on
+    exit, writes it back through a pipe (so `exit 3`, `set -e` and heredocs all work and a
+    killed command leaves the previous state). One command at a time per session (flock)."""
+
+    def __init__(self, name: str, timeout: float) -> None:
+        if not SESSION_NAME.match(name):
+            raise ValueError(f"invalid session name {name!r}")
+        self.name, self.timeout = name, timeout
+        self.path = os.path.join(SESSION_DIR, name + ".json")
+        self.lock_fd = -1
+
+    def __enter__(self) -> SessionState:
+        os.makedirs(SESSION_DIR, mode=0o700, exist_ok=True)
+        self.lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self.lock_fd)
+                    raise TimeoutError(f"session {self.name} stayed busy") from None
+                time.sleep(0.005)
+
+    def __exit__(self, *_exc: object) -> None:
+        os.close(self.lock_fd)  # releases the lock
+
+    def load(self) -> Message | None:
+        try:
+            with open(self.path, encoding="utf-8", errors="surrogateescape") as handle:
+                state = json.load(handle)
+        except (OSError, ValueError):
+            return None
+        return state if isinstance(state, dict) else None
+
+    def command(
+        self, request: Message, base_env: dict[str, str], state_fd: int
+    ) -> tuple[list[str], dict[str, str]]:
+        """bash -c: restore the state (eval'd from one variable so the caller's script
+        keeps its line numbers), arm the save, then the caller's script."""
+        argv = list(request["argv"])
+        if len(argv) < 3 or argv[:2] != ["/bin/bash", "-c"]:
+            raise ValueError("a session runs shell command strings")
+        state = self.load() or {}
+        env = dict(state.get("env") or base_env)
+        env.update(request.get("env") or {})
+        cwd = request.get("cwd") or state.get("cwd") or "/workspace"
+        save = SAVE_STATE.replace("@FD@", str(state_fd))
+        prelude = [str(state.get("functions") or ""), save]
+        prelude.append(f"cd -- {shell_quote(str(cwd))} || exit 1")
+        env[PRELUDE_VAR] = "\n".join(prelude)
+        script = f'eval "${PRELUDE_VAR}"; unset {PRELUDE_VAR}; {argv[2]}'
+        return ["/bin/bash", "-c", script, *argv[3:]], env
+
+    def save(self, raw: bytes | None) -> None:
+        state = parse_state(raw) if raw else None
+        if state is None:
+            return
+        temporary = f"{self.path}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="utf-8", errors="surrogateescape") as handle:
+            json.dump(state, handle)
+        os.replace(temporary, self.path)
+
+    @staticmethod
+    def close(name: str) -> bool:
+        """Forget a session's state; whether there was one."""
+        if not SESSION_NAME.match(name):
+            raise ValueError(f"invalid session name {name!r}")
+        path = os.path.join(SESSION_DIR, name + ".json")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + ".lock")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+
+def parse_state(raw: bytes) -> Message | None:
+    """The state a session command wrote: cwd NUL, NAME=VALUE NUL..., NUL, functions,
+    end marker. Written by the command itself, so checked, bounded, never executed here."""
+    if len(raw) > STATE_LIMIT or not raw.endswith(STATE_END):
+        return None
+    head, _, functions = raw[: -len(STATE_END)].partition(b"\0\0")
+    cwd, *pairs = head.split(b"\0")
+    env = {}
+    for pair in pairs:
+        key, _, value = pair.decode(errors="surrogateescape").partition("=")
+        if ENV_NAME.match(key) and key not in SESSION_OWN_VARIABLES:
+            env[key] = value
+    text = functions.decode(errors="surrogateescape")
+    return {
+        "cwd": cwd.decode(errors="surrogateescape"),
+        "env": env,
+        "functions": text if len(text) <= MAX_FUNCTIONS else "",
+    }
+
+
+def shell_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def parse_request(line: bytes) -> Message | None:
@@ -410,7 +632,7 @@ def parse_request(line: bytes) -> Message | None:
         and all(isinstance(a, str) for a in request["argv"])
     ):
         return None
-    return request if request.get("op") in ("ping", "exec") else None
+    return request if request.get("op") in OPERATIONS else None
 
 
 def command_environment(environ: dict[str, str], uid: int) -> dict[str, str]:

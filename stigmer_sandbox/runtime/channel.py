@@ -68,6 +68,8 @@ class Request:
     stdin: bytes | None = None
     keep_background: bool = False
     merge_output: bool = False
+    idle_timeout: float | None = None
+    session: str | None = None
     on_stdout: OutputCallback | None = None
     on_stderr: OutputCallback | None = None
     cid: str = ""
@@ -90,6 +92,7 @@ class RawResult:
     via: str = "agent"
     error: str | None = None
     oom_overlap: list[str] = field(default_factory=list)
+    idle_timed_out: bool = False
 
 
 class AgentLost(SandboxError):
@@ -118,6 +121,7 @@ _FIELD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
         "stderr": (dict,),
     },
     "pong": {"pid": (int,)},
+    "reply": {"data": (dict,)},
     "beat": {},
     "error": {"message": (str,)},
 }
@@ -205,6 +209,7 @@ def raw_result(
         via,
         answer["error"],
         list(answer["oom_overlap"]),
+        idle_timed_out=answer.get("idle_timed_out") is True,
     )
 
 
@@ -230,6 +235,8 @@ def _exec_message(request: Request, rid: int) -> dict[str, Any]:
         "stdin": base64.b64encode(request.stdin).decode() if request.stdin is not None else None,
         "keep_background": request.keep_background,
         "merge_output": request.merge_output,
+        "idle_timeout": request.idle_timeout,
+        "session": request.session,
     }
 
 
@@ -296,6 +303,21 @@ class AgentChannel:
         if answer["type"] != "pong":
             raise AgentLost(f"the sandbox agent answered a ping with {answer['type']!r}")
         self.agent_pid = answer["pid"]
+
+    def call(self, op: str, fields: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """One request that is not a command (sessions, background processes): its reply's
+        data; a request the agent refused raises SandboxError with its reason."""
+        rid = next(self._ids)
+        inbox = self._send({**fields, "op": op, "id": rid})
+        try:
+            answer = self._wait(inbox, rid, time.monotonic() + timeout)
+        finally:
+            self._forget(rid)
+        if answer["type"] == "error":
+            raise SandboxError(answer["message"])
+        if answer["type"] != "reply":
+            raise AgentLost(f"the sandbox agent answered {op} with {answer['type']!r}")
+        return dict(answer["data"])
 
     def _wait(self, inbox: Inbox, rid: int, deadline: float) -> dict[str, Any]:
         try:
@@ -452,6 +474,8 @@ class DirectRunner:
 
     def run(self, request: Request) -> RawResult:
         """Run one command with its own exec; the helper enforces timeout and tree kill."""
+        if request.session:
+            return start_failure(request, "sessions need the sandbox agent", "exec")
         argv, env = self._argv(request)
         captures = {name: agent.OutputCapture(request.limit) for name in ("stdout", "stderr")}
         before = self._oom_count()

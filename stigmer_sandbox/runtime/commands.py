@@ -29,6 +29,7 @@ class ExecOptions(TypedDict, total=False):
     output_limit: int | None
     keep_background: bool
     merge_output: bool
+    idle_timeout: float | None
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,16 @@ class ExecResult:
     command_id: str = ""
     # Other commands that ran at the same time as an OOM kill this one saw.
     oom_overlap: tuple[str, ...] = ()
+    # Ended because it printed nothing for `idle_timeout` seconds (exit code 124).
+    idle_timed_out: bool = False
+    session: str | None = None
 
     @property
     def cause(self) -> str:
-        """Why it ended: `exit`, `timeout`, `oom`, `signal` or `lost`."""
-        return agent.exit_cause(self.exit_code, self.signal, self.timed_out, self.oom_killed)
+        """Why it ended: `exit`, `timeout`, `idle`, `oom`, `signal` or `lost`."""
+        return agent.exit_cause(
+            self.exit_code, self.signal, self.timed_out, self.oom_killed, self.idle_timed_out
+        )
 
     @property
     def ok(self) -> bool:
@@ -65,7 +71,7 @@ class ExecResult:
         return {**asdict(self), "cause": self.cause}
 
     @classmethod
-    def from_raw(cls, raw: RawResult, command_id: str) -> ExecResult:
+    def from_raw(cls, raw: RawResult, command_id: str, session: str | None = None) -> ExecResult:
         return cls(
             exit_code=raw.exit_code,
             stdout=raw.stdout.decode(errors="replace"),
@@ -80,6 +86,8 @@ class ExecResult:
             error=raw.error,
             command_id=command_id,
             oom_overlap=tuple(raw.oom_overlap),
+            idle_timed_out=raw.idle_timed_out,
+            session=session,
         )
 
 
@@ -127,6 +135,9 @@ def make_request(
             f"output_limit must be between 2 and {config.MAX_OUTPUT_LIMIT} bytes, got {limit}"
         )
     stdin = options.get("stdin")
+    idle = options.get("idle_timeout")
+    if idle is not None and not float(idle) > 0:
+        raise UsageError(f"idle_timeout must be positive, got {float(idle):g}")
     return Request(
         argv=command_argv(command),
         env=check_env(options.get("env")),
@@ -136,6 +147,7 @@ def make_request(
         stdin=stdin.encode() if isinstance(stdin, str) else stdin,
         keep_background=bool(options.get("keep_background")),
         merge_output=bool(options.get("merge_output")),
+        idle_timeout=float(idle) if idle is not None else None,
         on_stdout=options.get("on_stdout"),
         on_stderr=options.get("on_stderr"),
         cid=uuid.uuid4().hex[:12],
@@ -156,6 +168,7 @@ def audit_entry(
         "duration_s": round(result.duration_s, 4),
         "timed_out": result.timed_out,
         "oom_killed": result.oom_killed,
+        "session": result.session,
         "oom_overlap": list(result.oom_overlap),
         "output_bytes": result.output_bytes,
         "error": result.error,

@@ -34,6 +34,7 @@ from .channel import AgentChannel, AgentLost, DirectRunner, RawResult, Request
 from .commands import ExecOptions, ExecResult, audit_entry, lost, make_request
 from .files import BATCH_SOURCE, TRANSFER_TIMEOUT_S, FileTransfers
 from .history import AuditLog
+from .sessions import Session
 
 READY_TIMEOUT_S = 60.0
 MAX_FILE_BYTES = config.MAX_OUTPUT_LIMIT - 2
@@ -349,9 +350,24 @@ class Sandbox(FileTransfers):
             self._close_channel()
             reason = f"{exc.message}; the command's processes were ended"
             raw = lost(request, reason, time.monotonic() - started, "agent")
-        result = ExecResult.from_raw(raw, request.cid)
+        result = ExecResult.from_raw(raw, request.cid, request.session)
         self.audit.record(audit_entry(self.name, command, request, result))
         return raw, result
+
+    def session(self, name: str = "default") -> Session:
+        """A named shell session: cwd, exports and functions carry over (see `sessions`)."""
+        return Session(self, name)
+
+    def agent_call(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """A request to the sandbox's agent that is not a command (sessions, processes)."""
+        runner = self._runner()
+        if not isinstance(runner, AgentChannel):
+            raise SandboxError(f"{op} needs the sandbox agent, which is unavailable here")
+        try:
+            return runner.call(op, fields)
+        except AgentLost:
+            self._close_channel()
+            raise
 
     @staticmethod
     def _cwd(cwd: str | None) -> str:
