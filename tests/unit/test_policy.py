@@ -24,7 +24,10 @@ def test_container_spec_is_hardened_by_default(tmp_path):
     assert spec["pids_limit"] == 512
     assert spec["mem_limit"] == spec["memswap_limit"] == 2 * 1024**3
     assert spec["nano_cpus"] == 2_000_000_000
-    assert spec["tmpfs"] == {"/tmp": "rw,exec,nosuid,nodev,size=512m"}
+    assert spec["tmpfs"] == {
+        "/tmp": "rw,exec,nosuid,nodev,size=512m",
+        "/run/stigmer": "rw,noexec,nosuid,nodev,mode=0700,size=64m",
+    }
     assert spec["network_mode"] == "bridge"
     assert all(m["BindOptions"]["Propagation"] == "rprivate" for m in spec["mounts"])
     assert [m["Target"] for m in spec["mounts"]] == ["/workspace", "/logs"]
@@ -151,3 +154,9 @@ def test_missing_credentials_folder_is_an_error(tmp_path, monkeypatch):
     spec = policy.container_spec(settings(tmp_path, mount_aws=True), "img:1", {})
     aws = spec["mounts"][-1]
     assert aws["ReadOnly"] is True and aws["Target"] == "/home/sandbox/.aws"
+
+
+def test_the_agent_and_the_policy_agree_on_the_shared_state_folder():
+    from stigmer_sandbox.runtime import agent
+
+    assert agent.RUN_DIR == policy.RUN_DIR
