@@ -39,6 +39,8 @@ CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([bkmg]?)b?$", re.IGNORECASE)
 # The largest per-call output cap: the channel sizes its frames from it.
 MAX_OUTPUT_LIMIT = 64 * 1024 * 1024
+# A week: long enough for any command, short enough for every clock and timer API.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 

@@ -71,8 +71,9 @@ def to_response(result: ExecResult, timeout: float, custom: bool) -> ExecuteResp
 class StigmerSandbox(BaseSandbox):
     """deepagents' `BaseSandbox` over a stigmer-sandbox `Sandbox` (or `LocalSandbox`)."""
 
-    # The capture wrapper needs bash and coreutils, which every stigmer image has.
-    enable_capture_offload = True
+    # Off: deepagents' capture wrapper writes to /large_tool_results/, a folder at the root
+    # that the sandbox user cannot create; the middleware then evicts large output itself.
+    enable_capture_offload = False
 
     def __init__(
         self,

@@ -1,7 +1,8 @@
 """In-container command agent: runs the host's commands over one attached exec stream.
 
-The host sends this file's source as the first line on the agent's stdin and starts it
-as `/usr/bin/python3 -I -S -u -c <bootstrap> UID GID` (absolute path, isolated mode, no
+The host sends this file's source and keeper.py's (background processes and the entry
+point) as the first line on the agent's stdin and starts it as
+`/usr/bin/python3 -I -S -u -c <BOOTSTRAP> UID GID` (absolute path, isolated mode, no
 site: nothing the sandbox user can write is imported). It must stay standard-library
 Python 3.11 with no imports from the package. The host imports `OutputCapture`,
 `exit_cause`, `Pump` and `oom_kills` from it too, so both sides cap output and classify
@@ -42,7 +43,6 @@ import re
 import select
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -70,7 +70,21 @@ SESSION_DIR = RUN_DIR + "/sessions"
 SESSION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 PRELUDE_VAR = "STIGMER_SESSION_PRELUDE"
-OPERATIONS = frozenset({"ping", "exec", "session_close"})
+OPERATIONS = frozenset(
+    {"ping", "exec", "session_close", "proc_start", "proc_list", "proc_status", "proc_kill"}
+    | {"proc_write"}
+)
+# How the host starts this program (and the agent starts a background process's keeper):
+# the sources (this file, then keeper.py) arrive as one JSON line on stdin, so `ps`
+# shows these lines, not 40 kB of code; keeper.py's `main()` then runs.
+BOOTSTRAP = (
+    "# stigmer-sandbox agent\n"
+    "import sys, json\n"
+    "STIGMER_SOURCES = json.loads(sys.stdin.buffer.readline())\n"
+    "for _source in [STIGMER_SOURCES] if isinstance(STIGMER_SOURCES, str) else STIGMER_SOURCES:\n"
+    "    exec(_source)\n"
+    "main()\n"
+)
 # Bash's own bookkeeping, not state: restoring these would be wrong (SHLVL would grow).
 SESSION_OWN_VARIABLES = frozenset({"SHLVL", "_", "PWD", PRELUDE_VAR})
 STATE_LIMIT = 1 << 20
@@ -735,12 +749,3 @@ def exit_watcher(process: Process) -> int | None:
         return os.pidfd_open(process.pid)
     except (AttributeError, OSError):
         return None
-
-
-def main() -> None:
-    uid, gid = (int(value) for value in sys.argv[1:3])
-    Agent(sys.stdout.buffer, uid, gid).serve(sys.stdin.buffer)
-
-
-if __name__ == "__main__":
-    main()

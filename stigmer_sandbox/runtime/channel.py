@@ -37,13 +37,10 @@ from typing import Any
 
 from .. import engine, policy
 from ..errors import SandboxError
-from . import agent
+from . import agent, keeper
 
-AGENT_SOURCE = Path(agent.__file__).read_text(encoding="utf-8")
-# The agent's source arrives as the first line on stdin: `ps` shows this, not 10 kB of code.
-AGENT_BOOTSTRAP = (
-    "# stigmer-sandbox agent\nimport sys, json; exec(json.loads(sys.stdin.buffer.readline()))"
-)
+# The in-container program: the agent, then background processes and the entry point.
+AGENT_SOURCES = [Path(str(m.__file__)).read_text(encoding="utf-8") for m in (agent, keeper)]
 FRAME_HEADER = struct.Struct(">BxxxL")
 # A command's hard deadline on the host is its timeout plus this grace.
 HOST_GRACE_S = 10.0
@@ -251,14 +248,14 @@ class AgentChannel:
         container_id: str,
         user: tuple[int, int],
         max_line: int,
-        source: str = AGENT_SOURCE,
+        source: str | list[str] = AGENT_SOURCES,
     ) -> None:
         self.container_id = container_id
         api = engine.client().api
         with engine.engine_errors():
             exec_id = api.exec_create(
                 container_id,
-                [policy.PYTHON, "-I", "-S", "-u", "-c", AGENT_BOOTSTRAP, *map(str, user)],
+                [policy.PYTHON, "-I", "-S", "-u", "-c", agent.BOOTSTRAP, *map(str, user)],
                 stdin=True,
                 stdout=True,
                 stderr=True,

@@ -127,8 +127,10 @@ def make_request(
     """A checked request from `exec`'s arguments; bad input is one clear UsageError."""
     timeout = options.get("timeout")
     timeout = float(timeout if timeout is not None else settings.timeout)
-    if timeout <= 0:
-        raise UsageError(f"timeout must be positive, got {timeout:g}")
+    if not 0 < timeout <= config.MAX_TIMEOUT_S:
+        raise UsageError(
+            f"timeout must be between 0 and {config.MAX_TIMEOUT_S:g} seconds, got {timeout:g}"
+        )
     limit = int(options.get("output_limit") or settings.output_limit)
     if not 2 <= limit <= config.MAX_OUTPUT_LIMIT:
         raise UsageError(
@@ -136,8 +138,8 @@ def make_request(
         )
     stdin = options.get("stdin")
     idle = options.get("idle_timeout")
-    if idle is not None and not float(idle) > 0:
-        raise UsageError(f"idle_timeout must be positive, got {float(idle):g}")
+    if idle is not None and not 0 < float(idle) <= config.MAX_TIMEOUT_S:
+        raise UsageError(f"idle_timeout must be positive (at most a week), got {float(idle):g}")
     return Request(
         argv=command_argv(command),
         env=check_env(options.get("env")),

@@ -30,10 +30,12 @@ from .. import config, engine, images, labels, policy
 from ..config import Settings, load_settings
 from ..errors import SandboxError, SandboxNotReady, UsageError
 from ..images.record import ImageRecord
+from . import processes
 from .channel import AgentChannel, AgentLost, DirectRunner, RawResult, Request
 from .commands import ExecOptions, ExecResult, audit_entry, lost, make_request
 from .files import BATCH_SOURCE, TRANSFER_TIMEOUT_S, FileTransfers
 from .history import AuditLog
+from .processes import Process
 from .sessions import Session
 
 READY_TIMEOUT_S = 60.0
@@ -357,6 +359,29 @@ class Sandbox(FileTransfers):
     def session(self, name: str = "default") -> Session:
         """A named shell session: cwd, exports and functions carry over (see `sessions`)."""
         return Session(self, name)
+
+    def start(
+        self,
+        command: str | Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        output_limit: int | None = None,
+    ) -> Process:
+        """Start a command in the background; it runs until it ends, is killed, or the
+        sandbox goes (see `processes`). `timeout` None: no limit."""
+        return processes.start(
+            self, command, env=env, cwd=cwd, timeout=timeout, output_limit=output_limit
+        )
+
+    def processes(self) -> list[dict[str, Any]]:
+        """Every background process, running or recently ended, oldest first."""
+        return processes.listing(self)
+
+    def process(self, process_id: str) -> Process:
+        """Reattach to a background process by id, from any host process."""
+        return processes.find(self, process_id)
 
     def agent_call(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
         """A request to the sandbox's agent that is not a command (sessions, processes)."""

@@ -1,0 +1,356 @@
+"""In-container background processes, and the entry point of the in-container program.
+
+The host sends `agent.py` and then this file as the sources of one program (see
+`agent.BOOTSTRAP`); `main()` here starts the agent, or, for a background
+process, its keeper. Standard-library Python 3.11 only; in the sandbox the names imported
+from `agent` below come from that file's source, run first in the same namespace.
+
+A background process is run by its own keeper: a root process (the agent's
+capabilities) started in a new session, outside every agent, so it outlives the host
+process and the agent that started it. The keeper runs the command through the
+`stigmer-exec` helper (the sandbox user, a subreaper that ends the whole tree), keeps its
+output bounded (head and tail, like a command's), forwards what `Process.write` sends
+through a FIFO to its stdin, and keeps a record in the root-only folder
+`/run/stigmer/procs/<id>/` that any agent reads: so any host process can list, read,
+wait for, write to and kill it for as long as the sandbox lives.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+with contextlib.suppress(ImportError):  # in the sandbox: names from agent.py's source
+    from .agent import (
+        BOOTSTRAP,
+        EXEC_HELPER,
+        RUN_DIR,
+        Agent,
+        Message,
+        OutputCapture,
+        Process,
+        Pump,
+        backstop,
+        read_status,
+    )
+
+PROCESS_DIR = RUN_DIR + "/procs"
+PROCESS_ID_LENGTH = 12
+# Records of ended processes kept for `output`/`wait` after they end; the oldest go first.
+KEEP_ENDED = 64
+STATE_EVERY_S = 0.1
+KILL_WAIT_S = 5.0
+START_WAIT_S = 5.0
+NO_DEADLINE_S = 10.0**9
+
+
+def process_folder(process_id: object) -> str:
+    text = str(process_id)
+    if len(text) != PROCESS_ID_LENGTH or not all(c in "0123456789abcdef" for c in text):
+        raise ValueError(f"no background process {text[:40]!r}")
+    return os.path.join(PROCESS_DIR, text)
+
+
+def read_json(path: str) -> Message | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_json(path: str, value: Message) -> None:
+    temporary = f"{path}.{threading.get_ident()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, separators=(",", ":"))
+    os.replace(temporary, path)
+
+
+def stream_record(capture: OutputCapture) -> Message:
+    return {
+        "head": base64.b64encode(bytes(capture.head)).decode(),
+        "tail": base64.b64encode(bytes(capture.tail)).decode(),
+        "dropped": capture.dropped,
+        "total": capture.total,
+    }
+
+
+class Keeper:
+    """Runs one background process and keeps its record up to date."""
+
+    def __init__(self, folder: str, spec: Message) -> None:
+        self.folder, self.spec = folder, spec
+        limit = int(spec["limit"])
+        self.captures = {"stdout": OutputCapture(limit), "stderr": OutputCapture(limit)}
+        self.state: Message = {
+            "id": spec["id"],
+            "command": spec["command"],
+            "cwd": spec["cwd"],
+            "started_at": time.time(),
+            "keeper_pid": os.getpid(),
+            "running": True,
+        }
+        self.started = time.monotonic()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        fifo = os.path.join(self.folder, "stdin")
+        os.mkfifo(fifo, 0o600)
+        stdin_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)  # never EOF: writers come and go
+        status_read, status_write = os.pipe()
+        process = subprocess.Popen(
+            self._helper_argv(status_write),
+            env=self.spec["env"],
+            cwd="/",
+            pass_fds=[status_write],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        os.close(status_write)
+        signal.signal(signal.SIGTERM, lambda *_: backstop_soon(process))
+        self.state["pid"] = process.pid
+        threading.Thread(target=forward, args=(stdin_fd, process), daemon=True).start()
+        threading.Thread(target=self._record_while_running, daemon=True).start()
+        timeout = self.spec.get("timeout")
+        Pump(
+            process,
+            captures=self.captures,
+            live=lambda _name, _data: None,
+            deadline=time.monotonic() + (float(timeout) + 3 if timeout else NO_DEADLINE_S),
+            expire=lambda: backstop(process),
+            ended=lambda: None,
+        ).run()
+        status = read_status(status_read, process.returncode)
+        self.done.set()
+        self.state.update(
+            running=False,
+            exit_code=int(status["exit_code"]),
+            signal=status.get("signal"),
+            timed_out=bool(status.get("timed_out")),
+            killed=bool(status.get("cancelled")),
+            error=status.get("error"),
+            duration_s=time.monotonic() - self.started,
+        )
+        self.record()
+
+    def _helper_argv(self, status_fd: int) -> list[str]:
+        spec = self.spec
+        options = ["--uid", str(spec["uid"]), "--gid", str(spec["gid"])]
+        options += ["--status-fd", str(status_fd), "--cwd", str(spec["cwd"]), "--watch-parent"]
+        if spec.get("timeout"):
+            options += ["--timeout", repr(float(spec["timeout"]))]
+        return [EXEC_HELPER, *options, "--", *spec["argv"]]
+
+    def _record_while_running(self) -> None:
+        seen = -1
+        while not self.done.wait(STATE_EVERY_S if seen >= 0 else 0):
+            total = sum(capture.total for capture in self.captures.values())
+            if total != seen:
+                seen = total
+                self.record()
+
+    def record(self) -> None:
+        state = {**self.state, **{k: stream_record(c) for k, c in self.captures.items()}}
+        with contextlib.suppress(OSError):  # a full tmpfs must not kill the process
+            write_json(os.path.join(self.folder, "state.json"), state)
+
+
+def backstop_soon(process: Process) -> None:
+    """SIGTERM from `kill`: the helper ends the whole tree (off the signal handler)."""
+    threading.Thread(target=backstop, args=(process,), daemon=True).start()
+
+
+def forward(stdin_fd: int, process: Process) -> None:
+    """What `Process.write` puts in the FIFO, to the command's stdin."""
+    with contextlib.suppress(OSError, ValueError):
+        while process.stdin is not None:
+            data = os.read(stdin_fd, 65536)
+            process.stdin.write(data)
+            process.stdin.flush()
+
+
+class ProcessTable:
+    """The agent's side: start, list, read, kill and write to background processes."""
+
+    def __init__(self, agent: Agent, sources: list[str]) -> None:
+        self.agent, self.sources = agent, sources
+
+    def operations(self) -> dict[str, Any]:
+        return {
+            "proc_start": self.start,
+            "proc_list": self.listing,
+            "proc_status": self.status,
+            "proc_kill": self.kill,
+            "proc_write": self.write,
+        }
+
+    def start(self, request: Message) -> Message:
+        argv = request.get("argv")
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+            raise ValueError("argv must be a non-empty list of strings")
+        self._forget_old()
+        process_id = secrets.token_hex(PROCESS_ID_LENGTH // 2)
+        folder = os.path.join(PROCESS_DIR, process_id)
+        os.makedirs(folder, mode=0o700)
+        spec = {
+            "id": process_id,
+            "argv": argv,
+            "command": str(request.get("command") or " ".join(argv)),
+            "env": {**self.agent.base_env, **(request.get("env") or {})},
+            "cwd": str(request.get("cwd") or "/workspace"),
+            "limit": int(request.get("limit") or 1048576),
+            "timeout": request.get("timeout"),
+            "uid": self.agent.uid,
+            "gid": self.agent.gid,
+        }
+        write_json(os.path.join(folder, "spec.json"), spec)
+        with open(os.path.join(folder, "keeper.log"), "wb") as log:
+            launcher = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-u", "-c", BOOTSTRAP, "keeper", process_id],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                cwd="/",
+                start_new_session=True,
+            )
+        if launcher.stdin is not None:
+            launcher.stdin.write(json.dumps(self.sources).encode() + b"\n")
+            launcher.stdin.close()
+        threading.Thread(target=launcher.wait, daemon=True).start()  # it forks and exits
+        return {"id": process_id}
+
+    def listing(self, _request: Message) -> Message:
+        processes = []
+        with contextlib.suppress(FileNotFoundError):
+            for process_id in os.listdir(PROCESS_DIR):
+                info = self._summary(process_id)
+                if info is not None:
+                    processes.append(info)
+        processes.sort(key=lambda info: info.get("started_at") or 0)
+        return {"processes": processes}
+
+    def _summary(self, process_id: str) -> Message | None:
+        folder = os.path.join(PROCESS_DIR, process_id)
+        state = read_json(os.path.join(folder, "state.json"))
+        if state is None:
+            spec = read_json(os.path.join(folder, "spec.json"))
+            if spec is None:
+                return None
+            state = {"id": process_id, "command": spec["command"], "cwd": spec["cwd"]}
+            state.update(running=True, starting=True)
+        for name in ("stdout", "stderr"):
+            stream = state.pop(name, None) or {}
+            state[f"{name}_bytes"] = stream.get("total", 0)
+        return state
+
+    def status(self, request: Message) -> Message:
+        folder = process_folder(request.get("process"))
+        state = read_json(os.path.join(folder, "state.json"))
+        if state is None:
+            if not os.path.isdir(folder):
+                raise ValueError(f"no background process {request.get('process')}")
+            return {"id": request.get("process"), "running": True, "starting": True}
+        return state
+
+    def kill(self, request: Message) -> Message:
+        folder = process_folder(request.get("process"))
+        state = self._wait_started(folder)
+        if not state.get("running"):
+            return {**state, "was_running": False}
+        pid = int(state["keeper_pid"])
+        if is_keeper(pid, str(state["id"])):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + KILL_WAIT_S
+        while time.monotonic() < deadline:
+            state = read_json(os.path.join(folder, "state.json")) or state
+            if not state.get("running"):
+                break
+            time.sleep(0.002)
+        return {**state, "was_running": True}
+
+    def write(self, request: Message) -> Message:
+        folder = process_folder(request.get("process"))
+        state = self._wait_started(folder)
+        if not state.get("running"):
+            raise ValueError(f"background process {state['id']} has ended")
+        data = base64.b64decode(str(request.get("data") or ""), validate=True)
+        fd = os.open(os.path.join(folder, "stdin"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            written = os.write(fd, data) if data else 0
+        except BlockingIOError:
+            written = 0
+        finally:
+            os.close(fd)
+        return {"written": written}
+
+    @staticmethod
+    def _wait_started(folder: str) -> Message:
+        deadline = time.monotonic() + START_WAIT_S
+        while True:
+            state = read_json(os.path.join(folder, "state.json"))
+            if state is not None:
+                return state
+            if not os.path.isdir(folder):
+                raise ValueError(f"no background process {os.path.basename(folder)}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError("the background process did not start")
+            time.sleep(0.002)
+
+    def _forget_old(self) -> None:
+        ended = [
+            (info.get("started_at") or 0, str(info["id"]))
+            for info in self.listing({})["processes"]
+            if not info.get("running")
+        ]
+        for _started, process_id in sorted(ended)[: max(0, len(ended) - KEEP_ENDED)]:
+            shutil.rmtree(os.path.join(PROCESS_DIR, process_id), ignore_errors=True)
+
+
+def is_keeper(pid: int, process_id: str) -> bool:
+    """Whether `pid` is still the root keeper of `process_id` (not a recycled pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+        with open(f"/proc/{pid}/status") as handle:
+            uid_line = next(line for line in handle if line.startswith("Uid:"))
+    except (OSError, StopIteration):
+        return False
+    return argv[-3:-1] == [b"keeper", process_id.encode()] and uid_line.split()[1] == "0"
+
+
+def run_keeper(process_id: str) -> None:
+    """The keeper's process: detach from the agent (a fork whose parent exits, so init
+    reaps it), then run the process."""
+    if os.fork():
+        os._exit(0)
+    folder = process_folder(process_id)
+    spec = read_json(os.path.join(folder, "spec.json"))
+    if spec is None:
+        sys.exit(f"keeper: no spec in {folder}")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    Keeper(folder, spec).run()
+
+
+def main() -> None:
+    """`keeper ID` for a background process's keeper; `UID GID` for the agent."""
+    if sys.argv[1] == "keeper":
+        run_keeper(sys.argv[2])
+        return
+    uid, gid = (int(value) for value in sys.argv[1:3])
+    agent = Agent(sys.stdout.buffer, uid, gid)
+    table = ProcessTable(agent, list(globals().get("STIGMER_SOURCES") or []))
+    agent.operations.update(table.operations())
+    agent.serve(sys.stdin.buffer)

@@ -1,0 +1,177 @@
+"""Background processes: start a server now, query it from later commands, read its
+output, wait for it or kill its whole tree, from this or any other host process.
+
+    server = sandbox.start("python -m http.server 8000")
+    sandbox.exec("curl -s localhost:8000")            # reaches it
+    again = sandbox.process(server.id)                # e.g. from another host process
+    print(again.output().stdout)
+    again.kill()                                       # the process and its children
+
+Each runs under its own keeper in the sandbox (see `keeper`), so it lives as long as the
+sandbox does, not as long as the host process that started it. Output is bounded like a
+command's (head and tail kept, a marker where bytes were dropped).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .. import config
+from ..errors import SandboxError, UsageError
+from . import agent
+from .commands import ExecResult, check_env, command_argv
+
+if TYPE_CHECKING:
+    from .sandbox import Sandbox
+
+WAIT_POLL_S = 0.02
+
+
+@dataclass(frozen=True)
+class ProcessOutput:
+    """What a background process printed so far (head and tail when it printed a lot)."""
+
+    stdout: str
+    stderr: str
+    stdout_bytes: int
+    stderr_bytes: int
+    truncated: bool
+
+
+def stream_text(record: dict[str, Any] | None, limit: int) -> tuple[bytes, int, bool]:
+    """A stream's kept bytes with a marker where bytes were dropped, its total, truncated."""
+    record = record or {}
+    capture = agent.OutputCapture(limit)
+    capture.head = bytearray(base64.b64decode(str(record.get("head") or "")))
+    capture.tail = bytearray(base64.b64decode(str(record.get("tail") or "")))
+    capture.dropped = int(record.get("dropped") or 0)
+    return capture.text(), int(record.get("total") or 0), capture.dropped > 0
+
+
+class Process:
+    """A background process in a sandbox, found by its id."""
+
+    def __init__(self, sandbox: Sandbox, process_id: str, command: str = "") -> None:
+        self.sandbox = sandbox
+        self.id = process_id
+        self.command = command
+        self._recorded_end = False
+
+    def __repr__(self) -> str:
+        return f"Process(id={self.id!r}, command={self.command!r})"
+
+    def status(self) -> dict[str, Any]:
+        """The keeper's record: command, running, exit code, ... (and the output)."""
+        return self.sandbox.agent_call("proc_status", {"process": self.id})
+
+    @property
+    def running(self) -> bool:
+        return bool(self.status().get("running"))
+
+    def output(self) -> ProcessOutput:
+        """Everything kept of stdout and stderr so far."""
+        return self._output(self.status())
+
+    def _output(self, state: dict[str, Any]) -> ProcessOutput:
+        limit = self.sandbox.settings.output_limit
+        out, out_total, out_cut = stream_text(state.get("stdout"), limit)
+        err, err_total, err_cut = stream_text(state.get("stderr"), limit)
+        decoded = (out.decode(errors="replace"), err.decode(errors="replace"))
+        return ProcessOutput(*decoded, out_total, err_total, out_cut or err_cut)
+
+    def wait(self, timeout: float | None = None) -> ExecResult:
+        """Wait for the end (TimeoutError if it is still running after `timeout` s)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self.status()
+            if not state.get("running"):
+                return self._result(state)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"background process {self.id} is still running")
+            time.sleep(WAIT_POLL_S)
+
+    def kill(self) -> ExecResult:
+        """End the process and everything it started; its final result."""
+        return self._result(self.sandbox.agent_call("proc_kill", {"process": self.id}))
+
+    def write(self, data: bytes | str) -> int:
+        """Send bytes to the process's stdin (e.g. an answer to a prompt); bytes taken."""
+        payload = data.encode() if isinstance(data, str) else bytes(data)
+        encoded = base64.b64encode(payload).decode()
+        reply = self.sandbox.agent_call("proc_write", {"process": self.id, "data": encoded})
+        return int(reply.get("written") or 0)
+
+    def _result(self, state: dict[str, Any]) -> ExecResult:
+        output = self._output(state)
+        signal_number = state.get("signal")
+        result = ExecResult(
+            exit_code=state.get("exit_code"),
+            stdout=output.stdout,
+            stderr=output.stderr,
+            duration_s=float(state.get("duration_s") or 0.0),
+            timed_out=bool(state.get("timed_out")),
+            signal=signal_number if isinstance(signal_number, int) else None,
+            truncated={"stdout": output.truncated, "stderr": output.truncated},
+            output_bytes={"stdout": output.stdout_bytes, "stderr": output.stderr_bytes},
+            error=state.get("error"),
+            command_id=self.id,
+        )
+        if not self._recorded_end:
+            self._recorded_end = True
+            self.sandbox.audit.record(
+                {"sandbox": self.sandbox.name, "process": self.id, "event": "ended"}
+                | {"command": state.get("command"), "exit_code": result.exit_code}
+                | {"cause": "killed" if state.get("killed") else result.cause}
+            )
+        return result
+
+
+def start(
+    sandbox: Sandbox,
+    command: str | Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    timeout: float | None = None,
+    output_limit: int | None = None,
+) -> Process:
+    """Start `command` in the background (see `Sandbox.start`)."""
+    limit = int(output_limit or sandbox.settings.output_limit)
+    if not 2 <= limit <= config.MAX_OUTPUT_LIMIT:
+        raise UsageError(f"output_limit must be between 2 and {config.MAX_OUTPUT_LIMIT} bytes")
+    if timeout is not None and not 0 < timeout <= config.MAX_TIMEOUT_S:
+        raise UsageError(f"timeout must be between 0 and {config.MAX_TIMEOUT_S:g} seconds")
+    text = command if isinstance(command, str) else " ".join(map(str, command))
+    fields = {
+        "argv": command_argv(command),
+        "command": text,
+        "env": check_env(env),
+        "cwd": sandbox._cwd(cwd),
+        "limit": limit,
+        "timeout": timeout,
+    }
+    reply = sandbox.agent_call("proc_start", fields)
+    process = Process(sandbox, str(reply["id"]), text)
+    sandbox.audit.record(
+        {"sandbox": sandbox.name, "process": process.id, "event": "started", "command": text}
+    )
+    return process
+
+
+def listing(sandbox: Sandbox) -> list[dict[str, Any]]:
+    """Every background process of the sandbox, running or recently ended, oldest first."""
+    return list(sandbox.agent_call("proc_list", {}).get("processes") or [])
+
+
+def find(sandbox: Sandbox, process_id: str) -> Process:
+    """Reattach to a background process by id (from any host process)."""
+    process = Process(sandbox, process_id)
+    try:
+        process.command = str(process.status().get("command") or "")
+    except SandboxError as exc:
+        raise UsageError(f"no background process {process_id!r} in {sandbox.name}") from exc
+    return process
