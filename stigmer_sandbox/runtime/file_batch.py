@@ -5,8 +5,8 @@ so a transfer can reach only what that user could reach with a shell command. It
 stay standard-library Python 3.11 with no imports from the package (the host's
 `files` module sends it, and `LocalSandbox` runs it on the host the same way).
 
-upload:   stdin  = JSON header line [{"path": P, "size": N}, ...] then the N bytes of
-                   each file, in order
+upload:   stdin  = JSON header line [{"path": P, "size": N, "append": A}, ...] then the
+                   N bytes of each item, in order (`append`: a later piece of a big file)
           stdout = JSON list, one error code (or null) per file
 download: stdin  = JSON {"paths": [...], "max_file": N, "budget": B}
           stdout = JSON header line [{"error": E, "size": N}, ...] then the bytes of
@@ -65,13 +65,14 @@ def read_exact(stream: BinaryIO, size: int) -> bytes:
     return data
 
 
-def write_file(path: str, data: bytes) -> str | None:
-    """Write one file (parents created); None or an error code."""
+def write_file(path: str, data: bytes, append: bool = False) -> str | None:
+    """Write one file, or append a later piece of it (parents created); None or a code."""
     if in_kernel_tree(path):
         return "invalid_path"
+    mode = os.O_APPEND if append else os.O_TRUNC
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | OPEN_FLAGS, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode | OPEN_FLAGS, 0o644)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return "invalid_path"
@@ -128,7 +129,10 @@ def read_file(fd: int, max_file: int) -> tuple[bytes | None, str | None]:
 
 def upload(source: BinaryIO, sink: BinaryIO) -> None:
     header = json.loads(source.readline())
-    results = [write_file(item["path"], read_exact(source, item["size"])) for item in header]
+    results = [
+        write_file(item["path"], read_exact(source, item["size"]), bool(item.get("append")))
+        for item in header
+    ]
     sink.write(json.dumps(results).encode())
 
 

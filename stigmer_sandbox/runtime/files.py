@@ -13,6 +13,7 @@ Batches larger than one round trip's budget are split, never truncated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 from abc import ABC, abstractmethod
@@ -26,8 +27,11 @@ from .channel import RawResult
 
 # One file at most; a reply (header + data) must fit in one output stream.
 MAX_FILE_BYTES = config.MAX_OUTPUT_LIMIT - 4 * 1024 * 1024
-# Bytes of file data one round trip carries when several files share it.
+# Bytes of file data one download round trip carries when several files share it.
 ROUND_TRIP_BYTES = 32 * 1024 * 1024
+# Uploads arrive in the sandbox as one JSON line that its agent decodes in memory (about
+# 5x the data): pieces this big keep that within a small sandbox's memory limit.
+UPLOAD_PIECE_BYTES = 8 * 1024 * 1024
 PATHS_PER_TRIP = 2000
 TRANSFER_TIMEOUT_S = 120.0
 BATCH_SOURCE = Path(file_batch.__file__).read_text(encoding="utf-8")
@@ -52,12 +56,12 @@ def path_problem(path: object) -> str | None:
     return None
 
 
-def _trips(sizes: Sequence[tuple[int, int]]) -> Iterator[list[int]]:
-    """Indexes grouped into round trips of at most ROUND_TRIP_BYTES (a bigger file alone)."""
+def _trips(sizes: Sequence[tuple[int, int]], budget: int) -> Iterator[list[int]]:
+    """Indexes grouped into round trips of at most `budget` bytes (a bigger item alone)."""
     trip: list[int] = []
     used = 0
     for index, size in sizes:
-        if trip and (used + size > ROUND_TRIP_BYTES or len(trip) >= PATHS_PER_TRIP):
+        if trip and (used + size > budget or len(trip) >= PATHS_PER_TRIP):
             yield trip
             trip, used = [], 0
         trip.append(index)
@@ -74,35 +78,46 @@ class FileTransfers(ABC):
         """Run the batch script (argv is its arguments after the interpreter)."""
 
     def upload_files(self, files: Sequence[tuple[str, bytes]]) -> list[FileTransfer]:
-        """Write each (absolute path, bytes) as the sandbox user, creating parent folders."""
+        """Write each (absolute path, bytes) as the sandbox user, creating parent folders.
+        Large files travel in pieces of UPLOAD_PIECE_BYTES (appended in order), so the
+        sandbox's memory use stays bounded whatever the size."""
         errors: dict[int, str | None] = {}
-        pending = []
+        pieces: list[tuple[int, int, int]] = []  # (file, offset, size)
         for index, (path, data) in enumerate(files):
             problem = path_problem(path)
             if problem is None and not isinstance(data, bytes | bytearray):
                 problem = "error: content must be bytes"
             elif problem is None and len(data) > MAX_FILE_BYTES:
                 problem = "file_too_large"
-            if problem:
-                errors[index] = problem
-            else:
-                pending.append((index, len(data)))
-        for trip in _trips(pending):
-            errors.update(zip(trip, self._upload_trip([files[i] for i in trip]), strict=True))
+            errors[index] = problem
+            if problem is None:
+                for offset in range(0, max(len(data), 1), UPLOAD_PIECE_BYTES):
+                    pieces.append((index, offset, min(UPLOAD_PIECE_BYTES, len(data) - offset)))
+        sizes = [(number, piece[2]) for number, piece in enumerate(pieces)]
+        for trip in _trips(sizes, UPLOAD_PIECE_BYTES):
+            wanted = [pieces[n] for n in trip if errors[pieces[n][0]] is None]
+            if wanted:
+                self._upload_trip(files, wanted, errors)
         return [FileTransfer(path, error=errors[i]) for i, (path, _data) in enumerate(files)]
 
-    def _upload_trip(self, files: list[tuple[str, bytes]]) -> list[str | None]:
-        header = json.dumps([{"path": p, "size": len(d)} for p, d in files]).encode()
-        stdin = b"".join([header, b"\n", *(bytes(d) for _p, d in files)])
+    def _upload_trip(
+        self,
+        files: Sequence[tuple[str, bytes]],
+        pieces: list[tuple[int, int, int]],
+        errors: dict[int, str | None],
+    ) -> None:
+        items = [{"path": files[i][0], "size": n, "append": o > 0} for i, o, n in pieces]
+        chunks = [bytes(files[i][1][o : o + n]) for i, o, n in pieces]
+        stdin = b"".join([json.dumps(items).encode(), b"\n", *chunks])
         raw = self._run_batch(["upload"], stdin, 1024 * 1024)
-        try:
-            if raw.exit_code == 0:
+        answer: object = None
+        if raw.exit_code == 0:
+            with contextlib.suppress(ValueError):
                 answer = json.loads(raw.stdout)
-                if isinstance(answer, list) and len(answer) == len(files):
-                    return [str(code) if code is not None else None for code in answer]
-        except ValueError:
-            pass
-        return [_trip_failure(raw)] * len(files)
+        if not (isinstance(answer, list) and len(answer) == len(pieces)):
+            answer = [_trip_failure(raw)] * len(pieces)
+        for (index, _offset, _size), code in zip(pieces, answer, strict=True):
+            errors[index] = errors[index] or (str(code) if code is not None else None)
 
     def download_files(self, paths: Sequence[str]) -> list[FileTransfer]:
         """Read each absolute path as the sandbox user (regular files only, size checked

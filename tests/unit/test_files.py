@@ -28,10 +28,28 @@ def test_paths_no_transfer_should_attempt_are_invalid(path):
     assert files.path_problem(path) == "invalid_path"
 
 
-def test_round_trips_pack_small_files_and_send_big_ones_alone(monkeypatch):
-    monkeypatch.setattr(files, "ROUND_TRIP_BYTES", 100)
+def test_round_trips_pack_small_files_and_send_big_ones_alone():
     sizes = [(0, 40), (1, 40), (2, 40), (3, 500), (4, 10)]
-    assert list(files._trips(sizes)) == [[0, 1], [2], [3], [4]]
+    assert list(files._trips(sizes, 100)) == [[0, 1], [2], [3], [4]]
+
+
+def test_big_uploads_travel_in_pieces_appended_in_order(local, tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "UPLOAD_PIECE_BYTES", 1000)
+    big, small = bytes(range(256)) * 17, b"small"
+    trips = []
+    run = local._run_batch
+    monkeypatch.setattr(local, "_run_batch", lambda *a: trips.append(a[0]) or run(*a))
+    targets = [str(tmp_path / "big.bin"), str(tmp_path / "small"), str(tmp_path / "empty")]
+    results = local.upload_files([(targets[0], big), (targets[1], small), (targets[2], b"")])
+    assert [r.error for r in results] == [None, None, None]
+    assert [(tmp_path / name).read_bytes() for name in ("big.bin", "small", "empty")] == [
+        big,
+        small,
+        b"",
+    ]
+    assert len(trips) == 5  # 4352 bytes in pieces of 1000; the last 352 share with the rest
+    again = local.upload_files([(targets[0], b"shorter")])
+    assert again[0].error is None and (tmp_path / "big.bin").read_bytes() == b"shorter"
 
 
 def test_binary_round_trip_and_errors_per_file(local, tmp_path):
