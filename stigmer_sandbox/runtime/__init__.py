@@ -5,14 +5,19 @@ trail (`history`) and the security audit of a running sandbox (`security_audit`)
 from .channel import OutputCallback
 from .commands import ExecOptions, ExecResult
 from .local import LocalSandbox, open_sandbox
+from .processes import Process, ProcessOutput
 from .sandbox import Sandbox, interactive_shell
+from .sessions import Session
 
 __all__ = [
     "ExecOptions",
     "ExecResult",
     "LocalSandbox",
     "OutputCallback",
+    "Process",
+    "ProcessOutput",
     "Sandbox",
+    "Session",
     "interactive_shell",
     "open_sandbox",
 ]

@@ -74,9 +74,10 @@ class Process:
 
     def output(self) -> ProcessOutput:
         """Everything kept of stdout and stderr so far."""
-        return self._output(self.status())
+        return self.output_from(self.status())
 
-    def _output(self, state: dict[str, Any]) -> ProcessOutput:
+    def output_from(self, state: dict[str, Any]) -> ProcessOutput:
+        """The output kept in a record `status()` returned."""
         limit = self.sandbox.settings.output_limit
         out, out_total, out_cut = stream_text(state.get("stdout"), limit)
         err, err_total, err_cut = stream_text(state.get("stderr"), limit)
@@ -106,7 +107,7 @@ class Process:
         return int(reply.get("written") or 0)
 
     def _result(self, state: dict[str, Any]) -> ExecResult:
-        output = self._output(state)
+        output = self.output_from(state)
         signal_number = state.get("signal")
         result = ExecResult(
             exit_code=state.get("exit_code"),

@@ -53,11 +53,18 @@ def _write(stream: object) -> runtime.OutputCallback:
         "(default: off)",
         "timeout": "seconds before the command and everything it started is killed "
         "(default: config timeout, 600)",
+        "idle_timeout": "end the command once it has printed nothing for this many seconds, "
+        "e.g. a stuck prompt (default: none)",
         "env": "KEY=VALUE for the command, repeatable (default: none)",
-        "workdir": "working directory, relative to /workspace (default: /workspace)",
+        "workdir": "working directory, relative to /workspace (default: /workspace, or the "
+        "session's folder)",
         "network": "none runs it in a separate sandbox without network (default: config network)",
         "keep_background": "let background processes it starts outlive it, e.g. a server "
         "(default: off, they end with the command)",
+        "session": "run it in this named shell session: cd, exports and an activated venv "
+        "carry over to the next --session run (default: none, a fresh shell)",
+        "background": "start it in the background and print its id; see inv sandbox.ps, "
+        "sandbox.output, sandbox.kill (default: off)",
     },
     iterable=["env"],
 )
@@ -66,24 +73,37 @@ def run(
     command: str,
     json: bool = False,
     timeout: float | None = None,
+    idle_timeout: float | None = None,
     env: list[str] | None = None,
     workdir: str | None = None,
     network: str | None = None,
     keep_background: bool = False,
+    session: str | None = None,
+    background: bool = False,
 ) -> None:
     """Run a command in the sandbox (or on the host with STIGMER_EXECUTION_MODE=local)."""
-    current = settings(c)
+    if session and background:
+        raise UsageError("--background runs outside any session; drop one of the two")
+    sandbox = runtime.open_sandbox(settings(c), network=network)
+    runner: runtime.Sandbox | runtime.LocalSandbox | runtime.Session = sandbox
+    if session or background:
+        if not isinstance(sandbox, runtime.Sandbox):
+            raise UsageError("--session and --background need the sandbox, not local mode")
+        if background:
+            _start_background(sandbox, command, timeout, _env_pairs(env or []), workdir, json)
+            return
+        runner = sandbox.session(str(session))
     streaming = not json
-    sandbox = runtime.open_sandbox(current, network=network)
-    result = sandbox.exec(
-        command,
-        timeout=timeout,
-        env=_env_pairs(env or []),
-        cwd=workdir,
-        on_stdout=_write(sys.stdout) if streaming else None,
-        on_stderr=_write(sys.stderr) if streaming else None,
-        keep_background=keep_background,
-    )
+    options: runtime.ExecOptions = {
+        "timeout": timeout,
+        "idle_timeout": idle_timeout,
+        "env": _env_pairs(env or []),
+        "cwd": workdir,
+        "on_stdout": _write(sys.stdout) if streaming else None,
+        "on_stderr": _write(sys.stderr) if streaming else None,
+        "keep_background": keep_background,
+    }
+    result = runner.exec(command, **options)
     for note in sandbox.notes:
         console.warning(note)
     if json:
@@ -94,6 +114,21 @@ def run(
         console.warning(f"command ended by {result.cause} (exit {result.exit_code})")
     if result.exit_code != 0:
         raise Exit(code=LOST_EXIT if result.exit_code is None else result.exit_code)
+
+
+def _start_background(
+    sandbox: runtime.Sandbox,
+    command: str,
+    timeout: float | None,
+    env: dict[str, str],
+    workdir: str | None,
+    json: bool,
+) -> None:
+    process = sandbox.start(command, env=env, cwd=workdir, timeout=timeout)
+    if json:
+        console.emit_json({"id": process.id, "command": command})
+    else:
+        print(process.id, flush=True)
 
 
 @task(

@@ -12,6 +12,7 @@ from .. import console, images, labels, runtime
 from ..config import Settings
 from ..errors import UsageError
 from ..images import ca, smoke
+from . import processes
 from ._common import settings, task
 
 BUILD_HELP = {
@@ -432,4 +433,5 @@ ns = Collection(
     packages,
     history,
     audit_security,
+    *processes.TASKS,
 )

@@ -1,0 +1,116 @@
+"""`sandbox.ps`, `sandbox.kill`, `sandbox.output`: background processes of the sandbox
+(started with `inv run --background` or `Sandbox.start`), from any shell."""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime
+
+from invoke import Context, Exit
+
+from .. import console, runtime
+from ..errors import UsageError
+from ._common import settings, task
+
+FOLLOW_POLL_S = 0.2
+
+
+def _sandbox(c: Context) -> runtime.Sandbox:
+    return runtime.Sandbox(settings(c))
+
+
+def _age(started_at: object) -> str:
+    if not isinstance(started_at, int | float):
+        return "-"
+    return datetime.fromtimestamp(started_at).strftime("%H:%M:%S")
+
+
+def _state(info: dict[str, object]) -> str:
+    if info.get("running"):
+        return "starting" if info.get("starting") else "running"
+    return "killed" if info.get("killed") else f"exit {info.get('exit_code')}"
+
+
+@task(help={"json": "print the processes as JSON (default: off)"})
+def ps(c: Context, json: bool = False) -> None:
+    """List the sandbox's background processes, running and recently ended."""
+    found = _sandbox(c).processes()
+    if json:
+        console.emit_json(found)
+        return
+    if not found:
+        console.info('no background processes (start one: inv run --background "CMD")')
+        return
+    rows = [
+        (p.get("id"), _state(p), _age(p.get("started_at")), p.get("stdout_bytes"), p.get("command"))
+        for p in found
+    ]
+    console.table(("id", "state", "started", "stdout bytes", "command"), rows)
+
+
+@task(
+    help={
+        "process_id": "the id `inv run --background` printed (see inv sandbox.ps) (required)",
+        "json": "print the final result as JSON (default: off)",
+    }
+)
+def kill(c: Context, process_id: str, json: bool = False) -> None:
+    """End a background process and everything it started."""
+    result = _sandbox(c).process(process_id).kill()
+    if json:
+        console.emit_json(result.to_dict())
+        return
+    console.success(f"{process_id} ended ({result.cause}, exit {result.exit_code})")
+
+
+@task(
+    help={
+        "process_id": "the id `inv run --background` printed (see inv sandbox.ps) (required)",
+        "follow": "keep printing new output until the process ends (default: off)",
+        "json": "print the output and the process's state as JSON (default: off)",
+    }
+)
+def output(c: Context, process_id: str, follow: bool = False, json: bool = False) -> None:
+    """Print a background process's output (head and tail when it printed a lot)."""
+    if follow and json:
+        raise UsageError("--follow streams text; it cannot be combined with --json")
+    process = _sandbox(c).process(process_id)
+    if json:
+        state = process.status()
+        console.emit_json({**state, **vars(process.output_from(state))})
+        return
+    shown = {"stdout": 0, "stderr": 0}
+    while True:
+        state = process.status()
+        _print_new(process.output(), shown)
+        if not follow or not state.get("running"):
+            break
+        time.sleep(FOLLOW_POLL_S)
+    if not state.get("running") and state.get("exit_code"):
+        raise Exit(code=int(state["exit_code"]))
+
+
+def _print_new(out: runtime.ProcessOutput, shown: dict[str, int]) -> None:
+    """Write the bytes not written yet. Output is kept as head and tail: when more new
+    bytes arrived than are kept, say so and write what is kept."""
+    for name, text, total, stream in (
+        ("stdout", out.stdout, out.stdout_bytes, sys.stdout),
+        ("stderr", out.stderr, out.stderr_bytes, sys.stderr),
+    ):
+        new = total - shown[name]
+        if new <= 0:
+            continue
+        data = text.encode()
+        if not out.truncated:
+            data = data[shown[name] :]
+        elif new < len(data):
+            data = data[-new:]
+        else:
+            console.warning(f"{name}: {new} new bytes, more than are kept; the middle is gone")
+        stream.buffer.write(data)
+        stream.buffer.flush()
+        shown[name] = total
+
+
+TASKS = (ps, kill, output)
