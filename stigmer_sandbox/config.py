@@ -2,7 +2,8 @@
 
 Precedence, lowest first: the defaults below → the `stigmer:` section of the
 project `invoke.yaml` (next to `tasks.py`) → `INVOKE_STIGMER_<KEY>` variables →
-the guide's own variables (`STIGMER_SANDBOX_IMAGE`, `STIGMER_EXECUTION_MODE`) →
+the guide's own variables (`STIGMER_SANDBOX_IMAGE`, `STIGMER_EXECUTION_MODE`, and
+Stigmer's `STIGMER_BOOTSTRAP_NPM_PACKAGES` / `STIGMER_BOOTSTRAP_PIP_PACKAGES`) →
 command-line flags. Every key is a scalar so that the environment can set it
 (Invoke cannot set lists from the environment).
 
@@ -28,7 +29,12 @@ from .errors import ConfigError
 SECTION = "stigmer"
 PROJECT_FILE = "invoke.yaml"
 ENV_PREFIX = "INVOKE_STIGMER_"
-GUIDE_ENV = {"STIGMER_SANDBOX_IMAGE": "image", "STIGMER_EXECUTION_MODE": "execution_mode"}
+GUIDE_ENV = {
+    "STIGMER_SANDBOX_IMAGE": "image",
+    "STIGMER_EXECUTION_MODE": "execution_mode",
+    "STIGMER_BOOTSTRAP_NPM_PACKAGES": "bootstrap_npm_packages",
+    "STIGMER_BOOTSTRAP_PIP_PACKAGES": "bootstrap_pip_packages",
+}
 
 _IMAGE_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_RE = re.compile(
@@ -42,6 +48,23 @@ MAX_OUTPUT_LIMIT = 64 * 1024 * 1024
 # A week: long enough for any command, short enough for every clock and timer API.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+# Registry packages only, optionally with a version: each spec becomes one argv item of
+# `npm install -g` or `uv tool install`, so paths, URLs and options are refused. No commas
+# (the list separator), hence one extra and one version clause at most for PyPI.
+PACKAGE_SPECS = {
+    "npm-packages": (
+        re.compile(r"(?:@[a-z0-9][a-z0-9._~-]*/)?[A-Za-z0-9][A-Za-z0-9._~-]*(?:@[\w.*+^~<>=-]+)?"),
+        "an npm package spec (name or @scope/name, optionally @version)",
+    ),
+    "pip-packages": (
+        re.compile(
+            r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?(?:\[[A-Za-z0-9._-]+\])?"
+            r"(?:(?:===|==|~=|!=|<=|>=|<|>|@)[\w.*+!-]+)?"
+        ),
+        "a PyPI package spec (name, name==version, name>=version or name@version)",
+    ),
+}
+MAX_PACKAGE_SPEC = 256
 
 
 def _key(
@@ -111,6 +134,18 @@ class Settings:
     git_email: str = _key(
         "git author and committer email in the sandbox", "sandbox@stigmer-sandbox.invalid"
     )
+    bootstrap_npm_packages: str = _key(
+        "npm packages (MCP servers) `npm install -g`'d when a sandbox starts, comma-separated "
+        "(Stigmer's STIGMER_BOOTSTRAP_NPM_PACKAGES)",
+        "",
+        kind="npm-packages",
+    )
+    bootstrap_pip_packages: str = _key(
+        "PyPI packages (MCP servers) `uv tool install`'d when a sandbox starts, comma-separated "
+        "(Stigmer's STIGMER_BOOTSTRAP_PIP_PACKAGES)",
+        "",
+        kind="pip-packages",
+    )
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):
@@ -155,6 +190,20 @@ def split_image(reference: str) -> tuple[str, str]:
     return name, tag
 
 
+def split_packages(text: str) -> list[str]:
+    """`a, b@1,` → `['a', 'b@1']`: a comma-separated package list, blanks and repeats dropped."""
+    return list(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
+
+
+def bad_package(kind: str, text: str) -> str | None:
+    """The first item of the package list `text` that is not a spec of `kind`, if any."""
+    pattern = PACKAGE_SPECS[kind][0]
+    for spec in split_packages(text):
+        if len(spec) > MAX_PACKAGE_SPEC or not spec.isascii() or not pattern.fullmatch(spec):
+            return spec
+    return None
+
+
 def key_help() -> dict[str, str]:
     """One help line per key, for docs and the example config."""
     return {f.name: f.metadata["help"] for f in dataclasses.fields(Settings)}
@@ -185,6 +234,8 @@ def _check_value(item: dataclasses.Field, value: Any, source: str) -> None:
         problem = "must be letters, digits, '_', '.', '-' (starting with a letter or digit)"
     elif kind == "size" and not SIZE_RE.match(str(value).strip()):
         problem = "must be a size like 512m or 2g"
+    elif kind in PACKAGE_SPECS and (bad := bad_package(kind, value)) is not None:
+        problem = f"has {bad!r}, which is not {PACKAGE_SPECS[kind][1]}"
     elif isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
         problem = "must not be negative"
     elif maximum is not None and value > maximum:
