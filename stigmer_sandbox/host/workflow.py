@@ -90,7 +90,7 @@ def dev_full(
         ("base image", lambda: _base(settings, watcher)),
         ("basic image", lambda: _basic(settings, watcher)),
         ("smoke test", lambda: _smoke(settings)),
-        ("sandbox", lambda: f"{sandbox.up().name} is up"),
+        ("sandbox", lambda: "; ".join([f"{sandbox.up().name} is up", *sandbox.notes])),
         ("python --version", lambda: _version(sandbox, "python --version")),
         ("node --version", lambda: _version(sandbox, "node --version")),
     ]

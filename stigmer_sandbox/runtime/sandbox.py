@@ -30,7 +30,7 @@ from .. import config, engine, images, labels, policy
 from ..config import Settings, load_settings
 from ..errors import SandboxError, SandboxNotReady, UsageError
 from ..images.record import ImageRecord
-from . import processes
+from . import bootstrap, processes
 from .channel import AgentChannel, AgentLost, DirectRunner, RawResult, Request
 from .commands import ExecOptions, ExecResult, audit_entry, lost, make_request
 from .files import BATCH_SOURCE, TRANSFER_TIMEOUT_S, FileTransfers
@@ -144,6 +144,7 @@ class Sandbox(FileTransfers):
             spec["image"] = image
             wanted = spec_hash(spec, image_id)
             container = self._reusable(self.find(), wanted)
+            started = container is None or container.status != "running"
             if container is None:
                 policy.prepare_folders(self.settings, self.host_user)
                 spec["labels"] = self._labels(wanted)
@@ -154,6 +155,7 @@ class Sandbox(FileTransfers):
                     container.start()
             self._container = container
             self._wait_ready(timeout)
+            self.notes.extend(bootstrap.on_start(self, started))
         return self
 
     def _reusable(self, container: Any, wanted: str) -> Any:
