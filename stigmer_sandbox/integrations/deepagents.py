@@ -85,10 +85,10 @@ class StigmerSandbox(BaseSandbox):
         self._owned = sandbox is None
         if sandbox is None:
             sandbox = open_sandbox(settings, ephemeral=True, **sandbox_options)
+            sandbox.up()  # its notes: the mode `auto` chose and why, MCP bootstrap timings
             for note in sandbox.notes:
                 level = logging.WARNING if isinstance(sandbox, LocalSandbox) else logging.INFO
                 logger.log(level, note)
-            sandbox.up()
         self.sandbox = sandbox
 
     @property

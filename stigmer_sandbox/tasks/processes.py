@@ -51,7 +51,7 @@ def ps(c: Context, json: bool = False) -> None:
 
 @task(
     help={
-        "process_id": "the id `inv run --background` printed (see inv sandbox.ps) (required)",
+        "process_id": "the id `inv run --background` printed, see inv sandbox.ps (required, no default)",
         "json": "print the final result as JSON (default: off)",
     }
 )
@@ -66,7 +66,7 @@ def kill(c: Context, process_id: str, json: bool = False) -> None:
 
 @task(
     help={
-        "process_id": "the id `inv run --background` printed (see inv sandbox.ps) (required)",
+        "process_id": "the id `inv run --background` printed, see inv sandbox.ps (required, no default)",
         "follow": "keep printing new output until the process ends (default: off)",
         "json": "print the output and the process's state as JSON (default: off)",
     }
