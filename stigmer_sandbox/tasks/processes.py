@@ -14,6 +14,7 @@ from ..errors import UsageError
 from ._common import settings, task
 
 FOLLOW_POLL_S = 0.2
+PROCESS_ID_HELP = "the id `inv run --background` printed, see inv sandbox.ps (required, no default)"
 
 
 def _sandbox(c: Context) -> runtime.Sandbox:
@@ -51,7 +52,7 @@ def ps(c: Context, json: bool = False) -> None:
 
 @task(
     help={
-        "process_id": "the id `inv run --background` printed, see inv sandbox.ps (required, no default)",
+        "process_id": PROCESS_ID_HELP,
         "json": "print the final result as JSON (default: off)",
     }
 )
@@ -66,7 +67,7 @@ def kill(c: Context, process_id: str, json: bool = False) -> None:
 
 @task(
     help={
-        "process_id": "the id `inv run --background` printed, see inv sandbox.ps (required, no default)",
+        "process_id": PROCESS_ID_HELP,
         "follow": "keep printing new output until the process ends (default: off)",
         "json": "print the output and the process's state as JSON (default: off)",
     }
