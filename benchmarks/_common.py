@@ -117,3 +117,23 @@ def report(
                 )
                 + "\n"
             )
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    """p50 and p95 of `samples`."""
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[int(0.95 * (len(ordered) - 1))]
+
+
+def abba_ms(actions: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
+    """Milliseconds per call of each action, `runs` calls each, in blocks taken in the order
+    A B ... B A: drift on a noisy machine falls on all alike, and no timed call comes right
+    after another action's (whose after-effects, such as the engine tearing down a
+    `docker exec`, would land on it); each block starts with an untimed call."""
+    samples: dict[str, list[float]] = {name: [] for name in actions}
+    for turn, name in enumerate([*actions, *reversed(actions)]):
+        action = actions[name]
+        action()
+        count = runs // 2 if turn < len(actions) else runs - runs // 2
+        samples[name].extend(timed(action) * 1000 for _ in range(count))
+    return samples

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ORDER = (
     "exec_latency.py",
     "throughput.py",
+    "deepagents_backend.py",
     "sandbox_start.py",
     "rebuild.py",
     "startup.py",
