@@ -126,6 +126,10 @@ class Settings:
     output_limit: int = _key(
         "bytes kept per output stream (at most 64 MiB)", 1024 * 1024, maximum=MAX_OUTPUT_LIMIT
     )
+    relay_idle_s: float = _key(
+        "seconds a relay keeps `inv run`'s connection warm after its last command (0: no relay)",
+        900.0,
+    )
     max_lifetime_hours: float = _key("sandbox lifetime before cleanup may reap it (0: none)", 24.0)
     mount_aws: bool = _key("mount ~/.aws read-only into the sandbox", False)
     mount_kube: bool = _key("mount ~/.kube read-only into the sandbox", False)
@@ -312,6 +316,11 @@ def _env_overrides(environ: Mapping[str, str], with_invoke_vars: bool) -> dict[s
             _validate(_FIELDS[name], environ[var], var)
             found[name] = environ[var]
     return found
+
+
+def settings_from_dict(values: Mapping[str, Any], source: str) -> Settings:
+    """Settings from `Settings.as_dict()` output (e.g. passed to another process), checked."""
+    return _build(values, source)
 
 
 def load_settings(

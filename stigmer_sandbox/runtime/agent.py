@@ -71,8 +71,8 @@ SESSION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 PRELUDE_VAR = "STIGMER_SESSION_PRELUDE"
 OPERATIONS = frozenset(
-    {"ping", "exec", "session_close", "proc_start", "proc_list", "proc_status", "proc_kill"}
-    | {"proc_write"}
+    {"ping", "exec", "cancel", "session_close", "proc_start", "proc_list", "proc_status"}
+    | {"proc_kill", "proc_write"}
 )
 # How the host starts this program (and the agent starts a background process's keeper):
 # the sources (this file, then keeper.py) arrive as one JSON line on stdin, so `ps`
@@ -330,11 +330,13 @@ class Agent:
         self.lock = threading.Lock()
         self.running: dict[str, set[str]] = {}  # command id -> ids that overlapped it
         self.helpers: set[Process] = set()
+        self.by_command: dict[str, Process] = {}  # command id -> its helper, for `cancel`
         self.base_env = command_environment(dict(os.environ), uid)
         self.oom_files = oom_counter_files()
         self.workers = Workers()
         self.operations: dict[str, Callable[[Message], Message]] = {
             "session_close": self.close_session,
+            "cancel": self.cancel,
         }
 
     def send(self, message: Message) -> None:
@@ -383,6 +385,15 @@ class Agent:
             self.fail(request, f"{type(exc).__name__}: {exc}")
             return
         self.send({"id": request["id"], "type": "reply", "data": data})
+
+    def cancel(self, request: Message) -> Message:
+        """End a running command and its whole tree (the helper does, on SIGTERM)."""
+        with self.lock:
+            process = self.by_command.get(str(request.get("cid")))
+        if process is not None:
+            with contextlib.suppress(OSError):
+                process.send_signal(signal.SIGTERM)
+        return {"cancelled": process is not None}
 
     def close_session(self, request: Message) -> Message:
         return {"existed": SessionState.close(str(request.get("session")))}
@@ -462,13 +473,16 @@ class Agent:
         extra: dict[str, IO[bytes]] = {}
         if state:
             extra["state"] = os.fdopen(state[0], "rb", buffering=0)
+        cid = str(request.get("cid") or request["id"])
         with self.lock:
             self.helpers.add(process)
+            self.by_command[cid] = process
         try:
             captures, idled = self._pump(request, process, stdin, extra)
         finally:
             with self.lock:
                 self.helpers.discard(process)
+                self.by_command.pop(cid, None)
         status = read_status(status_read, process.returncode)
         grew = oom_grew(before, oom_kills(self.oom_files))
         outputs = {name: captures[name] for name in ("stdout", "stderr")}

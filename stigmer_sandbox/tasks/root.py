@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from invoke import Context, Exit
 
-from .. import console, runtime
+from .. import console
 from ..errors import SandboxError, UsageError
 from ..host import cleanup
 
 if TYPE_CHECKING:
+    from .. import runtime
     from ..host import workflow
 from ._common import settings, task
 
@@ -84,7 +85,31 @@ def run(
     """Run a command in the sandbox (or on the host with STIGMER_EXECUTION_MODE=local)."""
     if session and background:
         raise UsageError("--background runs outside any session; drop one of the two")
-    sandbox = runtime.open_sandbox(settings(c), network=network)
+    current = settings(c)
+    streaming = not json
+    callbacks = {
+        "on_stdout": _write(sys.stdout) if streaming else None,
+        "on_stderr": _write(sys.stderr) if streaming else None,
+    }
+    options = {
+        "timeout": timeout,
+        "idle_timeout": idle_timeout,
+        "env": _env_pairs(env or []),
+        "cwd": workdir,
+        "keep_background": keep_background,
+    }
+    warm = not background and network is None and current.relay_idle_s > 0
+    if warm and current.execution_mode != "local":
+        from .. import relay  # standard library only: the warm path imports nothing heavy
+
+        request = {"command": command, "options": options, "session": session}
+        answer = relay.run(current, request, **callbacks)
+        if answer is not None:
+            _report(answer, json)
+            return
+    from .. import runtime
+
+    sandbox = runtime.open_sandbox(current, network=network)
     runner: runtime.Sandbox | runtime.LocalSandbox | runtime.Session = sandbox
     if session or background:
         if not isinstance(sandbox, runtime.Sandbox):
@@ -93,27 +118,27 @@ def run(
             _start_background(sandbox, command, timeout, _env_pairs(env or []), workdir, json)
             return
         runner = sandbox.session(str(session))
-    streaming = not json
-    options: runtime.ExecOptions = {
-        "timeout": timeout,
-        "idle_timeout": idle_timeout,
-        "env": _env_pairs(env or []),
-        "cwd": workdir,
-        "on_stdout": _write(sys.stdout) if streaming else None,
-        "on_stderr": _write(sys.stderr) if streaming else None,
-        "keep_background": keep_background,
-    }
-    result = runner.exec(command, **options)
+    result = runner.exec(command, **options, **callbacks)  # type: ignore[arg-type]
     for note in sandbox.notes:
         console.warning(note)
+    if warm and isinstance(sandbox, runtime.Sandbox):
+        from ..runtime import relay_server
+
+        relay_server.start_in_background(current)
+    _report(result.to_dict(), json)
+
+
+def _report(result: dict[str, Any], json: bool) -> None:
+    """The end of `inv run`: the JSON result or a warning for an unusual end; its exit."""
+    cause, code = result.get("cause"), result.get("exit_code")
     if json:
-        console.emit_json(result.to_dict())
-    elif result.cause == "lost":
-        console.warning(f"the command's result was lost: {result.error}")
-    elif result.cause != "exit":
-        console.warning(f"command ended by {result.cause} (exit {result.exit_code})")
-    if result.exit_code != 0:
-        raise Exit(code=LOST_EXIT if result.exit_code is None else result.exit_code)
+        console.emit_json(result)
+    elif cause == "lost":
+        console.warning(f"the command's result was lost: {result.get('error')}")
+    elif cause != "exit":
+        console.warning(f"command ended by {cause} (exit {code})")
+    if code != 0:
+        raise Exit(code=LOST_EXIT if code is None else int(code))
 
 
 def _start_background(

@@ -1,0 +1,142 @@
+"""A warm path for `inv run`: a per-user relay process keeps the sandbox's agent
+connection open, so a command-line `inv run` costs one local socket round trip instead of
+importing the docker SDK, checking the container and attaching a new agent each time.
+
+The relay (`runtime.relay_server`) is started in the background by the first `inv run`
+that takes the slow path, and exits after `relay_idle_s` seconds without a request or
+when its sandbox goes away (`inv sandbox.down`, `inv clean`). Its socket is named after a
+fingerprint of the settings, so other settings (another image, limits, ...) reach another
+relay, never one that would run the command in the wrong sandbox. `relay_idle_s: 0` turns
+it off.
+
+Safety: the socket lives in a folder only this user can enter (0700, checked before each
+connection), the relay checks the connecting process's uid (SO_PEERCRED), and the relay
+runs as this user: nothing another local user can connect to, and nothing this user
+could not do without it. This module is standard library only: it is imported before
+anything heavy.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+from .errors import SandboxError
+
+# Unix socket paths must fit in sun_path (108 bytes on Linux).
+MAX_SOCKET_PATH = 100
+CONNECT_TIMEOUT_S = 1.0
+# Past the command's own timeout, how long the client waits for the relay's answer.
+ANSWER_GRACE_S = 15.0
+
+Callback = Callable[[bytes], None]
+
+
+def fingerprint(settings: Settings) -> str:
+    """Identity of the settings a relay serves (the sandbox it would create or reuse)."""
+    text = json.dumps(settings.as_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def socket_path(settings: Settings) -> Path:
+    """Where the relay for these settings listens: the state folder, or a private folder
+    in the system's temporary folder when that path would be too long for a socket."""
+    name = f"{fingerprint(settings)}.sock"
+    folder = settings.path("state_dir") / "relay"
+    if len(str(folder / name)) > MAX_SOCKET_PATH:
+        folder = Path(tempfile.gettempdir()) / f"stigmer-sandbox-{os.getuid()}"
+    return folder / name
+
+
+def private_folder(folder: Path, create: bool = False) -> bool:
+    """Whether `folder` is this user's and closed to everyone else (made so if `create`)."""
+    if create:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        info = folder.lstat()
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(info.st_mode)
+        and info.st_uid == os.getuid()
+        and not info.st_mode & (stat.S_IRWXG | stat.S_IRWXO)
+    )
+
+
+def read_lines(sock: socket.socket) -> Any:
+    """JSON lines from a socket, until it closes."""
+    buffer = b""
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return
+        buffer += data
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield json.loads(line)
+
+
+def send_line(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
+def run(
+    settings: Settings,
+    request: dict[str, Any],
+    on_stdout: Callback | None = None,
+    on_stderr: Callback | None = None,
+) -> dict[str, Any] | None:
+    """Run `request` (command, options, session) through the relay: the result's dict
+    (`ExecResult.to_dict()`), or None when no relay serves these settings (take the slow
+    path). A relay that refuses the request raises SandboxError with its reason."""
+    path = socket_path(settings)
+    if not path.exists() or not private_folder(path.parent):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return None
+        timeout = float(request.get("options", {}).get("timeout") or settings.timeout)
+        sock.settimeout(timeout + ANSWER_GRACE_S)
+        send_line(sock, {**request, "fingerprint": fingerprint(settings)})
+        return _answer(sock, on_stdout, on_stderr)
+    except (OSError, ValueError) as exc:
+        return _lost(f"the relay connection broke ({exc})")
+    finally:
+        sock.close()
+
+
+def _answer(
+    sock: socket.socket, on_stdout: Callback | None, on_stderr: Callback | None
+) -> dict[str, Any] | None:
+    callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+    for message in read_lines(sock):
+        kind = message.get("type")
+        if kind == "out":
+            callback = callbacks.get(str(message.get("stream")))
+            if callback:
+                callback(base64.b64decode(message["data"]))
+        elif kind == "done":
+            return dict(message["result"])
+        elif kind == "stale":
+            return None
+        elif kind == "error":
+            raise SandboxError(str(message.get("message")), message.get("hint"))
+    return _lost("the relay closed the connection before the result")
+
+
+def _lost(reason: str) -> dict[str, Any]:
+    """A result that never came back: the relay's agent ends the command's processes."""
+    return {"exit_code": None, "stdout": "", "stderr": "", "cause": "lost", "error": reason}
