@@ -137,3 +137,32 @@ def abba_ms(actions: dict[str, Callable[[], object]], runs: int) -> dict[str, li
         count = runs // 2 if turn < len(actions) else runs - runs // 2
         samples[name].extend(timed(action) * 1000 for _ in range(count))
     return samples
+
+
+def docker_cli() -> str:
+    """The docker CLI's path: the client the baselines run."""
+    docker = shutil.which("docker")
+    if docker is None:
+        raise SystemExit("the docker CLI is needed for the baselines")
+    return docker
+
+
+def report_latency(
+    figure: str,
+    ours: list[float],
+    baseline_name: str,
+    baseline: list[float],
+    *,
+    goals: tuple[str, str] = ("", ""),
+) -> None:
+    """Two lines, p50 and p95 of `ours` beside the same percentile of `baseline` (both in
+    milliseconds per call), with the goal for each (`goals`: p50's, p95's)."""
+    for label, index in (("p50", 0), ("p95", 1)):
+        report(
+            f"{figure} {label}",
+            percentiles(ours)[index],
+            baseline_name,
+            percentiles(baseline)[index],
+            "ms",
+            goal=goals[index],
+        )

@@ -19,9 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = (
     "exec_latency.py",
+    "sessions.py",
     "throughput.py",
     "deepagents_backend.py",
     "sandbox_start.py",
+    "cli_run.py",
     "rebuild.py",
     "startup.py",
     "image_sizes.py",

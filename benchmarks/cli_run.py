@@ -1,0 +1,62 @@
+"""`inv run` end to end on the project's default sandbox, beside `docker exec`.
+
+`inv run "true"` and `inv run --session NAME "true"` on the running default sandbox
+(`stigmer-sandbox` unless configured otherwise), each beside `docker exec CONTAINER true`
+(the CLI) on the same container, in the same run, timed in blocks A B C C B A (see
+`abba_ms`). Goal: no slower than docker exec. Each call is a whole process, as a user
+types it: interpreter start, imports, settings, connecting the agent, the command.
+
+It runs `inv sandbox.up` first (nothing to do when the sandbox runs), removes the
+sandbox at the end only if it was the one that created it, and closes its session.
+Quick to re-run alone:
+
+    python benchmarks/cli_run.py [--runs N]
+"""
+
+from __future__ import annotations
+
+import statistics
+import uuid
+
+from _common import INV, ROOT, abba_ms, count_option, docker_cli, report, run
+
+from stigmer_sandbox import config
+from stigmer_sandbox.runtime import Sandbox
+
+
+def main(runs: int) -> None:
+    settings = config.load_settings(ROOT)
+    box = Sandbox(settings)
+    created = box.find() is None
+    run([*INV, "sandbox.up"])
+    session = f"bench-{uuid.uuid4().hex[:8]}"
+    baseline = [docker_cli(), "exec", box.name, "true"]
+    try:
+        samples = abba_ms(
+            {
+                "run": lambda: run([*INV, "run", "true"]),
+                "session": lambda: run([*INV, "run", "--session", session, "true"]),
+                "docker": lambda: run(baseline),
+            },
+            runs,
+        )
+    finally:
+        box.session(session).close()
+        box.close()
+        if created:
+            run([*INV, "sandbox.down"])
+    docker_ms = statistics.median(samples["docker"])
+    goal = f"<= {docker_ms:.1f} ms (no slower than docker exec)"
+    for figure, key in (("inv run 'true'", "run"), ("inv run --session NAME 'true'", "session")):
+        report(
+            f"{figure} on the running default sandbox (median of {runs})",
+            statistics.median(samples[key]),
+            f"docker exec {box.name} true (CLI), same container",
+            docker_ms,
+            "ms",
+            goal=goal,
+        )
+
+
+if __name__ == "__main__":
+    main(count_option(__doc__, "runs", 10, "timed runs of each"))
