@@ -129,7 +129,7 @@ def _answer(
             if callback:
                 callback(base64.b64decode(message["data"]))
         elif kind == "done":
-            return dict(message["result"])
+            return {**message["result"], "relay": True}
         elif kind == "stale":
             return None
         elif kind == "error":

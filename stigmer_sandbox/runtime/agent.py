@@ -34,19 +34,20 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import json
 import os
 import pwd
 import queue
-import re
 import select
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, NamedTuple
+
+with contextlib.suppress(ImportError):  # in the sandbox: shell_state.py's source runs first
+    from .shell_state import STATE_LIMIT, SessionState
 
 Message = dict[str, Any]
 Process = subprocess.Popen[bytes]
@@ -66,10 +67,6 @@ OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_c
 # Root-only tmpfs (see policy): session state and background processes live here, for as
 # long as the sandbox does, reachable from every agent.
 RUN_DIR = "/run/stigmer"
-SESSION_DIR = RUN_DIR + "/sessions"
-SESSION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-PRELUDE_VAR = "STIGMER_SESSION_PRELUDE"
 OPERATIONS = frozenset(
     {"ping", "exec", "cancel", "session_close", "proc_start", "proc_list", "proc_status"}
     | {"proc_kill", "proc_write"}
@@ -84,20 +81,6 @@ BOOTSTRAP = (
     "for _source in [STIGMER_SOURCES] if isinstance(STIGMER_SOURCES, str) else STIGMER_SOURCES:\n"
     "    exec(_source)\n"
     "main()\n"
-)
-# Bash's own bookkeeping, not state: restoring these would be wrong (SHLVL would grow).
-SESSION_OWN_VARIABLES = frozenset({"SHLVL", "_", "PWD", PRELUDE_VAR})
-STATE_LIMIT = 1 << 20
-# One environment string may not exceed 128 KiB (MAX_ARG_STRLEN), the prelude included.
-MAX_FUNCTIONS = 96 * 1024
-STATE_END = b"\0STIGMER-STATE-END"
-# Bash builtins only (no fork): the working directory, every exported variable, then the
-# shell functions, written to the state pipe FD when the shell exits however it exits.
-SAVE_STATE = (
-    "__stigmer_save() { { printf '%s\\0' \"$PWD\"; for __stigmer_n in $(compgen -e); do "
-    "printf '%s=%s\\0' \"$__stigmer_n\" \"${!__stigmer_n}\"; done; printf '\\0'; "
-    "declare -f; printf '\\0STIGMER-STATE-END'; } >&@FD@ 2>/dev/null; }\n"
-    "trap __stigmer_save EXIT"
 )
 
 
@@ -290,6 +273,17 @@ class Pump:
                     self.live(name, head)
 
 
+class SessionPipes(NamedTuple):
+    """A session command's extra pipes: its state comes back on one, the prelude it
+    sources goes in on the other."""
+
+    state_read: int
+    state_write: int
+    prelude_read: int
+    prelude_write: int
+    prelude: str
+
+
 class Workers:
     """Threads reused from one command to the next (starting one costs ~0.2 ms); at most
     `keep` wait idle, so a burst of commands does not hold the sandbox's pids for ever."""
@@ -425,8 +419,11 @@ class Agent:
             waited = time.monotonic() - asked
             request = {**request, "timeout": max(timeout - waited, 0.001)}
             state_read, state_write = os.pipe()
-            argv, env = session.command(request, self.base_env, state_write)
-            message = self._run(request, argv, env, "/", (state_read, state_write))
+            prelude_read, prelude_write = os.pipe()
+            os.fchmod(prelude_read, 0o444)  # bash sources /dev/fd/N as the sandbox user
+            argv, env, text = session.command(request, self.base_env, state_write, prelude_read)
+            pipes = SessionPipes(state_read, state_write, prelude_read, prelude_write, text)
+            message = self._run(request, argv, env, "/", pipes)
             session.save(message.pop("state", None))
             return message
 
@@ -436,17 +433,23 @@ class Agent:
         argv: list[str],
         env: dict[str, str],
         cwd: str,
-        state: tuple[int, int] | None = None,
+        session: SessionPipes | None = None,
     ) -> Message:
-        """Start the helper for `argv`, serve its pipes, and build the `done` message; with
-        `state`, a session's state pipe (read end, write end passed to the command)."""
+        """Start the helper for `argv`, serve its pipes, and build the `done` message; a
+        session command also gets its prelude and state pipes."""
         argv, script = inline_long_script(argv)
         status_read, status_write = os.pipe()
         script_read, script_write = os.pipe() if script is not None else (-1, -1)
-        passed = [fd for fd in (status_write, script_read, state[1] if state else -1) if fd >= 0]
         if script is not None:
             os.fchmod(script_read, 0o444)  # bash reopens /dev/fd/N as the sandbox user
             argv = [argv[0], f"/dev/fd/{script_read}", *argv[1:]]
+        feeds = [(script_write, script)] if script is not None else []
+        passed = [fd for fd in (status_write, script_read) if fd >= 0]
+        kept = [status_read, *(fd for fd, _data in feeds)]
+        if session is not None:
+            passed += [session.state_write, session.prelude_read]
+            kept += [session.state_read, session.prelude_write]
+            feeds.append((session.prelude_write, session.prelude.encode(errors="surrogateescape")))
         stdin = request.get("stdin")
         before = oom_kills(self.oom_files)
         started = time.monotonic()
@@ -461,18 +464,17 @@ class Agent:
                 stderr=subprocess.STDOUT if request.get("merge_output") else subprocess.PIPE,
             )
         except OSError:
-            for fd in (status_read, script_write, state[0] if state else -1):
-                if fd >= 0:
-                    os.close(fd)
+            for fd in kept:
+                os.close(fd)
             raise
         finally:
             for fd in passed:
                 os.close(fd)
-        if script is not None:
-            feed(os.fdopen(script_write, "wb"), script)
+        for fd, data in feeds:
+            feed(os.fdopen(fd, "wb"), data)
         extra: dict[str, IO[bytes]] = {}
-        if state:
-            extra["state"] = os.fdopen(state[0], "rb", buffering=0)
+        if session is not None:
+            extra["state"] = os.fdopen(session.state_read, "rb", buffering=0)
         cid = str(request.get("cid") or request["id"])
         with self.lock:
             self.helpers.add(process)
@@ -489,8 +491,9 @@ class Agent:
         message = done_message(request, status, grew, time.monotonic() - started, outputs)
         if idled:
             message.update(exit_code=TIMEOUT_EXIT, signal=None, idle_timed_out=True)
-        if state and not (idled or status.get("timed_out") or status.get("cancelled")):
-            message["state"] = captures["state"].text()  # only a command that finished
+        ended_by_signal = idled or status.get("timed_out") or status.get("signal")
+        if session is not None and not (ended_by_signal or status.get("cancelled")):
+            message["state"] = captures["state"].text()  # a shell that finished, only
         return message
 
     def _helper_argv(
@@ -538,112 +541,6 @@ class Agent:
         )
         pump.run()
         return captures, pump.idled
-
-
-class SessionState:
-    """A named shell session's state, kept by root in the sandbox, not by any one agent:
-    the working directory, exported variables and shell functions as of the last command
-    that finished. Each session command is a fresh bash that restores it first and, on
-    exit, writes it back through a pipe (so `exit 3`, `set -e` and heredocs all work and a
-    killed command leaves the previous state). One command at a time per session (flock)."""
-
-    def __init__(self, name: str, timeout: float) -> None:
-        if not SESSION_NAME.match(name):
-            raise ValueError(f"invalid session name {name!r}")
-        self.name, self.timeout = name, timeout
-        self.path = os.path.join(SESSION_DIR, name + ".json")
-        self.lock_fd = -1
-
-    def __enter__(self) -> SessionState:
-        os.makedirs(SESSION_DIR, mode=0o700, exist_ok=True)
-        self.lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(self.lock_fd)
-                    raise TimeoutError(f"session {self.name} stayed busy") from None
-                time.sleep(0.005)
-
-    def __exit__(self, *_exc: object) -> None:
-        os.close(self.lock_fd)  # releases the lock
-
-    def load(self) -> Message | None:
-        try:
-            with open(self.path, encoding="utf-8", errors="surrogateescape") as handle:
-                state = json.load(handle)
-        except (OSError, ValueError):
-            return None
-        return state if isinstance(state, dict) else None
-
-    def command(
-        self, request: Message, base_env: dict[str, str], state_fd: int
-    ) -> tuple[list[str], dict[str, str]]:
-        """bash -c: restore the state (eval'd from one variable so the caller's script
-        keeps its line numbers), arm the save, then the caller's script."""
-        argv = list(request["argv"])
-        if len(argv) < 3 or argv[:2] != ["/bin/bash", "-c"]:
-            raise ValueError("a session runs shell command strings")
-        state = self.load() or {}
-        env = dict(state.get("env") or base_env)
-        env.update(request.get("env") or {})
-        cwd = request.get("cwd") or state.get("cwd") or "/workspace"
-        save = SAVE_STATE.replace("@FD@", str(state_fd))
-        prelude = [str(state.get("functions") or ""), save]
-        prelude.append(f"cd -- {shell_quote(str(cwd))} || exit 1")
-        env[PRELUDE_VAR] = "\n".join(prelude)
-        script = f'eval "${PRELUDE_VAR}"; unset {PRELUDE_VAR}; {argv[2]}'
-        return ["/bin/bash", "-c", script, *argv[3:]], env
-
-    def save(self, raw: bytes | None) -> None:
-        state = parse_state(raw) if raw else None
-        if state is None:
-            return
-        temporary = f"{self.path}.{os.getpid()}.tmp"
-        with open(temporary, "w", encoding="utf-8", errors="surrogateescape") as handle:
-            json.dump(state, handle)
-        os.replace(temporary, self.path)
-
-    @staticmethod
-    def close(name: str) -> bool:
-        """Forget a session's state; whether there was one."""
-        if not SESSION_NAME.match(name):
-            raise ValueError(f"invalid session name {name!r}")
-        path = os.path.join(SESSION_DIR, name + ".json")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path + ".lock")
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return False
-        return True
-
-
-def parse_state(raw: bytes) -> Message | None:
-    """The state a session command wrote: cwd NUL, NAME=VALUE NUL..., NUL, functions,
-    end marker. Written by the command itself, so checked, bounded, never executed here."""
-    if len(raw) > STATE_LIMIT or not raw.endswith(STATE_END):
-        return None
-    head, _, functions = raw[: -len(STATE_END)].partition(b"\0\0")
-    cwd, *pairs = head.split(b"\0")
-    env = {}
-    for pair in pairs:
-        key, _, value = pair.decode(errors="surrogateescape").partition("=")
-        if ENV_NAME.match(key) and key not in SESSION_OWN_VARIABLES:
-            env[key] = value
-    text = functions.decode(errors="surrogateescape")
-    return {
-        "cwd": cwd.decode(errors="surrogateescape"),
-        "env": env,
-        "functions": text if len(text) <= MAX_FUNCTIONS else "",
-    }
-
-
-def shell_quote(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def parse_request(line: bytes) -> Message | None:

@@ -37,10 +37,13 @@ from typing import Any
 
 from .. import engine, policy
 from ..errors import SandboxError
-from . import agent, keeper
+from . import agent, keeper, shell_state
 
-# The in-container program: the agent, then background processes and the entry point.
-AGENT_SOURCES = [Path(str(m.__file__)).read_text(encoding="utf-8") for m in (agent, keeper)]
+# The in-container program: session state, the agent, then background processes and the
+# entry point (keeper.py's `main`).
+AGENT_SOURCES = [
+    Path(str(m.__file__)).read_text(encoding="utf-8") for m in (shell_state, agent, keeper)
+]
 FRAME_HEADER = struct.Struct(">BxxxL")
 # A command's hard deadline on the host is its timeout plus this grace.
 HOST_GRACE_S = 10.0

@@ -7,7 +7,7 @@ virtualenv and shell functions carry over from one command to the next.
 
 No prompt scraping: every command is its own bash process whose end the sandbox's agent
 sees from the process; the state is restored before it and saved when it exits, by root,
-in the sandbox (see `agent.SessionState`), so a second host process or a later
+in the sandbox (see `shell_state`), so a second host process or a later
 `inv run --session NAME` continues the same session. Heredocs, `set -e`, `exit N`, a
 killed command and a timeout all leave the session usable, with its state as of the last
 command that finished. A command that replaces the shell (`exec prog`) or installs its
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Unpack
 
 from ..errors import UsageError
-from . import agent
+from . import shell_state
 from .commands import ExecOptions, ExecResult, make_request
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 def check_name(name: str) -> str:
     """A session name: 1-64 letters, digits, `.`, `_` or `-`."""
-    if not isinstance(name, str) or not agent.SESSION_NAME.match(name):
+    if not isinstance(name, str) or not shell_state.SESSION_NAME.match(name):
         raise UsageError(f"invalid session name {name!r}: use 1-64 letters, digits, . _ -")
     return name
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from stigmer_sandbox import config
 from stigmer_sandbox.errors import UsageError
-from stigmer_sandbox.runtime import Sandbox, agent, keeper, processes, sessions
+from stigmer_sandbox.runtime import Sandbox, agent, keeper, processes, sessions, shell_state
 from stigmer_sandbox.runtime.commands import make_request
 
 from ..conftest import ROOT
@@ -23,47 +24,59 @@ from ..conftest import ROOT
 def run_in_session(
     state: dict | None, script: str, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[subprocess.CompletedProcess[bytes], dict | None]:
-    """Run `script` as a session command on this host from `state`; its result and the
-    state it saved (None when it saved none the agent would accept)."""
-    session = agent.SessionState("unit", 10)
+    """Run `script` as a session command on this host from `state`, with the agent's own
+    prelude and save trap; its result and the state it saved (None when none counts)."""
+    session = shell_state.SessionState("unit", 10)
     monkeypatch.setattr(session, "load", lambda: state)
-    read_fd, write_fd = os.pipe()
+    state_read, state_write = os.pipe()
+    prelude_read, prelude_write = os.pipe()
     base = {"PATH": os.environ["PATH"], "HOME": "/tmp", "LANG": "C.UTF-8"}
     request = {"argv": ["/bin/bash", "-c", script], "cwd": None if state else "/tmp"}
-    argv, env = session.command(request, base, write_fd)
+    argv, env, text = session.command(request, base, state_write, prelude_read)
+    agent.feed(os.fdopen(prelude_write, "wb"), text.encode())  # as the agent: in a thread
+    saved: list[bytes] = []  # read while it runs, as the agent does: a pipe holds 64 KiB
+    reader = threading.Thread(target=lambda: saved.append(os.fdopen(state_read, "rb").read()))
+    reader.start()
     try:
         done = subprocess.run(
-            argv, env=env, pass_fds=[write_fd], capture_output=True, timeout=30, check=False
+            argv,
+            env=env,
+            pass_fds=[state_write, prelude_read],
+            capture_output=True,
+            timeout=30,
+            check=False,
         )
     finally:
-        os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        raw = pipe.read()
-    return done, agent.parse_state(raw) if raw else None
+        os.close(state_write)
+        os.close(prelude_read)
+    reader.join()
+    return done, shell_state.parse_state(saved[0]) if saved[0] else None
 
 
-def state_bytes(cwd: bytes, pairs: list[bytes], functions: bytes = b"") -> bytes:
-    return cwd + b"\0" + b"".join(p + b"\0" for p in pairs) + b"\0" + functions + agent.STATE_END
+def record(cwd: bytes, variables: bytes = b"", functions: bytes = b"") -> bytes:
+    """A state record as the save trap frames it."""
+    body = b"\0".join([cwd, variables, functions])
+    return shell_state.STATE_BEGIN + body + shell_state.STATE_END
 
 
 # -- the state a command writes ------------------------------------------------------------
 
 
-def test_state_round_trips_cwd_exports_and_functions(tmp_path, monkeypatch):
+def test_state_round_trips_cwd_variables_and_functions(tmp_path, monkeypatch):
     folder = tmp_path / "it's a dir"
     folder.mkdir()
     script = (
-        f"cd {agent.shell_quote(str(folder))} && export K='a b=c\nd' EMPTY= && "
-        "greet() { echo hi; }"
+        f"cd {shell_state.shell_quote(str(folder))} && export K='a b=c\nd' EMPTY= && "
+        "LOCAL=kept && arr=(1 'two words') && greet() { echo hi; }"
     )
     done, state = run_in_session(None, script, monkeypatch)
     assert done.returncode == 0, done.stderr
     assert state is not None and state["cwd"] == str(folder)
-    assert state["env"]["K"] == "a b=c\nd" and state["env"]["EMPTY"] == ""
     assert "greet ()" in state["functions"]
-    assert not set(state["env"]) & agent.SESSION_OWN_VARIABLES
-    again, _ = run_in_session(state, 'greet; printf "%s|%s" "$PWD" "$K"', monkeypatch)
-    assert again.stdout == f"hi\n{folder}|a b=c\nd".encode()
+    assert "SHLVL" not in state["variables"] and "BASHOPTS" not in state["variables"]
+    show = 'greet; printf "%s|%s|%s|%s" "$PWD" "$K" "$LOCAL" "${arr[1]}"; env | grep -c ^K='
+    again, _ = run_in_session(state, show, monkeypatch)
+    assert again.stdout == f"hi\n{folder}|a b=c\nd|kept|two words1\n".encode(), again.stderr
 
 
 @pytest.mark.parametrize("ending", ["exit 3", "set -e; false", "kill -KILL $$"])
@@ -73,7 +86,8 @@ def test_state_is_saved_by_exit_and_set_e_but_not_by_sigkill(tmp_path, monkeypat
         assert done.returncode == -9 and state is None
     else:
         assert done.returncode in (1, 3)
-        assert state is not None and (state["cwd"], state["env"]["K"]) == (str(tmp_path), "v")
+        assert state is not None and state["cwd"] == str(tmp_path)
+        assert 'declare -x K="v"' in state["variables"]
 
 
 @pytest.mark.parametrize("escape", ["trap - EXIT", "exec true"])
@@ -87,60 +101,88 @@ def test_deactivate_of_a_restored_virtualenv_restores_path(tmp_path, monkeypatch
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     done, state = run_in_session(None, f"source {venv}/bin/activate", monkeypatch)
     assert done.returncode == 0 and state is not None
-    assert state["env"]["PATH"].startswith(f"{venv}/bin:")
-    after, _ = run_in_session(state, 'deactivate; echo "$PATH"', monkeypatch)
-    assert after.returncode == 0, after.stderr
-    assert f"{venv}/bin" not in after.stdout.decode()  # _OLD_VIRTUAL_PATH must survive
+    after, _ = run_in_session(state, 'echo "$PATH"; deactivate; echo "$PATH"', monkeypatch)
+    active, restored = after.stdout.decode().splitlines()
+    assert active.startswith(f"{venv}/bin:"), after.stderr
+    assert f"{venv}/bin" not in restored  # _OLD_VIRTUAL_PATH (not exported) came back too
+
+
+def test_an_unset_variable_stays_unset(monkeypatch):
+    _done, state = run_in_session(None, "unset HOME LANG", monkeypatch)
+    again, _ = run_in_session(state, 'echo "[${HOME-unset}][${LANG-unset}]"', monkeypatch)
+    assert again.stdout == b"[unset][unset]\n"
+
+
+def test_a_function_named_like_a_builtin_cannot_stop_the_next_command(tmp_path, monkeypatch):
+    _done, state = run_in_session(None, f"cd {tmp_path}; cd() {{ exit 9; }}", monkeypatch)
+    again, _ = run_in_session(state, "builtin pwd", monkeypatch)
+    assert (again.returncode, again.stdout) == (0, f"{tmp_path}\n".encode())
+
+
+def test_a_gone_folder_says_so_and_continues_in_the_workspace(monkeypatch):
+    state = {"cwd": "/nonexistent/gone", "variables": "", "functions": ""}
+    again, _ = run_in_session(state, "echo ran", monkeypatch)
+    assert again.stdout == b"ran\n" and b"is gone" in again.stderr
 
 
 # -- parsing what a (hostile) command wrote ------------------------------------------------
 
 
-def test_parse_state_keeps_valid_names_and_drops_bash_bookkeeping():
-    raw = state_bytes(b"/w", [b"A=1", b"SHLVL=9", b"_=x", b"1BAD=2", b"B-C=3", b"D=e=f"])
-    assert agent.parse_state(raw) == {"cwd": "/w", "env": {"A": "1", "D": "e=f"}, "functions": ""}
+def test_only_declarations_of_the_session_s_own_variables_are_kept():
+    variables = "\n".join(
+        [
+            'declare -x A="1"',
+            'declare -- SHLVL="9"',
+            'declare -ar BASH_VERSINFO=([0]="5")',
+            'declare -i RANDOM="7"',
+            "echo not-a-declaration",
+            'declare -a arr=([0]="x")',
+            'declare -x __stigmer_x="y"',
+        ]
+    )
+    state = shell_state.parse_state(record(b"/w", variables.encode()))
+    assert state == {
+        "cwd": "/w",
+        "variables": 'declare -x A="1"\ndeclare -a arr=([0]="x")',
+        "functions": "",
+    }
 
 
 @pytest.mark.parametrize(
     "raw",
     [
         b"",
-        b"/w\0A=1\0\0",  # no end marker: the shell died while writing
-        state_bytes(b"/w", [b"A=" + b"x" * agent.STATE_LIMIT]),  # over the limit
+        record(b"/w")[:-3],  # no end marker: the shell died while writing
+        record(b"/w", b"declare -- A=" + b"x" * shell_state.STATE_LIMIT),  # over the limit
+        record(b"relative"),
+        shell_state.STATE_BEGIN + b"/w\0a\0b\0c" + shell_state.STATE_END,  # NUL in a part
     ],
 )
-def test_parse_state_refuses_truncated_or_oversized_state(raw):
-    assert agent.parse_state(raw) is None
+def test_truncated_oversized_or_malformed_state_is_refused(raw):
+    assert shell_state.parse_state(raw) is None
 
 
-def test_parse_state_drops_functions_over_their_limit():
-    state = agent.parse_state(state_bytes(b"/w", [b"A=1"], b"f" * (agent.MAX_FUNCTIONS + 1)))
-    assert state == {"cwd": "/w", "env": {"A": "1"}, "functions": ""}
-
-
-VALID = state_bytes(b"/tmp/new", [b"K=new"], b"f () \n{ \n    echo f\n}\n")
+VALID = record(b"/tmp/new", b'declare -x K="new"', b"f () \n{ \n    echo f\n}\n")
 
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"garbage", b"garbage\0\0junk", b"/etc\0\0\0STIGMER-STATE-END"],
-    ids=["text", "nul", "forged-end-marker"],
+    [b"garbage", b"garbage\0\0junk", b"/etc\0\0\0STIGMER-STATE-END", record(b"/forged")],
+    ids=["text", "nul", "forged-end-marker", "forged-record"],
 )
-def test_garbage_before_the_trap_s_state_is_never_restored(garbage):
-    """A command writes garbage to its state fd, then exits: the trap appends the real
-    state. The agent must keep the real state or none, never one it cannot restore."""
-    state = agent.parse_state(garbage + VALID)
-    assert state in (None, agent.parse_state(VALID)), state
+def test_whatever_a_command_wrote_before_the_trap_s_record_is_ignored(garbage):
+    assert shell_state.parse_state(garbage + VALID) == shell_state.parse_state(VALID)
 
 
-def test_a_restored_state_always_starts_a_command(tmp_path, monkeypatch):
-    """Whatever parse_state accepts must give the next command an environment it can
-    start with: no NUL bytes and no single string over Linux's 128 KiB."""
-    big = state_bytes(str(tmp_path).encode(), [b"BIG=" + b"a" * 200_000])
-    state = agent.parse_state(big)
-    if state is not None:
-        done, _ = run_in_session(state, "echo started", monkeypatch)
-        assert done.stdout == b"started\n"
+def test_a_huge_export_does_not_stop_the_next_command(tmp_path, monkeypatch):
+    """Variables come back through the prelude, not the process environment: a 200 KB
+    export (over Linux's 128 KiB per environment string) cannot stop bash starting."""
+    _done, state = run_in_session(
+        None, "export BIG=$(head -c 200000 /dev/zero | tr '\\0' a)", monkeypatch
+    )
+    assert state is not None
+    done, _ = run_in_session(state, "echo started ${#BIG}", monkeypatch)
+    assert done.stdout == b"started 200000\n"
 
 
 # -- names and ids that become paths -------------------------------------------------------
@@ -151,33 +193,34 @@ def test_bad_session_names_are_refused_on_both_sides(name):
     with pytest.raises(UsageError, match="invalid session name"):
         sessions.check_name(name)
     with pytest.raises(ValueError, match="invalid session name"):
-        agent.SessionState(name, 1)
+        shell_state.SessionState(name, 1)
     with pytest.raises(ValueError, match="invalid session name"):
-        agent.SessionState.close(name)
+        shell_state.SessionState.close(name)
 
 
 @pytest.mark.parametrize("name", ["build", "a.b_c-1", ".", "..", "x" * 64])
 def test_good_session_names_stay_inside_the_state_folder(name):
     assert sessions.check_name(name) == name
-    path = agent.SessionState(name, 1).path
-    assert os.path.dirname(path) == agent.SESSION_DIR and path.endswith(".json")
+    path = shell_state.SessionState(name, 1).path
+    assert os.path.dirname(path) == shell_state.SESSION_DIR and path.endswith(".json")
 
 
 def test_a_session_runs_shell_strings_only(monkeypatch):
-    session = agent.SessionState("unit", 1)
+    session = shell_state.SessionState("unit", 1)
     monkeypatch.setattr(session, "load", lambda: None)
     with pytest.raises(ValueError, match="shell command strings"):
-        session.command({"argv": ["ls", "-la"]}, {}, 5)
+        session.command({"argv": ["ls", "-la"]}, {}, 5, 6)
 
 
-def test_the_caller_s_env_and_cwd_override_the_saved_state(monkeypatch):
-    session = agent.SessionState("unit", 1)
-    saved = {"cwd": "/saved", "env": {"K": "saved", "KEEP": "1"}, "functions": ""}
+def test_the_caller_s_env_and_cwd_come_after_the_saved_state(monkeypatch):
+    session = shell_state.SessionState("unit", 1)
+    saved = {"cwd": "/saved", "variables": 'declare -x K="saved"', "functions": ""}
     monkeypatch.setattr(session, "load", lambda: saved)
     request = {"argv": ["/bin/bash", "-c", "true"], "env": {"K": "asked"}, "cwd": "/asked"}
-    _argv, env = session.command(request, {"BASE": "1"}, 5)
-    assert (env["K"], env["KEEP"]) == ("asked", "1") and "BASE" not in env
-    assert "cd -- '/asked' || exit 1" in env[agent.PRELUDE_VAR]
+    _argv, env, text = session.command(request, {"BASE": "1"}, 5, 6)
+    assert env == {}  # a saved state brings its own environment
+    assert text.index('declare -x K="saved"') < text.index("builtin export K='asked'")
+    assert "builtin cd -- '/asked'" in text
 
 
 @pytest.mark.parametrize("good", ["0123456789ab", "ffffffffffff"])
@@ -272,5 +315,5 @@ def test_output_capture_record_round_trips_through_the_keeper_format():
 
 
 def test_the_session_state_folder_lives_in_the_root_only_run_dir():
-    assert Path(agent.SESSION_DIR).parent == Path(agent.RUN_DIR)
+    assert Path(shell_state.SESSION_DIR).parent == Path(agent.RUN_DIR)
     assert Path(keeper.PROCESS_DIR).parent == Path(agent.RUN_DIR)
