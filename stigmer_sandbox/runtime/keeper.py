@@ -41,6 +41,7 @@ with contextlib.suppress(ImportError):  # in the sandbox: names from agent.py's 
         Process,
         Pump,
         backstop,
+        feed,
         read_status,
     )
 
@@ -225,9 +226,8 @@ class ProcessTable:
                 cwd="/",
                 start_new_session=True,
             )
-        if launcher.stdin is not None:
-            launcher.stdin.write(json.dumps(self.sources).encode() + b"\n")
-            launcher.stdin.close()
+        if launcher.stdin is not None:  # in the background: the sources outgrow a pipe
+            feed(launcher.stdin, json.dumps(self.sources).encode() + b"\n")
         threading.Thread(target=launcher.wait, daemon=True).start()  # it forks and exits
         return {"id": process_id}
 
