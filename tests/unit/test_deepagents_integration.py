@@ -45,3 +45,16 @@ def test_local_mode_runs_on_the_host_and_never_raises(tmp_path):
         target = str(tmp_path / "ws" / "f.txt")
         assert backend.upload_files([(target, b"hi")])[0].error is None
         assert backend.download_files([target])[0].content == b"hi"
+
+
+def test_auto_mode_without_the_image_runs_locally_and_says_why(tmp_path, caplog):
+    settings = config.load_settings(ROOT, environ={}).replace(
+        execution_mode="auto",
+        image="stigmer-sandbox-never-built:none",
+        workspace=str(tmp_path / "ws"),
+        state_dir=str(tmp_path / "st"),
+    )
+    with caplog.at_level("INFO"), StigmerSandbox(settings=settings) as backend:
+        assert isinstance(backend.sandbox, LocalSandbox)
+        assert backend.execute("echo here").output == "here\n"
+    assert any("execution mode auto: local" in r.getMessage() for r in caplog.records)
