@@ -7,13 +7,16 @@ import os
 import types
 import typing
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import invoke
 from invoke import Context, Exit
 
 from .. import config, console
 from ..errors import SandboxError, UsageError
+
+if TYPE_CHECKING:
+    from .. import runtime
 
 
 def task(*args: Any, **kwargs: Any) -> Any:
@@ -67,3 +70,10 @@ def parse_numbers(values: dict[str, Any], numbers: dict[str, type]) -> dict[str,
 def settings(c: Context, **flags: Any) -> config.Settings:
     """Validated settings: Invoke's merged config, the guide's variables, then flags."""
     return config.settings_from_invoke(c.config, os.environ, **flags)
+
+
+def sandbox_for(c: Context, **flags: Any) -> runtime.Sandbox:
+    """The project's sandbox container under these settings and flags (not started)."""
+    from .. import runtime  # the runtime is heavy: loaded when a task uses it, not at start-up
+
+    return runtime.Sandbox(settings(c, **flags))

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from invoke import Collection, Context, Exit
 
 from .. import console
-from ..host import compose
-from ..images import BuildOptions
 from ._common import settings, task
 from .sandbox import build_kind
+
+if TYPE_CHECKING:
+    from ..host import compose
 
 FILE_HELP = {
     "advanced": "add the guide's advanced options: read-only credentials, NODE_ENV, port 3000, "
@@ -21,10 +23,14 @@ FILE_HELP = {
 
 
 def _project(c: Context, advanced: bool, database: bool) -> compose.ComposeProject:
+    from ..host import compose  # loaded when a compose task runs, not at start-up
+
     return compose.project(settings(c), advanced, database)
 
 
 def _run(target: compose.ComposeProject, verb: str, *args: str) -> None:
+    from ..host import compose
+
     done = compose.run(target, verb, *args, echo=console.echo_command)
     if done.returncode:
         raise Exit(
@@ -47,6 +53,9 @@ def up(
     timeout: float = 60,
 ) -> None:
     """Start the compose sandbox in the background and wait until it is healthy."""
+    from ..host import compose
+    from ..images import BuildOptions
+
     current = settings(c)
     if build:
         build_kind(current, "basic", BuildOptions(), "auto")
@@ -112,9 +121,11 @@ def exec(
     c: Context,
     advanced: bool = False,
     database: bool = False,
-    service: str = compose.SERVICE,
+    service: str | None = None,
 ) -> None:
     """Run a command in a service: `inv compose.exec -- python --version` (a shell if none)."""
+    from ..host import compose
+
     command = ["bash", "-c", c.remainder] if c.remainder.strip() else ["bash"]
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     target = _project(c, advanced, database)
@@ -122,7 +133,7 @@ def exec(
         target,
         "exec",
         *([] if interactive else ["-T"]),
-        service,
+        service or compose.SERVICE,
         *command,
         echo=console.echo_command,
     )

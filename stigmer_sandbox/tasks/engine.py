@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from invoke import Collection, Context
 
 from .. import console
-from ..host import daemon
 from ._common import settings, task
+
+if TYPE_CHECKING:
+    from ..host import daemon
 
 
 def _state(c: Context) -> daemon.EngineState:
+    from ..host import daemon  # loaded when an engine task runs, not at start-up
+
     return daemon.EngineState(settings(c).path("state_dir"))
 
 
 @task
 def install(c: Context) -> None:
     """Install Docker Engine, docker-compose and debootstrap from Debian/Ubuntu packages."""
+    from ..host import daemon
+
     installed = daemon.install()
     if installed:
         console.success(f"installed {', '.join(installed)}")
@@ -32,6 +40,8 @@ def install(c: Context) -> None:
 )
 def start(c: Context, timeout: float = 60, data_root: str | None = None) -> None:
     """Start dockerd in the background if no engine answers (idempotent)."""
+    from ..host import daemon
+
     current = settings(c)
     state = daemon.EngineState(current.path("state_dir"))
     root = data_root or current.engine_data_root or None
@@ -41,6 +51,8 @@ def start(c: Context, timeout: float = 60, data_root: str | None = None) -> None
 @task
 def stop(c: Context) -> None:
     """Stop the engine that `engine.start` started; never one it did not start."""
+    from ..host import daemon
+
     console.success(daemon.stop(_state(c)))
 
 

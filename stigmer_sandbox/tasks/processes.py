@@ -6,19 +6,19 @@ from __future__ import annotations
 import sys
 import time
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from invoke import Context, Exit
 
-from .. import console, runtime
+from .. import console
 from ..errors import UsageError
-from ._common import settings, task
+from ._common import sandbox_for, task
+
+if TYPE_CHECKING:
+    from .. import runtime
 
 FOLLOW_POLL_S = 0.2
 PROCESS_ID_HELP = "the id `inv run --background` printed, see inv sandbox.ps (required, no default)"
-
-
-def _sandbox(c: Context) -> runtime.Sandbox:
-    return runtime.Sandbox(settings(c))
 
 
 def _age(started_at: object) -> str:
@@ -36,7 +36,7 @@ def _state(info: dict[str, object]) -> str:
 @task(help={"json": "print the processes as JSON (default: off)"})
 def ps(c: Context, json: bool = False) -> None:
     """List the sandbox's background processes, running and recently ended."""
-    found = _sandbox(c).processes()
+    found = sandbox_for(c).processes()
     if json:
         console.emit_json(found)
         return
@@ -58,7 +58,7 @@ def ps(c: Context, json: bool = False) -> None:
 )
 def kill(c: Context, process_id: str, json: bool = False) -> None:
     """End a background process and everything it started."""
-    result = _sandbox(c).process(process_id).kill()
+    result = sandbox_for(c).process(process_id).kill()
     if json:
         console.emit_json(result.to_dict())
         return
@@ -76,7 +76,7 @@ def output(c: Context, process_id: str, follow: bool = False, json: bool = False
     """Print a background process's output (head and tail when it printed a lot)."""
     if follow and json:
         raise UsageError("--follow streams text; it cannot be combined with --json")
-    process = _sandbox(c).process(process_id)
+    process = sandbox_for(c).process(process_id)
     if json:
         state = process.status()
         console.emit_json({**state, **vars(process.output_from(state))})

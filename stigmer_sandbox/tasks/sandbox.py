@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, Context, Exit
 
-from .. import console, images, labels, runtime
-from ..config import Settings
+from .. import console
 from ..errors import UsageError
-from ..images import ca, smoke
 from . import processes
-from ._common import settings, task
+from ._common import sandbox_for, settings, task
+
+if TYPE_CHECKING:
+    from .. import images, runtime
+    from ..config import Settings
 
 BUILD_HELP = {
     "tag": "image tag, repeatable (default: stigmer-sandbox-<kind>:local and :v<version>)",
@@ -74,6 +76,8 @@ def _options(
     ca_cert: str | None,
     force: bool,
 ) -> images.BuildOptions:
+    from .. import images  # the builder is heavy: loaded when a build runs, not at start-up
+
     return images.BuildOptions(
         tags=tuple(tag),
         no_cache=no_cache,
@@ -94,6 +98,8 @@ def build_kind(
     extra_args: dict[str, str] | None = None,
 ) -> images.BuildOutcome:
     """Plan, report and run one image build; prints its summary."""
+    from .. import images
+
     if progress not in ("auto", "plain"):
         raise UsageError(f"--progress must be auto or plain, got {progress!r}")
     view = console.StepView(f"build {kind}", plain_output=progress == "plain")
@@ -146,7 +152,7 @@ def build_basic(
 
 
 def _kind_of(image: str) -> str:
-    from .. import engine
+    from .. import engine, labels
 
     found = engine.image(image)
     return (found.labels or {}).get(labels.KIND) or ("full" if "full" in image else "basic")
@@ -161,6 +167,8 @@ def _kind_of(image: str) -> str:
 )
 def test(c: Context, image: str | None = None, json: bool = False) -> None:
     """Smoke-test a sandbox image: tools, packages, user, workspace, health check."""
+    from ..images import smoke
+
     current = settings(c, image=image)
     kind = _kind_of(current.image)
     results = smoke.smoke_test(current.image, kind)
@@ -228,10 +236,12 @@ def build_full(
     tools_mirror: str | None = None,
 ) -> None:
     """Build stigmer-sandbox-full:local: basic plus cloud and infrastructure CLIs."""
+    from .. import images
+    from ..images import ca, tool_sources
+
     current = settings(c, tools_mirror=tools_mirror)
     context = current.root / images.CONTEXT_DIR
     skipped = images.check_skipped(context, skip_tool or [])
-    from ..images import tool_sources
 
     extra_ca = ca.detect(ca_cert or current.ca_cert)
     reachable = tool_sources.preflight(
@@ -248,10 +258,6 @@ def build_full(
         "TOOLS_MIRROR": current.tools_mirror,
     }
     build_kind(current, "full", options, progress, extra)
-
-
-def _sandbox(c: Context, **flags: object) -> runtime.Sandbox:
-    return runtime.Sandbox(settings(c, **flags))
 
 
 def _notes(sandbox: runtime.Sandbox) -> None:
@@ -271,7 +277,7 @@ def up(
     c: Context, image: str | None = None, network: str | None = None, timeout: float = 60
 ) -> None:
     """Start the sandbox container (idempotent) and wait until it is healthy."""
-    sandbox = _sandbox(c, image=image, network=network)
+    sandbox = sandbox_for(c, image=image, network=network)
     started = time.monotonic()
     sandbox.up(timeout=timeout)
     _notes(sandbox)
@@ -285,7 +291,7 @@ def up(
 @task
 def down(c: Context) -> None:
     """Stop and remove the sandbox container; the workspace on the host is kept."""
-    sandbox = _sandbox(c)
+    sandbox = sandbox_for(c)
     if sandbox.remove():
         console.success(
             f"removed {sandbox.name}; workspace kept at {sandbox.settings.path('workspace')}"
@@ -297,7 +303,7 @@ def down(c: Context) -> None:
 @task(help={"json": "print the status as one JSON object (default: off)"})
 def status(c: Context, json: bool = False) -> None:
     """Show the sandbox's state, health, image, limits and mounts."""
-    state = _sandbox(c).status()
+    state = sandbox_for(c).status()
     if json:
         console.emit_json(state)
         return
@@ -332,6 +338,8 @@ def shell(c: Context, root: bool = False) -> None:
         raise UsageError(
             "a root shell is disabled", "set allow_root_shell: true in invoke.yaml to allow it"
         )
+    from .. import runtime  # the runtime is heavy: loaded when a task uses it, not at start-up
+
     sandbox = runtime.Sandbox(current).up()
     code = runtime.interactive_shell(sandbox, root=root)
     if code:
@@ -346,7 +354,7 @@ def shell(c: Context, root: bool = False) -> None:
 )
 def logs(c: Context, follow: bool = False, tail: str = "all") -> None:
     """Show the sandbox container's logs (docker logs)."""
-    for chunk in _sandbox(c).logs(follow=follow, tail=tail):
+    for chunk in sandbox_for(c).logs(follow=follow, tail=tail):
         sys.stdout.buffer.write(chunk)
         sys.stdout.buffer.flush()
 
@@ -354,7 +362,7 @@ def logs(c: Context, follow: bool = False, tail: str = "all") -> None:
 @task
 def inspect(c: Context) -> None:
     """Print the sandbox container's full configuration (docker inspect) as JSON."""
-    console.emit_json(_sandbox(c).inspect())
+    console.emit_json(sandbox_for(c).inspect())
 
 
 def _print_command(sandbox: runtime.Sandbox, command: str) -> None:
@@ -368,13 +376,13 @@ def _print_command(sandbox: runtime.Sandbox, command: str) -> None:
 @task
 def env(c: Context) -> None:
     """Show the sandbox's environment variables (as its commands see them)."""
-    _print_command(_sandbox(c), "env | sort")
+    _print_command(sandbox_for(c), "env | sort")
 
 
 @task
 def packages(c: Context) -> None:
     """List installed Python (pip list) and global Node (npm list -g) packages."""
-    _print_command(_sandbox(c), "pip list && echo && npm list -g --depth=0")
+    _print_command(sandbox_for(c), "pip list && echo && npm list -g --depth=0")
 
 
 @task(
@@ -408,7 +416,7 @@ def history(c: Context, n: int = 20, json: bool = False) -> None:
 @task(name="audit", help={"json": "print the report as one JSON object (default: off)"})
 def audit_security(c: Context, json: bool = False) -> None:
     """Check the running sandbox against every SECURITY.md property that applies."""
-    sandbox = _sandbox(c)
+    sandbox = sandbox_for(c)
     from ..runtime import security_audit
 
     results = security_audit.audit(sandbox)

@@ -106,3 +106,24 @@ def test_console_script_lists_the_same_tasks(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "sandbox.bootstrap-base" in done.stdout and "doctor" in done.stdout
+
+
+def test_start_up_leaves_the_heavy_modules_for_the_tasks_that_use_them():
+    """Every `inv` builds the task tree; the runtime, compose, the engine helpers and the
+    docker SDK are imported by the tasks that need them, not at start-up."""
+    heavy = (
+        "docker",
+        "stigmer_sandbox.runtime",
+        "stigmer_sandbox.host.compose",
+        "stigmer_sandbox.host.daemon",
+    )
+    code = (
+        "import sys\n"
+        "from stigmer_sandbox.tasks import build_namespace\n"
+        "build_namespace()\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"
