@@ -178,8 +178,14 @@ def bar(fraction: float, width: int = 30) -> str:
 
 
 def emit_json(data: Any) -> None:
-    """Machine-readable output: one JSON document on stdout."""
-    print(json.dumps(data, indent=2, sort_keys=True, default=str), flush=True)
+    """Machine-readable output: one JSON document on stdout (a reader that stops early,
+    like `| head`, ends it quietly, not with a traceback)."""
+    try:
+        print(json.dumps(data, indent=2, sort_keys=True, default=str), flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's exit-time flush must not fail again
+        raise SystemExit(1) from None
 
 
 def human_bytes(n: float) -> str:

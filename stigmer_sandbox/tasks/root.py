@@ -9,11 +9,10 @@ from invoke import Context, Exit
 
 from .. import console
 from ..errors import SandboxError, UsageError
-from ..host import cleanup
 
 if TYPE_CHECKING:
     from .. import runtime
-    from ..host import workflow
+    from ..host import cleanup, workflow
 from ._common import settings, task
 
 # `inv run` exits with this when a command's result was lost with the sandbox agent.
@@ -207,6 +206,8 @@ def clean(
     json: bool = False,
 ) -> None:
     """Remove this project's labelled leftovers; never the workspace, never others' resources."""
+    from ..host import cleanup  # it loads the image builder: not at start-up
+
     planned = cleanup.plan(settings(c), everything=all_, volumes=volumes)
     if dry_run:
         _report_clean(planned, [], json, "would remove")

@@ -116,6 +116,9 @@ def test_start_up_leaves_the_heavy_modules_for_the_tasks_that_use_them():
         "stigmer_sandbox.runtime",
         "stigmer_sandbox.host.compose",
         "stigmer_sandbox.host.daemon",
+        "stigmer_sandbox.host.cleanup",
+        "stigmer_sandbox.images",
+        "stigmer_sandbox.engine",
     )
     code = (
         "import sys\n"
