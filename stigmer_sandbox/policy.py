@@ -30,7 +30,7 @@ LOGS = "/logs"
 # Root-only tmpfs for the agents' shared state: sessions, background processes. Its own
 # size limit (it counts against the memory limit too).
 RUN_DIR = "/run/stigmer"
-RUN_DIR_SIZE = "64m"
+RUN_DIR_SIZE = "256m"
 SANDBOX_HOME = "/home/sandbox"
 # Root-owned files the agent starts by absolute path, never through PATH.
 PYTHON = "/usr/bin/python3"

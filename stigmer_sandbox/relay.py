@@ -41,9 +41,15 @@ ANSWER_GRACE_S = 15.0
 Callback = Callable[[bytes], None]
 
 
+# The engine a relay talks to comes from these (the relay inherits the first client's).
+ENGINE_VARIABLES = ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY")
+
+
 def fingerprint(settings: Settings) -> str:
-    """Identity of the settings a relay serves (the sandbox it would create or reuse)."""
-    text = json.dumps(settings.as_dict(), sort_keys=True, default=str)
+    """Identity of what a relay serves: the settings (the sandbox it would create or
+    reuse) and the engine it reaches."""
+    engine = {name: os.environ.get(name) for name in ENGINE_VARIABLES}
+    text = json.dumps([settings.as_dict(), engine], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -96,45 +102,54 @@ def run(
     on_stderr: Callback | None = None,
 ) -> dict[str, Any] | None:
     """Run `request` (command, options, session) through the relay: the result's dict
-    (`ExecResult.to_dict()`), or None when no relay serves these settings (take the slow
-    path). A relay that refuses the request raises SandboxError with its reason."""
+    (`ExecResult.to_dict()`), or None when no relay took it (take the slow path: nothing
+    ran). A relay that refuses the request raises SandboxError with its reason."""
     path = socket_path(settings)
     if not path.exists() or not private_folder(path.parent):
         return None
+    timeout = request.get("options", {}).get("timeout") or settings.timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(CONNECT_TIMEOUT_S)
+    with sock:
         try:
+            sock.settimeout(CONNECT_TIMEOUT_S)
             sock.connect(str(path))
-        except OSError:
+            sock.settimeout(float(timeout) + ANSWER_GRACE_S)
+            send_line(sock, {**request, "fingerprint": fingerprint(settings)})
+        except (OSError, ValueError):
             return None
-        timeout = float(request.get("options", {}).get("timeout") or settings.timeout)
-        sock.settimeout(timeout + ANSWER_GRACE_S)
-        send_line(sock, {**request, "fingerprint": fingerprint(settings)})
-        return _answer(sock, on_stdout, on_stderr)
-    except (OSError, ValueError) as exc:
-        return _lost(f"the relay connection broke ({exc})")
-    finally:
-        sock.close()
+        return Answer(on_stdout, on_stderr).read(sock)
 
 
-def _answer(
-    sock: socket.socket, on_stdout: Callback | None, on_stderr: Callback | None
-) -> dict[str, Any] | None:
-    callbacks = {"stdout": on_stdout, "stderr": on_stderr}
-    for message in read_lines(sock):
+class Answer:
+    """The relay's answer to one request, read line by line."""
+
+    def __init__(self, on_stdout: Callback | None, on_stderr: Callback | None) -> None:
+        self.callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        self.accepted = False  # from then on the command may run: a broken line is lost
+
+    def read(self, sock: socket.socket) -> dict[str, Any] | None:
+        try:
+            for message in read_lines(sock):
+                result = self._take(message)
+                if result is not None:
+                    return result
+        except (OSError, ValueError) as exc:
+            return _lost(f"the relay connection broke ({exc})") if self.accepted else None
+        return _lost("the relay closed the connection before the result") if self.accepted else None
+
+    def _take(self, message: dict[str, Any]) -> dict[str, Any] | None:
         kind = message.get("type")
-        if kind == "out":
-            callback = callbacks.get(str(message.get("stream")))
+        if kind == "accepted":
+            self.accepted = True
+        elif kind == "out":
+            callback = self.callbacks.get(str(message.get("stream")))
             if callback:
                 callback(base64.b64decode(message["data"]))
         elif kind == "done":
             return {**message["result"], "relay": True}
-        elif kind == "stale":
-            return None
         elif kind == "error":
             raise SandboxError(str(message.get("message")), message.get("hint"))
-    return _lost("the relay closed the connection before the result")
+        return None
 
 
 def _lost(reason: str) -> dict[str, Any]:

@@ -11,8 +11,8 @@
 local, or auto); `StigmerSandbox(sandbox)` wraps a `Sandbox` the caller owns and leaves
 it running. Needs the `deepagents` extra: `pip install 'stigmer-sandbox[deepagents]'`.
 
-Commands travel over the sandbox's agent channel (about 1000x less overhead than a
-`docker exec` per command), stdout and stderr merged in the order they were written.
+Commands travel over the sandbox's agent channel (over 10x faster than a `docker exec`
+per command, see BENCHMARKS.md), stdout and stderr merged in the order they were written.
 File transfers are batched: one round trip per batch, as the sandbox user.
 """
 
@@ -112,16 +112,21 @@ class StigmerSandbox(BaseSandbox):
 
     def upload_files(self, files: list[tuple[str, bytes]]) -> list[FileUploadResponse]:
         """Write files by absolute path as the sandbox user; one round trip per batch."""
-        return [
-            FileUploadResponse(path=item.path, error=item.error)
-            for item in self.sandbox.upload_files(files)
-        ]
+        try:
+            done = self.sandbox.upload_files(files)
+        except SandboxError as exc:  # the sandbox is gone or broken: every file says why
+            return [FileUploadResponse(path=path, error=f"error: {exc}") for path, _ in files]
+        return [FileUploadResponse(path=item.path, error=item.error) for item in done]
 
     def download_files(self, paths: list[str]) -> list[FileDownloadResponse]:
         """Read files by absolute path as the sandbox user; one round trip per batch."""
+        try:
+            done = self.sandbox.download_files(paths)
+        except SandboxError as exc:
+            return [FileDownloadResponse(path=path, error=f"error: {exc}") for path in paths]
         return [
             FileDownloadResponse(path=item.path, content=item.content, error=item.error)
-            for item in self.sandbox.download_files(paths)
+            for item in done
         ]
 
     def close(self) -> None:

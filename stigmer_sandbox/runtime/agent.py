@@ -58,6 +58,9 @@ READ_CHUNK = 65536
 HEARTBEAT_S = 1.0
 # The helper enforces each timeout; the agent steps in only if the helper does not.
 BACKSTOP_S = 3.0
+# How long the helper may take to end a tree once asked (its own bound is 10 s): only then
+# is it killed, which would orphan what is left.
+KILL_TREE_S = 12.0
 # Linux refuses any single argument over 128 KiB (MAX_ARG_STRLEN); stay well below.
 MAX_INLINE_ARG = 100_000
 # After the command exits, wait this long for output still in flight; a background
@@ -325,6 +328,8 @@ class Agent:
         self.running: dict[str, set[str]] = {}  # command id -> ids that overlapped it
         self.helpers: set[Process] = set()
         self.by_command: dict[str, Process] = {}  # command id -> its helper, for `cancel`
+        # Commands cancelled before their helper started (e.g. waiting for a session).
+        self.cancelled: dict[str, float] = {}
         self.base_env = command_environment(dict(os.environ), uid)
         self.oom_files = oom_counter_files()
         self.workers = Workers()
@@ -381,13 +386,23 @@ class Agent:
         self.send({"id": request["id"], "type": "reply", "data": data})
 
     def cancel(self, request: Message) -> Message:
-        """End a running command and its whole tree (the helper does, on SIGTERM)."""
+        """End a running command and its whole tree (the helper does, on SIGTERM); one that
+        has not started yet never starts."""
+        cid = str(request.get("cid"))
         with self.lock:
-            process = self.by_command.get(str(request.get("cid")))
+            process = self.by_command.get(cid)
+            if process is None:
+                now = time.monotonic()
+                self.cancelled = {k: t for k, t in self.cancelled.items() if now - t < 3600}
+                self.cancelled[cid] = now
         if process is not None:
             with contextlib.suppress(OSError):
                 process.send_signal(signal.SIGTERM)
-        return {"cancelled": process is not None}
+        return {"cancelled": True}
+
+    def is_cancelled(self, cid: str) -> bool:
+        with self.lock:
+            return cid in self.cancelled
 
     def close_session(self, request: Message) -> Message:
         return {"existed": SessionState.close(str(request.get("session")))}
@@ -415,15 +430,21 @@ class Agent:
             return self._run(request, list(request["argv"]), env, str(request.get("cwd")))
         timeout = float(request.get("timeout") or 3600)
         asked = time.monotonic()
-        with SessionState(str(name), timeout) as session:
+        cid = str(request.get("cid") or request["id"])
+        with SessionState(str(name), timeout, lambda: self.is_cancelled(cid)) as session:
             waited = time.monotonic() - asked
             request = {**request, "timeout": max(timeout - waited, 0.001)}
             state_read, state_write = os.pipe()
             prelude_read, prelude_write = os.pipe()
-            os.fchmod(prelude_read, 0o444)  # bash sources /dev/fd/N as the sandbox user
-            argv, env, text = session.command(request, self.base_env, state_write, prelude_read)
-            pipes = SessionPipes(state_read, state_write, prelude_read, prelude_write, text)
-            message = self._run(request, argv, env, "/", pipes)
+            fds = (state_read, state_write, prelude_read, prelude_write)
+            try:
+                os.fchmod(prelude_read, 0o444)  # bash sources /dev/fd/N as the sandbox user
+                argv, env, text = session.command(request, self.base_env, state_write, prelude_read)
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            message = self._run(request, argv, env, "/", SessionPipes(*fds, text))
             session.save(message.pop("state", None))
             return message
 
@@ -437,6 +458,30 @@ class Agent:
     ) -> Message:
         """Start the helper for `argv`, serve its pipes, and build the `done` message; a
         session command also gets its prelude and state pipes."""
+        before = oom_kills(self.oom_files)
+        started = time.monotonic()
+        process, status_read, extra = self._spawn(request, argv, env, cwd, session)
+        captures, idled = self._supervise(request, process, extra)
+        status = read_status(status_read, process.returncode)
+        grew = oom_grew(before, oom_kills(self.oom_files))
+        outputs = {name: captures[name] for name in ("stdout", "stderr")}
+        message = done_message(request, status, grew, time.monotonic() - started, outputs)
+        if idled:
+            message.update(exit_code=TIMEOUT_EXIT, signal=None, idle_timed_out=True)
+        ended_by_signal = idled or status.get("timed_out") or status.get("signal")
+        if session is not None and not (ended_by_signal or status.get("cancelled")):
+            message["state"] = captures["state"].text()  # a shell that finished, only
+        return message
+
+    def _spawn(
+        self,
+        request: Message,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str,
+        session: SessionPipes | None,
+    ) -> tuple[Process, int, dict[str, IO[bytes]]]:
+        """The helper started with its pipes: the process, the status pipe, extra pipes."""
         argv, script = inline_long_script(argv)
         status_read, status_write = os.pipe()
         script_read, script_write = os.pipe() if script is not None else (-1, -1)
@@ -450,16 +495,13 @@ class Agent:
             passed += [session.state_write, session.prelude_read]
             kept += [session.state_read, session.prelude_write]
             feeds.append((session.prelude_write, session.prelude.encode(errors="surrogateescape")))
-        stdin = request.get("stdin")
-        before = oom_kills(self.oom_files)
-        started = time.monotonic()
         try:
             process = subprocess.Popen(
                 self._helper_argv(request, status_write, cwd, argv),
                 env=env,
                 cwd="/",
                 pass_fds=passed,
-                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdin=subprocess.PIPE if request.get("stdin") is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT if request.get("merge_output") else subprocess.PIPE,
             )
@@ -475,26 +517,29 @@ class Agent:
         extra: dict[str, IO[bytes]] = {}
         if session is not None:
             extra["state"] = os.fdopen(session.state_read, "rb", buffering=0)
+        return process, status_read, extra
+
+    def _supervise(
+        self, request: Message, process: Process, extra: dict[str, IO[bytes]]
+    ) -> tuple[dict[str, OutputCapture], bool]:
+        """Serve a started helper until it ends, reachable by `cancel` meanwhile; whatever
+        goes wrong here, the helper is told to end its tree (never left unsupervised)."""
         cid = str(request.get("cid") or request["id"])
         with self.lock:
             self.helpers.add(process)
             self.by_command[cid] = process
+            cancelled = self.cancelled.pop(cid, None) is not None
         try:
-            captures, idled = self._pump(request, process, stdin, extra)
+            if cancelled:  # cancelled while it was starting
+                process.send_signal(signal.SIGTERM)
+            return self._pump(request, process, request.get("stdin"), extra)
+        except BaseException:
+            backstop(process)
+            raise
         finally:
             with self.lock:
                 self.helpers.discard(process)
                 self.by_command.pop(cid, None)
-        status = read_status(status_read, process.returncode)
-        grew = oom_grew(before, oom_kills(self.oom_files))
-        outputs = {name: captures[name] for name in ("stdout", "stderr")}
-        message = done_message(request, status, grew, time.monotonic() - started, outputs)
-        if idled:
-            message.update(exit_code=TIMEOUT_EXIT, signal=None, idle_timed_out=True)
-        ended_by_signal = idled or status.get("timed_out") or status.get("signal")
-        if session is not None and not (ended_by_signal or status.get("cancelled")):
-            message["state"] = captures["state"].text()  # a shell that finished, only
-        return message
 
     def _helper_argv(
         self, request: Message, status_fd: int, cwd: str, argv: list[str]
@@ -597,7 +642,7 @@ def backstop(process: Process) -> None:
     with contextlib.suppress(OSError):
         process.send_signal(signal.SIGTERM)
     try:
-        process.wait(timeout=BACKSTOP_S)
+        process.wait(timeout=KILL_TREE_S)
     except subprocess.TimeoutExpired:
         process.kill()
 

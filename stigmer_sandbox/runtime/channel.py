@@ -309,10 +309,16 @@ class AgentChannel:
         data; a request the agent refused raises SandboxError with its reason."""
         rid = next(self._ids)
         inbox = self._send({**fields, "op": op, "id": rid})
-        try:
-            answer = self._wait(inbox, rid, time.monotonic() + timeout)
+        try:  # a slow answer fails this request only: liveness is the watchdog's job
+            answer = inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise SandboxError(
+                f"no answer to {op} from the sandbox agent in {timeout:g} s"
+            ) from None
         finally:
             self._forget(rid)
+        if answer is None:
+            raise AgentLost(self.lost_reason or "the sandbox agent is gone")
         if answer["type"] == "error":
             raise SandboxError(answer["message"])
         if answer["type"] != "reply":

@@ -48,9 +48,10 @@ with contextlib.suppress(ImportError):  # in the sandbox: names from agent.py's 
 PROCESS_DIR = RUN_DIR + "/procs"
 PROCESS_ID_LENGTH = 12
 # Records of ended processes kept for `output`/`wait` after they end; the oldest go first.
-KEEP_ENDED = 64
+KEEP_ENDED = 16
+ENDED_BYTES = 32 * 1024 * 1024
 STATE_EVERY_S = 0.1
-KILL_WAIT_S = 5.0
+KILL_WAIT_S = 15.0  # longer than the helper's own bound for ending a tree
 START_WAIT_S = 5.0
 NO_DEADLINE_S = 10.0**9
 
@@ -72,10 +73,16 @@ def read_json(path: str) -> Message | None:
 
 
 def write_json(path: str, value: Message) -> None:
+    """Replace `path` atomically; no temporary file is left behind when it fails."""
     temporary = f"{path}.{threading.get_ident()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, separators=(",", ":"))
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(value, handle, separators=(",", ":"))
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def stream_record(capture: OutputCapture) -> Message:
@@ -104,6 +111,10 @@ class Keeper:
         }
         self.started = time.monotonic()
         self.done = threading.Event()
+        # One writer at a time, and nothing after the final record (a late snapshot that
+        # still says "running" must never replace it).
+        self.record_lock = threading.Lock()
+        self.final = False
 
     def run(self) -> None:
         fifo = os.path.join(self.folder, "stdin")
@@ -123,7 +134,8 @@ class Keeper:
         signal.signal(signal.SIGTERM, lambda *_: backstop_soon(process))
         self.state["pid"] = process.pid
         threading.Thread(target=forward, args=(stdin_fd, process), daemon=True).start()
-        threading.Thread(target=self._record_while_running, daemon=True).start()
+        recorder = threading.Thread(target=self._record_while_running, daemon=True)
+        recorder.start()
         timeout = self.spec.get("timeout")
         Pump(
             process,
@@ -135,6 +147,7 @@ class Keeper:
         ).run()
         status = read_status(status_read, process.returncode)
         self.done.set()
+        recorder.join()
         self.state.update(
             running=False,
             exit_code=int(status["exit_code"]),
@@ -144,7 +157,7 @@ class Keeper:
             error=status.get("error"),
             duration_s=time.monotonic() - self.started,
         )
-        self.record()
+        self.record(final=True)
 
     def _helper_argv(self, status_fd: int) -> list[str]:
         spec = self.spec
@@ -162,10 +175,20 @@ class Keeper:
                 seen = total
                 self.record()
 
-    def record(self) -> None:
+    def record(self, final: bool = False) -> None:
+        """Write the record; if the output does not fit (a full tmpfs), the record without
+        it, so that the process's state is never frozen at an old one."""
         state = {**self.state, **{k: stream_record(c) for k, c in self.captures.items()}}
-        with contextlib.suppress(OSError):  # a full tmpfs must not kill the process
-            write_json(os.path.join(self.folder, "state.json"), state)
+        path = os.path.join(self.folder, "state.json")
+        with self.record_lock:
+            if self.final:
+                return
+            self.final = final
+            try:
+                write_json(path, state)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    write_json(path, {**self.state, "output_lost": "no room to keep it"})
 
 
 def backstop_soon(process: Process) -> None:
@@ -216,9 +239,20 @@ class ProcessTable:
             "uid": self.agent.uid,
             "gid": self.agent.gid,
         }
-        write_json(os.path.join(folder, "spec.json"), spec)
+        try:
+            write_json(os.path.join(folder, "spec.json"), spec)
+            launcher = self._launch(folder, process_id)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # no record of what never started
+            raise
+        if launcher.stdin is not None:  # in the background: the sources outgrow a pipe
+            feed(launcher.stdin, json.dumps(self.sources).encode() + b"\n")
+        threading.Thread(target=launcher.wait, daemon=True).start()  # it forks and exits
+        return {"id": process_id}
+
+    def _launch(self, folder: str, process_id: str) -> Process:
         with open(os.path.join(folder, "keeper.log"), "wb") as log:
-            launcher = subprocess.Popen(
+            return subprocess.Popen(
                 [sys.executable, "-I", "-S", "-u", "-c", BOOTSTRAP, "keeper", process_id],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
@@ -226,10 +260,6 @@ class ProcessTable:
                 cwd="/",
                 start_new_session=True,
             )
-        if launcher.stdin is not None:  # in the background: the sources outgrow a pipe
-            feed(launcher.stdin, json.dumps(self.sources).encode() + b"\n")
-        threading.Thread(target=launcher.wait, daemon=True).start()  # it forks and exits
-        return {"id": process_id}
 
     def listing(self, _request: Message) -> Message:
         processes = []
@@ -242,43 +272,36 @@ class ProcessTable:
         return {"processes": processes}
 
     def _summary(self, process_id: str) -> Message | None:
-        folder = os.path.join(PROCESS_DIR, process_id)
-        state = read_json(os.path.join(folder, "state.json"))
+        state = current_record(os.path.join(PROCESS_DIR, process_id))
         if state is None:
-            spec = read_json(os.path.join(folder, "spec.json"))
-            if spec is None:
-                return None
-            state = {"id": process_id, "command": spec["command"], "cwd": spec["cwd"]}
-            state.update(running=True, starting=True)
+            return None
         for name in ("stdout", "stderr"):
             stream = state.pop(name, None) or {}
             state[f"{name}_bytes"] = stream.get("total", 0)
         return state
 
     def status(self, request: Message) -> Message:
-        folder = process_folder(request.get("process"))
-        state = read_json(os.path.join(folder, "state.json"))
+        state = current_record(process_folder(request.get("process")))
         if state is None:
-            if not os.path.isdir(folder):
-                raise ValueError(f"no background process {request.get('process')}")
-            return {"id": request.get("process"), "running": True, "starting": True}
+            raise ValueError(f"no background process {request.get('process')}")
         return state
 
     def kill(self, request: Message) -> Message:
+        """SIGTERM to the keeper (its helper ends the whole tree), then its final record."""
         folder = process_folder(request.get("process"))
         state = self._wait_started(folder)
         if not state.get("running"):
-            return {**state, "was_running": False}
+            return state
         pid = int(state["keeper_pid"])
         if is_keeper(pid, str(state["id"])):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + KILL_WAIT_S
-        while time.monotonic() < deadline:
-            state = read_json(os.path.join(folder, "state.json")) or state
-            if not state.get("running"):
-                break
+        while state.get("running") and time.monotonic() < deadline:
             time.sleep(0.002)
-        return {**state, "was_running": True}
+            state = current_record(folder) or state
+        if state.get("running"):
+            raise TimeoutError(f"background process {state['id']} did not end in {KILL_WAIT_S:g} s")
+        return state
 
     def write(self, request: Message) -> Message:
         folder = process_folder(request.get("process"))
@@ -297,25 +320,51 @@ class ProcessTable:
 
     @staticmethod
     def _wait_started(folder: str) -> Message:
-        deadline = time.monotonic() + START_WAIT_S
+        """The record once the keeper wrote it (or it settled as never started)."""
         while True:
-            state = read_json(os.path.join(folder, "state.json"))
-            if state is not None:
-                return state
-            if not os.path.isdir(folder):
+            state = current_record(folder)
+            if state is None:
                 raise ValueError(f"no background process {os.path.basename(folder)}")
-            if time.monotonic() >= deadline:
-                raise TimeoutError("the background process did not start")
+            if not state.get("starting") or not state.get("running"):
+                return state
             time.sleep(0.002)
 
     def _forget_old(self) -> None:
-        ended = [
-            (info.get("started_at") or 0, str(info["id"]))
-            for info in self.listing({})["processes"]
-            if not info.get("running")
-        ]
-        for _started, process_id in sorted(ended)[: max(0, len(ended) - KEEP_ENDED)]:
-            shutil.rmtree(os.path.join(PROCESS_DIR, process_id), ignore_errors=True)
+        """Keep the newest ended records within KEEP_ENDED and ENDED_BYTES; remove the rest."""
+        ended = sorted(
+            ((info.get("started_at") or 0, str(info["id"])) for info in self._ended()),
+            reverse=True,
+        )
+        kept_bytes = 0
+        for count, (_started, process_id) in enumerate(ended):
+            folder = os.path.join(PROCESS_DIR, process_id)
+            with contextlib.suppress(OSError):
+                kept_bytes += os.path.getsize(os.path.join(folder, "state.json"))
+            if count >= KEEP_ENDED or kept_bytes > ENDED_BYTES:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _ended(self) -> list[Message]:
+        return [info for info in self.listing({})["processes"] if not info.get("running")]
+
+
+def current_record(folder: str) -> Message | None:
+    """A process's record, settled: a keeper that is gone without writing its final record
+    (killed, out of memory) or one that never started is reported ended with no exit code,
+    never "running" for ever. None when there is no such process."""
+    state = read_json(os.path.join(folder, "state.json"))
+    if state is None:
+        spec = read_json(os.path.join(folder, "spec.json"))
+        if spec is None:
+            return None
+        state = {"id": spec["id"], "command": spec["command"], "cwd": spec["cwd"]}
+        state.update(running=True, starting=True)
+        with contextlib.suppress(OSError):
+            if time.time() - os.path.getmtime(os.path.join(folder, "spec.json")) > START_WAIT_S:
+                state.update(running=False, exit_code=None, error="it never started")
+        return state
+    if state.get("running") and not is_keeper(int(state.get("keeper_pid") or 0), state["id"]):
+        state.update(running=False, exit_code=None, error="its keeper ended without a result")
+    return state
 
 
 def is_keeper(pid: int, process_id: str) -> bool:

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from .sandbox import Sandbox
 
 WAIT_POLL_S = 0.02
+# A background process's output lives in its record in the sandbox's root-only tmpfs,
+# rewritten as it grows: kept smaller than a command's.
+MAX_BACKGROUND_OUTPUT = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -39,17 +42,21 @@ class ProcessOutput:
     stderr: str
     stdout_bytes: int
     stderr_bytes: int
-    truncated: bool
+    truncated: dict[str, bool]
 
 
-def stream_text(record: dict[str, Any] | None, limit: int) -> tuple[bytes, int, bool]:
+def stream_text(record: object) -> tuple[bytes, int, bool]:
     """A stream's kept bytes with a marker where bytes were dropped, its total, truncated."""
-    record = record or {}
-    capture = agent.OutputCapture(limit)
-    capture.head = bytearray(base64.b64decode(str(record.get("head") or "")))
-    capture.tail = bytearray(base64.b64decode(str(record.get("tail") or "")))
-    capture.dropped = int(record.get("dropped") or 0)
-    return capture.text(), int(record.get("total") or 0), capture.dropped > 0
+    if not isinstance(record, dict):
+        return b"", 0, False
+    try:
+        capture = agent.OutputCapture(2)
+        capture.head = bytearray(base64.b64decode(str(record.get("head") or ""), validate=True))
+        capture.tail = bytearray(base64.b64decode(str(record.get("tail") or ""), validate=True))
+        capture.dropped = int(record.get("dropped") or 0)
+        return capture.text(), int(record.get("total") or 0), capture.dropped > 0
+    except (ValueError, TypeError):
+        raise SandboxError("a background process's record is malformed") from None
 
 
 class Process:
@@ -78,11 +85,10 @@ class Process:
 
     def output_from(self, state: dict[str, Any]) -> ProcessOutput:
         """The output kept in a record `status()` returned."""
-        limit = self.sandbox.settings.output_limit
-        out, out_total, out_cut = stream_text(state.get("stdout"), limit)
-        err, err_total, err_cut = stream_text(state.get("stderr"), limit)
+        out, out_total, out_cut = stream_text(state.get("stdout"))
+        err, err_total, err_cut = stream_text(state.get("stderr"))
         decoded = (out.decode(errors="replace"), err.decode(errors="replace"))
-        return ProcessOutput(*decoded, out_total, err_total, out_cut or err_cut)
+        return ProcessOutput(*decoded, out_total, err_total, {"stdout": out_cut, "stderr": err_cut})
 
     def wait(self, timeout: float | None = None) -> ExecResult:
         """Wait for the end (TimeoutError if it is still running after `timeout` s)."""
@@ -116,7 +122,7 @@ class Process:
             duration_s=float(state.get("duration_s") or 0.0),
             timed_out=bool(state.get("timed_out")),
             signal=signal_number if isinstance(signal_number, int) else None,
-            truncated={"stdout": output.truncated, "stderr": output.truncated},
+            truncated=output.truncated,
             output_bytes={"stdout": output.stdout_bytes, "stderr": output.stderr_bytes},
             error=state.get("error"),
             command_id=self.id,
@@ -141,9 +147,9 @@ def start(
     output_limit: int | None = None,
 ) -> Process:
     """Start `command` in the background (see `Sandbox.start`)."""
-    limit = int(output_limit or sandbox.settings.output_limit)
-    if not 2 <= limit <= config.MAX_OUTPUT_LIMIT:
-        raise UsageError(f"output_limit must be between 2 and {config.MAX_OUTPUT_LIMIT} bytes")
+    limit = int(output_limit or min(sandbox.settings.output_limit, MAX_BACKGROUND_OUTPUT))
+    if not 2 <= limit <= MAX_BACKGROUND_OUTPUT:
+        raise UsageError(f"output_limit must be between 2 and {MAX_BACKGROUND_OUTPUT} bytes")
     if timeout is not None and not 0 < timeout <= config.MAX_TIMEOUT_S:
         raise UsageError(f"timeout must be between 0 and {config.MAX_TIMEOUT_S:g} seconds")
     text = command if isinstance(command, str) else " ".join(map(str, command))
@@ -174,5 +180,7 @@ def find(sandbox: Sandbox, process_id: str) -> Process:
     try:
         process.command = str(process.status().get("command") or "")
     except SandboxError as exc:
+        if "no background process" not in exc.message:
+            raise  # the sandbox or its agent failed: say that, not "no such process"
         raise UsageError(f"no background process {process_id!r} in {sandbox.name}") from exc
     return process

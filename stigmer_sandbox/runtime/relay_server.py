@@ -38,7 +38,7 @@ CLIENT_OPTIONS = ("timeout", "idle_timeout", "env", "cwd", "keep_background")
 
 
 class Relay:
-    """Serves one sandbox on one socket until idle, gone or stale."""
+    """Serves one sandbox on one socket until it is idle or its sandbox is gone."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -120,11 +120,12 @@ class Relay:
                     self.last_request = time.monotonic()
 
     def _handle(self, conn: socket.socket) -> None:
-        request = next(relay.read_lines(conn))
-        if request.get("fingerprint") != self.fingerprint:
-            relay.send_line(conn, {"type": "stale"})
-            self.stop.set()
-            return
+        request = next(relay.read_lines(conn), None)
+        if not isinstance(request, dict) or request.get("fingerprint") != self.fingerprint:
+            return  # not a client of these settings: it takes the slow path
+        if self.stop.is_set():
+            return  # closing: the client takes the slow path, nothing ran
+        relay.send_line(conn, {"type": "accepted"})
         try:
             result = self._run(conn, request)
         except SandboxError as exc:
@@ -141,7 +142,8 @@ class Relay:
         def forward(stream: str) -> relay.Callback:
             def send(data: bytes) -> None:
                 message = {"type": "out", "stream": stream, "data": base64.b64encode(data).decode()}
-                with send_lock:
+                # A client gone (Ctrl-C) must not cost the command its result or audit entry.
+                with send_lock, contextlib.suppress(OSError):
                     relay.send_line(conn, message)
 
             return send
@@ -186,8 +188,11 @@ def start_in_background(settings: Settings) -> None:
     log = settings.path("state_dir") / "relay.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as errors:
+        # -I and cwd /: never import from the folder `inv` ran in (it may be the workspace,
+        # which sandbox commands write).
         process = subprocess.Popen(
-            [sys.executable, "-m", __name__],
+            [sys.executable, "-I", "-m", __name__],
+            cwd="/",
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=errors,

@@ -46,6 +46,9 @@ class Session:
     def exec(self, command: str | Sequence[str], **options: Unpack[ExecOptions]) -> ExecResult:
         """`Sandbox.exec` in this session; `cwd` (if given) changes the session's folder."""
         script = command if isinstance(command, str) else shlex.join(command)
+        bad = [key for key in options.get("env") or {} if not shell_state.ENV_NAME.match(key)]
+        if bad:
+            raise UsageError(f"a session's env names must be shell variable names: {bad[0]!r}")
         cwd = options.get("cwd")
         request = make_request(self.sandbox.settings, script, self.sandbox._cwd(cwd), options)
         request = dataclasses.replace(request, session=self.name, cwd=request.cwd if cwd else "")

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 Message = dict[str, Any]
@@ -104,14 +105,22 @@ def own_declarations(text: str) -> str:
 def prelude(state: Message | None, request: Message, fd: int) -> str:
     """What a session command sources before the caller's script: the folder, the saved
     variables and functions, this command's env, then the save trap writing to `fd`."""
-    cwd = shell_quote(str(request.get("cwd") or (state or {}).get("cwd") or WORKSPACE))
-    lines = [
-        f"builtin cd -- {cwd} 2>/dev/null || {{ builtin printf 'stigmer-sandbox: the session "
-        f"folder %s is gone; continuing in {WORKSPACE}\\n' {cwd} >&2; builtin cd {WORKSPACE}; }}"
-    ]
+    asked = request.get("cwd")
+    if asked:  # a folder the caller asked for: nothing runs anywhere else
+        quoted = shell_quote(str(asked))
+        lines = [f"builtin cd -- {quoted} || builtin exit 126"]
+    else:  # the session's own folder: if it is gone, say so and go on in the workspace
+        quoted = shell_quote(str((state or {}).get("cwd") or WORKSPACE))
+        lines = [
+            f"builtin cd -- {quoted} 2>/dev/null || {{ builtin printf 'stigmer-sandbox: the "
+            f"session folder %s is gone; continuing in {WORKSPACE}\\n' {quoted} >&2; "
+            f"builtin cd {WORKSPACE}; }}"
+        ]
     if state:
         lines += [str(state.get("variables") or ""), str(state.get("functions") or "")]
     for key, value in (request.get("env") or {}).items():
+        if not ENV_NAME.match(str(key)):
+            raise ValueError(f"invalid variable name for a session: {str(key)[:60]!r}")
         lines.append(f"builtin export {key}={shell_quote(str(value))}")
     lines.append(SAVE_STATE.replace("@FD@", str(fd)))
     return "\n".join(lines) + "\n"
@@ -120,10 +129,12 @@ def prelude(state: Message | None, request: Message, fd: int) -> str:
 class SessionState:
     """A named session's saved state and its lock (one command at a time per session)."""
 
-    def __init__(self, name: str, timeout: float) -> None:
+    def __init__(
+        self, name: str, timeout: float, cancelled: Callable[[], bool] = lambda: False
+    ) -> None:
         if not SESSION_NAME.match(name):
             raise ValueError(f"invalid session name {name!r}")
-        self.name, self.timeout = name, timeout
+        self.name, self.timeout, self.cancelled = name, timeout, cancelled
         self.path = os.path.join(SESSION_DIR, name + ".json")
         self.lock_fd = -1
 
@@ -136,6 +147,9 @@ class SessionState:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return self
             except BlockingIOError:
+                if self.cancelled():
+                    os.close(self.lock_fd)
+                    raise RuntimeError("cancelled while waiting for its session") from None
                 if time.monotonic() >= deadline:
                     os.close(self.lock_fd)
                     raise TimeoutError(f"session {self.name} stayed busy") from None
@@ -167,13 +181,19 @@ class SessionState:
         return ["/bin/bash", "-c", script, *argv[3:]], {} if state else dict(base_env), text
 
     def save(self, raw: bytes | None) -> None:
+        """Keep the state the command wrote, if it wrote one; a state that cannot be kept
+        (a full tmpfs) leaves the previous one, never changing the command's result."""
         state = parse_state(raw) if raw else None
         if state is None:
             return
         temporary = f"{self.path}.{os.getpid()}.tmp"
-        with open(temporary, "w", encoding="utf-8", errors="surrogateescape") as handle:
-            json.dump(state, handle)
-        os.replace(temporary, self.path)
+        try:
+            with open(temporary, "w", encoding="utf-8", errors="surrogateescape") as handle:
+                json.dump(state, handle)
+            os.replace(temporary, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
 
     @staticmethod
     def close(name: str) -> bool:

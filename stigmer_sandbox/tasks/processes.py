@@ -103,7 +103,7 @@ def _print_new(out: runtime.ProcessOutput, shown: dict[str, int]) -> None:
         if new <= 0:
             continue
         data = text.encode()
-        if not out.truncated:
+        if not out.truncated[name]:
             data = data[shown[name] :]
         elif new < len(data):
             data = data[-new:]

@@ -26,7 +26,7 @@ def test_container_spec_is_hardened_by_default(tmp_path):
     assert spec["nano_cpus"] == 2_000_000_000
     assert spec["tmpfs"] == {
         "/tmp": "rw,exec,nosuid,nodev,size=512m",
-        "/run/stigmer": "rw,noexec,nosuid,nodev,mode=0700,size=64m",
+        "/run/stigmer": "rw,noexec,nosuid,nodev,mode=0700,size=256m",
     }
     assert spec["network_mode"] == "bridge"
     assert all(m["BindOptions"]["Propagation"] == "rprivate" for m in spec["mounts"])

@@ -309,9 +309,9 @@ def test_output_capture_record_round_trips_through_the_keeper_format():
     capture = agent.OutputCapture(10)
     for _ in range(10):
         capture.feed(b"0123456789")
-    text, total, cut = processes.stream_text(keeper.stream_record(capture), 10)
+    text, total, cut = processes.stream_text(keeper.stream_record(capture))
     assert (text, total, cut) == (capture.text(), 100, True)
-    assert processes.stream_text(None, 10) == (b"", 0, False)
+    assert processes.stream_text(None) == (b"", 0, False)
 
 
 def test_the_session_state_folder_lives_in_the_root_only_run_dir():
