@@ -232,3 +232,15 @@ def test_inv_refuses_an_unknown_process_id_in_one_line(box, inv, task, bad):
     assert refused.returncode != 0
     assert one_error_line(refused.stderr) and "no background process" in refused.stderr
     assert refused.stdout == ""
+
+
+def test_a_keeper_killed_from_outside_settles_as_lost_not_running_for_ever(box, docker_engine):
+    process = box.start("sleep 600")
+    assert wait_for(lambda: process.status().get("keeper_pid"))
+    keeper_pid = process.status()["keeper_pid"]
+    container = docker_engine.containers.get(box.name)
+    container.exec_run(["kill", "-9", str(keeper_pid)], user="0")  # e.g. the OOM killer
+    result = process.wait(timeout=15)
+    assert result.exit_code is None and result.cause == "lost"
+    assert "keeper" in (result.error or "")
+    assert box.exec("pgrep -x sleep -a | grep -c 'sleep 600' || true").stdout.strip() == "0"

@@ -162,7 +162,7 @@ def test_sixteen_parallel_commands_and_three_sandboxes(tmp_path, docker_engine):
         ),
         (["run", ""], {}, 2, "empty command"),
         (["run", "true", "--env", "NOEQUALS"], {}, 2, "--env must be KEY=VALUE"),
-        (["run", "true", "--timeout", "-1"], {}, 2, "timeout must be positive"),
+        (["run", "true", "--timeout", "-1"], {}, 2, "timeout must be between"),
         (["clean", "--all"], {}, 2, "pass --yes"),
     ],
 )

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from stigmer_sandbox.errors import UsageError
 from stigmer_sandbox.runtime import Sandbox, Session
 
 from ..conftest import ROOT
@@ -330,3 +331,18 @@ def test_a_session_command_cannot_read_the_state_folder_or_another_session(box):
     assert probe.stdout == "done\n", probe
     assert probe.stderr.count("Permission denied") == 3, probe.stderr
     assert victim.exec('echo "$TOKEN"').stdout == f"{secret}\n"
+
+
+def test_a_requested_folder_that_does_not_exist_runs_nothing(box):
+    shell = fresh(box, "workdir")
+    marker = f"/tmp/ran-{uuid.uuid4().hex[:8]}"
+    result = shell.exec(f"touch {marker}", cwd="/nonexistent/typo")
+    assert result.exit_code == 126, result
+    assert box.exec(f"test -e {marker}").exit_code == 1  # not run anywhere else
+
+
+def test_a_session_env_name_cannot_smuggle_shell_code(box):
+    shell = fresh(box, "envname")
+    with pytest.raises(UsageError, match="shell variable names"):
+        shell.exec("true", env={"X;touch /tmp/injected;Y": "1"})
+    assert box.exec("test -e /tmp/injected").exit_code == 1

@@ -84,3 +84,19 @@ def test_a_client_of_another_uid_is_refused_by_peer_credentials():
             assert relay_server.same_user(conn)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_relay_starts_isolated_from_the_folder_inv_ran_in(tmp_path, monkeypatch):
+    """`python -m` would import from the current folder first (the workspace, maybe,
+    which sandbox commands write): the relay runs with -I from /."""
+    seen = {}
+
+    class Recorder:
+        stdin = None
+
+        def __init__(self, argv, **options):
+            seen.update(argv=argv, **options)
+
+    monkeypatch.setattr(subprocess, "Popen", Recorder)
+    relay_server.start_in_background(settings_in(tmp_path))
+    assert seen["argv"][1] == "-I" and seen["cwd"] == "/"
