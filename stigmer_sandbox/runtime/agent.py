@@ -1,7 +1,8 @@
 """In-container command agent: runs the host's commands over one attached exec stream.
 
-The host sends this file's source and keeper.py's (background processes and the entry
-point) as the first line on the agent's stdin and starts it as
+The host sends the sources of shell_state.py (sessions), this file and keeper.py
+(background processes and the entry point) as the first line on the agent's stdin and
+starts it as
 `/usr/bin/python3 -I -S -u -c <BOOTSTRAP> UID GID` (absolute path, isolated mode, no
 site: nothing the sandbox user can write is imported). It must stay standard-library
 Python 3.11 with no imports from the package. The host imports `OutputCapture`,
@@ -18,8 +19,14 @@ their pipes: nothing it does reaches the stream the host reads.
 Protocol: JSON lines. The host writes requests to the agent's stdin:
   {"op": "exec", "id": 7, "cid": "ab12", "argv": [...], "env": {...}, "cwd": "/workspace",
    "timeout": 600, "limit": 1048576, "stdin": "<base64>" | null, "keep_background": false,
-   "merge_output": false}       (merge_output: stderr goes to stdout, in the order written)
+   "merge_output": false, "idle_timeout": null, "session": null}
+      (merge_output: stderr goes to stdout, in the order written; session: run it in that
+      named shell session, see shell_state.py)
   {"op": "ping", "id": 8}
+  {"op": "cancel", "id": 9, "cid": "ab12"}     (end a command, or never start it)
+  {"op": "session_close", "id": 10, "session": "build"}
+  {"op": "proc_start" | "proc_list" | "proc_status" | "proc_kill" | "proc_write", ...}
+      (background processes, see keeper.py)
 The agent answers on stdout:
   {"id": 7, "type": "out", "stream": "stdout", "data": "<base64>"}   (live, head only)
   {"id": 7, "type": "done", "exit_code": 0, "signal": null, "timed_out": false,
@@ -28,6 +35,8 @@ The agent answers on stdout:
   {"id": 8, "type": "pong", "pid": 42}
   {"id": 0, "type": "beat"}          (every second: the host judges liveness by it)
   {"id": 7, "type": "error", "message": "..."}   (this request alone could not run)
+  {"id": 9, "type": "reply", "data": {...}}      (the answer to any other operation)
+A `done` message may also carry "idle_timed_out": true (exit code 124, cause idle).
 """
 
 from __future__ import annotations
@@ -75,7 +84,7 @@ OPERATIONS = frozenset(
     | {"proc_kill", "proc_write"}
 )
 # How the host starts this program (and the agent starts a background process's keeper):
-# the sources (this file, then keeper.py) arrive as one JSON line on stdin, so `ps`
+# the sources (shell_state.py, this file, keeper.py) arrive as one JSON line on stdin, so `ps`
 # shows these lines, not 40 kB of code; keeper.py's `main()` then runs.
 BOOTSTRAP = (
     "# stigmer-sandbox agent\n"
