@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -32,7 +34,6 @@ from typing import Any
 
 with contextlib.suppress(ImportError):  # in the sandbox: names from agent.py's source
     from .agent import (
-        BOOTSTRAP,
         EXEC_HELPER,
         RUN_DIR,
         Agent,
@@ -41,7 +42,6 @@ with contextlib.suppress(ImportError):  # in the sandbox: names from agent.py's 
         Process,
         Pump,
         backstop,
-        feed,
         read_status,
     )
 
@@ -54,6 +54,15 @@ STATE_EVERY_S = 0.1
 KILL_WAIT_S = 15.0  # longer than the helper's own bound for ending a tree
 START_WAIT_S = 5.0
 NO_DEADLINE_S = 10.0**9
+# A keeper reads the program's sources from the root-only file the agent wrote.
+KEEPER_BOOTSTRAP = (
+    "# stigmer-sandbox keeper\n"
+    "import sys, json\n"
+    "STIGMER_SOURCES = json.load(open(sys.argv[3], encoding='utf-8'))\n"
+    "for _source in STIGMER_SOURCES:\n"
+    "    exec(_source)\n"
+    "main()\n"
+)
 
 
 def process_folder(process_id: object) -> str:
@@ -74,10 +83,14 @@ def read_json(path: str) -> Message | None:
 
 def write_json(path: str, value: Message) -> None:
     """Replace `path` atomically; no temporary file is left behind when it fails."""
-    temporary = f"{path}.{threading.get_ident()}.tmp"
+    write_json_text(path, json.dumps(value, separators=(",", ":")))
+
+
+def write_json_text(path: str, text: str) -> None:
+    temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(value, handle, separators=(",", ":"))
+            handle.write(text)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -131,11 +144,15 @@ class Keeper:
             stderr=subprocess.PIPE,
         )
         os.close(status_write)
-        signal.signal(signal.SIGTERM, lambda *_: backstop_soon(process))
+        signal.signal(signal.SIGTERM, lambda *_: pass_on_term(process))
         self.state["pid"] = process.pid
+        # The kernel may hand a process's signal to any thread that does not block it, and
+        # only the main thread runs Python's handlers: the helper threads block SIGTERM.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         threading.Thread(target=forward, args=(stdin_fd, process), daemon=True).start()
         recorder = threading.Thread(target=self._record_while_running, daemon=True)
         recorder.start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         timeout = self.spec.get("timeout")
         Pump(
             process,
@@ -156,8 +173,10 @@ class Keeper:
             killed=bool(status.get("cancelled")),
             error=status.get("error"),
             duration_s=time.monotonic() - self.started,
+            ended_at=time.time(),
         )
         self.record(final=True)
+        forget_old()  # here, not in the agent: starting a process stays cheap
 
     def _helper_argv(self, status_fd: int) -> list[str]:
         spec = self.spec
@@ -191,9 +210,11 @@ class Keeper:
                     write_json(path, {**self.state, "output_lost": "no room to keep it"})
 
 
-def backstop_soon(process: Process) -> None:
-    """SIGTERM from `kill`: the helper ends the whole tree (off the signal handler)."""
-    threading.Thread(target=backstop, args=(process,), daemon=True).start()
+def pass_on_term(process: Process) -> None:
+    """SIGTERM from `kill`: the helper ends the whole tree. Only a signal here (no thread,
+    no lock in a signal handler); `kill` repeats it until the record says ended."""
+    with contextlib.suppress(OSError):
+        process.send_signal(signal.SIGTERM)
 
 
 def forward(stdin_fd: int, process: Process) -> None:
@@ -210,6 +231,8 @@ class ProcessTable:
 
     def __init__(self, agent: Agent, sources: list[str]) -> None:
         self.agent, self.sources = agent, sources
+        self.program: str | None = None
+        self.launchers: list[Process] = []
 
     def operations(self) -> dict[str, Any]:
         return {
@@ -224,7 +247,6 @@ class ProcessTable:
         argv = request.get("argv")
         if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
             raise ValueError("argv must be a non-empty list of strings")
-        self._forget_old()
         process_id = secrets.token_hex(PROCESS_ID_LENGTH // 2)
         folder = os.path.join(PROCESS_DIR, process_id)
         os.makedirs(folder, mode=0o700)
@@ -241,25 +263,40 @@ class ProcessTable:
         }
         try:
             write_json(os.path.join(folder, "spec.json"), spec)
-            launcher = self._launch(folder, process_id)
+            launcher = self._launch(process_id)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)  # no record of what never started
             raise
-        if launcher.stdin is not None:  # in the background: the sources outgrow a pipe
-            feed(launcher.stdin, json.dumps(self.sources).encode() + b"\n")
-        threading.Thread(target=launcher.wait, daemon=True).start()  # it forks and exits
+        # Reaped on a later start (it forks the keeper and exits at once): no thread here.
+        self.launchers = [p for p in self.launchers if p.poll() is None] + [launcher]
         return {"id": process_id}
 
-    def _launch(self, folder: str, process_id: str) -> Process:
+    def _launch(self, process_id: str) -> Process:
+        folder = os.path.join(PROCESS_DIR, process_id)
         with open(os.path.join(folder, "keeper.log"), "wb") as log:
             return subprocess.Popen(
-                [sys.executable, "-I", "-S", "-u", "-c", BOOTSTRAP, "keeper", process_id],
-                stdin=subprocess.PIPE,
+                [sys.executable, "-I", "-S", "-u", "-c", KEEPER_BOOTSTRAP, *self._args(process_id)],
+                stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 cwd="/",
                 start_new_session=True,
             )
+
+    def _args(self, process_id: str) -> list[str]:
+        return ["keeper", process_id, self._program()]
+
+    def _program(self) -> str:
+        """The in-container program's sources, in a root-only file keepers read (written
+        once per version)."""
+        if self.program is None:
+            text = json.dumps(self.sources)
+            digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+            path = os.path.join(RUN_DIR, f"program-{digest}.json")
+            if not os.path.exists(path):
+                write_json_text(path, text)
+            self.program = path
+        return self.program
 
     def listing(self, _request: Message) -> Message:
         processes = []
@@ -293,12 +330,14 @@ class ProcessTable:
         if not state.get("running"):
             return state
         pid = int(state["keeper_pid"])
-        if is_keeper(pid, str(state["id"])):
-            os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + KILL_WAIT_S
+        next_signal = 0.0
         while state.get("running") and time.monotonic() < deadline:
+            if time.monotonic() >= next_signal and is_keeper(pid, str(state["id"])):
+                os.kill(pid, signal.SIGTERM)  # again every half second: never lost
+                next_signal = time.monotonic() + 0.5
             time.sleep(0.002)
-            state = current_record(folder) or state
+            state = current_record(folder) or {**state, "running": False, "exit_code": None}
         if state.get("running"):
             raise TimeoutError(f"background process {state['id']} did not end in {KILL_WAIT_S:g} s")
         return state
@@ -329,22 +368,22 @@ class ProcessTable:
                 return state
             time.sleep(0.002)
 
-    def _forget_old(self) -> None:
-        """Keep the newest ended records within KEEP_ENDED and ENDED_BYTES; remove the rest."""
-        ended = sorted(
-            ((info.get("started_at") or 0, str(info["id"])) for info in self._ended()),
-            reverse=True,
-        )
-        kept_bytes = 0
-        for count, (_started, process_id) in enumerate(ended):
-            folder = os.path.join(PROCESS_DIR, process_id)
-            with contextlib.suppress(OSError):
-                kept_bytes += os.path.getsize(os.path.join(folder, "state.json"))
-            if count >= KEEP_ENDED or kept_bytes > ENDED_BYTES:
-                shutil.rmtree(folder, ignore_errors=True)
 
-    def _ended(self) -> list[Message]:
-        return [info for info in self.listing({})["processes"] if not info.get("running")]
+def forget_old() -> None:
+    """Keep the newest ended records within KEEP_ENDED and ENDED_BYTES; remove the rest."""
+    ended = []
+    with contextlib.suppress(FileNotFoundError):
+        for process_id in os.listdir(PROCESS_DIR):
+            state = current_record(os.path.join(PROCESS_DIR, process_id))
+            if state is not None and not state.get("running"):  # the latest ended stay
+                ended.append((state.get("ended_at") or state.get("started_at") or 0, process_id))
+    kept_bytes = 0
+    for count, (_started, process_id) in enumerate(sorted(ended, reverse=True)):
+        folder = os.path.join(PROCESS_DIR, process_id)
+        with contextlib.suppress(OSError):
+            kept_bytes += os.path.getsize(os.path.join(folder, "state.json"))
+        if count >= KEEP_ENDED or kept_bytes > ENDED_BYTES:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def current_record(folder: str) -> Message | None:
@@ -376,7 +415,9 @@ def is_keeper(pid: int, process_id: str) -> bool:
             uid_line = next(line for line in handle if line.startswith("Uid:"))
     except (OSError, StopIteration):
         return False
-    return argv[-3:-1] == [b"keeper", process_id.encode()] and uid_line.split()[1] == "0"
+    wanted = (b"keeper", process_id.encode())
+    mine = any(pair == wanted for pair in itertools.pairwise(argv))
+    return mine and uid_line.split()[1] == "0"
 
 
 def run_keeper(process_id: str) -> None:
