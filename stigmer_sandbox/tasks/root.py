@@ -239,6 +239,8 @@ def _report_clean(
     json: bool,
     verb: str,
 ) -> None:
+    from ..host import cleanup
+
     if json:
         console.emit_json(
             {
