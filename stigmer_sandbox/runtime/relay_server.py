@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
@@ -29,7 +28,6 @@ from ..config import Settings, settings_from_dict
 from ..errors import SandboxError
 from .commands import ExecOptions, make_request
 from .sandbox import Sandbox
-from .sessions import check_name
 
 ALIVE_CHECK_S = 5.0
 ACCEPT_POLL_S = 1.0
@@ -151,11 +149,12 @@ class Relay:
         chosen.update(on_stdout=forward("stdout"), on_stderr=forward("stderr"))
         options = cast(ExecOptions, chosen)
         session = request.get("session")
-        cwd = options.get("cwd")
-        built = make_request(self.settings, command, self.sandbox._cwd(cwd), options)
         if session:
-            built = dataclasses.replace(built, session=check_name(str(session)))
-            built = built if cwd else dataclasses.replace(built, cwd="")
+            command, built = self.sandbox.session(str(session)).request(command, options)
+        else:
+            built = make_request(
+                self.settings, command, self.sandbox._cwd(options.get("cwd")), options
+            )
         finished = threading.Event()
         watcher = threading.Thread(
             target=self._cancel_on_hangup, args=(conn, built.cid, finished), daemon=True

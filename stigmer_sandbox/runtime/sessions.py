@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Unpack
 
 from ..errors import UsageError
 from . import shell_state
+from .channel import Request
 from .commands import ExecOptions, ExecResult, make_request
 
 if TYPE_CHECKING:
@@ -45,14 +46,21 @@ class Session:
 
     def exec(self, command: str | Sequence[str], **options: Unpack[ExecOptions]) -> ExecResult:
         """`Sandbox.exec` in this session; `cwd` (if given) changes the session's folder."""
+        script, request = self.request(command, options)
+        return self.sandbox._execute(script, request)[1]
+
+    def request(self, command: str | Sequence[str], options: ExecOptions) -> tuple[str, Request]:
+        """The checked request for `command` in this session, and its script (as `exec`
+        and the relay send it)."""
         script = command if isinstance(command, str) else shlex.join(command)
         bad = [key for key in options.get("env") or {} if not shell_state.ENV_NAME.match(key)]
         if bad:
             raise UsageError(f"a session's env names must be shell variable names: {bad[0]!r}")
         cwd = options.get("cwd")
         request = make_request(self.sandbox.settings, script, self.sandbox._cwd(cwd), options)
-        request = dataclasses.replace(request, session=self.name, cwd=request.cwd if cwd else "")
-        return self.sandbox._execute(script, request)[1]
+        return script, dataclasses.replace(
+            request, session=self.name, cwd=request.cwd if cwd else ""
+        )
 
     def close(self) -> bool:
         """Forget the session's state; whether it had any."""

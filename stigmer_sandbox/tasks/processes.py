@@ -83,8 +83,8 @@ def output(c: Context, process_id: str, follow: bool = False, json: bool = False
         return
     shown = {"stdout": 0, "stderr": 0}
     while True:
-        state = process.status()
-        _print_new(process.output(), shown)
+        state = process.status()  # one record per poll: its state and its output
+        _print_new(process.output_from(state), shown)
         if not follow or not state.get("running"):
             break
         time.sleep(FOLLOW_POLL_S)
