@@ -9,11 +9,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> object:
     # The runtime (and the docker SDK behind it) loads only when used: `inv --list` stays fast.
-    if name in ("Sandbox", "ExecResult", "LocalSandbox", "open_sandbox"):
+    if name in ("Sandbox", "SandboxPool", "ExecResult", "LocalSandbox", "open_sandbox"):
         from . import runtime
 
         return getattr(runtime, name)
     raise AttributeError(name)
 
 
-__all__ = ["ExecResult", "LocalSandbox", "Sandbox", "__version__", "open_sandbox"]
+__all__ = ["ExecResult", "LocalSandbox", "Sandbox", "SandboxPool", "__version__", "open_sandbox"]

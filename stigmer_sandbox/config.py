@@ -130,6 +130,9 @@ class Settings:
         "seconds a relay keeps `inv run`'s connection warm after its last command (0: no relay)",
         900.0,
     )
+    pool_max_size: int = _key(
+        "most sandboxes one SandboxPool runs at once (ready and acquired)", 32, maximum=512
+    )
     max_lifetime_hours: float = _key("sandbox lifetime before cleanup may reap it (0: none)", 24.0)
     mount_aws: bool = _key("mount ~/.aws read-only into the sandbox", False)
     mount_kube: bool = _key("mount ~/.kube read-only into the sandbox", False)

@@ -35,6 +35,8 @@ CONNECT_TIMEOUT_S = 60
 ROOTLESS_DOCS = "https://docs.docker.com/engine/security/rootless/"
 BUILD_HINT = "build it with `inv sandbox.build-basic` (or `inv sandbox.build-full`)"
 HEALTH_POLL_S = 0.2
+# Connections the SDK keeps open: a pool starts and removes many sandboxes at once.
+MAX_CONNECTIONS = 64
 
 _lock = threading.Lock()
 _client: docker.DockerClient | None = None
@@ -79,9 +81,11 @@ def _connect() -> docker.DockerClient:
     url = engine_url()
     with engine_errors(url):
         if os.environ.get("DOCKER_HOST"):
-            made = docker.from_env(timeout=CONNECT_TIMEOUT_S)
+            made = docker.from_env(timeout=CONNECT_TIMEOUT_S, max_pool_size=MAX_CONNECTIONS)
         else:
-            made = docker.DockerClient(base_url=url, timeout=CONNECT_TIMEOUT_S)
+            made = docker.DockerClient(
+                base_url=url, timeout=CONNECT_TIMEOUT_S, max_pool_size=MAX_CONNECTIONS
+            )
         _check_api_version(made.api.api_version, url)
         return made
 
@@ -144,14 +148,37 @@ def _not_running(url: str) -> EngineError:
     )
 
 
+# What the engine says when the machine runs out of something, and what to do about it.
+EXHAUSTION = (
+    (
+        ("no space left on device",),
+        "Docker's disk is full (no space left on device)",
+        "free space with `inv clean --all`; see `docker system df`",
+    ),
+    (
+        ("cannot allocate memory", "out of memory"),
+        "the host is out of memory",
+        "stop sandboxes (`inv sandbox.ls`), lower `memory` or a pool's size",
+    ),
+    (
+        ("resource temporarily unavailable", "too many open files", "pids.max"),
+        "the host is out of processes or file handles",
+        "stop sandboxes (`inv sandbox.ls`) or raise the host's limits (ulimit, pid_max)",
+    ),
+    (
+        ("could not find an available, non-overlapping", "no available ip", "address pool"),
+        "Docker has no network addresses left",
+        "remove unused networks (`docker network prune`) or widen default-address-pools",
+    ),
+)
+
+
 def _api_error(exc: BaseException, url: str) -> EngineError:
     text = str(getattr(exc, "explanation", None) or exc).strip()
     first_line = text.splitlines()[0] if text else type(exc).__name__
-    if "no space left on device" in text.lower():
-        return EngineError(
-            "Docker's disk is full (no space left on device)",
-            "free space with `inv clean --all`; see `docker system df`",
-        )
+    for needles, message, hint in EXHAUSTION:
+        if any(needle in text.lower() for needle in needles):
+            return EngineError(f"{message}: {first_line[:160]}", hint)
     return EngineError(f"Docker Engine error: {first_line}", f"engine: {url}")
 
 
@@ -209,6 +236,23 @@ def image(reference: str) -> Any:
     if found is None:
         raise SandboxNotReady(f"image not found: {reference}", BUILD_HINT)
     return found
+
+
+def remove_image(reference: str) -> bool:
+    """Remove an image if nothing needs it any more; whether it went. One that a container
+    or a child image still uses stays (cleanup finds it later by its labels)."""
+    import docker.errors
+
+    with engine_errors():
+        try:
+            client().images.remove(reference, force=True)
+        except (docker.errors.NotFound, docker.errors.ImageNotFound):
+            return False
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # conflict: in use
+                return False
+            raise
+    return True
 
 
 def find_container(name: str) -> Any | None:

@@ -24,13 +24,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Unpack
 
 from .. import config, engine, images, labels, policy
 from ..config import Settings, load_settings
 from ..errors import SandboxError, SandboxNotReady, UsageError
 from ..images.record import ImageRecord
-from . import bootstrap, processes
+from . import bootstrap, processes, snapshots, workspaces
 from .channel import AgentChannel, AgentLost, DirectRunner, RawResult, Request
 from .commands import ExecOptions, ExecResult, audit_entry, lost, make_request
 from .files import BATCH_SOURCE, TRANSFER_TIMEOUT_S, FileTransfers
@@ -81,6 +82,9 @@ class Sandbox(FileTransfers):
         ephemeral: bool = False,
         extra_labels: dict[str, str] | None = None,
         use_agent: bool = True,
+        private_folder: Path | None = None,
+        owned_image: str | None = None,
+        prepared_image: bool = False,
     ) -> None:
         base = settings or load_settings()
         if name is None and network and network != base.network:
@@ -99,6 +103,12 @@ class Sandbox(FileTransfers):
         self._container: Any = None
         self._channel: AgentChannel | None = None
         self._agent_failed_at = 0.0
+        # A pooled, forked or snapshot-born sandbox: its own workspace folder (and, for a
+        # fork, its own image) go when it is removed, and it is never started again.
+        self.private_folder = private_folder
+        self.owned_image = owned_image
+        self.prepared_image = prepared_image
+        self.retired = False
 
     @classmethod
     def create_ephemeral(cls, settings: Settings | None = None, **kwargs: Any) -> Sandbox:
@@ -137,9 +147,16 @@ class Sandbox(FileTransfers):
     def up(self, timeout: float = READY_TIMEOUT_S) -> Sandbox:
         """Make sure the container exists, runs and is ready (idempotent)."""
         with self._lock:
+            if self.retired:
+                raise SandboxNotReady(
+                    f"sandbox {self.name} was released or removed with its private workspace",
+                    "start a new one (a pool's acquire(), fork() or from_snapshot())",
+                )
             spec = policy.container_spec(self.settings, self.settings.image, {})
-            record = ImageRecord.of(self.settings)
-            image = images.image_for_user(self.settings.image, *self.sandbox_user, record)
+            image = self.settings.image
+            if not self.prepared_image:  # a committed image already has the right user
+                record = ImageRecord.of(self.settings)
+                image = images.image_for_user(image, *self.sandbox_user, record)
             image_id = engine.image(image).id
             spec["image"] = image
             wanted = spec_hash(spec, image_id)
@@ -216,15 +233,20 @@ class Sandbox(FileTransfers):
                 container.stop(timeout=5)
 
     def remove(self) -> bool:
-        """Remove the container; the workspace on the host is never touched."""
+        """Remove the container. The workspace on the host is never touched, unless it is
+        this sandbox's private one (pooled, forked, snapshot-born), which goes with it."""
         self._close_channel()
         container = self.find()
-        if container is None:
-            return False
-        with engine.engine_errors():
-            container.remove(force=True)
-        self._container = None
-        return True
+        if container is not None:
+            with engine.engine_errors():
+                container.remove(force=True)
+            self._container = None
+        if self.private_folder is not None:
+            self.retired = True
+            workspaces.remove(self.private_folder)
+        if self.owned_image:
+            engine.remove_image(self.owned_image)
+        return container is not None
 
     def status(self) -> dict[str, Any]:
         """State, health, image, limits and mounts, as `docker inspect` knows them."""
@@ -296,8 +318,29 @@ class Sandbox(FileTransfers):
 
     # -- commands --------------------------------------------------------------------------
 
+    def retire(self) -> None:
+        """Refuse every later use of this object (a pool does this on release)."""
+        with self._lock:
+            self.retired = True
+            self._close_channel()
+
+    def connect(self) -> Sandbox:
+        """Open the agent connection now, so the first command does not pay for it."""
+        self._runner()
+        return self
+
+    @property
+    def connected(self) -> bool:
+        """Whether the agent connection is open and its heartbeat alive."""
+        channel = self._channel
+        return channel is not None and channel.alive
+
     def _runner(self) -> AgentChannel | DirectRunner:
         with self._lock:
+            if self.retired:
+                raise SandboxNotReady(
+                    f"sandbox {self.name} was released or removed", "acquire or start a new one"
+                )
             if self._channel is not None and self._channel.alive:
                 return self._channel
             self._ensure_running()
@@ -357,6 +400,24 @@ class Sandbox(FileTransfers):
         result = ExecResult.from_raw(raw, request.cid, request.session)
         self.audit.record(audit_entry(self.name, command, request, result))
         return raw, result
+
+    # -- state: fork and snapshot (see `snapshots`) -----------------------------------------
+
+    def fork(self) -> Sandbox:
+        """A new started sandbox with this one's filesystem (packages installed, files under
+        /) and a copy of its workspace, which then diverge. Running processes, /tmp and
+        sessions are not carried. Remove it with `remove()` or a `with` block."""
+        return snapshots.fork(self)
+
+    def snapshot(self, name: str, replace: bool = False) -> dict[str, Any]:
+        """Keep this sandbox's filesystem and workspace as snapshot `name` (processes, /tmp
+        and sessions are not kept); `replace` overwrites one of that name."""
+        return snapshots.take(self, name, replace)
+
+    @classmethod
+    def from_snapshot(cls, name: str, settings: Settings | None = None) -> Sandbox:
+        """A new started sandbox from snapshot `name`, with its own copy of the workspace."""
+        return snapshots.start_from(settings, name)
 
     def session(self, name: str = "default") -> Session:
         """A named shell session: cwd, exports and functions carry over (see `sessions`)."""

@@ -1,0 +1,311 @@
+"""A warm pool: started, healthy, hardened sandboxes waiting to be handed out.
+
+    from stigmer_sandbox import SandboxPool
+
+    with SandboxPool(size=4) as pool:
+        sandbox = pool.acquire()
+        try:
+            sandbox.exec("pip install rich")
+        finally:
+            pool.release(sandbox)   # destroyed; a fresh one takes its place
+
+Each sandbox has a private workspace (see `workspaces`), its agent connection open, and
+labels naming the pool and the host process that owns it, so a crashed owner leaves
+nothing `inv clean` does not find. `acquire()` hands over a waiting sandbox without
+touching the engine; `release()` destroys it in the background and starts a
+replacement. A sandbox is never handed out twice. The pool never runs more than
+`pool_max_size` sandboxes, and says so when their memory limits add up to more than the
+host has. A pool can start its sandboxes from a snapshot, so work done once (packages,
+MCP servers) is not paid at every start.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from .. import engine, labels
+from ..config import Settings, load_settings
+from ..errors import SandboxError, SandboxNotReady, UsageError
+from . import snapshots, workspaces
+
+if TYPE_CHECKING:
+    from .sandbox import Sandbox
+
+ACQUIRE_TIMEOUT_S = 120.0
+START_WORKERS = 4
+RETRY_MAX_S = 30.0
+
+
+class SandboxPool:
+    """Keeps `size` sandboxes started and ready; hands them out once, destroys them on return."""
+
+    def __init__(
+        self,
+        size: int = 2,
+        image: str | None = None,
+        settings: Settings | None = None,
+        *,
+        snapshot: str | None = None,
+        extra_labels: dict[str, str] | None = None,
+    ) -> None:
+        self.settings = (settings or load_settings()).replace(source="arguments", image=image)
+        self.max_size = self.settings.pool_max_size
+        if not isinstance(size, int) or not 0 <= size <= self.max_size:
+            raise UsageError(
+                f"pool size must be a whole number from 0 to {self.max_size}, got {size!r}",
+                "raise `pool_max_size` to allow bigger pools",
+            )
+        self.size = size
+        self.snapshot = snapshot
+        self.id = uuid.uuid4().hex[:8]
+        self.notes: list[str] = []
+        self._labels = {f"{labels.PREFIX}.pool": self.id, **(extra_labels or {})}
+        self._check_source()
+        self._check_memory()
+        self._cond = threading.Condition()
+        self._ready: deque[Sandbox] = deque()
+        self._out: dict[str, Sandbox] = {}
+        self._starting = 0
+        self._closed = False
+        self._error: SandboxError | None = None
+        self._failures = 0
+        self._stop = threading.Event()
+        self._workers = ThreadPoolExecutor(
+            max_workers=START_WORKERS, thread_name_prefix=f"stigmer-pool-{self.id}"
+        )
+        self._refill()
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def _check_source(self) -> None:
+        """A missing image or snapshot is one clear error now, not failures in the background."""
+        if self.snapshot is None:
+            engine.image(self.settings.image)
+            return
+        name = snapshots.check_name(self.snapshot)
+        folder = workspaces.snapshots_root(self.settings) / name
+        if not engine.image_id(snapshots.snapshot_image(name)) or not folder.is_dir():
+            raise UsageError(
+                f"no snapshot named {name}", "see `inv sandbox.snapshots` for the ones there are"
+            )
+
+    def _check_memory(self) -> None:
+        with engine.engine_errors():
+            host = int(engine.client().info().get("MemTotal") or 0)
+        wanted = self.size * self.settings.memory_bytes
+        if host and wanted > host:
+            self.notes.append(
+                f"{self.size} sandboxes with memory {self.settings.memory} may use "
+                f"{wanted / 2**30:.1f} GiB; this host has {host / 2**30:.1f} GiB: they cannot "
+                "all use their limit at once (lower `memory` or the pool size)"
+            )
+
+    # -- what callers use ------------------------------------------------------------------
+
+    @property
+    def ready(self) -> int:
+        """How many sandboxes wait to be acquired now."""
+        with self._cond:
+            return len(self._ready)
+
+    @property
+    def in_use(self) -> int:
+        """How many sandboxes are acquired and not yet released."""
+        with self._cond:
+            return len(self._out)
+
+    def wait_ready(self, timeout: float = ACQUIRE_TIMEOUT_S) -> SandboxPool:
+        """Block until the pool is full (`ready == size`); raises the start error if sandboxes
+        cannot be started, or when `timeout` passes first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self._ready) < self.size:
+                self._check_open()
+                if self._error is not None and self._starting == 0:
+                    raise self._error
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SandboxNotReady(
+                        f"the pool has {len(self._ready)} of {self.size} sandboxes ready after "
+                        f"{timeout:.0f} s",
+                        "see `inv doctor`; the engine may be slow or short of memory",
+                    )
+                self._cond.wait(min(remaining, 0.5))
+        return self
+
+    def acquire(self, timeout: float = ACQUIRE_TIMEOUT_S) -> Sandbox:
+        """A ready sandbox, at once; if none waits, one started now. Waits up to `timeout`
+        seconds only when the pool is at its cap and every sandbox is in use."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._check_open()
+                sandbox = self._take_ready()
+                if sandbox is not None:
+                    self._out[sandbox.name] = sandbox
+                    break
+                if self._live() < self.max_size:
+                    self._starting += 1
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SandboxNotReady(
+                        f"the pool is at its cap of {self.max_size} sandboxes, all in use",
+                        "release one, or raise `pool_max_size`",
+                    )
+                self._cond.wait(remaining)
+        if sandbox is None:
+            sandbox = self._start_now()
+        self._refill()
+        return sandbox
+
+    def release(self, sandbox: Sandbox) -> None:
+        """Give a sandbox back: it is destroyed (container, private workspace) in the
+        background and a fresh one takes its place. It cannot be used afterwards."""
+        with self._cond:
+            if self._out.get(str(getattr(sandbox, "name", ""))) is not sandbox:
+                raise UsageError(
+                    f"{getattr(sandbox, 'name', sandbox)!r} is not a sandbox acquired from "
+                    "this pool (released twice?)"
+                )
+            del self._out[sandbox.name]
+            self._cond.notify_all()
+        sandbox.retire()
+        self._submit(self._destroy, sandbox)
+        self._refill()
+
+    def close(self) -> None:
+        """Remove every sandbox of this pool, waiting and acquired alike (idempotent)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            held = [*self._ready, *self._out.values()]
+            self._ready.clear()
+            self._out.clear()
+            self._cond.notify_all()
+        self._stop.set()
+        for sandbox in held:
+            sandbox.retire()
+        self._workers.shutdown(wait=True)  # starts in flight see `closed` and remove theirs
+        with ThreadPoolExecutor(max_workers=START_WORKERS) as removers:
+            list(removers.map(self._destroy, held))
+
+    def __enter__(self) -> SandboxPool:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError("this sandbox pool is closed")
+
+    def _live(self) -> int:
+        return len(self._ready) + len(self._out) + self._starting
+
+    def _take_ready(self) -> Sandbox | None:
+        """The oldest ready sandbox whose agent is still connected; dead ones are removed."""
+        while self._ready:
+            sandbox = self._ready.popleft()
+            if sandbox.connected:
+                return sandbox
+            self.notes.append(f"{sandbox.name} died while it waited; replacing it")
+            self._submit(self._destroy, sandbox)
+        return None
+
+    def _start_now(self) -> Sandbox:
+        """Start one for an `acquire` that found none ready (a slot is already reserved)."""
+        try:
+            sandbox = self._start_sandbox()
+        except BaseException:
+            with self._cond:
+                self._starting -= 1
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self._starting -= 1
+            if self._closed:
+                closed = True
+            else:
+                closed = False
+                self._out[sandbox.name] = sandbox
+        if closed:
+            self._destroy(sandbox)
+            self._check_open()
+        return sandbox
+
+    def _start_sandbox(self) -> Sandbox:
+        if self.snapshot is not None:
+            sandbox = snapshots.start_from(self.settings, self.snapshot, extra_labels=self._labels)
+        else:
+            name = snapshots.new_name(self.settings)
+            folder = workspaces.create(workspaces.sandboxes_root(self.settings), name)
+            sandbox = snapshots.private_sandbox(
+                self.settings, name, None, folder, extra_labels=self._labels
+            )
+            try:
+                sandbox.up()
+            except BaseException:
+                sandbox.remove()
+                raise
+        try:
+            sandbox.connect()
+        except BaseException:
+            sandbox.remove()
+            raise
+        return sandbox
+
+    def _refill(self) -> None:
+        """Start as many sandboxes as the pool lacks, in the background, within the cap."""
+        with self._cond:
+            if self._closed:
+                return
+            missing = self.size - len(self._ready) - self._starting
+            missing = min(missing, self.max_size - self._live())
+            self._starting += max(missing, 0)
+        for _ in range(max(missing, 0)):
+            self._submit(self._fill_one)
+
+    def _fill_one(self) -> None:
+        try:
+            sandbox = self._start_sandbox() if not self._closed else None
+        except Exception as exc:
+            if not isinstance(exc, SandboxError):
+                exc = SandboxError(f"starting a pooled sandbox failed: {exc}")
+            with self._cond:
+                self._starting -= 1
+                self._error, self._failures = exc, self._failures + 1
+                self._cond.notify_all()
+            # Back off before trying again, so a broken engine is not hammered.
+            if not self._stop.wait(min(RETRY_MAX_S, 0.5 * 2**self._failures)):
+                self._refill()
+            return
+        with self._cond:
+            self._starting -= 1
+            keep = sandbox is not None and not self._closed
+            if sandbox is not None and keep:
+                self._ready.append(sandbox)
+                self._error, self._failures = None, 0
+            self._cond.notify_all()
+        if sandbox is not None and not keep:
+            self._destroy(sandbox)
+
+    def _submit(self, job: object, *args: object) -> None:
+        try:
+            self._workers.submit(job, *args)  # type: ignore[arg-type]
+        except RuntimeError:  # shut down: run it here
+            job(*args)  # type: ignore[operator]
+
+    def _destroy(self, sandbox: Sandbox) -> None:
+        try:
+            sandbox.remove()
+        except SandboxError as exc:
+            self.notes.append(f"could not remove {sandbox.name}: {exc.message} (`inv clean`)")

@@ -1,0 +1,234 @@
+"""Fork and snapshot: a sandbox's filesystem state, kept or branched.
+
+What a sandbox's commands changed under `/` (installed packages, files in the home
+folder) is committed to an image; its workspace, a host folder, is copied beside it.
+The container is paused for both, so the image and the workspace show the same instant.
+Running processes, the tmpfs mounts (`/tmp`, the sessions and process records under
+`/run/stigmer`) and the memory of the sandbox are not carried: a sandbox started from a
+snapshot or a fork starts with no process of its own.
+
+- A snapshot is the image `stigmer-sandbox-snapshot:<name>` (kind `snapshot`) and the
+  folder `<state_dir>/snapshots/<name>/workspace`; both go with `inv clean --all`.
+- A fork is a new sandbox from the image `stigmer-sandbox-fork:<its name>` (kind
+  `fork`), removed with the fork.
+
+A committed image would inherit the container's labels, owner and expiry included, and
+so would every container started from it: the commit overrides them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import engine, labels
+from ..config import Settings, load_settings
+from ..errors import SandboxError, UsageError
+from ..images.record import ImageRecord
+from . import workspaces
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .sandbox import Sandbox
+
+SNAPSHOT_REPOSITORY = "stigmer-sandbox-snapshot"
+FORK_REPOSITORY = "stigmer-sandbox-fork"
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+# Labels a container carries that must not pass to the image, nor from it to containers.
+PER_CONTAINER = ("owner-pid", "owner-host", "expires", "sandbox", "config", "pool", "private")
+
+
+def check_name(name: str) -> str:
+    """A snapshot name: lower-case letters, digits, `_`, `.`, `-`, up to 63 characters."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise UsageError(
+            f"invalid snapshot name {name!r}: use lower-case letters, digits, '_', '.' and '-' "
+            "(at most 63, starting with a letter or digit)"
+        )
+    return name
+
+
+def snapshot_image(name: str) -> str:
+    """The image that holds snapshot `name`."""
+    return f"{SNAPSHOT_REPOSITORY}:{check_name(name)}"
+
+
+def fork_image(sandbox_name: str) -> str:
+    """The image a fork named `sandbox_name` starts from."""
+    return f"{FORK_REPOSITORY}:{sandbox_name}"
+
+
+def _image_labels(kind: str, source: Sandbox) -> dict[str, str]:
+    cleared = {f"{labels.PREFIX}.{key}": "" for key in PER_CONTAINER}
+    return {**cleared, labels.KIND: kind, f"{labels.PREFIX}.source": source.name}
+
+
+@contextmanager
+def _paused(container: Any) -> Iterator[None]:
+    """The container frozen, so its filesystem and workspace are read at one instant."""
+    with engine.engine_errors():
+        container.reload()
+        if container.status != "running":
+            raise SandboxError(
+                f"sandbox {container.name} is {container.status}; only a running sandbox "
+                "can be forked or snapshotted",
+                "start it with `inv sandbox.up`",
+            )
+        container.pause()
+    try:
+        yield
+    finally:
+        with engine.engine_errors():
+            container.unpause()
+
+
+def capture(sandbox: Sandbox, image_ref: str, kind: str, workspace_root: Path, name: str) -> Path:
+    """Commit `sandbox`'s filesystem to `image_ref` and copy its workspace into a new private
+    folder `workspace_root/name`; that folder. Nothing is left behind when it fails."""
+    container = sandbox._existing()
+    repository, tag = image_ref.rsplit(":", 1)
+    changes = [
+        f"LABEL {key}={json.dumps(value)}" for key, value in _image_labels(kind, sandbox).items()
+    ]
+    with _paused(container):
+        folder = workspaces.create(workspace_root, name, sandbox.settings.path("workspace"))
+        try:
+            with engine.engine_errors():
+                image = container.commit(repository, tag, pause=False, changes=changes)
+        except BaseException:
+            workspaces.remove(folder)
+            raise
+    ImageRecord.of(sandbox.settings).add(kind, [image.id])
+    return folder
+
+
+def take(sandbox: Sandbox, name: str, replace: bool = False) -> dict[str, Any]:
+    """Keep `sandbox`'s state as snapshot `name`; refuses to overwrite one unless `replace`."""
+    image_ref = snapshot_image(name)
+    root = workspaces.snapshots_root(sandbox.settings)
+    if engine.image_id(image_ref) or (root / name).exists():
+        if not replace:
+            raise UsageError(f"snapshot {name} already exists", "pick another name, or replace it")
+        delete(sandbox.settings, name)
+    started = time.monotonic()
+    folder = capture(sandbox, image_ref, "snapshot", root, name)
+    return {
+        "name": name,
+        "image": image_ref,
+        "workspace": str(folder / "workspace"),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def listing(settings: Settings | None = None) -> list[dict[str, Any]]:
+    """Every snapshot: name, image size, when, which sandbox it came from, workspace size."""
+    settings = settings or load_settings()
+    root = workspaces.snapshots_root(settings)
+    filters = {"label": [f"{labels.MANAGED}=true", f"{labels.KIND}=snapshot"]}
+    found = []
+    with engine.engine_errors():
+        images = engine.client().images.list(filters=filters)
+    for image in images:
+        for tag in image.tags:
+            repository, _, name = tag.rpartition(":")
+            if repository != SNAPSHOT_REPOSITORY:
+                continue
+            found.append(
+                {
+                    "name": name,
+                    "image": tag,
+                    "created": image.attrs.get("Created", ""),
+                    "size": int(image.attrs.get("Size") or 0),
+                    "source": (image.labels or {}).get(f"{labels.PREFIX}.source", ""),
+                    "workspace_bytes": workspaces.size_bytes(root / name / "workspace"),
+                }
+            )
+    return sorted(found, key=lambda entry: entry["created"])
+
+
+def delete(settings: Settings, name: str) -> bool:
+    """Remove snapshot `name` (its image and workspace); whether there was one. Sandboxes
+    started from it keep running."""
+    image_ref = snapshot_image(name)
+    existed = False
+    if engine.image_id(image_ref):
+        with engine.engine_errors():
+            engine.client().images.remove(image_ref, force=True)
+        existed = True
+    folder = workspaces.snapshots_root(settings) / name
+    if workspaces.is_private(folder, folder.parent):
+        workspaces.remove(folder)
+        existed = True
+    return existed
+
+
+def fork(sandbox: Sandbox) -> Sandbox:
+    """A new, started sandbox with `sandbox`'s filesystem and a copy of its workspace."""
+    name = new_name(sandbox.settings)
+    image_ref = fork_image(name)
+    folder = capture(sandbox, image_ref, "fork", workspaces.sandboxes_root(sandbox.settings), name)
+    return _start(sandbox.settings, name, image_ref, folder, owned_image=True)
+
+
+def start_from(settings: Settings | None, name: str, **options: Any) -> Sandbox:
+    """A new, started sandbox from snapshot `name`, with a copy of the snapshot's workspace."""
+    settings = settings or load_settings()
+    image_ref = snapshot_image(name)
+    source = workspaces.snapshots_root(settings) / name
+    if not engine.image_id(image_ref) or not workspaces.is_private(source, source.parent):
+        raise UsageError(
+            f"no snapshot named {name}", "see `inv sandbox.snapshots` for the ones there are"
+        )
+    new = new_name(settings)
+    root = workspaces.sandboxes_root(settings)
+    folder = workspaces.create(root, new, source / "workspace")
+    return _start(settings, new, image_ref, folder, **options)
+
+
+def new_name(settings: Settings) -> str:
+    """A unique container name for a new private sandbox."""
+    return f"{settings.container_name}-{uuid.uuid4().hex[:8]}"
+
+
+def private_sandbox(
+    settings: Settings,
+    name: str,
+    image: str | None,
+    folder: Path,
+    *,
+    owned_image: bool = False,
+    prepared_image: bool = False,
+    extra_labels: dict[str, str] | None = None,
+) -> Sandbox:
+    """A Sandbox (not started) that mounts the private `folder`; removing it removes the
+    folder too, and the image when `owned_image`."""
+    from .sandbox import Sandbox
+
+    private = settings.replace(
+        workspace=str(folder / "workspace"), logs=str(folder / "logs"), image=image
+    )
+    return Sandbox(
+        private,
+        name=name,
+        ephemeral=True,
+        extra_labels={f"{labels.PREFIX}.private": str(folder), **(extra_labels or {})},
+        private_folder=folder,
+        owned_image=image if owned_image else None,
+        prepared_image=prepared_image,
+    )
+
+
+def _start(settings: Settings, name: str, image: str, folder: Path, **options: Any) -> Sandbox:
+    options.setdefault("prepared_image", True)
+    sandbox = private_sandbox(settings, name, image, folder, **options)
+    try:
+        return sandbox.up()
+    except BaseException:
+        sandbox.remove()
+        raise

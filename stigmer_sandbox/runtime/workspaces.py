@@ -1,0 +1,152 @@
+"""Private workspaces: a folder of its own for each pooled, forked or snapshot-born sandbox.
+
+Such a sandbox mounts `<state_dir>/sandboxes/<name>/workspace` (and `logs`) instead of the
+project's workspace, so two of them never see each other's files. The folder is this
+tool's state, not the user's workspace: it lives and dies with its sandbox. A marker file
+beside the mounted folders (`owner.json`, out of the sandbox's reach) names the sandbox
+and the host process that made it; nothing is ever deleted without it, so cleanup can
+tell our folders from anything else and find those a crashed process left behind.
+Snapshots keep their workspace the same way under `<state_dir>/snapshots/<name>/`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Settings
+from ..errors import SandboxError
+
+SANDBOXES = "sandboxes"
+SNAPSHOTS = "snapshots"
+MARKER = "owner.json"
+MOUNTED = ("workspace", "logs")
+
+
+def sandboxes_root(settings: Settings) -> Path:
+    """Where private sandbox folders live."""
+    return settings.path("state_dir") / SANDBOXES
+
+
+def snapshots_root(settings: Settings) -> Path:
+    """Where snapshots keep their workspaces."""
+    return settings.path("state_dir") / SNAPSHOTS
+
+
+def create(root: Path, name: str, copy_from: Path | None = None) -> Path:
+    """A new private folder `root/name` with its marker and empty `workspace` and `logs`,
+    the workspace a copy of `copy_from` when given (symlinks copied as links, never
+    followed). A half-made folder is removed before the error goes up."""
+    folder = root / name
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o755)
+    except FileExistsError:
+        raise SandboxError(f"{folder} already exists", "pick another name") from None
+    try:
+        _write_marker(folder, name)
+        for mounted in MOUNTED:
+            (folder / mounted).mkdir()
+        if copy_from is not None:
+            copy_tree(copy_from, folder / "workspace")
+    except BaseException:
+        remove(folder)
+        raise
+    return folder
+
+
+def _write_marker(folder: Path, name: str) -> None:
+    marker = {"name": name, "pid": os.getpid(), "host": os.uname().nodename, "at": time.time()}
+    (folder / MARKER).write_text(json.dumps(marker), encoding="utf-8")
+
+
+def copy_tree(source: Path, target: Path) -> None:
+    """Copy the contents of `source` into the existing folder `target`, owners, modes,
+    links and sparse files kept (`cp -a`, reflinks where the filesystem has them)."""
+    done = subprocess.run(
+        ["cp", "-a", "--reflink=auto", "--", f"{source}/.", f"{target}/"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["cp failed"])[-1][:200]
+        hint = "free disk space on the host" if "No space left" in why else None
+        raise SandboxError(f"copying the workspace {source} failed: {why}", hint)
+
+
+def marker(folder: Path) -> dict[str, Any] | None:
+    """The marker of a private folder, or None when it has none (then it is not ours)."""
+    try:
+        entry = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) and entry.get("name") == folder.name else None
+
+
+def is_private(folder: Path, root: Path) -> bool:
+    """Whether `folder` is one of ours: a real folder directly in `root`, with its marker."""
+    return (
+        folder.parent == root
+        and not folder.is_symlink()
+        and folder.is_dir()
+        and marker(folder) is not None
+    )
+
+
+def remove(folder: Path) -> None:
+    """Delete a private folder and everything a sandbox wrote in it. Never follows a
+    symlink; modes a command set (a folder without write or search permission) do not
+    stop it: folders are opened up, top down, before the removal."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    try:
+        _open_up(folder)
+        shutil.rmtree(folder)
+    except OSError as exc:
+        raise SandboxError(f"cannot remove {folder}: {exc.strerror or exc}") from None
+
+
+def _open_up(folder: Path) -> None:
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    os.chmod(folder, stat.S_IRWXU)
+    for base, folders, _files in os.walk(folder):
+        for name in folders:
+            path = os.path.join(base, name)
+            if not os.path.islink(path):
+                os.chmod(path, stat.S_IRWXU)
+
+
+def owner_gone(entry: dict[str, Any]) -> bool:
+    """Whether the process that made a folder is known to have ended (this host only)."""
+    pid = entry.get("pid")
+    if not isinstance(pid, int) or entry.get("host") != os.uname().nodename:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def size_bytes(folder: Path) -> int:
+    """Bytes of the regular files under `folder` (links not followed; 0 when missing)."""
+    total = 0
+    for base, _folders, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(base, name)).st_size
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+    return total
