@@ -26,8 +26,6 @@ import contextlib
 import itertools
 import json
 import queue
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -38,13 +36,13 @@ from typing import Any
 from .. import engine, policy
 from ..errors import SandboxError
 from . import agent, keeper, shell_state
+from .backend import DOCKER, STDOUT, Backend
 
 # The in-container program: session state, the agent, then background processes and the
 # entry point (keeper.py's `main`).
 AGENT_SOURCES = [
     Path(str(m.__file__)).read_text(encoding="utf-8") for m in (shell_state, agent, keeper)
 ]
-FRAME_HEADER = struct.Struct(">BxxxL")
 # A command's hard deadline on the host is its timeout plus this grace.
 HOST_GRACE_S = 10.0
 # No frame at all (the agent beats every second) for this long: the agent is lost.
@@ -252,22 +250,14 @@ class AgentChannel:
         user: tuple[int, int],
         max_line: int,
         source: str | list[str] = AGENT_SOURCES,
+        backend: Backend = DOCKER,
     ) -> None:
         self.container_id = container_id
-        api = engine.client().api
-        with engine.engine_errors():
-            exec_id = api.exec_create(
-                container_id,
-                [policy.PYTHON, "-I", "-S", "-u", "-c", agent.BOOTSTRAP, *map(str, user)],
-                stdin=True,
-                stdout=True,
-                stderr=True,
-                tty=False,
-                user="0:0",
-            )["Id"]
-            self._socket_io = api.exec_start(exec_id, socket=True)
-        self._sock: socket.socket = getattr(self._socket_io, "_sock", self._socket_io)
-        self._sock.settimeout(None)  # silence is fine: liveness comes from heartbeats
+        self._backend = backend
+        self._stream = backend.open_agent(
+            container_id,
+            [policy.PYTHON, "-I", "-S", "-u", "-c", agent.BOOTSTRAP, *map(str, user)],
+        )
         self._max_line = max_line
         self._ids = itertools.count(1)
         self._write_lock = threading.Lock()
@@ -278,7 +268,7 @@ class AgentChannel:
         self.agent_pid: int | None = None
         self.alive = True
         self.lost_reason = ""
-        self._sock.sendall(json.dumps(source).encode() + b"\n")
+        self._stream.send(json.dumps(source).encode() + b"\n")
         for target, name in ((self._read_loop, "reader"), (self._watchdog, "watchdog")):
             threading.Thread(target=target, daemon=True, name=f"stigmer-agent-{name}").start()
 
@@ -291,7 +281,7 @@ class AgentChannel:
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
         try:
             with self._write_lock:
-                self._sock.sendall(data)
+                self._stream.send(data)
         except OSError as exc:
             self.reset(f"the sandbox agent is gone ({exc})")
         return inbox
@@ -382,24 +372,13 @@ class AgentChannel:
         self.reset(reason + (f": {tail[-1][:200]}" if tail else ""))
 
     def _frames(self) -> Iterator[bytes]:
-        """Payloads of the agent's stdout frames (the last bytes of stderr are kept)."""
-        pending = b""
-        while True:
-            chunk = self._sock.recv(262144)
-            if not chunk:
-                return
-            pending += chunk
-            while len(pending) >= FRAME_HEADER.size:
-                stream, size = FRAME_HEADER.unpack_from(pending)
-                if len(pending) < FRAME_HEADER.size + size:
-                    break
-                payload = pending[FRAME_HEADER.size : FRAME_HEADER.size + size]
-                pending = pending[FRAME_HEADER.size + size :]
-                if stream == 1:
-                    yield payload
-                else:
-                    self._stderr_tail = (self._stderr_tail + payload)[-4096:]
-                    self._last_frame = time.monotonic()
+        """The agent's stdout (the last bytes of stderr are kept)."""
+        for stream, payload in self._stream.chunks():
+            if stream == STDOUT:
+                yield payload
+            else:
+                self._stderr_tail = (self._stderr_tail + payload)[-4096:]
+                self._last_frame = time.monotonic()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         with self._pending_lock:
@@ -424,7 +403,7 @@ class AgentChannel:
             self.lost_reason = reason
             waiting, self._pending = list(self._pending.values()), {}
         with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+            self._stream.shutdown()
         for inbox in waiting:
             inbox.put(None)
         if self.agent_pid is not None:
@@ -433,7 +412,8 @@ class AgentChannel:
     def _kill_agent(self) -> None:
         kill = f"import os; os.kill({self.agent_pid}, 9)"
         with contextlib.suppress(SandboxError):
-            run_exec(self.container_id, [policy.PYTHON, "-I", "-S", "-c", kill], user="0:0")
+            argv = [policy.PYTHON, "-I", "-S", "-c", kill]
+            self._backend.run_root(self.container_id, argv, user="0:0")
 
     def close(self) -> None:
         """Close the channel (the agent ends everything it started)."""
@@ -442,11 +422,7 @@ class AgentChannel:
 
 def run_exec(container_id: str, argv: list[str], **options: Any) -> tuple[int, bytes]:
     """One `docker exec`, waited for: exit status and output."""
-    api = engine.client().api
-    with engine.engine_errors():
-        exec_id = api.exec_create(container_id, argv, **options)["Id"]
-        output = api.exec_start(exec_id)
-        return int(api.exec_inspect(exec_id)["ExitCode"]), output
+    return DOCKER.run_root(container_id, argv, **options)
 
 
 class DirectRunner:

@@ -32,6 +32,7 @@ from .. import engine, labels
 from ..config import Settings, load_settings
 from ..errors import SandboxError, SandboxNotReady, UsageError
 from . import snapshots, workspaces
+from .backend import DOCKER, Backend
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
@@ -52,7 +53,9 @@ class SandboxPool:
         *,
         snapshot: str | None = None,
         extra_labels: dict[str, str] | None = None,
+        backend: Backend = DOCKER,
     ) -> None:
+        self.backend = backend
         self.settings = (settings or load_settings()).replace(source="arguments", image=image)
         self.max_size = self.settings.pool_max_size
         if not isinstance(size, int) or not 0 <= size <= self.max_size:
@@ -95,8 +98,7 @@ class SandboxPool:
             )
 
     def _check_memory(self) -> None:
-        with engine.engine_errors():
-            host = int(engine.client().info().get("MemTotal") or 0)
+        host = self.backend.host_memory()
         wanted = self.size * self.settings.memory_bytes
         if host and wanted > host:
             self.notes.append(
@@ -249,7 +251,7 @@ class SandboxPool:
             name = snapshots.new_name(self.settings)
             folder = workspaces.create(workspaces.sandboxes_root(self.settings), name)
             sandbox = snapshots.private_sandbox(
-                self.settings, name, None, folder, extra_labels=self._labels
+                self.settings, name, None, folder, extra_labels=self._labels, backend=self.backend
             )
             try:
                 sandbox.up()

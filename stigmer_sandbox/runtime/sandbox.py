@@ -32,6 +32,7 @@ from ..config import Settings, load_settings
 from ..errors import SandboxError, SandboxNotReady, UsageError
 from ..images.record import ImageRecord
 from . import bootstrap, processes, snapshots, workspaces
+from .backend import DOCKER, Backend
 from .channel import AgentChannel, AgentLost, DirectRunner, RawResult, Request
 from .commands import ExecOptions, ExecResult, audit_entry, lost, make_request
 from .files import BATCH_SOURCE, TRANSFER_TIMEOUT_S, FileTransfers
@@ -85,6 +86,7 @@ class Sandbox(FileTransfers):
         private_folder: Path | None = None,
         owned_image: str | None = None,
         prepared_image: bool = False,
+        backend: Backend = DOCKER,
     ) -> None:
         base = settings or load_settings()
         if name is None and network and network != base.network:
@@ -96,6 +98,7 @@ class Sandbox(FileTransfers):
         self.host_user = host_user or policy.host_user()
         self.ephemeral = ephemeral
         self.use_agent = use_agent
+        self.backend = backend
         self.extra_labels = dict(extra_labels or {})
         self.audit = AuditLog(self.settings.path("state_dir") / "audit.jsonl")
         self.notes: list[str] = []
@@ -121,7 +124,7 @@ class Sandbox(FileTransfers):
 
     def find(self) -> Any:
         """The container, if it exists; refuses one this project did not create."""
-        container = engine.find_container(self.name)
+        container = self.backend.find(self.name)
         if container is None:
             return None
         if container.labels.get(labels.MANAGED) != "true":
@@ -165,8 +168,7 @@ class Sandbox(FileTransfers):
             if container is None:
                 policy.prepare_folders(self.settings, self.host_user)
                 spec["labels"] = self._labels(wanted)
-                with engine.engine_errors():
-                    container = engine.client().containers.create(**spec)
+                container = self.backend.create(spec)
             if container.status != "running":
                 with engine.engine_errors():
                     container.start()
@@ -351,6 +353,7 @@ class Sandbox(FileTransfers):
                         self._container.id,
                         self.sandbox_user,
                         max_line=2 * config.MAX_OUTPUT_LIMIT + 65536,
+                        backend=self.backend,
                     )
                     channel.ping()
                     self._channel = channel

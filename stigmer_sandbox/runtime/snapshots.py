@@ -31,6 +31,7 @@ from ..config import Settings, load_settings
 from ..errors import SandboxError, UsageError
 from ..images.record import ImageRecord
 from . import workspaces
+from .backend import DOCKER, Backend
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -70,41 +71,35 @@ def _image_labels(kind: str, source: Sandbox) -> dict[str, str]:
 
 
 @contextmanager
-def _paused(container: Any) -> Iterator[None]:
-    """The container frozen, so its filesystem and workspace are read at one instant."""
+def _paused(sandbox: Sandbox) -> Iterator[Any]:
+    """The sandbox frozen, so its filesystem and workspace are read at one instant."""
+    container = sandbox._existing()
     with engine.engine_errors():
         container.reload()
-        if container.status != "running":
-            raise SandboxError(
-                f"sandbox {container.name} is {container.status}; only a running sandbox "
-                "can be forked or snapshotted",
-                "start it with `inv sandbox.up`",
-            )
-        container.pause()
-    try:
-        yield
-    finally:
-        with engine.engine_errors():
-            container.unpause()
+    if container.status != "running":
+        raise SandboxError(
+            f"sandbox {sandbox.name} is {container.status}; only a running sandbox can be "
+            "forked or snapshotted",
+            "start it with `inv sandbox.up`",
+        )
+    with sandbox.backend.frozen(container):
+        yield container
 
 
 def capture(sandbox: Sandbox, image_ref: str, kind: str, workspace_root: Path, name: str) -> Path:
     """Commit `sandbox`'s filesystem to `image_ref` and copy its workspace into a new private
     folder `workspace_root/name`; that folder. Nothing is left behind when it fails."""
-    container = sandbox._existing()
-    repository, tag = image_ref.rsplit(":", 1)
     changes = [
         f"LABEL {key}={json.dumps(value)}" for key, value in _image_labels(kind, sandbox).items()
     ]
-    with _paused(container):
+    with _paused(sandbox) as container:
         folder = workspaces.create(workspace_root, name, sandbox.settings.path("workspace"))
         try:
-            with engine.engine_errors():
-                image = container.commit(repository, tag, pause=False, changes=changes)
+            image_id = sandbox.backend.commit(container, image_ref, changes)
         except BaseException:
             workspaces.remove(folder)
             raise
-    ImageRecord.of(sandbox.settings).add(kind, [image.id])
+    ImageRecord.of(sandbox.settings).add(kind, [image_id])
     return folder
 
 
@@ -173,7 +168,9 @@ def fork(sandbox: Sandbox) -> Sandbox:
     name = new_name(sandbox.settings)
     image_ref = fork_image(name)
     folder = capture(sandbox, image_ref, "fork", workspaces.sandboxes_root(sandbox.settings), name)
-    return _start(sandbox.settings, name, image_ref, folder, owned_image=True)
+    return _start(
+        sandbox.settings, name, image_ref, folder, owned_image=True, backend=sandbox.backend
+    )
 
 
 def start_from(settings: Settings | None, name: str, **options: Any) -> Sandbox:
@@ -205,6 +202,7 @@ def private_sandbox(
     owned_image: bool = False,
     prepared_image: bool = False,
     extra_labels: dict[str, str] | None = None,
+    backend: Backend = DOCKER,
 ) -> Sandbox:
     """A Sandbox (not started) that mounts the private `folder`; removing it removes the
     folder too, and the image when `owned_image`."""
@@ -221,6 +219,7 @@ def private_sandbox(
         private_folder=folder,
         owned_image=image if owned_image else None,
         prepared_image=prepared_image,
+        backend=backend,
     )
 
 

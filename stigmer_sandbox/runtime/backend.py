@@ -1,0 +1,156 @@
+"""The seam between the sandbox runtime and the platform that runs sandboxes.
+
+Everything `Sandbox`, `SandboxPool` and the snapshots ask of a container platform goes
+through a `Backend`: create and find a sandbox, open the byte stream the agent speaks
+over, run one root command, freeze and capture a filesystem, and say how much memory
+the platform has. `DockerBackend` is the one implementation. A Kubernetes backend
+(docs/scale-out.md) is meant to be a new module implementing the same two protocols:
+pods from the same images, the same agent over the pod exec stream. What stays above
+this line (the agent and its protocol, the policy, sessions, processes, the pool's
+bookkeeping, the audit trail) does not change.
+
+The Docker-only parts that remain outside: the `docker exec` fallback (`DirectRunner`),
+compose, image builds and the host-side cleanup, none of which a pod platform has.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from .. import engine, labels
+
+# Docker multiplexes an attached exec's stdout and stderr in frames: stream, size, payload.
+FRAME_HEADER = struct.Struct(">BxxxL")
+STDOUT, STDERR = 1, 2
+
+
+class AgentStream(Protocol):
+    """A byte stream to one root process in a sandbox: its stdin, its stdout and stderr."""
+
+    def send(self, data: bytes) -> None:
+        """Write to the process's stdin (raises OSError when the stream is gone)."""
+
+    def chunks(self) -> Iterator[tuple[int, bytes]]:
+        """(STDOUT or STDERR, bytes) as they arrive, until the process's output ends."""
+
+    def shutdown(self) -> None:
+        """Close both directions; a reader blocked in `chunks` sees the end."""
+
+
+class Backend(Protocol):
+    """What the runtime needs from the platform that runs its sandboxes."""
+
+    name: str
+
+    def create(self, spec: dict[str, Any]) -> Any:
+        """Create (not start) a sandbox from `policy.container_spec`'s description."""
+
+    def find(self, name: str) -> Any | None:
+        """The sandbox with this name or id, or None."""
+
+    def open_agent(self, sandbox_id: str, argv: list[str]) -> AgentStream:
+        """Start `argv` as root in the sandbox with stdin open; its stream."""
+
+    def run_root(self, sandbox_id: str, argv: list[str], **options: Any) -> tuple[int, bytes]:
+        """Run `argv` as root in the sandbox and wait: exit status and output."""
+
+    def frozen(self, handle: Any) -> Any:
+        """A context in which the sandbox's processes are frozen (consistent captures)."""
+
+    def commit(self, handle: Any, image_ref: str, changes: list[str]) -> str:
+        """Capture the sandbox's root filesystem as image `image_ref`; the image id."""
+
+    def host_memory(self) -> int:
+        """Bytes of memory the platform can give sandboxes (0 when unknown)."""
+
+    def sandboxes(self) -> list[Any]:
+        """Every sandbox this project made on the platform."""
+
+
+class DockerExecStream:
+    """An attached `docker exec`'s socket, demultiplexed."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw  # keeps the SDK's response object (and so the socket) alive
+        self._sock: socket.socket = getattr(raw, "_sock", raw)
+        self._sock.settimeout(None)  # silence is fine: liveness comes from heartbeats
+
+    def send(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def chunks(self) -> Iterator[tuple[int, bytes]]:
+        pending = b""
+        while True:
+            chunk = self._sock.recv(262144)
+            if not chunk:
+                return
+            pending += chunk
+            while len(pending) >= FRAME_HEADER.size:
+                stream, size = FRAME_HEADER.unpack_from(pending)
+                end = FRAME_HEADER.size + size
+                if len(pending) < end:
+                    break
+                yield (STDOUT if stream == STDOUT else STDERR), pending[FRAME_HEADER.size : end]
+                pending = pending[end:]
+
+    def shutdown(self) -> None:
+        self._sock.shutdown(socket.SHUT_RDWR)
+
+
+class DockerBackend:
+    """Sandboxes as containers of the local (or `DOCKER_HOST`) Docker Engine."""
+
+    name = "docker"
+
+    def create(self, spec: dict[str, Any]) -> Any:
+        with engine.engine_errors():
+            return engine.client().containers.create(**spec)
+
+    def find(self, name: str) -> Any | None:
+        return engine.find_container(name)
+
+    def open_agent(self, sandbox_id: str, argv: list[str]) -> AgentStream:
+        api = engine.client().api
+        with engine.engine_errors():
+            exec_id = api.exec_create(
+                sandbox_id, argv, stdin=True, stdout=True, stderr=True, tty=False, user="0:0"
+            )["Id"]
+            return DockerExecStream(api.exec_start(exec_id, socket=True))
+
+    def run_root(self, sandbox_id: str, argv: list[str], **options: Any) -> tuple[int, bytes]:
+        api = engine.client().api
+        with engine.engine_errors():
+            exec_id = api.exec_create(sandbox_id, argv, **options)["Id"]
+            output = api.exec_start(exec_id)
+            return int(api.exec_inspect(exec_id)["ExitCode"]), output
+
+    @contextmanager
+    def frozen(self, handle: Any) -> Iterator[None]:
+        with engine.engine_errors():
+            handle.pause()
+        try:
+            yield
+        finally:
+            with engine.engine_errors():
+                handle.unpause()
+
+    def commit(self, handle: Any, image_ref: str, changes: list[str]) -> str:
+        repository, tag = image_ref.rsplit(":", 1)
+        with engine.engine_errors():
+            return str(handle.commit(repository, tag, pause=False, changes=changes).id)
+
+    def host_memory(self) -> int:
+        with engine.engine_errors():
+            return int(engine.client().info().get("MemTotal") or 0)
+
+    def sandboxes(self) -> list[Any]:
+        wanted = {"label": [f"{labels.MANAGED}=true", f"{labels.KIND}=sandbox"]}
+        with engine.engine_errors():
+            return list(engine.client().containers.list(all=True, filters=wanted))
+
+
+DOCKER = DockerBackend()
