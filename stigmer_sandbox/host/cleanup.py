@@ -12,7 +12,12 @@ An untagged image of one of our image kinds is ours only when the image record
 says this tool built it: a user's image built FROM ours inherits our labels (see
 images/record.py). Build stages need no record: no image a user builds FROM ours
 can carry their kind.
-Files on the host, the workspace above all, are never deleted.
+Files on the host, the workspace above all, are never deleted, with one exception: the
+private folders this tool made for pooled, forked and snapshot-born sandboxes
+(`<state_dir>/sandboxes/<name>`, marked by `owner.json`) go with their sandbox, or
+when the process that made them is gone and no container uses them; snapshots
+(image and `<state_dir>/snapshots/<name>`) go with `all`. A fork's image goes with
+its fork.
 """
 
 from __future__ import annotations
@@ -20,17 +25,20 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from .. import engine, labels
 from ..config import Settings
+from ..errors import SandboxError
 from ..images.record import ImageRecord, short_id
+from ..runtime import snapshots, workspaces
 
 STOPPED = ("created", "exited", "dead")
 # Containers and images inherit their image's labels, so a label alone does not make a
 # resource ours: a user's `docker run stigmer-sandbox-basic:local` or `FROM` it is theirs.
 OUR_CONTAINER_KINDS = {"sandbox", "probe", "helper", "compose"}
-OUR_IMAGE_KINDS = {"base", "basic", "full", "user"}
+OUR_IMAGE_KINDS = {"base", "basic", "full", "user", "snapshot", "fork"}
 OUR_IMAGE_PREFIX = "stigmer-sandbox"
 BUILD_STAGE_KIND = "build-stage"  # set in Dockerfile.sandbox.basic's first stage
 
@@ -78,8 +86,8 @@ def _owner_gone(container_labels: dict[str, str], hostname: str | None) -> bool:
     return False
 
 
-def _containers(everything: bool) -> Iterable[Resource]:
-    for container in engine.client().containers.list(all=True, filters=labels.managed_filter()):
+def _containers(containers: list[Any], everything: bool) -> Iterable[Resource]:
+    for container in containers:
         if container.labels.get(labels.KIND) not in OUR_CONTAINER_KINDS:
             continue
         reason = orphan_reason(container.labels, stopped=container.status in STOPPED)
@@ -89,22 +97,84 @@ def _containers(everything: bool) -> Iterable[Resource]:
             reason = reason or "stopped"
         if reason:
             yield Resource("container", container.id, container.name, reason)
+            folder = _private_folder(container)
+            if folder is not None:
+                yield Resource("folder", str(folder), container.name, "its private workspace")
 
 
-def _images(everything: bool, recorded: Collection[str]) -> Iterable[Resource]:
+def _private_folder(container: Any) -> Path | None:
+    """The private folder a container's label names, if it is one of ours for it."""
+    named = container.labels.get(f"{labels.PREFIX}.private", "")
+    folder = Path(named) if named.startswith("/") else None
+    if folder is None or folder.name != container.name:
+        return None
+    if folder.parent.name != workspaces.SANDBOXES:
+        return None
+    return folder if workspaces.is_private(folder, folder.parent) else None
+
+
+def _leftover_folders(
+    settings: Settings, containers: set[str], everything: bool
+) -> Iterable[Resource]:
+    """Private folders no container uses: left by a crash, or every one with `all`; with
+    `all`, the snapshots' workspaces too."""
+    roots = [workspaces.sandboxes_root(settings)]
+    if everything:
+        roots.append(workspaces.snapshots_root(settings))
+    for root in roots:
+        for folder in sorted(root.iterdir()) if root.is_dir() else []:
+            if not workspaces.is_private(folder, root) or folder.name in containers:
+                continue
+            if root.name == workspaces.SNAPSHOTS:
+                yield Resource("folder", str(folder), folder.name, "snapshot workspace")
+                continue
+            owner = workspaces.marker(folder) or {}
+            if everything or workspaces.owner_gone(owner):
+                yield Resource("folder", str(folder), folder.name, "left by a process now gone")
+
+
+def _images(
+    everything: bool, recorded: Collection[str], containers: Collection[str]
+) -> Iterable[Resource]:
+    client = engine.client()
     filters: dict[str, Any] = {**labels.managed_filter()}
-    if not everything:
-        filters = {**filters, "dangling": True}
     found = [
         image
-        for image in engine.client().images.list(filters=filters)
-        if is_our_image(image, recorded) or (everything and is_our_build_stage(image))
+        for image in client.images.list(filters={**filters, "dangling": True})
+        if is_our_image(image, recorded)
     ]
+    if everything:
+        found = [
+            image
+            for image in client.images.list(filters=filters)
+            if is_our_image(image, recorded) or is_our_build_stage(image)
+        ]
+    else:
+        found += [image for image in _fork_images(client) if _fork_of(image) not in containers]
     # Newest first: a child image must go before the image it was built on. Build
     # intermediates go with the image they belong to (docker removes untagged parents).
+    reason = "project image" if everything else "dangling"
     for image in sorted(found, key=lambda i: i.attrs.get("Created", ""), reverse=True):
         name = ", ".join(image.tags) or image.short_id
-        yield Resource("image", image.id, name, "project image" if everything else "dangling")
+        why = "its fork is gone" if not everything and _fork_of(image) else reason
+        yield Resource("image", image.id, name, why)
+        folder = snapshots.workspace_of(image)
+        if folder is not None:
+            yield Resource("folder", str(folder), folder.name, "snapshot workspace")
+
+
+def _fork_images(client: Any) -> list[Any]:
+    wanted = {"label": [f"{labels.MANAGED}=true", f"{labels.KIND}=fork"]}
+    return [image for image in client.images.list(filters=wanted) if _fork_of(image)]
+
+
+def _fork_of(image: Any) -> str:
+    """The sandbox a fork image was made for ('' when it is not one)."""
+    for tag in image.tags or ():
+        repository, _, name = tag.rpartition(":")
+        if repository == snapshots.FORK_REPOSITORY:
+            return name
+    return ""
 
 
 def is_our_image(image: Any, recorded: Collection[str]) -> bool:
@@ -144,7 +214,15 @@ def plan(settings: Settings, everything: bool = False, volumes: bool = False) ->
     """What a cleanup of this tier would remove; nothing is changed."""
     recorded = ImageRecord.of(settings).ids()
     with engine.engine_errors():
-        found = [*_containers(everything), *_images(everything, recorded)]
+        containers = engine.client().containers.list(
+            all=True, filters=labels.managed_filter(), ignore_removed=True
+        )
+        found = list(_containers(containers, everything))
+        removed = {r.name for r in found if r.kind == "container"}
+        staying = {c.name for c in containers} - removed
+        found.extend(_leftover_folders(settings, {c.name for c in containers}, everything))
+        found.extend(_images(everything, recorded, staying))
+        found = list({(r.kind, r.id): r for r in found}.values())
         if everything:
             found.extend(_networks())
         if volumes:
@@ -162,6 +240,7 @@ def remove(resources: list[Resource]) -> tuple[list[Resource], list[tuple[Resour
         "image": lambda r: client.images.remove(r.id, force=True),
         "network": lambda r: client.networks.get(r.id).remove(),
         "volume": lambda r: client.volumes.get(r.id).remove(force=True),
+        "folder": lambda r: workspaces.remove(Path(r.id)),
     }
     removed, failed = [], []
     with engine.engine_errors():
@@ -172,6 +251,9 @@ def remove(resources: list[Resource]) -> tuple[list[Resource], list[tuple[Resour
                 pass  # already gone, e.g. with its parent
             except docker.errors.APIError as exc:
                 failed.append((resource, str(exc.explanation or exc)[:160]))
+                continue
+            except SandboxError as exc:
+                failed.append((resource, exc.message[:160]))
                 continue
             removed.append(resource)
     return removed, failed

@@ -150,7 +150,9 @@ class DockerBackend:
     def sandboxes(self) -> list[Any]:
         wanted = {"label": [f"{labels.MANAGED}=true", f"{labels.KIND}=sandbox"]}
         with engine.engine_errors():
-            return list(engine.client().containers.list(all=True, filters=wanted))
+            # ignore_removed: a sandbox removed between listing and inspecting is no error.
+            found = engine.client().containers.list(all=True, filters=wanted, ignore_removed=True)
+            return list(found)
 
 
 DOCKER = DockerBackend()

@@ -90,12 +90,7 @@ class SandboxPool:
         if self.snapshot is None:
             engine.image(self.settings.image)
             return
-        name = snapshots.check_name(self.snapshot)
-        folder = workspaces.snapshots_root(self.settings) / name
-        if not engine.image_id(snapshots.snapshot_image(name)) or not folder.is_dir():
-            raise UsageError(
-                f"no snapshot named {name}", "see `inv sandbox.snapshots` for the ones there are"
-            )
+        snapshots.find(snapshots.check_name(self.snapshot))
 
     def _check_memory(self) -> None:
         host = self.backend.host_memory()

@@ -65,9 +65,28 @@ def fork_image(sandbox_name: str) -> str:
     return f"{FORK_REPOSITORY}:{sandbox_name}"
 
 
-def _image_labels(kind: str, source: Sandbox) -> dict[str, str]:
+WORKSPACE_LABEL = f"{labels.PREFIX}.snapshot-workspace"
+
+
+def _image_labels(kind: str, source: Sandbox, folder: Path) -> dict[str, str]:
     cleared = {f"{labels.PREFIX}.{key}": "" for key in PER_CONTAINER}
-    return {**cleared, labels.KIND: kind, f"{labels.PREFIX}.source": source.name}
+    return {
+        **cleared,
+        labels.KIND: kind,
+        f"{labels.PREFIX}.source": source.name,
+        WORKSPACE_LABEL: str(folder) if kind == "snapshot" else "",
+    }
+
+
+def workspace_of(image: Any) -> Path | None:
+    """The private folder holding a snapshot image's workspace (its label, checked: a
+    folder named after the snapshot, in a `snapshots` folder, with our marker)."""
+    named = (image.labels or {}).get(WORKSPACE_LABEL, "")
+    folder = Path(named) if named.startswith("/") else None
+    tags = [tag.rpartition(":")[2] for tag in image.tags or ()]
+    if folder is None or folder.name not in tags or folder.parent.name != workspaces.SNAPSHOTS:
+        return None
+    return folder if workspaces.is_private(folder, folder.parent) else None
 
 
 @contextmanager
@@ -89,9 +108,8 @@ def _paused(sandbox: Sandbox) -> Iterator[Any]:
 def capture(sandbox: Sandbox, image_ref: str, kind: str, workspace_root: Path, name: str) -> Path:
     """Commit `sandbox`'s filesystem to `image_ref` and copy its workspace into a new private
     folder `workspace_root/name`; that folder. Nothing is left behind when it fails."""
-    changes = [
-        f"LABEL {key}={json.dumps(value)}" for key, value in _image_labels(kind, sandbox).items()
-    ]
+    marks = _image_labels(kind, sandbox, workspace_root / name)
+    changes = [f"LABEL {key}={json.dumps(value)}" for key, value in marks.items()]
     with _paused(sandbox) as container:
         folder = workspaces.create(workspace_root, name, sandbox.settings.path("workspace"))
         try:
@@ -121,15 +139,14 @@ def take(sandbox: Sandbox, name: str, replace: bool = False) -> dict[str, Any]:
     }
 
 
-def listing(settings: Settings | None = None) -> list[dict[str, Any]]:
+def listing() -> list[dict[str, Any]]:
     """Every snapshot: name, image size, when, which sandbox it came from, workspace size."""
-    settings = settings or load_settings()
-    root = workspaces.snapshots_root(settings)
     filters = {"label": [f"{labels.MANAGED}=true", f"{labels.KIND}=snapshot"]}
     found = []
     with engine.engine_errors():
         images = engine.client().images.list(filters=filters)
     for image in images:
+        folder = workspace_of(image)
         for tag in image.tags:
             repository, _, name = tag.rpartition(":")
             if repository != SNAPSHOT_REPOSITORY:
@@ -141,7 +158,8 @@ def listing(settings: Settings | None = None) -> list[dict[str, Any]]:
                     "created": image.attrs.get("Created", ""),
                     "size": int(image.attrs.get("Size") or 0),
                     "source": (image.labels or {}).get(f"{labels.PREFIX}.source", ""),
-                    "workspace_bytes": workspaces.size_bytes(root / name / "workspace"),
+                    "workspace": str(folder / "workspace") if folder else "",
+                    "workspace_bytes": workspaces.size_bytes(folder / "workspace") if folder else 0,
                 }
             )
     return sorted(found, key=lambda entry: entry["created"])
@@ -150,17 +168,15 @@ def listing(settings: Settings | None = None) -> list[dict[str, Any]]:
 def delete(settings: Settings, name: str) -> bool:
     """Remove snapshot `name` (its image and workspace); whether there was one. Sandboxes
     started from it keep running."""
-    image_ref = snapshot_image(name)
-    existed = False
-    if engine.image_id(image_ref):
-        with engine.engine_errors():
-            engine.client().images.remove(image_ref, force=True)
-        existed = True
-    folder = workspaces.snapshots_root(settings) / name
-    if workspaces.is_private(folder, folder.parent):
+    image = engine.find_image(snapshot_image(name))
+    folders = [workspaces.snapshots_root(settings) / name]
+    if image is not None:
+        folders.insert(0, workspace_of(image) or folders[0])
+        engine.remove_image(snapshot_image(name))  # by tag: untags one still in use
+    gone = [folder for folder in folders if workspaces.is_private(folder, folder.parent)]
+    for folder in gone:
         workspaces.remove(folder)
-        existed = True
-    return existed
+    return image is not None or bool(gone)
 
 
 def fork(sandbox: Sandbox) -> Sandbox:
@@ -173,15 +189,22 @@ def fork(sandbox: Sandbox) -> Sandbox:
     )
 
 
+def find(name: str) -> tuple[str, Path]:
+    """The image and workspace folder of snapshot `name`; a clear error when either is gone."""
+    image = engine.find_image(snapshot_image(name))
+    folder = workspace_of(image) if image is not None else None
+    if image is None or folder is None:
+        raise UsageError(
+            f"no snapshot named {name}" + (" (its workspace is gone)" if image else ""),
+            "see `inv sandbox.snapshots` for the ones there are",
+        )
+    return snapshot_image(name), folder
+
+
 def start_from(settings: Settings | None, name: str, **options: Any) -> Sandbox:
     """A new, started sandbox from snapshot `name`, with a copy of the snapshot's workspace."""
     settings = settings or load_settings()
-    image_ref = snapshot_image(name)
-    source = workspaces.snapshots_root(settings) / name
-    if not engine.image_id(image_ref) or not workspaces.is_private(source, source.parent):
-        raise UsageError(
-            f"no snapshot named {name}", "see `inv sandbox.snapshots` for the ones there are"
-        )
+    image_ref, source = find(name)
     new = new_name(settings)
     root = workspaces.sandboxes_root(settings)
     folder = workspaces.create(root, new, source / "workspace")

@@ -10,7 +10,7 @@ from invoke import Collection, Context, Exit
 
 from .. import console
 from ..errors import UsageError
-from . import processes
+from . import fleet, processes
 from ._common import sandbox_for, settings, task
 
 if TYPE_CHECKING:
@@ -442,4 +442,5 @@ ns = Collection(
     history,
     audit_security,
     *processes.TASKS,
+    *fleet.TASKS,
 )
