@@ -24,6 +24,7 @@ from stigmer_sandbox.host import cleanup
 from stigmer_sandbox.images import smoke
 from stigmer_sandbox.images.builder import SilentWatcher
 
+from ..conftest import ROOT
 from .conftest import SESSION_ID, TEST_LABEL, TEST_LABELS
 
 BUSY_IMAGE = re.compile(r"has dependent child images|is being used by running container")
@@ -127,6 +128,26 @@ def project_resources(client, suffix: str):
     return image, container.id, volume.name
 
 
+def sandbox_state(state: Path, suffix: str):
+    """A running private sandbox, its snapshot and its fork, all kept under `state`; and a
+    folder in the private-folder root without our marker (not ours: it must stay)."""
+    from stigmer_sandbox.runtime import Sandbox
+
+    settings = config.load_settings(ROOT).replace(
+        state_dir=str(state), workspace=str(state.parent / "ws"), logs=str(state.parent / "lg")
+    )
+    box = Sandbox.create_ephemeral(settings, extra_labels=TEST_LABELS).up()
+    assert box.exec("echo kept > /workspace/f").exit_code == 0
+    snapshot = box.snapshot(f"cleanme-{suffix}")
+    fork = box.fork()
+    stranger = state / "sandboxes" / "not-ours"
+    stranger.mkdir(parents=True)
+    (stranger / "data").write_text("mine")
+    box.close()
+    fork.close()
+    return {"box": box, "snapshot": snapshot, "fork": fork, "stranger": stranger}
+
+
 def volume_exists(client, name: str) -> bool:
     return bool(client.volumes.list(filters={"name": f"^{name}$"}))
 
@@ -148,6 +169,31 @@ def test_dry_run_changes_nothing(inv, docker_engine, clean_env):
     assert engine.image_id(image)
     assert engine.find_container(container)
     assert volume_exists(docker_engine, volume)
+
+
+def test_clean_plans_snapshots_forks_and_private_folders_by_tier(inv, clean_env):
+    kept = sandbox_state(Path(clean_env["INVOKE_STIGMER_STATE_DIR"]), uuid.uuid4().hex[:8])
+    fork, snapshot = kept["fork"], kept["snapshot"]
+    try:
+        everything = listed(inv("clean", "--all", "--dry-run", "--json", env=clean_env))
+        default = listed(inv("clean", "--dry-run", "--json", env=clean_env))
+        snapshot_folder = str(Path(snapshot["workspace"]).parent)
+        fork_image = engine.image_id(fork.owned_image)
+        for planned in (str(fork.private_folder), snapshot_folder, fork_image):
+            assert planned in everything, (planned, everything)
+        assert engine.image_id(snapshot["image"]) in everything
+        assert str(kept["stranger"]) not in everything
+        # In use by a living owner: the default tier keeps all of it.
+        for kept_now in (str(fork.private_folder), snapshot_folder, fork_image):
+            assert kept_now not in default
+    finally:
+        fork.remove()
+        kept["box"].remove()
+        from stigmer_sandbox.runtime import snapshots
+
+        snapshots.delete(config.load_settings(ROOT), snapshot["name"])
+    assert not fork.private_folder.exists() and not engine.image_id(fork.owned_image)
+    assert not kept["box"].private_folder
 
 
 def test_destructive_tiers_need_confirmation_without_a_terminal(inv, docker_engine):
@@ -241,6 +287,7 @@ def test_clean_all_removes_only_labelled_resources(inv, docker_engine, decoys, t
     workspace_file.write_text("mine")
     image, container, volume = project_resources(docker_engine, uuid.uuid4().hex[:8])
     stage = build_stage(docker_engine)
+    kept = sandbox_state(Path(clean_env["INVOKE_STIGMER_STATE_DIR"]), uuid.uuid4().hex[:8])
     env = {**clean_env, "INVOKE_STIGMER_WORKSPACE": str(tmp_path / "workspace")}
     done = inv("clean", "--all", "--volumes", "--yes", env=env)
     # The engine is shared: another session may be building on our images or running
@@ -259,3 +306,9 @@ def test_clean_all_removes_only_labelled_resources(inv, docker_engine, decoys, t
         assert engine.find_container(decoy)
     assert volume_exists(docker_engine, decoys["volume"])
     assert workspace_file.read_text() == "mine"
+    fork = kept["fork"]
+    assert not engine.image_id(kept["snapshot"]["image"])
+    assert not Path(kept["snapshot"]["workspace"]).exists()
+    assert not engine.find_container(fork.name) and not engine.image_id(fork.owned_image)
+    assert not fork.private_folder.exists()
+    assert (kept["stranger"] / "data").read_text() == "mine"
