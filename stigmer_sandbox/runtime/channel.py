@@ -264,6 +264,7 @@ class AgentChannel:
         self._pending: dict[int, Inbox] = {}
         self._pending_lock = threading.Lock()
         self._last_frame = time.monotonic()
+        self._frozen = 0
         self._stderr_tail = b""
         self.agent_pid: int | None = None
         self.alive = True
@@ -386,9 +387,22 @@ class AgentChannel:
         if inbox is not None:
             inbox.put(message)
 
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """While the container is paused on purpose (fork, snapshot), its silence is not
+        death: the watchdog waits, and counts again from when it resumes."""
+        self._frozen += 1
+        try:
+            yield
+        finally:
+            self._last_frame = time.monotonic()
+            self._frozen -= 1
+
     def _watchdog(self) -> None:
         while self.alive:
             time.sleep(1.0)
+            if self._frozen:
+                continue
             silent = time.monotonic() - self._last_frame
             if silent > LIVENESS_S:
                 self.reset(f"the sandbox agent stopped answering (no heartbeat for {silent:.0f} s)")

@@ -21,6 +21,7 @@ MCP servers) is not paid at every start.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 import uuid
@@ -81,6 +82,7 @@ class SandboxPool:
         self._workers = ThreadPoolExecutor(
             max_workers=START_WORKERS, thread_name_prefix=f"stigmer-pool-{self.id}"
         )
+        atexit.register(self.close)  # a pool left open goes when the interpreter ends
         self._refill()
 
     # -- checks ----------------------------------------------------------------------------
@@ -178,6 +180,7 @@ class SandboxPool:
 
     def close(self) -> None:
         """Remove every sandbox of this pool, waiting and acquired alike (idempotent)."""
+        atexit.unregister(self.close)
         with self._cond:
             if self._closed:
                 return

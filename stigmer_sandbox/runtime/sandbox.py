@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Unpack
 
@@ -405,6 +406,23 @@ class Sandbox(FileTransfers):
         return raw, result
 
     # -- state: fork and snapshot (see `snapshots`) -----------------------------------------
+
+    @contextmanager
+    def paused(self) -> Iterator[Any]:
+        """The running sandbox frozen (its container, yielded), so its filesystem and
+        workspace can be read at one instant; the agent's silence meanwhile is not death."""
+        container = self._existing()
+        with engine.engine_errors():
+            container.reload()
+        if container.status != "running":
+            raise SandboxError(
+                f"sandbox {self.name} is {container.status}; only a running sandbox can be "
+                "forked or snapshotted",
+                "start it with `inv sandbox.up`",
+            )
+        channel = self._channel
+        with channel.frozen() if channel else nullcontext(), self.backend.frozen(container):
+            yield container
 
     def fork(self) -> Sandbox:
         """A new started sandbox with this one's filesystem (packages installed, files under

@@ -22,20 +22,17 @@ import json
 import re
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import engine, labels
 from ..config import Settings, load_settings
-from ..errors import SandboxError, UsageError
+from ..errors import UsageError
 from ..images.record import ImageRecord
 from . import workspaces
 from .backend import DOCKER, Backend
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from .sandbox import Sandbox
 
 SNAPSHOT_REPOSITORY = "stigmer-sandbox-snapshot"
@@ -89,28 +86,12 @@ def workspace_of(image: Any) -> Path | None:
     return folder if workspaces.is_private(folder, folder.parent) else None
 
 
-@contextmanager
-def _paused(sandbox: Sandbox) -> Iterator[Any]:
-    """The sandbox frozen, so its filesystem and workspace are read at one instant."""
-    container = sandbox._existing()
-    with engine.engine_errors():
-        container.reload()
-    if container.status != "running":
-        raise SandboxError(
-            f"sandbox {sandbox.name} is {container.status}; only a running sandbox can be "
-            "forked or snapshotted",
-            "start it with `inv sandbox.up`",
-        )
-    with sandbox.backend.frozen(container):
-        yield container
-
-
 def capture(sandbox: Sandbox, image_ref: str, kind: str, workspace_root: Path, name: str) -> Path:
     """Commit `sandbox`'s filesystem to `image_ref` and copy its workspace into a new private
     folder `workspace_root/name`; that folder. Nothing is left behind when it fails."""
     marks = _image_labels(kind, sandbox, workspace_root / name)
     changes = [f"LABEL {key}={json.dumps(value)}" for key, value in marks.items()]
-    with _paused(sandbox) as container:
+    with sandbox.paused() as container:
         folder = workspaces.create(workspace_root, name, sandbox.settings.path("workspace"))
         try:
             image_id = sandbox.backend.commit(container, image_ref, changes)
