@@ -133,6 +133,11 @@ class Settings:
     pool_max_size: int = _key(
         "most sandboxes one SandboxPool runs at once (ready and acquired)", 32, maximum=512
     )
+    snapshot_max_size: str = _key(
+        "most a sandbox's commands may add outside /workspace for a fork or snapshot of it",
+        "8g",
+        kind="size",
+    )
     max_lifetime_hours: float = _key("sandbox lifetime before cleanup may reap it (0: none)", 24.0)
     mount_aws: bool = _key("mount ~/.aws read-only into the sandbox", False)
     mount_kube: bool = _key("mount ~/.kube read-only into the sandbox", False)

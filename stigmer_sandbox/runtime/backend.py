@@ -64,6 +64,9 @@ class Backend(Protocol):
     def commit(self, handle: Any, image_ref: str, changes: list[str]) -> str:
         """Capture the sandbox's root filesystem as image `image_ref`; the image id."""
 
+    def changed_bytes(self, handle: Any) -> int:
+        """Bytes the sandbox's commands added to its root filesystem (what a commit copies)."""
+
     def host_memory(self) -> int:
         """Bytes of memory the platform can give sandboxes (0 when unknown)."""
 
@@ -142,6 +145,12 @@ class DockerBackend:
         repository, tag = image_ref.rsplit(":", 1)
         with engine.engine_errors():
             return str(handle.commit(repository, tag, pause=False, changes=changes).id)
+
+    def changed_bytes(self, handle: Any) -> int:
+        api = engine.client().api
+        with engine.engine_errors():
+            found = api.containers(all=True, size=True, filters={"id": handle.id})
+        return int(found[0].get("SizeRw") or 0) if found else 0
 
     def host_memory(self) -> int:
         with engine.engine_errors():

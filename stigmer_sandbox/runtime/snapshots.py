@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import engine, labels
-from ..config import Settings, load_settings
+from ..config import Settings, load_settings, parse_size
 from ..errors import UsageError
 from ..images.record import ImageRecord
 from . import workspaces
@@ -89,6 +89,7 @@ def workspace_of(image: Any) -> Path | None:
 def capture(sandbox: Sandbox, image_ref: str, kind: str, workspace_root: Path, name: str) -> Path:
     """Commit `sandbox`'s filesystem to `image_ref` and copy its workspace into a new private
     folder `workspace_root/name`; that folder. Nothing is left behind when it fails."""
+    _check_size(sandbox)
     marks = _image_labels(kind, sandbox, workspace_root / name)
     changes = [f"LABEL {key}={json.dumps(value)}" for key, value in marks.items()]
     with sandbox.paused() as container:
@@ -100,6 +101,21 @@ def capture(sandbox: Sandbox, image_ref: str, kind: str, workspace_root: Path, n
             raise
     ImageRecord.of(sandbox.settings).add(kind, [image_id])
     return folder
+
+
+def _check_size(sandbox: Sandbox) -> None:
+    """Refuse to copy a root filesystem a command bloated (a disk filler, by accident or
+    not) before the engine spends minutes and the disk on it."""
+    limit = parse_size(sandbox.settings.snapshot_max_size)
+    changed = sandbox.backend.changed_bytes(sandbox._existing())
+    if changed > limit:
+        raise UsageError(
+            f"sandbox {sandbox.name}'s commands added {changed / 2**20:.0f} MiB outside "
+            f"/workspace; a fork or snapshot copies at most snapshot_max_size "
+            f"({sandbox.settings.snapshot_max_size})",
+            "delete what is not needed (caches under /home/sandbox, /opt/venv), or raise "
+            "snapshot_max_size",
+        )
 
 
 def take(sandbox: Sandbox, name: str, replace: bool = False) -> dict[str, Any]:

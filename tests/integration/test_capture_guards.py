@@ -1,5 +1,7 @@
-"""A sandbox paused for a fork or snapshot keeps its agent connection: a long freeze (a big
-workspace being copied) is not mistaken for a dead agent, and commands in flight finish."""
+"""Defences of fork and snapshot: a sandbox paused for one keeps its agent connection (a
+long freeze, a big workspace being copied, is not mistaken for a dead agent, and
+commands in flight finish), and a root filesystem a command bloated is refused before
+the engine spends the disk on it, with nothing left behind."""
 
 from __future__ import annotations
 
@@ -50,3 +52,29 @@ def test_only_a_running_sandbox_can_be_paused(box, tmp_path):
             pass
     finally:
         stopped.remove()
+
+
+def test_a_bloated_root_filesystem_is_refused_with_nothing_left(box):
+    from stigmer_sandbox import engine
+    from stigmer_sandbox.errors import UsageError
+    from stigmer_sandbox.runtime import snapshots, workspaces
+
+    small = Sandbox.create_ephemeral(
+        box.settings.replace(snapshot_max_size="4m"), extra_labels=TEST_LABELS
+    ).up()
+    try:
+        filler = "head -c 8000000 /dev/zero > /home/sandbox/filler"
+        assert small.exec(filler).exit_code == 0
+        root = workspaces.sandboxes_root(small.settings)
+        root.mkdir(parents=True, exist_ok=True)
+        before = set(root.iterdir())
+        with pytest.raises(UsageError, match="snapshot_max_size"):
+            small.fork()
+        with pytest.raises(UsageError, match="added 8 MiB outside /workspace"):
+            small.snapshot("bloated")
+        assert set(root.iterdir()) == before
+        assert not engine.image_id(snapshots.snapshot_image("bloated"))
+        assert small.exec("rm /home/sandbox/filler").exit_code == 0
+        small.fork().remove()  # within the limit again
+    finally:
+        small.remove()
