@@ -23,6 +23,7 @@ ORDER = (
     "throughput.py",
     "deepagents_backend.py",
     "sandbox_start.py",
+    "pool.py",
     "cli_run.py",
     "rebuild.py",
     "startup.py",
