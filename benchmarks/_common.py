@@ -96,7 +96,7 @@ def report(
     ratio = value / baseline if baseline else float("nan")
     line = (
         f"{figure}: {value:.3f} {unit} | baseline {baseline_name}: {baseline:.3f} {unit} | "
-        f"ratio {ratio:.3f}" + (f" | goal {goal}" if goal else "")
+        f"ratio {ratio:.3g}" + (f" | goal {goal}" if goal else "")
     )
     print(line, flush=True)
     target = os.environ.get("BENCH_JSON")

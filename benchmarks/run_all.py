@@ -68,7 +68,7 @@ def write(rows: list[dict], target: Path) -> None:
     for row in rows:
         lines.append(
             f"| {row['figure']} | {row['value']:.3f} {row['unit']} | {row['baseline_name']} | "
-            f"{row['baseline']:.3f} {row['unit']} | {row['ratio']:.3f} | {row['goal'] or '-'} | "
+            f"{row['baseline']:.3f} {row['unit']} | {row['ratio']:.3g} | {row['goal'] or '-'} | "
             f"{goal_met(row['value'], row['goal']) or '-'} |"
         )
     target.write_text("\n".join(lines) + "\n", encoding="utf-8")
