@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any, Unpack
 
@@ -174,9 +174,35 @@ class Sandbox(FileTransfers):
                 with engine.engine_errors():
                     container.start()
             self._container = container
-            self._wait_ready(timeout)
+            early = self._connect_early() if started and self.use_agent else None
+            try:
+                self._wait_ready(timeout)
+            finally:
+                channel = early.result() if early else None
+            if channel is not None:
+                self._close_channel()
+                self._channel = channel
             self.notes.extend(bootstrap.on_start(self, started))
         return self
+
+    def _connect_early(self) -> EarlyChannel:
+        """Start the agent while the health check runs (they are independent), so a new
+        sandbox is connected when it is ready: ~100-300 ms sooner to its first command."""
+        return EarlyChannel(self._open_channel)
+
+    def _open_channel(self) -> AgentChannel:
+        channel = AgentChannel(
+            self._container.id,
+            self.sandbox_user,
+            max_line=2 * config.MAX_OUTPUT_LIMIT + 65536,
+            backend=self.backend,
+        )
+        try:
+            channel.ping()
+        except BaseException:
+            channel.close()
+            raise
+        return channel
 
     def _reusable(self, container: Any, wanted: str) -> Any:
         """The existing container if it can serve, else None (after removing it)."""
@@ -350,15 +376,8 @@ class Sandbox(FileTransfers):
             retry = time.monotonic() - self._agent_failed_at > AGENT_RETRY_S
             if self.use_agent and retry:
                 try:
-                    channel = AgentChannel(
-                        self._container.id,
-                        self.sandbox_user,
-                        max_line=2 * config.MAX_OUTPUT_LIMIT + 65536,
-                        backend=self.backend,
-                    )
-                    channel.ping()
-                    self._channel = channel
-                    return channel
+                    self._channel = self._open_channel()
+                    return self._channel
                 except SandboxError as exc:
                     self._agent_failed_at = time.monotonic()
                     self.notes.append(f"agent unavailable ({exc.message}); using docker exec")
@@ -530,6 +549,24 @@ class Sandbox(FileTransfers):
         options["stdin"], options["output_limit"] = stdin, output_limit
         request = make_request(self.settings, command, "/", options)
         return self._execute(f"(file transfer: {argv[0]})", request)[0]
+
+
+class EarlyChannel:
+    """An agent connection being opened in a thread; `result()` waits for it (None when it
+    failed: the first command tries again, or falls back to docker exec)."""
+
+    def __init__(self, opener: Any) -> None:
+        self._channel: AgentChannel | None = None
+        self._thread = threading.Thread(target=self._open, args=(opener,), daemon=True)
+        self._thread.start()
+
+    def _open(self, opener: Any) -> None:
+        with suppress(SandboxError):
+            self._channel = opener()
+
+    def result(self, timeout: float = AGENT_RETRY_S) -> AgentChannel | None:
+        self._thread.join(timeout)
+        return None if self._thread.is_alive() else self._channel
 
 
 def interactive_shell(sandbox: Sandbox, root: bool = False) -> int:
