@@ -75,6 +75,7 @@ class SandboxPool:
         self._ready: deque[Sandbox] = deque()
         self._out: dict[str, Sandbox] = {}
         self._starting = 0
+        self._removing = 0
         self._closed = False
         self._error: SandboxError | None = None
         self._failures = 0
@@ -173,9 +174,9 @@ class SandboxPool:
                     "this pool (released twice?)"
                 )
             del self._out[sandbox.name]
-            self._cond.notify_all()
+            self._removing += 1  # still running until removed: it counts against the cap
         sandbox.retire()
-        self._submit(self._destroy, sandbox)
+        self._submit(self._destroy_released, sandbox)
         self._refill()
 
     def close(self) -> None:
@@ -209,7 +210,7 @@ class SandboxPool:
             raise UsageError("this sandbox pool is closed")
 
     def _live(self) -> int:
-        return len(self._ready) + len(self._out) + self._starting
+        return len(self._ready) + len(self._out) + self._starting + self._removing
 
     def _take_ready(self) -> Sandbox | None:
         """The oldest ready sandbox whose agent is still connected; dead ones are removed."""
@@ -303,6 +304,15 @@ class SandboxPool:
             self._workers.submit(job, *args)  # type: ignore[arg-type]
         except RuntimeError:  # shut down: run it here
             job(*args)  # type: ignore[operator]
+
+    def _destroy_released(self, sandbox: Sandbox) -> None:
+        try:
+            self._destroy(sandbox)
+        finally:
+            with self._cond:
+                self._removing -= 1
+                self._cond.notify_all()
+        self._refill()
 
     def _destroy(self, sandbox: Sandbox) -> None:
         try:

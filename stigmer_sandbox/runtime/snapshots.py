@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 SNAPSHOT_REPOSITORY = "stigmer-sandbox-snapshot"
 FORK_REPOSITORY = "stigmer-sandbox-fork"
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+UNIQUE_SUFFIX = re.compile(r"(-[0-9a-f]{8})+$")
 # Labels a container carries that must not pass to the image, nor from it to containers.
 PER_CONTAINER = ("owner-pid", "owner-host", "expires", "sandbox", "config", "pool", "private")
 
@@ -209,8 +210,10 @@ def start_from(settings: Settings | None, name: str, **options: Any) -> Sandbox:
 
 
 def new_name(settings: Settings) -> str:
-    """A unique container name for a new private sandbox."""
-    return f"{settings.container_name}-{uuid.uuid4().hex[:8]}"
+    """A unique container name for a new private sandbox: the configured name and a random
+    suffix (a fork of a fork gets one suffix, not one per generation)."""
+    base = UNIQUE_SUFFIX.sub("", settings.container_name)
+    return f"{base}-{uuid.uuid4().hex[:8]}"
 
 
 def private_sandbox(

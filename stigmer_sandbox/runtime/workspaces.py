@@ -115,14 +115,15 @@ def remove(folder: Path) -> None:
 
 
 def _open_up(folder: Path) -> None:
+    """Give the owner rwx on every folder, top down, by descriptors relative to their parent:
+    a tree deeper than PATH_MAX (a command can build one) is no obstacle."""
     if folder.is_symlink() or not folder.is_dir():
         return
     os.chmod(folder, stat.S_IRWXU)
-    for base, folders, _files in os.walk(folder):
+    for _path, folders, _files, parent in os.fwalk(folder):
         for name in folders:
-            path = os.path.join(base, name)
-            if not os.path.islink(path):
-                os.chmod(path, stat.S_IRWXU)
+            if stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                os.chmod(name, stat.S_IRWXU, dir_fd=parent)
 
 
 def owner_gone(entry: dict[str, Any]) -> bool:

@@ -154,11 +154,6 @@ def test_remove_opens_up_folders_a_command_made_unreadable():
         assert (scratch / "root").is_dir()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: _open_up chmods by full path, so a tree deeper than PATH_MAX "
-    "(which any sandbox command can make) fails with ENAMETOOLONG and the folder stays",
-)
 def test_remove_handles_a_tree_deeper_than_path_max(tmp_path):
     folder = workspaces.create(tmp_path / "root", "box")
     deep = os.open(folder / "workspace", os.O_RDONLY)
@@ -582,3 +577,31 @@ def test_a_sandbox_that_cannot_be_removed_leaves_a_note(settings, starter):
         pool.release(sandbox)
         assert wait_for(lambda: any("could not remove" in note for note in pool.notes))
         assert "inv clean" in next(n for n in pool.notes if "could not remove" in n)
+
+
+def test_a_fork_of_a_fork_gets_one_suffix_not_one_per_generation():
+    from stigmer_sandbox.config import Settings
+
+    name = "stigmer-sandbox"
+    for _ in range(20):
+        name = snapshots.new_name(Settings(container_name=name))
+    assert name.startswith("stigmer-sandbox-") and len(name) == len("stigmer-sandbox-") + 8
+
+
+def test_a_sandbox_still_being_removed_counts_against_the_cap(settings, starter):
+    gate = threading.Event()
+
+    class SlowRemoval(FakeSandbox):
+        def remove(self) -> bool:
+            gate.wait(10)
+            return super().remove()
+
+    with make_pool(settings, 0, pool_max_size=2) as pool:
+        first, _second = pool.acquire(timeout=5), pool.acquire(timeout=5)
+        first.__class__ = SlowRemoval
+        pool.release(first)
+        with pytest.raises(SandboxNotReady, match="cap of 2"):
+            pool.acquire(timeout=0.2)  # the released one still runs until it is removed
+        gate.set()
+        assert pool.acquire(timeout=5) is not None
+        assert first.removed == 1
