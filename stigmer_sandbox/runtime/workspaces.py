@@ -11,11 +11,8 @@ Snapshots keep their workspace the same way under `<state_dir>/snapshots/<name>/
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import shutil
-import stat
 import subprocess
 import time
 from pathlib import Path
@@ -78,7 +75,11 @@ def copy_tree(source: Path, target: Path) -> None:
     )
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["cp failed"])[-1][:200]
-        hint = "free disk space on the host" if "No space left" in why else None
+        hint = None
+        if "No space left" in why:
+            hint = "free disk space on the host"
+        elif "Permission denied" in why:
+            hint = "a command made a file unreadable (chmod 000?); `inv fix-permissions` resets it"
         raise SandboxError(f"copying the workspace {source} failed: {why}", hint)
 
 
@@ -102,28 +103,26 @@ def is_private(folder: Path, root: Path) -> bool:
 
 
 def remove(folder: Path) -> None:
-    """Delete a private folder and everything a sandbox wrote in it. Never follows a
-    symlink; modes a command set (a folder without write or search permission) do not
-    stop it: folders are opened up, top down, before the removal."""
-    if not folder.exists() and not folder.is_symlink():
+    """Delete a private folder and everything a sandbox wrote in it, once no container
+    uses it. Never follows a symlink; a tree deeper than PATH_MAX or than Python's
+    recursion limit, or folders a command left without permissions, do not stop it
+    (coreutils walk by descriptors; `chmod -R` fixes each folder before entering it)."""
+    if folder.is_symlink():
+        folder.unlink()
         return
-    try:
-        _open_up(folder)
-        shutil.rmtree(folder)
-    except OSError as exc:
-        raise SandboxError(f"cannot remove {folder}: {exc.strerror or exc}") from None
+    if not folder.exists():
+        return
+    if os.geteuid() != 0:  # root needs no permission bits to delete
+        _coreutils(["chmod", "-R", "u+rwx", "--", str(folder)], folder, check=False)
+    _coreutils(["rm", "-rf", "--one-file-system", "--", str(folder)], folder)
 
 
-def _open_up(folder: Path) -> None:
-    """Give the owner rwx on every folder, top down, by descriptors relative to their parent:
-    a tree deeper than PATH_MAX (a command can build one) is no obstacle."""
-    if folder.is_symlink() or not folder.is_dir():
-        return
-    os.chmod(folder, stat.S_IRWXU)
-    for _path, folders, _files, parent in os.fwalk(folder):
-        for name in folders:
-            if stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
-                os.chmod(name, stat.S_IRWXU, dir_fd=parent)
+def _coreutils(argv: list[str], folder: Path, check: bool = True) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or [f"{argv[0]} failed"])[-1][:200]
+        raise SandboxError(f"cannot remove {folder}: {why}")
+    return done.stdout
 
 
 def owner_gone(entry: dict[str, Any]) -> bool:
@@ -141,13 +140,9 @@ def owner_gone(entry: dict[str, Any]) -> bool:
 
 
 def size_bytes(folder: Path) -> int:
-    """Bytes of the regular files under `folder` (links not followed; 0 when missing)."""
-    total = 0
-    for base, _folders, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(base, name)).st_size
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-    return total
+    """Bytes `folder` takes on disk (blocks, so a sparse file counts what it uses; links
+    not followed; 0 when missing). `du` walks trees of any depth."""
+    if not folder.is_dir() or folder.is_symlink():
+        return 0
+    first = _coreutils(["du", "-s", "-B1", "--", str(folder)], folder, check=False).split()
+    return int(first[0]) if first and first[0].isdigit() else 0

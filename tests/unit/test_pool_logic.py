@@ -202,7 +202,7 @@ def test_remove_of_a_link_leaves_its_target_and_of_nothing_is_no_error(tmp_path)
     workspaces.remove(tmp_path / "root" / "never-made")
 
 
-def test_size_counts_regular_files_and_never_follows_links(tmp_path):
+def test_size_is_disk_usage_and_never_follows_links(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "huge").write_bytes(b"x" * 1_000_000)
@@ -212,7 +212,9 @@ def test_size_counts_regular_files_and_never_follows_links(tmp_path):
     (folder / "sub" / "b").write_bytes(b"b" * 234)
     (folder / "to-huge").symlink_to(outside / "huge")
     (folder / "to-outside").symlink_to(outside)
-    assert 1234 <= workspaces.size_bytes(folder) < 1234 + 4096
+    with (folder / "sparse").open("wb") as sparse:
+        sparse.truncate(10 * 2**30)  # 10 GiB apparent, no blocks: it costs no disk
+    assert 1234 <= workspaces.size_bytes(folder) < 64 * 1024
     assert workspaces.size_bytes(tmp_path / "missing") == 0
 
 
@@ -605,3 +607,19 @@ def test_a_sandbox_still_being_removed_counts_against_the_cap(settings, starter)
         gate.set()
         assert pool.acquire(timeout=5) is not None
         assert first.removed == 1
+
+
+def test_remove_and_size_handle_a_tree_deeper_than_the_recursion_limit(tmp_path):
+    folder = workspaces.create(tmp_path / "root", "box")
+    deep = os.open(folder / "workspace", os.O_RDONLY)
+    try:
+        for _ in range(sys.getrecursionlimit() + 200):
+            os.mkdir("a", dir_fd=deep)
+            inner = os.open("a", os.O_RDONLY, dir_fd=deep)
+            os.close(deep)
+            deep = inner
+    finally:
+        os.close(deep)
+    assert workspaces.size_bytes(folder) > 0
+    workspaces.remove(folder)
+    assert not folder.exists()
