@@ -79,7 +79,7 @@ class SandboxPool:
         self._closed = False
         self._error: SandboxError | None = None
         self._failures = 0
-        self._stop = threading.Event()
+        self._retry: threading.Timer | None = None
         self._workers = ThreadPoolExecutor(
             max_workers=START_WORKERS, thread_name_prefix=f"stigmer-pool-{self.id}"
         )
@@ -168,6 +168,7 @@ class SandboxPool:
         """Give a sandbox back: it is destroyed (container, private workspace) in the
         background and a fresh one takes its place. It cannot be used afterwards."""
         with self._cond:
+            self._check_open()
             if self._out.get(str(getattr(sandbox, "name", ""))) is not sandbox:
                 raise UsageError(
                     f"{getattr(sandbox, 'name', sandbox)!r} is not a sandbox acquired from "
@@ -190,12 +191,21 @@ class SandboxPool:
             self._ready.clear()
             self._out.clear()
             self._cond.notify_all()
-        self._stop.set()
+        if self._retry is not None:
+            self._retry.cancel()
         for sandbox in held:
             sandbox.retire()
         self._workers.shutdown(wait=True)  # starts in flight see `closed` and remove theirs
-        with ThreadPoolExecutor(max_workers=START_WORKERS) as removers:
-            list(removers.map(self._destroy, held))
+        # Plain threads, not an executor: at interpreter exit (atexit) executors refuse work.
+        for start in range(0, len(held), START_WORKERS):
+            removers = [
+                threading.Thread(target=self._destroy, args=(sandbox,))
+                for sandbox in held[start : start + START_WORKERS]
+            ]
+            for thread in removers:
+                thread.start()
+            for thread in removers:
+                thread.join()
 
     def __enter__(self) -> SandboxPool:
         return self
@@ -245,7 +255,9 @@ class SandboxPool:
 
     def _start_sandbox(self) -> Sandbox:
         if self.snapshot is not None:
-            sandbox = snapshots.start_from(self.settings, self.snapshot, extra_labels=self._labels)
+            sandbox = snapshots.start_from(
+                self.settings, self.snapshot, extra_labels=self._labels, backend=self.backend
+            )
         else:
             name = snapshots.new_name(self.settings)
             folder = workspaces.create(workspaces.sandboxes_root(self.settings), name)
@@ -273,7 +285,11 @@ class SandboxPool:
             missing = min(missing, self.max_size - self._live())
             self._starting += max(missing, 0)
         for _ in range(max(missing, 0)):
-            self._submit(self._fill_one)
+            try:
+                self._workers.submit(self._fill_one)
+            except RuntimeError:  # shutting down: no new starts
+                with self._cond:
+                    self._starting -= 1
 
     def _fill_one(self) -> None:
         try:
@@ -285,9 +301,13 @@ class SandboxPool:
                 self._starting -= 1
                 self._error, self._failures = exc, self._failures + 1
                 self._cond.notify_all()
-            # Back off before trying again, so a broken engine is not hammered.
-            if not self._stop.wait(min(RETRY_MAX_S, 0.5 * 2**self._failures)):
-                self._refill()
+                # Back off before trying again, so a broken engine is not hammered; a timer,
+                # so no worker sleeps (releases still get removed meanwhile).
+                if not self._closed and (self._retry is None or not self._retry.is_alive()):
+                    delay = min(RETRY_MAX_S, 0.5 * 2**self._failures)
+                    self._retry = threading.Timer(delay, self._refill)
+                    self._retry.daemon = True
+                    self._retry.start()
             return
         with self._cond:
             self._starting -= 1
@@ -300,9 +320,10 @@ class SandboxPool:
             self._destroy(sandbox)
 
     def _submit(self, job: object, *args: object) -> None:
+        """Run a removal in the background (here, when the workers are shut down)."""
         try:
             self._workers.submit(job, *args)  # type: ignore[arg-type]
-        except RuntimeError:  # shut down: run it here
+        except RuntimeError:
             job(*args)  # type: ignore[operator]
 
     def _destroy_released(self, sandbox: Sandbox) -> None:
@@ -317,5 +338,6 @@ class SandboxPool:
     def _destroy(self, sandbox: Sandbox) -> None:
         try:
             sandbox.remove()
-        except SandboxError as exc:
-            self.notes.append(f"could not remove {sandbox.name}: {exc.message} (`inv clean`)")
+        except Exception as exc:  # a worker must report, never vanish
+            why = exc.message if isinstance(exc, SandboxError) else str(exc)
+            self.notes.append(f"could not remove {sandbox.name}: {why} (`inv clean`)")

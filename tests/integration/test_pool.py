@@ -471,3 +471,33 @@ def test_a_killed_owner_leaves_nothing_inv_clean_does_not_remove(tmp_path, docke
     assert not [f for f in (state / workspaces.SANDBOXES).iterdir()], (
         "inv clean left the private folders of a dead owner: " + done.stdout
     )
+
+
+LEFT_OPEN = """
+import json, sys
+from pathlib import Path
+from stigmer_sandbox.runtime import SandboxPool
+from tests.integration.test_runtime import settings_in
+
+tmp, extra = Path(sys.argv[1]), json.loads(sys.argv[2])
+pool = SandboxPool(size=1, settings=settings_in(tmp), extra_labels=extra)
+box = pool.acquire()
+pool.wait_ready()
+print(json.dumps({"pool": pool.id}), flush=True)
+# no close(): the interpreter ends with the pool open, a sandbox acquired
+"""
+
+
+def test_a_pool_left_open_is_removed_when_its_process_exits(tmp_path, docker_engine):
+    done = subprocess.run(
+        [sys.executable, "-c", LEFT_OPEN, str(tmp_path), json.dumps(TEST_LABELS)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    started = json.loads(done.stdout)
+    assert pool_containers(docker_engine, started["pool"]) == []
+    assert not list((tmp_path / "state" / workspaces.SANDBOXES).iterdir())
