@@ -67,6 +67,9 @@ class Backend(Protocol):
     def changed_bytes(self, handle: Any) -> int:
         """Bytes the sandbox's commands added to its root filesystem (what a commit copies)."""
 
+    def sharing(self, handle: Any, source: str) -> list[str]:
+        """Names of other running sandboxes or containers that mount the folder `source`."""
+
     def host_memory(self) -> int:
         """Bytes of memory the platform can give sandboxes (0 when unknown)."""
 
@@ -151,6 +154,17 @@ class DockerBackend:
         with engine.engine_errors():
             found = api.containers(all=True, size=True, filters={"id": handle.id})
         return int(found[0].get("SizeRw") or 0) if found else 0
+
+    def sharing(self, handle: Any, source: str) -> list[str]:
+        api = engine.client().api
+        with engine.engine_errors():
+            running = api.containers(filters={"status": "running"})
+        return [
+            str(entry["Names"][0]).lstrip("/")
+            for entry in running
+            if entry["Id"] != handle.id
+            and any(m.get("Source") == source for m in entry.get("Mounts") or [])
+        ]
 
     def host_memory(self) -> int:
         with engine.engine_errors():

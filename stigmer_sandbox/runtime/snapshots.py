@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import engine, labels
 from ..config import Settings, load_settings, parse_size
-from ..errors import UsageError
+from ..errors import SandboxError, UsageError
 from ..images.record import ImageRecord
 from . import workspaces
 from .backend import DOCKER, Backend
@@ -87,28 +87,33 @@ def workspace_of(image: Any) -> Path | None:
     return folder if workspaces.is_private(folder, folder.parent) else None
 
 
-def capture(sandbox: Sandbox, image_ref: str, kind: str, workspace_root: Path, name: str) -> Path:
-    """Commit `sandbox`'s filesystem to `image_ref` and copy its workspace into a new private
-    folder `workspace_root/name`; that folder. Nothing is left behind when it fails."""
-    _check_size(sandbox)
-    marks = _image_labels(kind, sandbox, workspace_root / name)
+def capture(
+    sandbox: Sandbox, image_ref: str, kind: str, folder: Path, final: Path | None = None
+) -> Path:
+    """Commit `sandbox`'s filesystem to `image_ref` and copy its workspace into the new
+    private `folder` (the image names `final`, where the folder will end up, if it is not
+    `folder`); the folder. Nothing is left behind when it fails."""
+    marks = _image_labels(kind, sandbox, final or folder)
     changes = [f"LABEL {key}={json.dumps(value)}" for key, value in marks.items()]
     with sandbox.paused() as container:
-        folder = workspaces.create(workspace_root, name, sandbox.settings.path("workspace"))
+        _check_size(sandbox, container)
+        _check_unshared(sandbox, container)
+        made = workspaces.create(folder.parent, folder.name, sandbox.settings.path("workspace"))
         try:
             image_id = sandbox.backend.commit(container, image_ref, changes)
         except BaseException:
-            workspaces.remove(folder)
+            workspaces.remove(made)
             raise
     ImageRecord.of(sandbox.settings).add(kind, [image_id])
-    return folder
+    return made
 
 
-def _check_size(sandbox: Sandbox) -> None:
+def _check_size(sandbox: Sandbox, container: Any) -> None:
     """Refuse to copy a root filesystem a command bloated (a disk filler, by accident or
-    not) before the engine spends minutes and the disk on it."""
+    not) before the engine spends minutes and the disk on it (checked while paused, so
+    it cannot grow after the check)."""
     limit = parse_size(sandbox.settings.snapshot_max_size)
-    changed = sandbox.backend.changed_bytes(sandbox._existing())
+    changed = sandbox.backend.changed_bytes(container)
     if changed > limit:
         raise UsageError(
             f"sandbox {sandbox.name}'s commands added {changed / 2**20:.0f} MiB outside "
@@ -119,22 +124,53 @@ def _check_size(sandbox: Sandbox) -> None:
         )
 
 
+def _check_unshared(sandbox: Sandbox, container: Any) -> None:
+    """The workspace is copied while its sandbox is paused; another running container that
+    mounts it could swap a folder for a symlink mid-copy and point the copy elsewhere on
+    the host. Refuse then (a pooled or forked sandbox's workspace is never shared)."""
+    others = sandbox.backend.sharing(container, str(sandbox.settings.path("workspace")))
+    if others:
+        raise SandboxError(
+            f"the workspace of {sandbox.name} is also mounted by the running "
+            f"container(s) {', '.join(others)}; a copy now would not be safe",
+            "stop them first (`inv compose.down`, `inv sandbox.ls`), or fork a pooled sandbox",
+        )
+
+
 def take(sandbox: Sandbox, name: str, replace: bool = False) -> dict[str, Any]:
-    """Keep `sandbox`'s state as snapshot `name`; refuses to overwrite one unless `replace`."""
+    """Keep `sandbox`'s state as snapshot `name`; refuses to overwrite one unless `replace`.
+    A replacement is made aside first: the old snapshot goes only once the new one exists."""
     image_ref = snapshot_image(name)
     root = workspaces.snapshots_root(sandbox.settings)
-    if engine.image_id(image_ref) or (root / name).exists():
-        if not replace:
-            raise UsageError(f"snapshot {name} already exists", "pick another name, or replace it")
-        delete(sandbox.settings, name)
+    exists = engine.image_id(image_ref) or (root / name).exists()
+    if exists and not replace:
+        raise UsageError(f"snapshot {name} already exists", "pick another name, or replace it")
     started = time.monotonic()
-    folder = capture(sandbox, image_ref, "snapshot", root, name)
+    if not exists:
+        folder = capture(sandbox, image_ref, "snapshot", root / name)
+    else:
+        folder = _replace(sandbox, name, root)
     return {
         "name": name,
         "image": image_ref,
         "workspace": str(folder / "workspace"),
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def _replace(sandbox: Sandbox, name: str, root: Path) -> Path:
+    staging_root = root / f".staging-{uuid.uuid4().hex[:8]}"
+    staging_ref = f"{SNAPSHOT_REPOSITORY}:{name}.staging-{staging_root.name[-8:]}"
+    try:
+        staged = capture(sandbox, staging_ref, "snapshot", staging_root / name, root / name)
+        delete(sandbox.settings, name)
+        staged.rename(root / name)
+        with engine.engine_errors():
+            engine.client().images.get(staging_ref).tag(SNAPSHOT_REPOSITORY, name)
+    finally:
+        engine.remove_image(staging_ref)  # the tag only: the image keeps its final one
+        workspaces.remove(staging_root)
+    return root / name
 
 
 def listing() -> list[dict[str, Any]]:
@@ -181,7 +217,7 @@ def fork(sandbox: Sandbox) -> Sandbox:
     """A new, started sandbox with `sandbox`'s filesystem and a copy of its workspace."""
     name = new_name(sandbox.settings)
     image_ref = fork_image(name)
-    folder = capture(sandbox, image_ref, "fork", workspaces.sandboxes_root(sandbox.settings), name)
+    folder = capture(sandbox, image_ref, "fork", workspaces.sandboxes_root(sandbox.settings) / name)
     return _start(
         sandbox.settings, name, image_ref, folder, owned_image=True, backend=sandbox.backend
     )

@@ -59,8 +59,9 @@ def test_a_bloated_root_filesystem_is_refused_with_nothing_left(box):
     from stigmer_sandbox.errors import UsageError
     from stigmer_sandbox.runtime import snapshots, workspaces
 
+    own = box.settings.path("state_dir").parent / "small-workspace"
     small = Sandbox.create_ephemeral(
-        box.settings.replace(snapshot_max_size="4m"), extra_labels=TEST_LABELS
+        box.settings.replace(snapshot_max_size="4m", workspace=str(own)), extra_labels=TEST_LABELS
     ).up()
     try:
         filler = "head -c 8000000 /dev/zero > /home/sandbox/filler"
@@ -78,3 +79,46 @@ def test_a_bloated_root_filesystem_is_refused_with_nothing_left(box):
         small.fork().remove()  # within the limit again
     finally:
         small.remove()
+
+
+def test_a_workspace_another_running_container_mounts_is_not_copied(box):
+    """The other container could swap a folder for a symlink while the copy runs."""
+    twin = Sandbox.create_ephemeral(box.settings, extra_labels=TEST_LABELS).up()
+    try:
+        shared = f"also mounted by the running container.*{twin.name}"
+        with pytest.raises(SandboxError, match=shared):
+            box.fork()
+        with pytest.raises(SandboxError, match="also mounted"):
+            box.snapshot("shared-workspace")
+    finally:
+        twin.remove()
+    box.fork().remove()  # alone again: allowed
+
+
+def test_a_failed_replacement_keeps_the_old_snapshot(box):
+    from stigmer_sandbox.runtime import snapshots
+
+    own = box.settings.path("state_dir").parent / "replace-workspace"
+    other = Sandbox.create_ephemeral(
+        box.settings.replace(workspace=str(own)), extra_labels=TEST_LABELS
+    ).up()
+    name = f"replace-{other.name[-8:]}"
+    try:
+        assert other.exec("echo old > /workspace/version").exit_code == 0
+        first = other.snapshot(name)
+        other.stop()
+        with pytest.raises(SandboxError, match="only a running sandbox"):
+            other.snapshot(name, replace=True)
+        kept = {s["name"]: s for s in snapshots.listing()}
+        assert kept[name]["workspace"] == first["workspace"]
+        other.up()
+        assert other.exec("echo new > /workspace/version").exit_code == 0
+        other.snapshot(name, replace=True)
+        with Sandbox.from_snapshot(name, other.settings) as born:
+            assert born.exec("cat /workspace/version").stdout == "new\n"
+        root = snapshots.workspaces.snapshots_root(other.settings)
+        assert [p.name for p in root.iterdir()] == [name]  # no staging left
+        assert len([s for s in snapshots.listing() if s["name"].startswith(name)]) == 1
+    finally:
+        snapshots.delete(other.settings, name)
+        other.remove()
