@@ -64,7 +64,7 @@ def orphan_reason(
     with its owner alive (or on another host, where that cannot be checked), never is."""
     if _owner_gone(container_labels, hostname):
         return f"its owner (pid {container_labels[labels.OWNER_PID]}) is gone"
-    ownerless = labels.OWNER_PID not in container_labels
+    ownerless = not container_labels.get(labels.OWNER_PID)  # "" on a snapshot's containers
     if labels.expired(container_labels, now) and ownerless and stopped:
         return "past its maximum lifetime"
     return None
@@ -150,7 +150,11 @@ def _images(
             if is_our_image(image, recorded) or is_our_build_stage(image)
         ]
     else:
-        found += [image for image in _fork_images(client) if _fork_of(image) not in containers]
+        found += [
+            image
+            for image in _fork_images(client)
+            if _fork_of(image) not in containers and is_our_image(image, recorded)
+        ]
     # Newest first: a child image must go before the image it was built on. Build
     # intermediates go with the image they belong to (docker removes untagged parents).
     reason = "project image" if everything else "dangling"

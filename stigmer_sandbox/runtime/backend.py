@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from .. import engine, labels
+from ..errors import SandboxError
 
 # Docker multiplexes an attached exec's stdout and stderr in frames: stream, size, payload.
 FRAME_HEADER = struct.Struct(">BxxxL")
@@ -66,6 +67,9 @@ class Backend(Protocol):
 
     def changed_bytes(self, handle: Any) -> int:
         """Bytes the sandbox's commands added to its root filesystem (what a commit copies)."""
+
+    def is_paused(self, sandbox_id: str) -> bool:
+        """Whether the sandbox is frozen on purpose right now (False when unknown)."""
 
     def sharing(self, handle: Any, source: str) -> list[str]:
         """Names of other running sandboxes or containers that mount the folder `source`."""
@@ -154,6 +158,14 @@ class DockerBackend:
         with engine.engine_errors():
             found = api.containers(all=True, size=True, filters={"id": handle.id})
         return int(found[0].get("SizeRw") or 0) if found else 0
+
+    def is_paused(self, sandbox_id: str) -> bool:
+        try:
+            with engine.engine_errors():
+                state = engine.client().api.inspect_container(sandbox_id)["State"]
+        except SandboxError:
+            return False
+        return bool(state.get("Paused"))
 
     def sharing(self, handle: Any, source: str) -> list[str]:
         api = engine.client().api

@@ -241,6 +241,25 @@ def _exec_message(request: Request, rid: int) -> dict[str, Any]:
 Inbox = queue.Queue[dict[str, Any] | None]
 
 
+class Deadline:
+    """A command's hard deadline on the host, pushed back while its container is paused."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+        self._was_held = False
+
+    def extend(self, held: bool) -> bool:
+        """At expiry: whether to keep waiting. While held, a second at a time; once thawed,
+        one grace period for the command's own timeout to fire and its answer to arrive."""
+        if held:
+            self.at, self._was_held = time.monotonic() + 1.0, True
+            return True
+        if self._was_held:
+            self.at, self._was_held = time.monotonic() + HOST_GRACE_S, False
+            return True
+        return False
+
+
 class AgentChannel:
     """One agent process inside one container, shared by concurrent callers."""
 
@@ -290,7 +309,7 @@ class AgentChannel:
     def ping(self, timeout: float = 10.0) -> None:
         """Round-trip a ping (and learn the agent's pid); raises `AgentLost` without one."""
         rid = next(self._ids)
-        answer = self._wait(self._send({"op": "ping", "id": rid}), rid, time.monotonic() + timeout)
+        answer = self._wait(self._send({"op": "ping", "id": rid}), rid, Deadline(timeout))
         if answer["type"] != "pong":
             raise AgentLost(f"the sandbox agent answered a ping with {answer['type']!r}")
         self.agent_pid = answer["pid"]
@@ -316,16 +335,28 @@ class AgentChannel:
             raise AgentLost(f"the sandbox agent answered {op} with {answer['type']!r}")
         return dict(answer["data"])
 
-    def _wait(self, inbox: Inbox, rid: int, deadline: float) -> dict[str, Any]:
-        try:
-            message = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            self._forget(rid)
-            self.reset("no answer from the sandbox agent before the command's hard deadline")
-            message = None
+    def _wait(self, inbox: Inbox, rid: int, deadline: Deadline) -> dict[str, Any]:
+        """The next message for `rid`. Time the container spends paused (a fork or snapshot,
+        ours or another process's) does not count against the deadline: inside, the
+        command's own timeout fires as soon as it thaws."""
+        while True:
+            try:
+                message = inbox.get(timeout=max(0.0, deadline.at - time.monotonic()))
+                break
+            except queue.Empty:
+                if deadline.extend(self._held()):
+                    continue
+                self._forget(rid)
+                self.reset("no answer from the sandbox agent before the command's hard deadline")
+                message = None
+                break
         if message is None:
             raise AgentLost(self.lost_reason)
         return message
+
+    def _held(self) -> bool:
+        """Whether the container is paused on purpose (then silence is not death)."""
+        return self._frozen > 0 or self._backend.is_paused(self.container_id)
 
     def _forget(self, rid: int) -> None:
         with self._pending_lock:
@@ -336,7 +367,7 @@ class AgentChannel:
         rid = next(self._ids)
         inbox = self._send(_exec_message(request, rid))
         heads = {"stdout": bytearray(), "stderr": bytearray()}
-        deadline = time.monotonic() + request.timeout + HOST_GRACE_S
+        deadline = Deadline(request.timeout + HOST_GRACE_S)
         try:
             while True:
                 answer = self._wait(inbox, rid, deadline)
@@ -391,20 +422,22 @@ class AgentChannel:
     def frozen(self) -> Iterator[None]:
         """While the container is paused on purpose (fork, snapshot), its silence is not
         death: the watchdog waits, and counts again from when it resumes."""
-        self._frozen += 1
+        with self._pending_lock:
+            self._frozen += 1
         try:
             yield
         finally:
             self._last_frame = time.monotonic()
-            self._frozen -= 1
+            with self._pending_lock:
+                self._frozen -= 1
 
     def _watchdog(self) -> None:
         while self.alive:
             time.sleep(1.0)
-            if self._frozen:
-                continue
             silent = time.monotonic() - self._last_frame
-            if silent > LIVENESS_S:
+            if silent > LIVENESS_S and self._held():
+                self._last_frame = time.monotonic()  # counts again from the thaw
+            elif silent > LIVENESS_S:
                 self.reset(f"the sandbox agent stopped answering (no heartbeat for {silent:.0f} s)")
 
     def reset(self, reason: str) -> None:

@@ -264,17 +264,21 @@ class Sandbox(FileTransfers):
     def remove(self) -> bool:
         """Remove the container. The workspace on the host is never touched, unless it is
         this sandbox's private one (pooled, forked, snapshot-born), which goes with it."""
-        self._close_channel()
+        with self._lock:  # retired first: no other thread may start it again meanwhile
+            if self.private_folder is not None:
+                self.retired = True
+            self._close_channel()
         container = self.find()
-        if container is not None:
-            with engine.engine_errors():
-                container.remove(force=True)
-            self._container = None
-        if self.private_folder is not None:
-            self.retired = True
-            workspaces.remove(self.private_folder)
-        if self.owned_image:
-            engine.remove_image(self.owned_image)
+        try:
+            if container is not None:
+                with engine.engine_errors():
+                    container.remove(force=True)
+                self._container = None
+            if self.private_folder is not None:
+                workspaces.remove(self.private_folder)
+        finally:
+            if self.owned_image:
+                engine.remove_image(self.owned_image)
         return container is not None
 
     def status(self) -> dict[str, Any]:
@@ -389,7 +393,7 @@ class Sandbox(FileTransfers):
             try:
                 with engine.engine_errors():
                     self._container.reload()
-                if self._container.status == "running":
+                if self._container.status in ("running", "paused"):  # paused: a fork, briefly
                     return
             except SandboxError:
                 pass

@@ -122,3 +122,26 @@ def test_a_failed_replacement_keeps_the_old_snapshot(box):
     finally:
         snapshots.delete(other.settings, name)
         other.remove()
+
+
+def test_a_pause_by_another_process_is_not_a_dead_agent(box):
+    """Another host process's fork or snapshot pauses the container without telling this
+    channel: past the liveness window and a command's hard deadline, nothing is lost."""
+    from stigmer_sandbox.runtime.channel import HOST_GRACE_S
+
+    channel = box._channel
+    results = []
+    running = threading.Thread(target=lambda: results.append(box.exec("sleep 60", timeout=2)))
+    running.start()
+    time.sleep(0.5)
+    container = box._existing()
+    container.pause()  # as `docker pause` from elsewhere: this channel is not told
+    try:
+        time.sleep(max(LIVENESS_S, 2 + HOST_GRACE_S) + 2)
+    finally:
+        container.unpause()
+    running.join(30)
+    assert results, "the command never came back"
+    assert results[0].timed_out and results[0].exit_code == 124, results[0]
+    assert box._channel is channel and channel.alive
+    assert box.exec("echo alive").stdout == "alive\n"

@@ -196,6 +196,24 @@ def test_clean_plans_snapshots_forks_and_private_folders_by_tier(inv, clean_env)
     assert not kept["box"].private_folder
 
 
+def test_clean_keeps_a_fork_image_a_user_tagged(inv, clean_env, docker_engine):
+    kept = sandbox_state(Path(clean_env["INVOKE_STIGMER_STATE_DIR"]), uuid.uuid4().hex[:8])
+    fork = kept["fork"]
+    users_tag = f"users-fork-keep:{uuid.uuid4().hex[:8]}"
+    try:
+        docker_engine.images.get(fork.owned_image).tag(users_tag)
+        docker_engine.containers.get(fork.name).remove(force=True)  # as after a crash
+        planned = listed(inv("clean", "--dry-run", "--json", env=clean_env))
+        assert engine.image_id(users_tag) not in planned
+    finally:
+        fork.remove()
+        kept["box"].remove()
+        docker_engine.images.remove(users_tag, force=True)
+        from stigmer_sandbox.runtime import snapshots
+
+        snapshots.delete(config.load_settings(ROOT), kept["snapshot"]["name"])
+
+
 def test_destructive_tiers_need_confirmation_without_a_terminal(inv, docker_engine):
     project_resources(docker_engine, uuid.uuid4().hex[:8])
     done = inv("clean", "--all")

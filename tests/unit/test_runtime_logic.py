@@ -172,3 +172,12 @@ def test_doctor_reports_a_workspace_the_policy_refuses(tmp_path):
     assert check.status == "fail" and "the project folder" in check.detail
     fine = diagnostics._workspace_check(current.replace(workspace="ws"))
     assert fine.status != "fail"
+
+
+def test_a_container_from_a_snapshot_with_an_emptied_owner_is_ownerless():
+    from stigmer_sandbox import labels
+    from stigmer_sandbox.host.cleanup import orphan_reason
+
+    inherited = {labels.OWNER_PID: "", labels.EXPIRES: "1"}
+    assert orphan_reason(inherited, stopped=True) == "past its maximum lifetime"
+    assert orphan_reason(inherited, stopped=False) is None
