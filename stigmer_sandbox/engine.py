@@ -176,10 +176,17 @@ EXHAUSTION = (
 def _api_error(exc: BaseException, url: str) -> EngineError:
     text = str(getattr(exc, "explanation", None) or exc).strip()
     first_line = text.splitlines()[0] if text else type(exc).__name__
+    return exhausted(text) or EngineError(f"Docker Engine error: {first_line}", f"engine: {url}")
+
+
+def exhausted(text: str) -> EngineError | None:
+    """The error for an engine message saying the machine ran out of something, else None
+    (whatever status the engine gave it: address pools come back as 404)."""
+    first_line = text.strip().splitlines()[0] if text.strip() else ""
     for needles, message, hint in EXHAUSTION:
         if any(needle in text.lower() for needle in needles):
             return EngineError(f"{message}: {first_line[:160]}", hint)
-    return EngineError(f"Docker Engine error: {first_line}", f"engine: {url}")
+    return None
 
 
 @contextmanager
@@ -198,7 +205,7 @@ def engine_errors(url: str | None = None) -> Iterator[None]:
             f"image not found: {missing[-1] if missing else _explain(exc)}", BUILD_HINT
         ) from None
     except docker.errors.NotFound as exc:
-        raise SandboxNotReady(f"not found: {_explain(exc)}") from None
+        raise exhausted(_explain(exc)) or SandboxNotReady(f"not found: {_explain(exc)}") from None
     except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
         raise classify(exc, url) from None
 

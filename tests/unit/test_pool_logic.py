@@ -345,6 +345,15 @@ def test_engine_errors_raises_the_exhaustion_message():
         raise docker.errors.APIError("500", explanation="cannot allocate memory")
 
 
+def test_an_exhaustion_the_engine_reports_as_not_found_is_still_named():
+    # Measured on Engine 20.10: an exhausted address pool comes back as 404.
+    pool_message = "could not find an available, non-overlapping IPv4 address pool"
+    with pytest.raises(SandboxError, match="no network addresses left"), engine.engine_errors():
+        raise docker.errors.NotFound("404", explanation=pool_message)
+    with pytest.raises(SandboxError, match="not found: No such container"), engine.engine_errors():
+        raise docker.errors.NotFound("404", explanation="No such container: x")
+
+
 # -- the pool's bookkeeping, with fake sandboxes -------------------------------------------
 
 
