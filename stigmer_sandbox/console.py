@@ -12,7 +12,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TextIO
 
 from colorama import Fore, Style
@@ -151,6 +151,22 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     plain(paint(_table_line(headers, widths), "bold"))
     for row in body:
         plain(_table_line(row, widths))
+
+
+def listing(
+    items: Sequence[Any],
+    as_json: bool,
+    empty: str,
+    headers: Sequence[str],
+    row: Callable[[Any], Sequence[Any]],
+) -> None:
+    """A list as JSON, or as a table of `row(item)`, or the `empty` hint when there is none."""
+    if as_json:
+        emit_json(items)
+    elif not items:
+        info(empty)
+    else:
+        table(headers, [row(item) for item in items])
 
 
 def fit_widths(widths: Sequence[int], limit: int) -> list[int]:

@@ -14,18 +14,18 @@ def ls(c: Context, json: bool = False) -> None:
     """List every sandbox of this project: name, state, image, age, owner, workspace."""
     from ..runtime import fleet
 
-    found = fleet.listing()
-    if json:
-        console.emit_json(found)
-        return
-    if not found:
-        console.info("no sandboxes (start one: inv sandbox.up)")
-        return
-    rows = [
-        (s["name"], s["state"], s["image"], fleet.age_text(s["age_s"]), s["owner"], s["workspace"])
-        for s in found
-    ]
-    console.table(("name", "state", "image", "age", "owner", "workspace"), rows)
+    console.listing(
+        fleet.listing(),
+        json,
+        "no sandboxes (start one: inv sandbox.up)",
+        ("name", "state", "image", "age", "owner", "workspace"),
+        lambda s: (
+            *(s[key] for key in ("name", "state", "image")),
+            fleet.age_text(s["age_s"]),
+            s["owner"],
+            s["workspace"],
+        ),
+    )
 
 
 @task(
@@ -64,24 +64,19 @@ def snapshots(c: Context, delete: str | None = None, json: bool = False) -> None
             return
         console.success(f"removed snapshot {delete}")
         return
-    found = kept.listing()
-    if json:
-        console.emit_json(found)
-        return
-    if not found:
-        console.info("no snapshots (take one: inv sandbox.snapshot NAME)")
-        return
-    rows = [
-        (
+    console.listing(
+        kept.listing(),
+        json,
+        "no snapshots (take one: inv sandbox.snapshot NAME)",
+        ("name", "created", "image size", "workspace", "from sandbox"),
+        lambda s: (
             s["name"],
             s["created"][:19].replace("T", " "),
             console.human_bytes(s["size"]),
             console.human_bytes(s["workspace_bytes"]),
             s["source"],
-        )
-        for s in found
-    ]
-    console.table(("name", "created", "image size", "workspace", "from sandbox"), rows)
+        ),
+    )
 
 
 TASKS = (ls, snapshot, snapshots)

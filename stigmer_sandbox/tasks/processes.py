@@ -36,18 +36,19 @@ def _state(info: dict[str, object]) -> str:
 @task(help={"json": "print the processes as JSON (default: off)"})
 def ps(c: Context, json: bool = False) -> None:
     """List the sandbox's background processes, running and recently ended."""
-    found = sandbox_for(c).processes()
-    if json:
-        console.emit_json(found)
-        return
-    if not found:
-        console.info('no background processes (start one: inv run --background "CMD")')
-        return
-    rows = [
-        (p.get("id"), _state(p), _age(p.get("started_at")), p.get("stdout_bytes"), p.get("command"))
-        for p in found
-    ]
-    console.table(("id", "state", "started", "stdout bytes", "command"), rows)
+    console.listing(
+        sandbox_for(c).processes(),
+        json,
+        'no background processes (start one: inv run --background "CMD")',
+        ("id", "state", "started", "stdout bytes", "command"),
+        lambda p: (
+            p.get("id"),
+            _state(p),
+            _age(p.get("started_at")),
+            p.get("stdout_bytes"),
+            p.get("command"),
+        ),
+    )
 
 
 @task(
