@@ -19,6 +19,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 from .. import engine, labels
@@ -76,6 +77,9 @@ class Backend(Protocol):
 
     def host_memory(self) -> int:
         """Bytes of memory the platform can give sandboxes (0 when unknown)."""
+
+    def host_pid_max(self) -> int:
+        """Process ids the platform's kernel can hand out (0 when unknown)."""
 
     def sandboxes(self) -> list[Any]:
         """Every sandbox this project made on the platform."""
@@ -181,6 +185,15 @@ class DockerBackend:
     def host_memory(self) -> int:
         with engine.engine_errors():
             return int(engine.client().info().get("MemTotal") or 0)
+
+    def host_pid_max(self) -> int:
+        """kernel.pid_max, when the engine runs on this machine (a unix socket)."""
+        if not engine.engine_url().startswith("unix://"):
+            return 0
+        try:
+            return int(Path("/proc/sys/kernel/pid_max").read_text().strip())
+        except (OSError, ValueError):
+            return 0
 
     def sandboxes(self) -> list[Any]:
         wanted = {"label": [f"{labels.MANAGED}=true", f"{labels.KIND}=sandbox"]}

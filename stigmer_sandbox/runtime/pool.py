@@ -70,7 +70,7 @@ class SandboxPool:
         self.notes: list[str] = []
         self._labels = {f"{labels.PREFIX}.pool": self.id, **(extra_labels or {})}
         self._check_source()
-        self._check_memory()
+        self._check_limits()
         self._cond = threading.Condition()
         self._ready: deque[Sandbox] = deque()
         self._out: dict[str, Sandbox] = {}
@@ -95,14 +95,23 @@ class SandboxPool:
             return
         snapshots.find(snapshots.check_name(self.snapshot))
 
-    def _check_memory(self) -> None:
-        host = self.backend.host_memory()
+    def _check_limits(self) -> None:
+        """Say when the sandboxes' limits add up to more than the host has (memory, process
+        ids): they are ceilings, so this is a note, not a refusal."""
+        memory, pids = self.backend.host_memory(), self.backend.host_pid_max()
         wanted = self.size * self.settings.memory_bytes
-        if host and wanted > host:
+        if memory and wanted > memory:
             self.notes.append(
                 f"{self.size} sandboxes with memory {self.settings.memory} may use "
-                f"{wanted / 2**30:.1f} GiB; this host has {host / 2**30:.1f} GiB: they cannot "
+                f"{wanted / 2**30:.1f} GiB; this host has {memory / 2**30:.1f} GiB: they cannot "
                 "all use their limit at once (lower `memory` or the pool size)"
+            )
+        processes = self.size * self.settings.pids_limit
+        if pids and processes > pids:
+            self.notes.append(
+                f"{self.size} sandboxes with pids_limit {self.settings.pids_limit} may run "
+                f"{processes} processes; the host allows {pids} (kernel.pid_max): a fork bomb "
+                "in many of them at once could exhaust the host (lower `pids_limit`)"
             )
 
     # -- what callers use ------------------------------------------------------------------

@@ -381,11 +381,15 @@ class FakeSandbox:
 class FakeBackend:
     name = "fake"
 
-    def __init__(self, memory: int = 64 * 2**30) -> None:
+    def __init__(self, memory: int = 64 * 2**30, pid_max: int = 4_194_304) -> None:
         self.memory = memory
+        self.pid_max = pid_max
 
     def host_memory(self) -> int:
         return self.memory
+
+    def host_pid_max(self) -> int:
+        return self.pid_max
 
 
 class Starter:
@@ -424,8 +428,8 @@ def settings():
 
 
 def make_pool(settings, size: int, **changes) -> SandboxPool:
-    memory = changes.pop("host_memory", 64 * 2**30)
-    return SandboxPool(size=size, settings=settings.replace(**changes), backend=FakeBackend(memory))
+    host = FakeBackend(changes.pop("host_memory", 64 * 2**30), changes.pop("pid_max", 4_194_304))
+    return SandboxPool(size=size, settings=settings.replace(**changes), backend=host)
 
 
 @pytest.mark.parametrize("size", [-1, 33, 1.5, "2", None])
@@ -444,6 +448,19 @@ def test_the_memory_note_compares_the_pool_with_the_host(settings, starter):
     with make_pool(settings, 2, memory="2g", host_memory=4 * 2**30) as exact:
         assert exact.notes == []
     with make_pool(settings, 3, memory="2g", host_memory=0) as unknown:
+        assert unknown.notes == []
+
+
+def test_the_pids_note_compares_the_pool_with_the_kernel(settings, starter):
+    with make_pool(settings, 4, pids_limit=512, pid_max=2048) as exact:
+        assert exact.notes == []
+    with make_pool(settings, 5, pids_limit=512, pid_max=2048) as over:
+        assert over.notes == [
+            "5 sandboxes with pids_limit 512 may run 2560 processes; the host allows 2048 "
+            "(kernel.pid_max): a fork bomb in many of them at once could exhaust the host "
+            "(lower `pids_limit`)"
+        ]
+    with make_pool(settings, 5, pids_limit=512, pid_max=0) as unknown:
         assert unknown.notes == []
 
 
