@@ -11,8 +11,8 @@
   answers, on a container configured like the sandbox.
 - Idle memory of a pooled sandbox with its agent connected (cgroup usage minus inactive
   file cache) beside a `sleep infinity` container of the same image; how many this host
-  holds by that figure, beside a pool of 32 actually started (its fill time beside 32
-  `docker run -d`) whose every sandbox runs `true`.
+  holds by that figure, beside a pool of 32 (BENCH_BIG_POOL) actually started (its fill
+  time beside as many `docker run -d`) whose every sandbox runs `true`.
 
 The by-hand containers get the sandbox's own limits and confinement (from `docker
 inspect`), so only the tool's work differs. Everything runs under a scratch state folder
@@ -24,6 +24,7 @@ the end, also on failure.
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import subprocess
@@ -47,7 +48,8 @@ BENCH_LABEL = f"stigmer-bench.run={RUN}"
 DOCKER = docker_cli()
 POOL_SIZE = 4
 MEMORY_POOL = 8
-BIG_POOL = 32
+# How many sandboxes the density figure actually starts (BENCH_BIG_POOL=128 proves more).
+BIG_POOL = int(os.environ.get("BENCH_BIG_POOL", "32"))
 READY_TIMEOUT_S = 60.0
 WORKSPACE_BYTES = 50_000_000
 PACKAGE = "/opt/venv/lib/python3.11/site-packages/benchpkg"
