@@ -41,6 +41,8 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 UNIQUE_SUFFIX = re.compile(r"(-[0-9a-f]{8})+$")
 # Labels a container carries that must not pass to the image, nor from it to containers.
 PER_CONTAINER = ("owner-pid", "owner-host", "expires", "sandbox", "config", "pool", "private")
+# On a snapshot image: the private folder that holds its workspace.
+WORKSPACE_LABEL = f"{labels.PREFIX}.snapshot-workspace"
 
 
 def check_name(name: str) -> str:
@@ -61,9 +63,6 @@ def snapshot_image(name: str) -> str:
 def fork_image(sandbox_name: str) -> str:
     """The image a fork named `sandbox_name` starts from."""
     return f"{FORK_REPOSITORY}:{sandbox_name}"
-
-
-WORKSPACE_LABEL = f"{labels.PREFIX}.snapshot-workspace"
 
 
 def _image_labels(kind: str, source: Sandbox, folder: Path) -> dict[str, str]:
