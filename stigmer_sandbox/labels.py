@@ -5,6 +5,7 @@ Cleanup touches only what carries `MANAGED`; nothing else on the machine is ours
 
 from __future__ import annotations
 
+import os
 import time
 
 from . import __version__
@@ -35,3 +36,17 @@ def expired(container_labels: dict[str, str], now: float | None = None) -> bool:
     """Whether a sandbox has outlived the lifetime its `expires` label set (None: no limit)."""
     expires = container_labels.get(EXPIRES, "")
     return expires.isdigit() and int(expires) < (time.time() if now is None else now)
+
+
+def owner_gone(pid: int, host: str | None, hostname: str | None = None) -> bool:
+    """Whether the owner process `pid` on `host` is known to have ended: only a pid on this
+    host can be checked; one that exists under another user still lives."""
+    if host != (hostname or os.uname().nodename):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # it exists, under another user
+    return False

@@ -22,7 +22,6 @@ its fork.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,19 +70,10 @@ def orphan_reason(
 
 
 def _owner_gone(container_labels: dict[str, str], hostname: str | None) -> bool:
-    """Whether the owner process named by the labels is known to have ended: only a pid on
-    this host can be checked; one that exists under another user still lives."""
+    """Whether the owner process named by the labels is known to have ended."""
     pid = container_labels.get(labels.OWNER_PID, "")
     host = container_labels.get(labels.OWNER_HOST)
-    if not pid.isdigit() or host != (hostname or os.uname().nodename):
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # it exists, under another user
-    return False
+    return pid.isdigit() and labels.owner_gone(int(pid), host, hostname)
 
 
 def _containers(containers: list[Any], everything: bool) -> Iterable[Resource]:

@@ -434,9 +434,7 @@ class Sandbox(FileTransfers):
     def paused(self) -> Iterator[Any]:
         """The running sandbox frozen (its container, yielded), so its filesystem and
         workspace can be read at one instant; the agent's silence meanwhile is not death."""
-        container = self._existing()
-        with engine.engine_errors():
-            container.reload()
+        container = self._existing()  # just fetched: its status is current
         if container.status != "running":
             raise SandboxError(
                 f"sandbox {self.name} is {container.status}; only a running sandbox can be "

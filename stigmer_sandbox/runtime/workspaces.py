@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import labels
 from ..config import Settings
 from ..errors import SandboxError
 
@@ -128,15 +129,7 @@ def _coreutils(argv: list[str], folder: Path, check: bool = True) -> str:
 def owner_gone(entry: dict[str, Any]) -> bool:
     """Whether the process that made a folder is known to have ended (this host only)."""
     pid = entry.get("pid")
-    if not isinstance(pid, int) or entry.get("host") != os.uname().nodename:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return isinstance(pid, int) and labels.owner_gone(pid, entry.get("host"))
 
 
 def size_bytes(folder: Path) -> int:
