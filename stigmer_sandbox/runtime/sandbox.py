@@ -113,6 +113,9 @@ class Sandbox(FileTransfers):
         self.owned_image = owned_image
         self.prepared_image = prepared_image
         self.retired = False
+        # A container started another way (compose): commands only, never created,
+        # recreated, restarted or removed from here.
+        self.attached = False
 
     @classmethod
     def create_ephemeral(cls, settings: Settings | None = None, **kwargs: Any) -> Sandbox:
@@ -120,6 +123,14 @@ class Sandbox(FileTransfers):
         base = settings or load_settings()
         name = f"{base.container_name}-{uuid.uuid4().hex[:8]}"
         return cls(base, name=name, ephemeral=True, **kwargs)
+
+    @classmethod
+    def attach(cls, name: str, settings: Settings | None = None, **kwargs: Any) -> Sandbox:
+        """A running container this project started another way (compose), reached through
+        the same agent, helper and audit trail; it is never created, recreated or removed here."""
+        sandbox = cls(settings, name=name, **kwargs)
+        sandbox.attached = True
+        return sandbox
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -156,6 +167,8 @@ class Sandbox(FileTransfers):
                     f"sandbox {self.name} was released or removed with its private workspace",
                     "start a new one (a pool's acquire(), fork() or from_snapshot())",
                 )
+            if self.attached:
+                return self._attach_running(timeout)
             spec = policy.container_spec(self.settings, self.settings.image, {})
             image = self.settings.image
             if not self.prepared_image:  # a committed image already has the right user
@@ -183,6 +196,16 @@ class Sandbox(FileTransfers):
                 self._close_channel()
                 self._channel = channel
             self.notes.extend(bootstrap.on_start(self, started))
+        return self
+
+    def _attach_running(self, timeout: float) -> Sandbox:
+        container = self._existing()
+        if container.status != "running":
+            raise SandboxNotReady(
+                f"sandbox {self.name} is {container.status}", "start it (e.g. `inv compose.up`)"
+            )
+        self._container = container
+        self._wait_ready(timeout)
         return self
 
     def _connect_early(self) -> EarlyChannel:
@@ -253,8 +276,16 @@ class Sandbox(FileTransfers):
             lines = self._container.logs(tail=5).decode(errors="replace").strip().splitlines()
         return lines[-1][:200] if lines else "no output"
 
+    def _refuse_if_attached(self, action: str) -> None:
+        if self.attached:
+            raise UsageError(
+                f"sandbox {self.name} was started by compose; {action} it there "
+                "(`inv compose.down`)"
+            )
+
     def stop(self) -> None:
         """Stop the container (the keep-alive exits at once on SIGTERM)."""
+        self._refuse_if_attached("stop")
         self._close_channel()
         container = self.find()
         if container is not None:
@@ -264,6 +295,7 @@ class Sandbox(FileTransfers):
     def remove(self) -> bool:
         """Remove the container. The workspace on the host is never touched, unless it is
         this sandbox's private one (pooled, forked, snapshot-born), which goes with it."""
+        self._refuse_if_attached("remove")
         with self._lock:  # retired first: no other thread may start it again meanwhile
             if self.private_folder is not None:
                 self.retired = True
