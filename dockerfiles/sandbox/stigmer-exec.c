@@ -11,8 +11,12 @@
  * trusted). The tree is killed in rounds (SIGSTOP every descendant, then
  * SIGKILL every one, so a fork bomb converges) until waitpid() says ECHILD;
  * each signal goes through a pidfd checked against the tree, so a recycled pid
- * is never hit. Signals are blocked and taken with sigtimedwait(): none is
- * lost, and every wait is bounded or driven by a signal.
+ * is never hit. A zombie whose other threads still run (its main thread called
+ * pthread_exit) is a live process: it is signalled like any other, and it
+ * cannot be reaped before its threads end. Signals are blocked and taken with
+ * sigtimedwait(): none is lost, and every wait is bounded or driven by a signal.
+ * The kill rounds are bounded by --kill-grace (the host's deadline budget
+ * passes it; see stigmer_sandbox/runtime/deadlines.py).
  *
  * With --watch-parent the helper cancels (kills the tree) when the process that
  * started it dies: the agent passes it. `docker exec` (the fallback runner) does
@@ -40,9 +44,11 @@
 #include <unistd.h>
 
 #define USAGE "usage: stigmer-exec [--uid N --gid N] [--cwd DIR] [--status-fd FD] " \
-              "[--timeout SECONDS] [--keep-background] [--watch-parent] -- PROGRAM [ARGS...]"
+              "[--timeout SECONDS] [--kill-grace SECONDS] [--keep-background] [--watch-parent] " \
+              "-- PROGRAM [ARGS...]"
 #define PID_LIMIT (4 * 1024 * 1024) /* PID_MAX_LIMIT: no pid is larger */
 #define SEC 1000000000LL
+#define DEFAULT_KILL_GRACE 5.0      /* seconds; the agent always passes its budget's value */
 #define MEMBER 1                    /* bits of tree.mark[pid] */
 #define COUNTED 2
 
@@ -50,6 +56,7 @@ struct opts {
     long long uid, gid; /* -1: keep the helper's own ids */
     int status_fd;      /* -1: none */
     double timeout;     /* 0: none */
+    double kill_grace;  /* bound on ending the tree once asked; 0: DEFAULT_KILL_GRACE */
     int keep_background;
     int watch_parent;   /* cancel when the parent dies (PR_SET_PDEATHSIG) */
     const char *cwd;    /* entered as the command's user; NULL: stay */
@@ -138,6 +145,39 @@ static int read_stat(pid_t pid, char *state, pid_t *ppid)
     return 0;
 }
 
+/* Whether a zombie thread-group leader still has a thread that runs: then the
+ * process is alive (and holds its pid) until those threads end. */
+static int has_live_threads(pid_t pid)
+{
+    char path[48], st;
+    snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+    DIR *d = opendir(path);
+    struct dirent *e;
+    int live = 0;
+    while (d && !live && (e = readdir(d))) {
+        char *end;
+        long tid = strtol(e->d_name, &end, 10);
+        if (*end || tid <= 0 || tid == pid)
+            continue;
+        snprintf(path, sizeof path, "/proc/%d/task/%ld/stat", (int)pid, tid);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        char buf[512];
+        ssize_t n = fd >= 0 ? read(fd, buf, sizeof buf - 1) : -1;
+        if (fd >= 0)
+            close(fd);
+        if (n <= 0)
+            continue;
+        buf[n] = '\0';
+        char *p = strrchr(buf, ')');
+        int ppi;
+        if (p && sscanf(p + 1, " %c %d", &st, &ppi) == 2 && st != 'Z' && st != 'X')
+            live = 1;
+    }
+    if (d)
+        closedir(d);
+    return live;
+}
+
 /* List every process, then mark the helper's descendants by ppid links. */
 static void scan(struct tree *t, pid_t self)
 {
@@ -190,11 +230,21 @@ static int signal_member(const struct tree *t, pid_t pid, int sig)
     return ok;
 }
 
-/* Kill every descendant, repeating until none is left (bounded by 10 s). */
-static void kill_tree(struct tree *t, struct result *r)
+/* Whether scan entry i is a process to signal: a descendant that runs, or a zombie
+ * leader whose threads still run. */
+static int to_kill(const struct tree *t, size_t i, pid_t self)
+{
+    const struct proc *p = &t->p[i];
+    if (p->pid == self || !(t->mark[p->pid] & MEMBER))
+        return 0;
+    return (p->state != 'Z' && p->state != 'X') || has_live_threads(p->pid);
+}
+
+/* Kill every descendant, repeating until none is left (bounded by `grace` s). */
+static void kill_tree(struct tree *t, struct result *r, double grace)
 {
     pid_t self = getpid();
-    long long deadline = now_ns() + 10 * SEC;
+    long long deadline = now_ns() + (long long)(grace * SEC);
     sigset_t chld;
     sigemptyset(&chld);
     sigaddset(&chld, SIGCHLD);
@@ -207,8 +257,7 @@ static void kill_tree(struct tree *t, struct result *r)
         for (int pass = 0; pass < 2; pass++) /* freeze all, then kill all */
             for (size_t i = 0; i < t->n; i++) {
                 pid_t p = t->p[i].pid;
-                if (p == self || !(t->mark[p] & MEMBER) || t->p[i].state == 'Z' ||
-                    t->p[i].state == 'X')
+                if (!to_kill(t, i, self))
                     continue;
                 if (signal_member(t, p, pass ? SIGKILL : SIGSTOP) && pass && p != r->pid &&
                     !(t->mark[p] & COUNTED)) {
@@ -219,7 +268,7 @@ static void kill_tree(struct tree *t, struct result *r)
         long long now = now_ns();
         if (now >= deadline) {
             if (!r->error[0])
-                snprintf(r->error, sizeof r->error, "processes survived SIGKILL for 10 s");
+                snprintf(r->error, sizeof r->error, "processes survived SIGKILL for %g s", grace);
             return;
         }
         wait_signal(&chld, now + 20 * 1000000LL < deadline ? now + 20 * 1000000LL : deadline);
@@ -336,7 +385,7 @@ static void parse(int argc, char **argv, struct opts *o)
             continue;
         }
         if (strcmp(a, "--uid") && strcmp(a, "--gid") && strcmp(a, "--status-fd") &&
-            strcmp(a, "--timeout")) {
+            strcmp(a, "--timeout") && strcmp(a, "--kill-grace")) {
             BAD("unknown option '%.40s'", a);
             continue;
         }
@@ -353,13 +402,15 @@ static void parse(int argc, char **argv, struct opts *o)
             else if (fcntl((int)n, F_SETFD, flags | FD_CLOEXEC) == 0) /* never inherited */
                 o->status_fd = (int)n;
         } else {
+            double *seconds = a[2] == 't' ? &o->timeout : &o->kill_grace;
+            double max = a[2] == 't' ? 1e9 : 3600;
             char *end = NULL;
             int digits = v && *v && !v[strspn(v, "0123456789.")];
             double t = digits ? strtod(v, &end) : 0;
-            if (o->timeout > 0 || !digits || *end || !(t > 0 && t <= 1e9))
-                BAD("--timeout needs one number of seconds in (0, 1e9]");
+            if (*seconds > 0 || !digits || *end || !(t > 0 && t <= max))
+                BAD("%s needs one number of seconds in (0, %g]", a, max);
             else
-                o->timeout = t;
+                *seconds = t;
         }
     }
     if ((o->uid < 0) != (o->gid < 0))
@@ -428,7 +479,7 @@ int main(int argc, char **argv)
             r.cancelled = 1; /* SIGTERM/SIGINT/SIGHUP: the agent cancels, or died */
     }
     if (!r.reaped || !o.keep_background) /* timed out, cancelled, or the default */
-        kill_tree(&t, &r);
+        kill_tree(&t, &r, o.kill_grace > 0 ? o.kill_grace : DEFAULT_KILL_GRACE);
 
     struct start_error m;
     int code = r.timed_out ? 124 : !r.reaped ? 128 + SIGKILL

@@ -270,6 +270,39 @@ def test_everything_left_is_killed_when_the_command_exits(helper: str, marker: s
     assert_clean(result)
 
 
+# A process whose main thread calls pthread_exit while another thread sleeps: its leader is
+# a zombie ('Z' in /proc/PID/stat) yet the process lives, and it cannot be reaped until the
+# thread ends. It prints its pid first.
+ZOMBIE_LEADER = (
+    "import ctypes, os, threading, time; "
+    "threading.Thread(target=time.sleep, args=(1000,)).start(); "
+    "print(os.getpid(), flush=True); ctypes.CDLL(None).pthread_exit(None)"
+)
+
+
+def zombie_leader_pid(out: str) -> int:
+    pid = int(out.split()[0])
+    assert pid > 1
+    return pid
+
+
+def test_a_zombie_leader_with_live_threads_is_killed_when_the_command_exits(helper: str):
+    command = f"python3 -c '{ZOMBIE_LEADER}' & sleep 0.5; grep -q '^State:.*Z' /proc/$!/status"
+    result = bash(helper, command + " && echo ZOMBIE")
+    assert "ZOMBIE" in result.out, "the leader never became a zombie with a live thread"
+    assert result.elapsed < 3  # was 10.7 s: the helper skipped zombies
+    assert (result.code, result.status["error"]) == (0, None)
+    assert result.status["killed"] >= 1
+    assert not Path(f"/proc/{zombie_leader_pid(result.out)}").exists()
+
+
+def test_a_zombie_leader_times_out_on_time(helper: str):
+    result = bash(helper, f"exec python3 -c '{ZOMBIE_LEADER}'", "--timeout", "1")
+    assert result.elapsed < 2.5
+    assert (result.code, result.status["timed_out"], result.status["error"]) == (124, True, None)
+    assert not Path(f"/proc/{zombie_leader_pid(result.out)}").exists()
+
+
 # --- timeout, keep-background, cancel ---------------------------------------------------------
 
 
@@ -487,6 +520,9 @@ BAD_USAGE = {
     "cwd-twice": ["--cwd", "/", "--cwd", "/", "--", "true"],
     "watch-parent-twice": ["--watch-parent", "--watch-parent", "--", "true"],
     "cwd-empty": ["--cwd", "", "--", "true"],
+    "kill-grace-zero": ["--kill-grace", "0", "--", "true"],
+    "kill-grace-over-an-hour": ["--kill-grace", "3601", "--", "true"],
+    "kill-grace-twice": ["--kill-grace", "1", "--kill-grace", "1", "--", "true"],
 }
 
 
