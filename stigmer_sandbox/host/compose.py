@@ -11,13 +11,15 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .. import engine, labels, policy
 from ..config import Settings
-from ..errors import ConfigError, SandboxError, SandboxNotReady
+from ..errors import ConfigError, SandboxError, SandboxNotReady, UsageError
+from . import compose_check
 
 INSTALL_HINT = (
     "install the compose plugin (https://docs.docker.com/compose/install/) "
@@ -69,13 +71,27 @@ def detect(preference: str = "auto") -> ComposeTool:
     raise SandboxError(f"{wanted} is not installed", INSTALL_HINT)
 
 
+# The compose project's name for the default container name; a sandbox with another
+# `container_name` is a project of that name, so the two never share a network.
 PROJECT = "stigmer-sandbox"
 BASE_FILE = "docker-compose.sandbox.yml"
 ADVANCED_FILE = "docker-compose.sandbox.advanced.yml"
 DATABASE_FILE = "docker-compose.sandbox.database.yml"
-SERVICE = "sandbox"
-# `${VAR}` and `${VAR:-default}` as compose substitutes them in a volume source.
-VARIABLE_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+SERVICE = compose_check.SANDBOX_SERVICE
+# The sandbox service's confinement as `policy.container_spec` has it, enforced by the
+# generated override: root PID 1 and agent with only the agent's capabilities, and limits.
+ENFORCED_KEYS = (
+    "user",
+    "hostname",
+    "init",
+    "cap_drop",
+    "cap_add",
+    "security_opt",
+    "pids_limit",
+    "mem_limit",
+    "memswap_limit",
+    "read_only",
+)
 
 
 @dataclass(frozen=True)
@@ -86,13 +102,14 @@ class ComposeProject:
     directory: Path
     files: tuple[Path, ...]
     environment: dict[str, str]
+    name: str = PROJECT
 
     def argv(self, verb: str, *args: str) -> list[str]:
         """The full compose command line for `verb` (the one place that builds them)."""
         head = [
             *self.tool.prefix,
             "--project-name",
-            PROJECT,
+            self.name,
             "--project-directory",
             str(self.directory),
         ]
@@ -103,104 +120,44 @@ class ComposeProject:
         return [*head, verb, *args]
 
 
-def compose_files(directory: Path, advanced: bool, database: bool) -> tuple[Path, ...]:
-    """The base file plus the requested overrides."""
+@dataclass(frozen=True)
+class FileChoice:
+    """Which compose files a task uses: the project's optional overrides, then the user's."""
+
+    advanced: bool = False
+    database: bool = False
+    extra: tuple[Path, ...] = ()
+
+
+def compose_files(directory: Path, choice: FileChoice) -> tuple[Path, ...]:
+    """The base file, the requested overrides, then the user's own files."""
     names = [BASE_FILE]
-    if advanced:
+    if choice.advanced:
         names.append(ADVANCED_FILE)
-    if database:
+    if choice.database:
         names.append(DATABASE_FILE)
-    files = tuple(directory / name for name in names)
+    files = (*(directory / name for name in names), *(directory / p for p in choice.extra))
     for path in files:
         if not path.is_file():
             raise SandboxError(f"{path} not found", "run from a stigmer-sandbox checkout")
     return files
 
 
-@dataclass(frozen=True)
-class MountContext:
-    """What a volume source is resolved against: compose's variables and folders."""
-
-    environment: Mapping[str, str]
-    directory: Path
-    protected: policy.Protected
-
-    def expand(self, text: str) -> str:
-        """`text` with compose's variables substituted."""
-        return VARIABLE_RE.sub(
-            lambda m: self.environment.get(m.group(1)) or (m.group(2) or ""), text
-        )
-
-    def source(self, text: str) -> Path | None:
-        """The host path a bind source names (None for a named volume)."""
-        if not text.startswith(("/", ".", "~")):
-            return None
-        return (self.directory / os.path.expanduser(text)).resolve()
-
-
-def _service_problems(service: str, spec: dict, mounts: MountContext) -> Iterator[str]:
-    if spec.get("privileged"):
-        yield f"service '{service}': privileged: true is not allowed"
-    for key in policy.HOST_NAMESPACE_KEYS:
-        if str(spec.get(key, "")).startswith("host"):
-            yield f"service '{service}': {key}: host shares the host's namespace"
-    added = {str(cap).upper().removeprefix("CAP_") for cap in spec.get("cap_add") or []}
-    if added & policy.DANGEROUS_CAPABILITIES:
-        dangerous = sorted(added & policy.DANGEROUS_CAPABILITIES)
-        yield f"service '{service}': cap_add {dangerous} is not allowed"
-    if spec.get("devices"):
-        yield f"service '{service}': devices exposes host devices"
-    for volume in spec.get("volumes") or []:
-        problem = _volume_problem(volume, mounts)
-        if problem:
-            yield f"service '{service}': volumes: {problem}"
-
-
-def _volume_problem(volume: object, mounts: MountContext) -> str | None:
-    if isinstance(volume, dict):
-        source = mounts.expand(str(volume.get("source", "")))
-        read_only = bool(volume.get("read_only"))
-    else:
-        parts = mounts.expand(str(volume)).split(":")
-        source = parts[0]
-        read_only = len(parts) > 2 and "ro" in parts[2].split(",")
-    path = mounts.source(source)
-    if path is None:
-        return None
-    problem = policy.mount_problem(path, mounts.protected, read_only=read_only)
-    if problem and not read_only and not policy.mount_problem(path, mounts.protected, True):
-        problem += " (mounted read-only, with :ro, it would be allowed)"
-    return f"{source} ({path}) {problem}" if problem else None
-
-
-def validate(path: Path, mounts: MountContext) -> dict:
-    """Load one compose file and refuse what a sandbox must never have; one line per problem."""
-    import yaml
-
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}") from None
-    services = document.get("services") if isinstance(document, dict) else None
-    if not isinstance(services, dict):
-        raise ConfigError(f"{path}: needs a 'services' mapping")
-    for name, spec in services.items():
-        for problem in _service_problems(str(name), spec or {}, mounts):
-            raise ConfigError(f"{path}: {problem}")
-    return document
-
-
-def project(settings: Settings, advanced: bool = False, database: bool = False) -> ComposeProject:
+def project(settings: Settings, choice: FileChoice = FileChoice()) -> ComposeProject:
     """The compose project for these settings: folders checked against the policy, tool
-    found, files validated, values filled in. Nothing on disk changes before that."""
+    found, the merged configuration of these exact files checked (`compose_check`), values
+    filled in. Before that check only the generated override in the state folder is written."""
     folders = policy.sandbox_folders(settings)
-    if advanced:  # the advanced file mounts ~/.aws and ~/.kube read-only
+    if choice.advanced:  # the advanced file mounts ~/.aws and ~/.kube read-only
         policy.credential_folders(settings.replace(mount_aws=True, mount_kube=True))
+    if choice.database and settings.network == "none":
+        raise UsageError("--database needs a network, but network is none")
     tool = detect(settings.compose)
-    files = compose_files(settings.root, advanced, database)
+    files = compose_files(settings.root, choice)
+    for path in files:
+        compose_check.load(path)  # a broken file is named with its line, before compose
     environment = {
+        "STIGMER_CONTAINER_NAME": settings.container_name,
         "STIGMER_SANDBOX_IMAGE": settings.image,
         "STIGMER_WORKSPACE": str(folders["workspace"]),
         "STIGMER_LOGS": str(folders["logs"]),
@@ -209,26 +166,57 @@ def project(settings: Settings, advanced: bool = False, database: bool = False) 
         "STIGMER_GIT_NAME": settings.git_name,
         "STIGMER_GIT_EMAIL": settings.git_email,
     }
-    protected = policy.Protected.of(settings)
-    mounts = MountContext({**os.environ, **environment}, settings.root, protected)
-    for path in files:
-        validate(path, mounts)
-    return ComposeProject(tool, settings.root, (*files, _limits_override(settings)), environment)
+    files = (*files, _enforced(settings))
+    target = ComposeProject(tool, settings.root, files, environment, settings.container_name)
+    mounts = compose_check.MountContext(settings.root, policy.Protected.of(settings))
+    compose_check.refuse(resolved_config(target), target.files[:-1], mounts)
+    return target
 
 
-def _limits_override(settings: Settings) -> Path:
-    """A generated override with the configured numeric limits, typed as compose needs them."""
+def resolved_config(target: ComposeProject) -> dict[str, Any]:
+    """The configuration compose itself makes of the project's files and environment."""
     import yaml
 
-    path = settings.path("state_dir") / "compose.limits.yml"
+    done = run(target, "config", capture=True)
+    if done.returncode:
+        said = [line for line in done.stderr.splitlines() if line.strip()] or ["no output"]
+        raise ConfigError(f"compose config refused the files: {said[-1].strip()[:300]}")
+    config = yaml.safe_load(done.stdout)
+    return config if isinstance(config, dict) else {}
+
+
+def _enforced(settings: Settings) -> Path:
+    """A generated override, merged last, with the sandbox service's confinement from
+    `policy.container_spec`: no file of the user's can change it (scalars are replaced and
+    lists are merged, so nothing here can be removed)."""
+    import yaml
+
+    spec = policy.container_spec(settings, settings.image, {})
+    service = {key: spec[key] for key in ENFORCED_KEYS}
+    service["cpus"] = settings.cpus
+    # Compose keeps its service up (restart: unless-stopped): no lifetime wrapper.
+    service["command"] = [policy.KEEPALIVE]
+    if settings.network == "none":
+        service["network_mode"] = "none"
+    path = settings.path("state_dir") / f"compose.{settings.container_name}.enforced.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    limits = {"pids_limit": settings.pids_limit, "cpus": settings.cpus}
-    document = {"services": {SERVICE: limits}}
     path.write_text(
-        "# Written by stigmer-sandbox from its settings; do not edit.\n" + yaml.safe_dump(document),
+        "# Written by stigmer-sandbox from its settings and policy; do not edit.\n"
+        + yaml.safe_dump({"services": {SERVICE: service}}),
         encoding="utf-8",
     )
     return path
+
+
+def with_user_image(target: ComposeProject, settings: Settings) -> ComposeProject:
+    """`target` with the image whose sandbox user is the one commands run as (as for
+    `Sandbox.up`), so workspace files stay the host user's; built only when needed."""
+    from .. import images
+    from ..images.record import ImageRecord
+
+    uid, gid = policy.sandbox_user()
+    image = images.image_for_user(settings.image, uid, gid, ImageRecord.of(settings))
+    return replace(target, environment={**target.environment, "STIGMER_SANDBOX_IMAGE": image})
 
 
 def run(
@@ -253,14 +241,13 @@ def run(
 
 def up(
     settings: Settings,
-    advanced: bool = False,
-    database: bool = False,
+    choice: FileChoice = FileChoice(),
     timeout: float = 60.0,
     echo: Callable[[list[str]], None] | None = None,
 ) -> float:
     """Start the compose sandbox in the background and wait until it is healthy; returns
     the seconds the wait took. Refuses a sandbox of the same name that `Sandbox.up` made."""
-    target = project(settings, advanced, database)
+    target = with_user_image(project(settings, choice), settings)
     existing = engine.find_container(settings.container_name)
     if existing is not None and existing.labels.get(labels.KIND) != "compose":
         raise SandboxError(

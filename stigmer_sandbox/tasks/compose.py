@@ -8,10 +8,13 @@ from typing import TYPE_CHECKING
 from invoke import Collection, Context, Exit
 
 from .. import console
+from ..errors import SandboxNotReady
 from ._common import settings, task
+from .root import _report, _write
 from .sandbox import build_kind
 
 if TYPE_CHECKING:
+    from .. import runtime
     from ..host import compose
 
 FILE_HELP = {
@@ -19,13 +22,26 @@ FILE_HELP = {
     "limits and reservations, host.docker.internal (default: off)",
     "database": "add the container-to-container example: a database on a shared network "
     "(default: off)",
+    "file": "a compose file of yours merged after the project's, relative to the project "
+    "folder; checked like them, repeatable (default: none)",
 }
+FILES = ["file"]
 
 
-def _project(c: Context, advanced: bool, database: bool) -> compose.ComposeProject:
+def _choice(advanced: bool, database: bool, file: list[str] | None) -> compose.FileChoice:
+    from pathlib import Path
+
     from ..host import compose  # loaded when a compose task runs, not at start-up
 
-    return compose.project(settings(c), advanced, database)
+    return compose.FileChoice(advanced, database, tuple(Path(p) for p in file or []))
+
+
+def _project(
+    c: Context, advanced: bool, database: bool, file: list[str] | None
+) -> compose.ComposeProject:
+    from ..host import compose
+
+    return compose.project(settings(c), _choice(advanced, database, file))
 
 
 def _run(target: compose.ComposeProject, verb: str, *args: str) -> None:
@@ -43,12 +59,14 @@ def _run(target: compose.ComposeProject, verb: str, *args: str) -> None:
         **FILE_HELP,
         "build": "build the basic image first (default: off)",
         "timeout": "seconds to wait for the sandbox to be healthy (default: 60)",
-    }
+    },
+    iterable=FILES,
 )
 def up(
     c: Context,
     advanced: bool = False,
     database: bool = False,
+    file: list[str] | None = None,
     build: bool = False,
     timeout: float = 60,
 ) -> None:
@@ -59,7 +77,8 @@ def up(
     current = settings(c)
     if build:
         build_kind(current, "basic", BuildOptions(), "auto")
-    seconds = compose.up(current, advanced, database, timeout, echo=console.echo_command)
+    choice = _choice(advanced, database, file)
+    seconds = compose.up(current, choice, timeout, echo=console.echo_command)
     console.success(f"{current.container_name} is up and healthy ({seconds:.1f} s)")
 
 
@@ -68,31 +87,37 @@ def up(
         **FILE_HELP,
         "volumes": "also remove the project's named volumes (asks first; default: off)",
         "yes": "do not ask for confirmation (default: off)",
-    }
+    },
+    iterable=FILES,
 )
 def down(
     c: Context,
     advanced: bool = False,
     database: bool = False,
+    file: list[str] | None = None,
     volumes: bool = False,
     yes: bool = False,
 ) -> None:
     """Stop and remove the compose services and network; the workspace is kept."""
     if volumes and not yes:
         console.confirm("Remove the project's named volumes too?")
-    _run(_project(c, advanced, database), "down", *(["--volumes"] if volumes else []))
+    _run(_project(c, advanced, database, file), "down", *(["--volumes"] if volumes else []))
 
 
-@task(help=FILE_HELP)
-def restart(c: Context, advanced: bool = False, database: bool = False) -> None:
+@task(help=FILE_HELP, iterable=FILES)
+def restart(
+    c: Context, advanced: bool = False, database: bool = False, file: list[str] | None = None
+) -> None:
     """Restart the compose services."""
-    _run(_project(c, advanced, database), "restart")
+    _run(_project(c, advanced, database, file), "restart")
 
 
-@task(help=FILE_HELP)
-def ps(c: Context, advanced: bool = False, database: bool = False) -> None:
+@task(help=FILE_HELP, iterable=FILES)
+def ps(
+    c: Context, advanced: bool = False, database: bool = False, file: list[str] | None = None
+) -> None:
     """List the compose services and their state."""
-    _run(_project(c, advanced, database), "ps")
+    _run(_project(c, advanced, database, file), "ps")
 
 
 @task(
@@ -101,56 +126,101 @@ def ps(c: Context, advanced: bool = False, database: bool = False) -> None:
         "follow": "keep printing new lines (default: off)",
         "tail": "lines from the end of each log, or all (default: all)",
         "service": "only this service (default: every service)",
-    }
+    },
+    iterable=FILES,
 )
 def logs(
     c: Context,
     advanced: bool = False,
     database: bool = False,
+    file: list[str] | None = None,
     follow: bool = False,
     tail: str = "all",
     service: str | None = None,
 ) -> None:
     """Show the compose services' logs."""
     args = ["--tail", tail, *(["--follow"] if follow else []), *([service] if service else [])]
-    _run(_project(c, advanced, database), "logs", *args)
+    _run(_project(c, advanced, database, file), "logs", *args)
 
 
-@task(help={**FILE_HELP, "service": "the service to run in (default: sandbox)"})
+@task(
+    help={
+        **FILE_HELP,
+        "service": "the service to run in (default: sandbox)",
+        "timeout": "seconds before a command in the sandbox and everything it started is "
+        "killed (default: config timeout, 600)",
+    },
+    iterable=FILES,
+)
 def exec(
     c: Context,
     advanced: bool = False,
     database: bool = False,
+    file: list[str] | None = None,
     service: str | None = None,
+    timeout: float | None = None,
 ) -> None:
-    """Run a command in a service: `inv compose.exec -- python --version` (a shell if none)."""
+    """Run a command in a service: `inv compose.exec -- python --version` (a shell if none).
+
+    In the sandbox a command runs through its agent, as `inv run` does: as the sandbox
+    user with no capabilities, everything it started ended with it, its exit cause told
+    and recorded in the audit trail (`inv sandbox.history`). Other services: compose exec.
+    """
+    from .. import runtime
     from ..host import compose
 
-    command = ["bash", "-c", c.remainder] if c.remainder.strip() else ["bash"]
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    target = _project(c, advanced, database)
-    done = compose.run(
-        target,
-        "exec",
-        *([] if interactive else ["-T"]),
-        service or compose.SERVICE,
-        *command,
-        echo=console.echo_command,
+    if service and service != compose.SERVICE:
+        _exec_in_service(_project(c, advanced, database, file), service, c.remainder)
+        return
+    sandbox = _attached(c)
+    if not c.remainder.strip():
+        code = runtime.interactive_shell(sandbox)
+        if code:
+            raise Exit(code=code)
+        return
+    result = sandbox.exec(
+        c.remainder, timeout=timeout, on_stdout=_write(sys.stdout), on_stderr=_write(sys.stderr)
     )
+    _report(result.to_dict(), json=False)
+
+
+def _attached(c: Context) -> runtime.Sandbox:
+    """The running compose sandbox, reached through its agent; never started from here."""
+    from .. import engine, runtime
+
+    current = settings(c)
+    if engine.find_container(current.container_name) is None:
+        raise SandboxNotReady(
+            f"{current.container_name} is not running", "start it with `inv compose.up`"
+        )
+    return runtime.Sandbox.attach(current.container_name, current).up()
+
+
+def _exec_in_service(target: compose.ComposeProject, service: str, command: str) -> None:
+    from ..host import compose
+
+    argv = ["bash", "-c", command] if command.strip() else ["bash"]
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    tty = [] if interactive else ["-T"]
+    done = compose.run(target, "exec", *tty, service, *argv, echo=console.echo_command)
     if done.returncode:
         raise Exit(code=done.returncode)
 
 
-@task(help=FILE_HELP)
-def config(c: Context, advanced: bool = False, database: bool = False) -> None:
+@task(help=FILE_HELP, iterable=FILES)
+def config(
+    c: Context, advanced: bool = False, database: bool = False, file: list[str] | None = None
+) -> None:
     """Print the resolved compose configuration (to run compose yourself)."""
-    _run(_project(c, advanced, database), "config")
+    _run(_project(c, advanced, database, file), "config")
 
 
-@task(help=FILE_HELP)
-def command(c: Context, advanced: bool = False, database: bool = False) -> None:
+@task(help=FILE_HELP, iterable=FILES)
+def command(
+    c: Context, advanced: bool = False, database: bool = False, file: list[str] | None = None
+) -> None:
     """Print the compose command line the tasks use, with the values they fill in."""
-    target = _project(c, advanced, database)
+    target = _project(c, advanced, database, file)
     exports = " ".join(f"{k}={v}" for k, v in sorted(target.environment.items()))
     console.plain(f"env {exports} " + " ".join(target.argv("<verb>")))
 
