@@ -15,8 +15,12 @@ compose, image builds and the host-side cleanup, none of which a pod platform ha
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import socket
 import struct
+import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +29,8 @@ from typing import Any, Protocol
 from .. import engine, labels
 from ..errors import SandboxError
 
+# What `changes` reports of a path (the Engine API's kinds).
+MODIFIED, ADDED, DELETED = 0, 1, 2
 # Docker multiplexes an attached exec's stdout and stderr in frames: stream, size, payload.
 FRAME_HEADER = struct.Struct(">BxxxL")
 STDOUT, STDERR = 1, 2
@@ -68,6 +74,17 @@ class Backend(Protocol):
 
     def changed_bytes(self, handle: Any) -> int:
         """Bytes the sandbox's commands added to its root filesystem (what a commit copies)."""
+
+    def changes(self, handle: Any) -> list[tuple[str, int]]:
+        """Every path of the root filesystem that differs from the image: (path, kind),
+        kind MODIFIED, ADDED or DELETED (what a commit would carry)."""
+
+    def path_mode(self, handle: Any, path: str) -> int | None:
+        """The mode of `path` in the sandbox as Go's `fs.FileMode` bits (None when missing)."""
+
+    def read_image_file(self, image: str, path: str, limit: int) -> bytes:
+        """The bytes of the regular file `path` of `image` (at most `limit`), read without
+        running anything from the image."""
 
     def is_paused(self, sandbox_id: str) -> bool:
         """Whether the sandbox is frozen on purpose right now (False when unknown)."""
@@ -163,6 +180,41 @@ class DockerBackend:
             found = api.containers(all=True, size=True, filters={"id": handle.id})
         return int(found[0].get("SizeRw") or 0) if found else 0
 
+    def changes(self, handle: Any) -> list[tuple[str, int]]:
+        with engine.engine_errors():
+            found = handle.diff() or []
+        return [(str(entry["Path"]), int(entry["Kind"])) for entry in found]
+
+    def path_mode(self, handle: Any, path: str) -> int | None:
+        """From the archive endpoint's stat header (HEAD: no content is read)."""
+        api = engine.client().api
+        url = api._url("/containers/{0}/archive", handle.id)
+        with engine.engine_errors():
+            answer = api.head(url, params={"path": path})
+        header = answer.headers.get("X-Docker-Container-Path-Stat")
+        if answer.status_code != 200 or not header:
+            return None
+        return int(json.loads(base64.b64decode(header)).get("mode", 0))
+
+    def read_image_file(self, image: str, path: str, limit: int) -> bytes:
+        """Through a created, never started container of `image` (kind `helper`, removed
+        here; `inv clean` finds one a crash left)."""
+        with engine.engine_errors():
+            reader = engine.client().containers.create(
+                image,
+                command=["/nonexistent"],
+                entrypoint=[],
+                network_disabled=True,
+                labels=labels.project_labels("helper"),
+            )
+            try:
+                chunks, stat = reader.get_archive(path)
+                if int(stat.get("size", 0)) > limit:
+                    raise SandboxError(f"{path} in {image} is over {limit} bytes")
+                return _only_file(b"".join(chunks), path)
+            finally:
+                reader.remove(force=True)
+
     def is_paused(self, sandbox_id: str) -> bool:
         try:
             with engine.engine_errors():
@@ -201,6 +253,16 @@ class DockerBackend:
             # ignore_removed: a sandbox removed between listing and inspecting is no error.
             found = engine.client().containers.list(all=True, filters=wanted, ignore_removed=True)
             return list(found)
+
+
+def _only_file(archive: bytes, path: str) -> bytes:
+    """The regular file a one-member tar archive holds (the archive endpoint's answer)."""
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        member = tar.next()
+        content = tar.extractfile(member) if member is not None and member.isreg() else None
+        if content is None:
+            raise SandboxError(f"{path} is not a regular file in the image")
+        return content.read()
 
 
 DOCKER = DockerBackend()

@@ -14,6 +14,11 @@ snapshot or a fork starts with no process of its own.
 
 A committed image would inherit the container's labels, owner and expiry included, and
 so would every container started from it: the commit overrides them.
+
+Nothing that runs as root passes through a capture (`root_guard`, checked while paused,
+before the commit); the image names the image it was checked against, and a snapshot
+whose label does not name its parent image (one committed by hand, even from a sandbox
+born of a snapshot, whose labels it inherits) is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +35,7 @@ from .. import engine, labels
 from ..config import Settings, load_settings, parse_size
 from ..errors import SandboxError, UsageError
 from ..images.record import ImageRecord
-from . import workspaces
+from . import host_helper, root_guard, workspaces
 from .backend import DOCKER, Backend
 
 if TYPE_CHECKING:
@@ -43,6 +49,8 @@ UNIQUE_SUFFIX = re.compile(r"(-[0-9a-f]{8})+$")
 PER_CONTAINER = ("owner-pid", "owner-host", "expires", "sandbox", "config", "pool", "private")
 # On a snapshot image: the private folder that holds its workspace.
 WORKSPACE_LABEL = f"{labels.PREFIX}.snapshot-workspace"
+# On a fork or snapshot image: the image its changes were checked against (its parent).
+CHECKED_LABEL = f"{labels.PREFIX}.checked-against"
 
 
 def check_name(name: str) -> str:
@@ -65,13 +73,16 @@ def fork_image(sandbox_name: str) -> str:
     return f"{FORK_REPOSITORY}:{sandbox_name}"
 
 
-def _image_labels(kind: str, source: Sandbox, folder: Path) -> dict[str, str]:
+def _image_labels(kind: str, source: Sandbox, container: Any, folder: Path) -> dict[str, str]:
     cleared = {f"{labels.PREFIX}.{key}": "" for key in PER_CONTAINER}
+    parent = engine.image(str(container.attrs["Image"]))
     return {
         **cleared,
         labels.KIND: kind,
         f"{labels.PREFIX}.source": source.name,
         WORKSPACE_LABEL: str(folder) if kind == "snapshot" else "",
+        CHECKED_LABEL: str(parent.id),
+        host_helper.PROJECT_IMAGE_LABEL: host_helper.project_image(parent),
     }
 
 
@@ -92,19 +103,33 @@ def capture(
     """Commit `sandbox`'s filesystem to `image_ref` and copy its workspace into the new
     private `folder` (the image names `final`, where the folder will end up, if it is not
     `folder`); the folder. Nothing is left behind when it fails."""
-    marks = _image_labels(kind, sandbox, final or folder)
-    changes = [f"LABEL {key}={json.dumps(value)}" for key, value in marks.items()]
     with sandbox.paused() as container:
+        marks = _image_labels(kind, sandbox, container, final or folder)
+        changes = [f"LABEL {key}={json.dumps(value)}" for key, value in marks.items()]
         _check_size(sandbox, container)
         _check_unshared(sandbox, container)
-        made = workspaces.create(folder.parent, folder.name, sandbox.settings.path("workspace"))
-        try:
-            image_id = sandbox.backend.commit(container, image_ref, changes)
-        except BaseException:
-            workspaces.remove(made)
-            raise
+        with ThreadPoolExecutor(max_workers=1) as background:
+            # The engine's diff walks the image (~0.5 s): it runs while the workspace copies.
+            checked = background.submit(_check_root_side, sandbox, container)
+            made = workspaces.create(folder.parent, folder.name, sandbox.settings.path("workspace"))
+            try:
+                checked.result()
+                image_id = sandbox.backend.commit(container, image_ref, changes)
+            except BaseException:
+                workspaces.remove(made)
+                raise
     ImageRecord.of(sandbox.settings).add(kind, [image_id])
     return made
+
+
+def _check_root_side(sandbox: Sandbox, container: Any) -> None:
+    """Refuse a capture that would carry a change to what runs as root (`root_guard`)."""
+    backend = sandbox.backend
+    root_guard.check(
+        sandbox.name,
+        backend.changes(container),
+        lambda path: backend.path_mode(container, path),
+    )
 
 
 def _check_size(sandbox: Sandbox, container: Any) -> None:
@@ -223,7 +248,8 @@ def fork(sandbox: Sandbox) -> Sandbox:
 
 
 def find(name: str) -> tuple[str, Path]:
-    """The image and workspace folder of snapshot `name`; a clear error when either is gone."""
+    """The image and workspace folder of snapshot `name`; a clear error when either is
+    gone, or when the image is not one `capture` checked."""
     image = engine.find_image(snapshot_image(name))
     folder = workspace_of(image) if image is not None else None
     if image is None or folder is None:
@@ -231,7 +257,21 @@ def find(name: str) -> tuple[str, Path]:
             f"no snapshot named {name}" + (" (its workspace is gone)" if image else ""),
             "see `inv sandbox.snapshots` for the ones there are",
         )
+    if not checked(image):
+        raise SandboxError(
+            f"snapshot {name} was not made by `snapshot` (its image was committed or "
+            "tagged another way), so nothing shows it carries no change to what runs as root",
+            f"delete it (`inv sandbox.snapshots --delete {name}`) and take it again",
+        )
     return snapshot_image(name), folder
+
+
+def checked(image: Any) -> bool:
+    """Whether `capture` checked this image's changes: its label names its parent image.
+    A hand-made commit of a sandbox inherits the label of the image that sandbox ran,
+    which is then its parent's parent, not its parent."""
+    parent = str(image.attrs.get("Parent") or "")
+    return bool(parent) and (image.labels or {}).get(CHECKED_LABEL) == parent
 
 
 def start_from(settings: Settings | None, name: str, **options: Any) -> Sandbox:
