@@ -281,7 +281,7 @@ ZOMBIE_LEADER = (
 
 
 def zombie_leader_pid(out: str) -> int:
-    pid = int(out.split()[0])
+    pid = int(out.split(maxsplit=1)[0])
     assert pid > 1
     return pid
 
