@@ -179,7 +179,15 @@ class Settings:
 
     def path(self, key: str) -> Path:
         """A folder setting (`workspace`, `logs`, `state_dir`) as an absolute path."""
-        return (self.root / os.path.expanduser(getattr(self, key))).resolve()
+        written = self.path_unresolved(key)
+        try:
+            return written.resolve()
+        except (OSError, RuntimeError) as exc:  # a loop, or a symlink swapped while read
+            raise ConfigError(f"{key}: {written} cannot be resolved: {exc}") from None
+
+    def path_unresolved(self, key: str) -> Path:
+        """A folder setting as written, made absolute: its symlinks not yet followed."""
+        return self.root / os.path.expanduser(getattr(self, key))
 
     @property
     def memory_bytes(self) -> int:

@@ -13,12 +13,15 @@ signal, trace nor read the agent, and cannot leave its own process tree.
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from .errors import ConfigError, SandboxError
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -61,6 +64,19 @@ SHARED_FOLDERS = ("/", "/home", "/root", "/tmp", "/var/tmp", "/opt", "/srv", "/m
 CREDENTIAL_FOLDERS = (".ssh", ".aws", ".kube", ".docker", ".gnupg", ".config")
 DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
 CREDENTIAL_MOUNTS = {"mount_aws": ".aws", "mount_kube": ".kube"}
+# The configuration key behind each mount target, for errors that name what to fix.
+MOUNT_KEYS = {
+    WORKSPACE: "workspace",
+    LOGS: "logs",
+    **{f"{SANDBOX_HOME}/{name}": key for key, name in CREDENTIAL_MOUNTS.items()},
+}
+# Symlinks followed while resolving a path before it counts as a loop (the kernel's limit).
+MAX_SYMLINK_HOPS = 40
+# Host folders are opened one component at a time, never through a symlink. O_PATH (Linux)
+# also passes folders the user may search but not list.
+_FOLDER_FLAGS = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
+# What opening a component answers when it is a symlink or not a folder (any more).
+_SWAPPED = (errno.ELOOP, errno.ENOTDIR)
 
 
 def host_user() -> tuple[int, int]:
@@ -108,7 +124,25 @@ def mount_problem(
     folders under home that hold credentials (mounted read-only by their own keys); a
     `read_only` mount may show system and credential folders, never the Docker socket nor
     a folder that holds the project, the tool's state or a home folder."""
-    resolved = path.expanduser().resolve()
+    try:
+        resolved = resolved_path(path)
+    except ValueError as exc:
+        return str(exc)
+    return resolved_problem(resolved, protected, credentials, read_only)
+
+
+def resolved_path(path: Path) -> Path:
+    """`path` with `~` expanded and every symlink followed; ValueError saying why not."""
+    try:
+        return path.expanduser().resolve()
+    except (ValueError, RuntimeError, OSError) as exc:  # NUL, a loop, a swap while read
+        raise ValueError(f"is not a usable path ({exc})") from None
+
+
+def resolved_problem(
+    resolved: Path, protected: Protected, credentials: bool = False, read_only: bool = False
+) -> str | None:
+    """`mount_problem` of a path already resolved (checked as it is, not resolved again)."""
     problem = _exposure(resolved, protected)
     if problem or read_only:
         return problem
@@ -144,19 +178,71 @@ def _credentials(resolved: Path, protected: Protected) -> str | None:
 
 
 def checked_mount(settings: Settings, key: str, path: Path, credentials: bool = False) -> Path:
-    """`path` resolved, or a ConfigError naming the key and the reason."""
-    problem = mount_problem(path, Protected.of(settings), credentials)
+    """`path` resolved, or a ConfigError naming the key and the reason. The path returned
+    is exactly the one checked: resolved once, never again."""
+    try:
+        resolved = resolved_path(path)
+        problem = resolved_problem(resolved, Protected.of(settings), credentials)
+    except ValueError as exc:
+        resolved, problem = path, str(exc)
     if problem:
         raise ConfigError(
-            f"{key}: {path.expanduser().resolve()} {problem}; refusing to mount it",
+            f"{key}: {resolved} {problem}; refusing to mount it",
             f"set `{key}` to a folder of its own, such as ./{key}",
         )
-    return path.expanduser().resolve()
+    return resolved
+
+
+def resolution_trail(path: Path) -> list[Path]:
+    """Every directory entry looked up while resolving the absolute `path`, in order,
+    symlinks followed as the kernel would (the entries, not just the end point)."""
+    pending = list(path.parts[1:])
+    current, trail, hops = Path("/"), [], 0
+    while pending and hops <= MAX_SYMLINK_HOPS:
+        name = pending.pop(0)
+        if name == "..":
+            current = current.parent
+            continue
+        entry = current / name
+        trail.append(entry)
+        try:
+            target = os.readlink(entry)
+        except (OSError, ValueError):  # not a symlink, missing, unreadable: a plain step
+            current = entry
+            continue
+        hops += 1
+        if target.startswith("/"):
+            current = Path("/")
+        pending = [part for part in Path(target).parts if part not in ("/", ".")] + pending
+    return trail
+
+
+def planted_problem(path: Path, writable: dict[str, Path]) -> str | None:
+    """Why `path` could be redirected by a sandbox, or None: resolving it looks up an entry
+    inside a folder a sandbox writes to (`writable`: key -> resolved folder), where a
+    command can swap in a symlink to any host folder before the next start."""
+    for entry in resolution_trail(path):
+        for key, folder in writable.items():
+            if folder in entry.parents:
+                return f"goes through {entry}, inside the {key} folder {folder}"
+    return None
 
 
 def sandbox_folders(settings: Settings) -> dict[str, Path]:
-    """The host folders a sandbox mounts read-write (workspace, logs), checked."""
-    return {key: checked_mount(settings, key, settings.path(key)) for key in ("workspace", "logs")}
+    """The host folders a sandbox mounts read-write (workspace, logs), checked: each on its
+    own, and neither reached through the other (a sandbox could redirect it)."""
+    folders = {
+        key: checked_mount(settings, key, settings.path(key)) for key in ("workspace", "logs")
+    }
+    for key in folders:
+        others = {other: path for other, path in folders.items() if other != key}
+        problem = planted_problem(settings.path_unresolved(key), others)
+        if problem:
+            raise ConfigError(
+                f"{key}: {settings.path_unresolved(key)} {problem}; refusing to mount it",
+                "keep the workspace and logs folders side by side, neither inside the other",
+            )
+    return folders
 
 
 def credential_folders(settings: Settings) -> dict[str, Path]:
@@ -179,16 +265,140 @@ def prepare_folders(settings: Settings, user: tuple[int, int] | None = None) -> 
 
     Nothing changes on disk before every check passed. Only a folder this created or
     that root owns is given away (a root host user's folders would be read-only for
-    the sandbox user); the chown never follows a symlink.
+    the sandbox user). Every folder is created and changed through descriptors opened
+    one component at a time without following a symlink, so a symlink swapped in after
+    the check fails the start instead of redirecting a mkdir or chown.
     """
     folders = sandbox_folders(settings)
     credential_folders(settings)
-    uid, gid = sandbox_user(user)
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
-        if (user or host_user())[0] == 0 and folder.stat().st_uid == 0:
-            os.chown(folder, uid, gid, follow_symlinks=False)
+    give_away = (user or host_user())[0] == 0
+    for key, folder in folders.items():
+        with open_folder(key, folder, create=True) as fd:
+            if give_away and os.fstat(fd).st_uid == 0:
+                _chown_folder(fd, sandbox_user(user))
     return folders
+
+
+def _chown_folder(fd: int, owner: tuple[int, int]) -> None:
+    readable = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    try:  # "." of a pinned folder is that folder: no path is looked up again
+        os.fchown(readable, *owner)
+    finally:
+        os.close(readable)
+
+
+@contextmanager
+def open_folder(key: str, folder: Path, create: bool = False) -> Iterator[int]:
+    """A descriptor of the absolute, resolved `folder`, opened from `/` one component at a
+    time without following a symlink (missing components made when `create`). A symlink
+    or a file found on the way means the folder changed since it was checked: one error
+    naming `key`."""
+    fd = _open_folder(key, folder, create)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _open_folder(key: str, folder: Path, create: bool) -> int:
+    fd = os.open("/", _FOLDER_FLAGS)
+    try:
+        for name in folder.parts[1:]:
+            child = _open_child(fd, name, create)
+            os.close(fd)
+            fd = child
+    except OSError as exc:
+        os.close(fd)
+        raise _folder_error(key, folder, exc) from None
+    return fd
+
+
+def _open_child(parent: int, name: str, create: bool) -> int:
+    try:
+        return os.open(name, _FOLDER_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        if not create:
+            raise
+    with suppress(FileExistsError):  # made by someone else meanwhile: opened (and checked) below
+        os.mkdir(name, dir_fd=parent)
+    return os.open(name, _FOLDER_FLAGS, dir_fd=parent)
+
+
+def _folder_error(key: str, folder: Path, exc: OSError) -> SandboxError:
+    if exc.errno in _SWAPPED:
+        return SandboxError(
+            f"{key}: {folder} changed while the sandbox was starting (a symlink or a file "
+            "replaced a folder on its path); refusing to mount it",
+            "make sure nothing else renames or replaces that folder, then start again",
+        )
+    return SandboxError(f"{key}: {folder} cannot be opened: {exc.strerror}")
+
+
+@dataclass(frozen=True)
+class PinnedMount:
+    """A bind mount's host folder as it was checked: the inode a sandbox must see there."""
+
+    key: str
+    source: Path
+    target: str
+    device: int
+    inode: int
+
+
+def pin_mounts(spec: dict[str, Any]) -> tuple[PinnedMount, ...]:
+    """The identity (device, inode) of each bind mount's source in `spec`, taken through
+    descriptors that never follow a symlink, so it is the folder the policy checked."""
+    pins = []
+    for mount in spec["mounts"]:
+        key = MOUNT_KEYS.get(mount["Target"], mount["Target"])
+        with open_folder(key, Path(mount["Source"])) as fd:
+            found = os.fstat(fd)
+        pins.append(
+            PinnedMount(key, Path(mount["Source"]), mount["Target"], found.st_dev, found.st_ino)
+        )
+    return tuple(pins)
+
+
+def mount_identities_command(pins: tuple[PinnedMount, ...]) -> list[str]:
+    """The root command that prints `device:inode` of each mount target, one a line
+    (bind mounts keep the host's device number); never follows a symlink at the target."""
+    return ["/usr/bin/stat", "-c", "%d:%i", "--", *(pin.target for pin in pins)]
+
+
+def changed_mount(pins: tuple[PinnedMount, ...], output: bytes) -> PinnedMount | None:
+    """The first pinned mount the sandbox does not see as pinned, from the command's output."""
+    seen = output.decode(errors="replace").split()
+    for index, pin in enumerate(pins):
+        if index >= len(seen) or seen[index] != f"{pin.device}:{pin.inode}":
+            return pin
+    return None
+
+
+def verify_mounts(pins: tuple[PinnedMount, ...], backend: Any, container: Any) -> None:
+    """Check from inside the started `container` that each mount is the pinned folder;
+    on a mismatch (a folder swapped between the check and the mount) remove the
+    container before any command runs and raise one error naming the key."""
+    if not pins:
+        return
+    status, output = backend.run_root(
+        container.id, mount_identities_command(pins), user="0:0", environment={"PATH": ROOT_PATH}
+    )
+    changed = changed_mount(pins, output)
+    if status == 0 and changed is None:
+        return
+    from . import engine  # the engine client is heavy: only a failed check needs it here
+
+    with engine.engine_errors():
+        container.remove(force=True)
+    if status != 0:
+        shown = output.decode(errors="replace").strip()[:160]
+        raise SandboxError(f"the sandbox's mounts could not be checked ({shown}); it was removed")
+    assert changed is not None
+    raise SandboxError(
+        f"{changed.key}: {changed.source} changed while the sandbox was starting (the "
+        f"folder mounted at {changed.target} is not the one checked); the sandbox was removed",
+        "make sure nothing else renames or replaces that folder, then start again",
+    )
 
 
 def _bind(source: Path, target: str, read_only: bool = False) -> Any:
