@@ -1,13 +1,16 @@
 """Cleanup that only ever touches what this project created and labelled.
 
 Tiers, each including the ones before it:
-- default: the project's stopped containers, its dangling images, and orphans
-  (sandboxes whose owning process is gone, or that outlived their lifetime and
-  have no owner left to use them);
+- default: the project's stopped containers that no live process owns, its dangling
+  images, and orphans (sandboxes whose owning process is gone, or that outlived their
+  lifetime and have no owner left to use them; fork images whose fork is gone and
+  whose forking process is gone too);
 - all: every project container, image (basic, full, base, hashed and derived
   tags, build intermediates) and network;
 - volumes: the project's volumes too.
-A running sandbox whose owner process lives is in use: only `all` removes it.
+A sandbox whose owner process lives is in use, running or not (a pool creates
+before it starts; an owner may stop and start its sandbox): only `all` removes it. So
+is a fork image while the process forking lives (committed, its container not yet made).
 An untagged image of one of our image kinds is ours only when the image record
 says this tool built it: a user's image built FROM ours inherits our labels (see
 images/record.py). Build stages need no record: no image a user builds FROM ours
@@ -83,7 +86,7 @@ def _containers(containers: list[Any], everything: bool) -> Iterable[Resource]:
         reason = orphan_reason(container.labels, stopped=container.status in STOPPED)
         if everything:
             reason = reason or "project container"
-        elif container.status in STOPPED:
+        elif container.status in STOPPED and not container.labels.get(labels.OWNER_PID):
             reason = reason or "stopped"
         if reason:
             yield Resource("container", container.id, container.name, reason)
@@ -143,7 +146,9 @@ def _images(
         found += [
             image
             for image in _fork_images(client)
-            if _fork_of(image) not in containers and is_our_image(image, recorded)
+            if _fork_of(image) not in containers
+            and is_our_image(image, recorded)
+            and not _forker_lives(image)
         ]
     # Newest first: a child image must go before the image it was built on. Build
     # intermediates go with the image they belong to (docker removes untagged parents).
@@ -160,6 +165,16 @@ def _images(
 def _fork_images(client: Any) -> list[Any]:
     wanted = {"label": [f"{labels.MANAGED}=true", f"{labels.KIND}=fork"]}
     return [image for image in client.images.list(filters=wanted) if _fork_of(image)]
+
+
+def _forker_lives(image: Any) -> bool:
+    """Whether the process that made a fork image may still start its fork (on another
+    host it cannot be checked: it may)."""
+    marks = image.labels or {}
+    pid = marks.get(snapshots.FORKED_BY_PID, "")
+    if not pid.isdigit():
+        return False
+    return not labels.owner_gone(int(pid), marks.get(snapshots.FORKED_BY_HOST))
 
 
 def _fork_of(image: Any) -> str:

@@ -24,6 +24,7 @@ born of a snapshot, whose labels it inherits) is refused.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import uuid
@@ -51,6 +52,9 @@ PER_CONTAINER = ("owner-pid", "owner-host", "expires", "sandbox", "config", "poo
 WORKSPACE_LABEL = f"{labels.PREFIX}.snapshot-workspace"
 # On a fork or snapshot image: the image its changes were checked against (its parent).
 CHECKED_LABEL = f"{labels.PREFIX}.checked-against"
+# On a fork image: the process that made it, which starts its fork next (cleanup waits).
+FORKED_BY_PID = f"{labels.PREFIX}.forked-by-pid"
+FORKED_BY_HOST = f"{labels.PREFIX}.forked-by-host"
 
 
 def check_name(name: str) -> str:
@@ -83,6 +87,8 @@ def _image_labels(kind: str, source: Sandbox, container: Any, folder: Path) -> d
         WORKSPACE_LABEL: str(folder) if kind == "snapshot" else "",
         CHECKED_LABEL: str(parent.id),
         host_helper.PROJECT_IMAGE_LABEL: host_helper.project_image(parent),
+        FORKED_BY_PID: str(os.getpid()) if kind == "fork" else "",
+        FORKED_BY_HOST: os.uname().nodename if kind == "fork" else "",
     }
 
 
