@@ -14,12 +14,15 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import engine, labels, policy
 from ..config import Settings
 from ..errors import ConfigError, SandboxError, SandboxNotReady, UsageError
 from . import compose_check
+
+if TYPE_CHECKING:
+    from ..runtime import Sandbox
 
 INSTALL_HINT = (
     "install the compose plugin (https://docs.docker.com/compose/install/) "
@@ -268,3 +271,16 @@ def up(
             f"see `inv compose.logs`; `docker inspect {settings.container_name}`",
         )
     return seconds
+
+
+def attach(settings: Settings) -> Sandbox:
+    """The running compose sandbox, reached through its agent like any sandbox
+    (`Sandbox.attach`): commands as the sandbox user, tree kill, exit causes, audit trail.
+    It is never started, recreated or removed from here."""
+    from ..runtime import Sandbox
+
+    if engine.find_container(settings.container_name) is None:
+        raise SandboxNotReady(
+            f"{settings.container_name} is not running", "start it with `inv compose.up`"
+        )
+    return Sandbox.attach(settings.container_name, settings).up()

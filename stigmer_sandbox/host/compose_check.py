@@ -113,7 +113,7 @@ def _entries(values: object) -> list[Any]:
 
 def _privileged(name: str, spec: Mapping[str, Any], _mounts: MountContext) -> Iterator[Problem]:
     if is_on(spec.get("privileged")):
-        yield Problem("privileged", f"{spec['privileged']} is not allowed", name)
+        yield Problem("privileged", f"{str(spec['privileged']).lower()} is not allowed", name)
 
 
 def _namespaces(name: str, spec: Mapping[str, Any], _mounts: MountContext) -> Iterator[Problem]:

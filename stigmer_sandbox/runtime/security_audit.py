@@ -13,10 +13,10 @@ import os
 import re
 import shlex
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from .. import engine, policy
+from .. import engine, labels, policy
 from ..checks import CheckResult, Status, verdict
 from .commands import ExecResult
 from .sandbox import Sandbox
@@ -567,7 +567,47 @@ PROPERTIES = (
 )
 
 
+# A sandbox compose started (`inv compose.up`): what its evidence means there, by item.
+COMPOSE_NOTES = {
+    13: "compose: `network: none` in the settings cuts the service off (network_mode none, "
+    "through the tasks' override); `inv run --network none` starts a separate sandbox",
+    16: "compose: the image's check with the base file's interval",
+}
+# What does not hold on the compose path, whatever the sandbox shows (a warning each).
+COMPOSE_LIMITS = (
+    CheckResult(
+        "compose: maximum lifetime",
+        "warn",
+        "not enforced: compose keeps the service up (restart: unless-stopped) until "
+        "`inv compose.down`; max_lifetime_hours and `inv clean`'s reaping of expired "
+        "sandboxes apply to `inv sandbox.up` sandboxes",
+    ),
+    CheckResult(
+        "compose: commands only through the agent",
+        "warn",
+        "`inv compose.exec`, `inv sandbox.audit --compose` and `Sandbox.attach` go through the "
+        "agent; `docker-compose exec sandbox ...` (the guide's) is root with SETUID/SETGID/KILL "
+        "and bypasses the helper, tree kill, exit causes and the audit trail: add `-u sandbox`",
+    ),
+    CheckResult(
+        "compose: configuration checked and enforced by the tasks",
+        "warn",
+        "`inv compose.up` refuses weakening settings in the merged files and enforces the "
+        "confinement with a generated override; `docker-compose up` by hand does neither",
+    ),
+)
+
+
+def _with_note(result: CheckResult, note: str | None) -> CheckResult:
+    return replace(result, detail=f"{result.detail}; {note}") if note else result
+
+
 def audit(box: Sandbox) -> list[CheckResult]:
-    """Every applicable SECURITY.md property of a running sandbox, with its evidence."""
+    """Every applicable SECURITY.md property of a running sandbox, with its evidence; for
+    a sandbox compose started, what differs there and what cannot hold."""
     attrs = box.up().inspect()
-    return [prop.check(box, attrs) for prop in PROPERTIES]
+    results = [prop.check(box, attrs) for prop in PROPERTIES]
+    if (attrs["Config"].get("Labels") or {}).get(labels.KIND) != "compose":
+        return results
+    noted = [_with_note(r, COMPOSE_NOTES.get(r.item or 0)) for r in results]
+    return [*noted, *COMPOSE_LIMITS]

@@ -8,13 +8,11 @@ from typing import TYPE_CHECKING
 from invoke import Collection, Context, Exit
 
 from .. import console
-from ..errors import SandboxNotReady
 from ._common import settings, task
 from .root import _report, _write
 from .sandbox import build_kind
 
 if TYPE_CHECKING:
-    from .. import runtime
     from ..host import compose
 
 FILE_HELP = {
@@ -172,7 +170,7 @@ def exec(
     if service and service != compose.SERVICE:
         _exec_in_service(_project(c, advanced, database, file), service, c.remainder)
         return
-    sandbox = _attached(c)
+    sandbox = compose.attach(settings(c))
     if not c.remainder.strip():
         code = runtime.interactive_shell(sandbox)
         if code:
@@ -182,18 +180,6 @@ def exec(
         c.remainder, timeout=timeout, on_stdout=_write(sys.stdout), on_stderr=_write(sys.stderr)
     )
     _report(result.to_dict(), json=False)
-
-
-def _attached(c: Context) -> runtime.Sandbox:
-    """The running compose sandbox, reached through its agent; never started from here."""
-    from .. import engine, runtime
-
-    current = settings(c)
-    if engine.find_container(current.container_name) is None:
-        raise SandboxNotReady(
-            f"{current.container_name} is not running", "start it with `inv compose.up`"
-        )
-    return runtime.Sandbox.attach(current.container_name, current).up()
 
 
 def _exec_in_service(target: compose.ComposeProject, service: str, command: str) -> None:

@@ -413,11 +413,24 @@ def history(c: Context, n: int = 20, json: bool = False) -> None:
     console.table(("time", "sandbox", "exit", "cause", "took", "command"), rows)
 
 
-@task(name="audit", help={"json": "print the report as one JSON object (default: off)"})
-def audit_security(c: Context, json: bool = False) -> None:
+@task(
+    name="audit",
+    help={
+        "json": "print the report as one JSON object (default: off)",
+        "compose": "audit the running compose sandbox (`inv compose.up`), reached through its "
+        "agent; never started from here (default: off, the `inv sandbox.up` sandbox)",
+    },
+)
+def audit_security(c: Context, json: bool = False, compose: bool = False) -> None:
     """Check the running sandbox against every SECURITY.md property that applies."""
-    sandbox = sandbox_for(c)
     from ..runtime import security_audit
+
+    if compose:
+        from ..host import compose as compose_host
+
+        sandbox = compose_host.attach(settings(c))
+    else:
+        sandbox = sandbox_for(c)
 
     results = security_audit.audit(sandbox)
     if not console.show_checks(results, json, sandbox=sandbox.name):

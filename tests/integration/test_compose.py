@@ -3,42 +3,34 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from stigmer_sandbox.host import compose
 
 from ..conftest import ROOT
+from .compose_support import labels_file, sandbox_env, unique_name
 
-NAME = "stigmer-sandbox"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# The guide's own files name their container this; nothing else here uses the name.
+GUIDE_NAME = "stigmer-sandbox"
 
 
 @pytest.fixture
 def compose_env(tmp_path, inv, docker_engine):
-    """Settings pointing the compose sandbox's folders into tmp; everything downed after."""
-    env = {
-        "INVOKE_STIGMER_WORKSPACE": str(tmp_path / "workspace"),
-        "INVOKE_STIGMER_LOGS": str(tmp_path / "logs"),
-        "INVOKE_STIGMER_STATE_DIR": str(tmp_path / "state"),
-        "STIGMER_APP_PORT": str(free_port()),
-        "STIGMER_DATABASE_IMAGE": "stigmer-sandbox-basic:local",
-        "STIGMER_DATABASE_COMMAND": "python3 -m http.server 5432",
-        "HOME": str(tmp_path / "home"),
-    }
-    for folder in (".aws", ".kube"):
-        (tmp_path / "home" / folder).mkdir(parents=True)
-    inv("sandbox.down", env=env)
+    """Settings for a compose sandbox of this test (own name, folders in tmp, the test
+    label); everything downed after."""
+    env = sandbox_env(tmp_path, unique_name())
     yield env
     inv("compose.down", "--advanced", "--database", env=env)
+
+
+def compose_up(inv, env, *flags):
+    """`inv compose.up` with the test label on what it starts."""
+    labels = labels_file(Path(env["HOME"]).parent)
+    return inv("compose.up", *flags, "--file", str(labels), env=env)
 
 
 def exec_in(inv, env, command, *flags):
@@ -46,7 +38,8 @@ def exec_in(inv, env, command, *flags):
 
 
 def test_up_exec_owner_limits_and_down_leaves_nothing(inv, compose_env, tmp_path, docker_engine):
-    up = inv("compose.up", env=compose_env)
+    name = compose_env["INVOKE_STIGMER_CONTAINER_NAME"]
+    up = compose_up(inv, compose_env)
     assert up.returncode == 0, up.stdout + up.stderr
     assert "healthy" in up.stdout
     version = exec_in(inv, compose_env, "python --version")
@@ -54,19 +47,21 @@ def test_up_exec_owner_limits_and_down_leaves_nothing(inv, compose_env, tmp_path
     assert exec_in(inv, compose_env, "echo hi > /workspace/from-compose.txt").returncode == 0
     written = tmp_path / "workspace" / "from-compose.txt"
     assert written.stat().st_uid == 1000
-    host = docker_engine.containers.get(NAME).attrs["HostConfig"]
+    host = docker_engine.containers.get(name).attrs["HostConfig"]
     assert host["Memory"] == host["MemorySwap"] == 2 * 1024**3
     assert host["NanoCpus"] == 2_000_000_000 and host["PidsLimit"] == 512
-    assert host["CapDrop"] == ["ALL"]
+    assert host["CapDrop"] == ["ALL"] and sorted(host["CapAdd"]) == ["KILL", "SETGID", "SETUID"]
+    assert host["SecurityOpt"] == ["no-new-privileges:true"] and not host["Privileged"]
+    assert "/run/stigmer" in host["Tmpfs"]
     down = inv("compose.down", env=compose_env)
     assert down.returncode == 0
-    assert not docker_engine.containers.list(all=True, filters={"name": f"^{NAME}$"})
-    assert not docker_engine.networks.list(names=[f"{compose.PROJECT}_default"])
+    assert not docker_engine.containers.list(all=True, filters={"name": f"^{name}$"})
+    assert not docker_engine.networks.list(names=[f"{name}_default"])
     assert written.exists()
 
 
 def test_database_answers_by_service_name(inv, compose_env):
-    up = inv("compose.up", "--database", env=compose_env)
+    up = compose_up(inv, compose_env, "--database")
     assert up.returncode == 0, up.stdout + up.stderr
     probe = (
         "for i in $(seq 50); do curl -fsS -o /dev/null http://database:5432/ && exit 0; "
@@ -76,7 +71,7 @@ def test_database_answers_by_service_name(inv, compose_env):
 
 
 def test_advanced_mounts_credentials_read_only_and_maps_the_host(inv, compose_env):
-    up = inv("compose.up", "--advanced", env=compose_env)
+    up = compose_up(inv, compose_env, "--advanced")
     assert up.returncode == 0, up.stdout + up.stderr
     write = exec_in(inv, compose_env, "touch /home/sandbox/.aws/stolen", "--advanced")
     assert write.returncode != 0 and "Read-only file system" in write.stderr + write.stdout
@@ -114,6 +109,8 @@ def test_validator_refuses_socket_and_privileged(inv, tmp_path, line, expected):
 
 @pytest.mark.parametrize("name", ["docker-compose.sandbox.yml", "docker-compose.advanced.yml"])
 def test_the_guides_compose_files_work_unchanged(tmp_path, name, compose_env, docker_engine):
+    if docker_engine.containers.list(all=True, filters={"name": f"^{GUIDE_NAME}$"}):
+        pytest.fail(f"the guide's files need the container name {GUIDE_NAME}, which is in use")
     source = ROOT / "tests/integration/guide" / name
     shutil.copy(source, tmp_path / name)
     command = ["docker-compose", "-f", name]

@@ -68,7 +68,7 @@ def resolved(service: dict, **top: dict) -> dict:
 @pytest.mark.parametrize(
     ("service", "key", "expected"),
     [
-        ({"privileged": True}, "privileged", "True is not allowed"),
+        ({"privileged": True}, "privileged", "true is not allowed"),
         ({"privileged": "yes"}, "privileged", "yes is not allowed"),
         ({"network_mode": "host"}, "network_mode", "host shares the host's namespace"),
         ({"pid": "host"}, "pid", "host shares"),
