@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from stigmer_sandbox import config, policy
-from stigmer_sandbox.errors import ConfigError
+from stigmer_sandbox.errors import ConfigError, SandboxError
 from stigmer_sandbox.runtime.sandbox import spec_hash
 
 
@@ -160,3 +160,144 @@ def test_the_agent_and_the_policy_agree_on_the_shared_state_folder():
     from stigmer_sandbox.runtime import agent
 
     assert agent.RUN_DIR == policy.RUN_DIR
+
+
+def test_resolution_trail_lists_every_entry_looked_up_through_symlinks(tmp_path):
+    (tmp_path / "real" / "inner").mkdir(parents=True)
+    (tmp_path / "hop").symlink_to(tmp_path / "real")
+    (tmp_path / "rel").symlink_to("hop/./inner/..")
+    trail = policy.resolution_trail(tmp_path / "rel" / "inner")
+    looked_up = [entry for entry in trail if tmp_path in entry.parents]
+    assert looked_up == [
+        tmp_path / "rel",
+        tmp_path / "hop",
+        tmp_path / "real",
+        tmp_path / "real" / "inner",
+        tmp_path / "real" / "inner",
+    ]
+
+
+def test_resolution_trail_stops_in_a_symlink_loop(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    trail = policy.resolution_trail(tmp_path / "a" / "x")
+    assert len(trail) <= (policy.MAX_SYMLINK_HOPS + 1) * (len(tmp_path.parts) + 1)
+
+
+@pytest.mark.parametrize("logs", ["workspace/logs", "workspace/deep/logs"])
+def test_logs_inside_the_workspace_are_refused(tmp_path, logs):
+    # A command could replace workspace/logs with a symlink to any host folder.
+    with pytest.raises(ConfigError, match=r"^logs: .* inside the workspace folder"):
+        policy.sandbox_folders(settings(tmp_path, logs=logs))
+
+
+def test_the_workspace_inside_logs_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"^workspace: .* inside the logs folder"):
+        policy.sandbox_folders(settings(tmp_path, workspace="logs/ws"))
+
+
+def test_a_path_reaching_the_workspace_through_a_symlink_is_refused(tmp_path):
+    (tmp_path / "project" / "workspace" / "logs").mkdir(parents=True)
+    (tmp_path / "mylogs").symlink_to(tmp_path / "project" / "workspace" / "logs")
+    # Resolved, logs would be a folder inside the workspace: refused even if a command
+    # later points workspace/logs somewhere else.
+    with pytest.raises(ConfigError, match=r"^logs: .*goes through"):
+        policy.sandbox_folders(settings(tmp_path, logs=str(tmp_path / "mylogs")))
+
+
+def test_side_by_side_folders_are_accepted(tmp_path):
+    folders = policy.sandbox_folders(settings(tmp_path))
+    assert set(folders) == {"workspace", "logs"}
+
+
+def test_open_folder_refuses_a_symlink_on_the_way(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    changed = r"^logs: .*changed while the sandbox was starting"
+    with (
+        pytest.raises(SandboxError, match=changed),
+        policy.open_folder("logs", tmp_path / "link" / "made", create=True),
+    ):
+        pass
+    assert not (tmp_path / "real" / "made").exists()
+
+
+def test_open_folder_creates_missing_folders(tmp_path):
+    with policy.open_folder("logs", tmp_path / "a" / "b", create=True) as fd:
+        assert os.fstat(fd).st_ino == (tmp_path / "a" / "b").stat().st_ino
+
+
+def test_open_folder_without_create_names_a_missing_folder(tmp_path):
+    missing = tmp_path / "missing"
+    with (
+        pytest.raises(SandboxError, match=r"cannot be opened"),
+        policy.open_folder("logs", missing),
+    ):
+        pass
+
+
+def test_pins_name_each_mount_by_its_key(tmp_path):
+    spec = policy.container_spec(settings(tmp_path), "img:1", {})
+    policy.prepare_folders(settings(tmp_path))
+    pins = policy.pin_mounts(spec)
+    assert [(pin.key, pin.target) for pin in pins] == [
+        ("workspace", "/workspace"),
+        ("logs", "/logs"),
+    ]
+    assert pins[0].inode == (tmp_path / "project" / "workspace").stat().st_ino
+
+
+def pins_for(*identities: tuple[int, int]) -> tuple[policy.PinnedMount, ...]:
+    return tuple(
+        policy.PinnedMount(f"key{n}", Path(f"/src{n}"), f"/t{n}", dev, ino)
+        for n, (dev, ino) in enumerate(identities)
+    )
+
+
+@pytest.mark.parametrize(
+    ("output", "changed"),
+    [(b"1:2\n3:4\n", None), (b"1:2\n3:5\n", 1), (b"1:2\n", 1), (b"", 0), (b"9:2\n3:4\n", 0)],
+)
+def test_changed_mount_compares_each_target_with_its_pin(output, changed):
+    pins = pins_for((1, 2), (3, 4))
+    found = policy.changed_mount(pins, output)
+    assert found == (None if changed is None else pins[changed])
+
+
+class FakeContainer:
+    id = "c1"
+    removed = False
+
+    def remove(self, force: bool) -> None:
+        self.removed = force
+
+
+class FakeBackend:
+    def __init__(self, status: int, output: bytes) -> None:
+        self.answer = (status, output)
+        self.asked: list[list[str]] = []
+
+    def run_root(self, sandbox_id: str, argv: list[str], **options) -> tuple[int, bytes]:
+        self.asked.append(argv)
+        return self.answer
+
+
+def test_verify_mounts_keeps_a_sandbox_whose_mounts_are_the_pinned_folders():
+    container, backend = FakeContainer(), FakeBackend(0, b"1:2\n")
+    policy.verify_mounts(pins_for((1, 2)), backend, container)
+    assert not container.removed
+    assert backend.asked == [["/usr/bin/stat", "-c", "%d:%i", "--", "/t0"]]
+
+
+@pytest.mark.parametrize(
+    ("status", "output", "message"),
+    [
+        (0, b"1:3\n", r"^key0: /src0 changed while the sandbox was starting"),
+        (1, b"stat: cannot stat", r"^the sandbox's mounts could not be checked"),
+    ],
+)
+def test_verify_mounts_removes_a_sandbox_on_a_mismatch(status, output, message):
+    container = FakeContainer()
+    with pytest.raises(SandboxError, match=message):
+        policy.verify_mounts(pins_for((1, 2)), FakeBackend(status, output), container)
+    assert container.removed
