@@ -2,6 +2,11 @@
 
 Commands are strings run by bash inside the sandbox, or argument lists; nothing passes
 through a host shell. Every result is recorded in the host-side audit trail.
+
+Linux paths, arguments and environment values are bytes: text crosses to the sandbox as
+UTF-8 with the lone surrogates `os.fsdecode` makes of undecodable bytes turned back into
+those bytes (surrogateescape), so a name listed as "x\\udcff" is the file b"x\\xff".
+Text no bytes can stand for (a surrogate outside that range) is refused as bad input.
 """
 
 from __future__ import annotations
@@ -96,6 +101,29 @@ def lost(request: Request, reason: str, duration_s: float, via: str) -> RawResul
     return RawResult(None, None, False, False, duration_s, b"", b"", via=via, error=reason)
 
 
+def to_bytes(text: str, what: str = "text") -> bytes:
+    """Text as the bytes Linux sees: UTF-8, with `os.fsdecode`'s lone surrogates back to
+    the bytes they stand for; a UsageError naming `what` for one that stands for none."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        shown = repr(text)[:80]
+        raise UsageError(f"{what} holds a surrogate that stands for no byte: {shown}") from None
+
+
+def from_bytes(data: bytes) -> str:
+    """Bytes from Linux as text that `to_bytes` turns back into the same bytes."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def checked_text(text: str, what: str) -> str:
+    """`text` if it can reach the sandbox intact (no NUL, bytes for every character)."""
+    if "\0" in text:
+        raise UsageError(f"{what} cannot contain NUL bytes")
+    to_bytes(text, what)
+    return text
+
+
 def command_argv(command: str | Sequence[str]) -> list[str]:
     """A command as an argument list: strings run through bash inside the sandbox."""
     if isinstance(command, str):
@@ -106,9 +134,7 @@ def command_argv(command: str | Sequence[str]) -> list[str]:
         argv = [str(part) for part in command]
         if not argv or not argv[0]:
             raise UsageError("empty command")
-    if any("\0" in part for part in argv):
-        raise UsageError("a command cannot contain NUL bytes")
-    return argv
+    return [checked_text(part, "a command") for part in argv]
 
 
 def check_env(env: dict[str, str] | None) -> dict[str, str]:
@@ -117,7 +143,8 @@ def check_env(env: dict[str, str] | None) -> dict[str, str]:
     for key, value in (env or {}).items():
         if not key or "=" in key or "\0" in key or "\0" in str(value):
             raise UsageError(f"invalid environment variable {key!r}")
-        checked[str(key)] = str(value)
+        name = checked_text(str(key), "an environment variable's name")
+        checked[name] = checked_text(str(value), f"environment variable {key!r}")
     return checked
 
 
@@ -143,10 +170,10 @@ def make_request(
     return Request(
         argv=command_argv(command),
         env=check_env(options.get("env")),
-        cwd=cwd,
+        cwd=checked_text(cwd, "cwd"),
         timeout=timeout,
         limit=limit,
-        stdin=stdin.encode() if isinstance(stdin, str) else stdin,
+        stdin=to_bytes(stdin, "stdin") if isinstance(stdin, str) else stdin,
         keep_background=bool(options.get("keep_background")),
         merge_output=bool(options.get("merge_output")),
         idle_timeout=float(idle) if idle is not None else None,
