@@ -22,6 +22,7 @@ import pytest
 from stigmer_sandbox import engine, policy
 from stigmer_sandbox.config import Settings
 from stigmer_sandbox.errors import ConfigError, SandboxError
+from stigmer_sandbox.host import permissions
 from stigmer_sandbox.runtime.backend import DockerBackend
 
 from .conftest import TEST_LABELS
@@ -200,3 +201,39 @@ def race_prepare(
         if owned is not None:
             os.close(owned)
     return attempts
+
+
+@pytest.fixture
+def linked_workspace(tmp_path) -> tuple[Settings, Path, Path]:
+    """A root-owned workspace holding a file, and a hard link to a file outside it."""
+    settings = settings_in(tmp_path)
+    workspace = settings.path("workspace")
+    (workspace / "sub").mkdir(parents=True)
+    (workspace / "sub" / "own.txt").write_text("mine")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("host secret")
+    os.link(outside, workspace / "sub" / "linked.txt")
+    return settings, workspace, outside
+
+
+def test_fix_permissions_leaves_a_hard_link_to_an_outside_file_alone(linked_workspace):
+    settings, workspace, outside = linked_workspace
+    dry = permissions.fix_ownership(settings, 1000, 1000, dry_run=True)
+    assert [change.skipped for change in dry] == [(workspace / "sub" / "linked.txt",)]
+    assert "linked.txt" in dry[0].skipped_line()
+    changes = permissions.fix_ownership(settings, 1000, 1000, dry_run=False)
+    assert changes[0].entries == 3 and changes[0].skipped == dry[0].skipped
+    assert (workspace / "sub" / "own.txt").stat().st_uid == 1000
+    assert outside.stat().st_uid == 0, "a file outside the workspace changed owner"
+
+
+def test_fix_permissions_task_changes_nothing_outside(inv, linked_workspace):
+    settings, workspace, outside = linked_workspace
+    env = {
+        "INVOKE_STIGMER_WORKSPACE": str(workspace),
+        "INVOKE_STIGMER_LOGS": str(settings.path("logs")),
+    }
+    done = inv("fix-permissions", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "changed 3 entries" in done.stdout
+    assert outside.stat().st_uid == 0 and (workspace / "sub").stat().st_uid == 1000
