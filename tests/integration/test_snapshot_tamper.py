@@ -13,6 +13,7 @@ forks and snapshots.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 import time
@@ -28,7 +29,7 @@ from stigmer_sandbox.errors import SandboxError
 from stigmer_sandbox.runtime import Sandbox, SandboxPool, host_helper, snapshots, workspaces
 from stigmer_sandbox.runtime.backend import DockerBackend
 
-from .conftest import TEST_LABELS
+from .conftest import TEST_LABELS, run_in
 from .test_pool import private_settings
 from .test_snapshots import tiny_wheel
 
@@ -228,8 +229,6 @@ def test_the_host_copy_is_the_project_images_helper(settings, basic_image):
     with sandbox(settings) as box:
         inside = as_root(box, f"sha256sum {policy.EXEC_HELPER}").split()[0]
     digest = copy.with_name(copy.name + ".sha256").read_text()
-    import hashlib
-
     assert hashlib.sha256(copy.read_bytes()).hexdigest() == digest == inside
 
 
@@ -252,8 +251,8 @@ def test_root_cannot_replace_the_mounted_helper_and_forks_keep_it(settings):
 
 def test_a_forged_helper_in_an_image_never_runs(settings, docker_engine, basic_image):
     """An image whose helper forges results, labelled as a checked fork of the project
-    image (only a Docker user could make it): started with the host's helper, its
-    commands report the truth; started without, the forgery is real."""
+    image (only a Docker user could make it): its helper forges when run, but a sandbox
+    started from it with the host's helper reports the truth."""
     with sandbox(settings) as box:
         as_root(box, f"printf '{FORGED_HELPER}' > {policy.EXEC_HELPER}")
         marks = {
@@ -265,20 +264,25 @@ def test_a_forged_helper_in_an_image_never_runs(settings, docker_engine, basic_i
         changes = [f'LABEL {key}="{value}"' for key, value in marks.items()]
         forged = box._existing().commit(snapshots.FORK_REPOSITORY, tag, changes=changes)
     try:
-        truths = []
-        for backend in (HostHelperBackend(settings), DockerBackend()):
-            name = snapshots.new_name(settings)
-            folder = workspaces.create(workspaces.sandboxes_root(settings), name)
-            born = snapshots.private_sandbox(
-                settings, name, forged.id, folder, prepared_image=True,
-                extra_labels=TEST_LABELS, backend=backend,
-            )  # fmt: skip
-            try:
-                result = born.up().exec("echo real; exit 3", timeout=30)
-                truths.append((result.exit_code, result.stdout))
-            finally:
-                born.remove()
-        assert truths[0] == (3, "real\n")
-        assert truths[1] != (3, "real\n"), "the forged helper did not forge: no attack shown"
+        attack = run_in(docker_engine, forged.id, [policy.EXEC_HELPER, "--", "false"])
+        assert attack == "forged\n"  # the image's own helper would lie
+        name = snapshots.new_name(settings)
+        folder = workspaces.create(workspaces.sandboxes_root(settings), name)
+        born = snapshots.private_sandbox(
+            settings, name, forged.id, folder, prepared_image=True,
+            extra_labels=TEST_LABELS, backend=HostHelperBackend(settings),
+        )  # fmt: skip
+        try:
+            result = born.up().exec("echo real; exit 3", timeout=30)
+            assert (result.exit_code, result.stdout) == (3, "real\n")
+        finally:
+            born.remove()
     finally:
         docker_engine.images.remove(forged.id, force=True)
+
+
+@pytest.mark.xfail(strict=True, reason="wiring pending: Sandbox.up mounts host_helper.mount")
+def test_every_sandbox_runs_the_host_helper(settings):
+    with sandbox(settings) as box:
+        mounts = {m["target"]: m for m in box.status()["mounts"]}
+        assert mounts[policy.EXEC_HELPER]["rw"] is False

@@ -649,3 +649,48 @@ def test_remove_and_size_handle_a_tree_deeper_than_the_recursion_limit(tmp_path)
     assert workspaces.size_bytes(folder) > 0
     workspaces.remove(folder)
     assert not folder.exists()
+
+
+# -- cleanup's default tier: nothing a live process owns ---------------------------------
+
+
+def fake_container(status: str, **marks: str) -> SimpleNamespace:
+    found = labels.project_labels("sandbox", **marks)
+    return SimpleNamespace(id=f"id-{status}", name=f"box-{status}", status=status, labels=found)
+
+
+def test_default_clean_keeps_a_stopped_or_created_sandbox_whose_owner_lives():
+    from stigmer_sandbox.host import cleanup
+
+    here = os.uname().nodename
+    alive = {"owner_pid": str(os.getpid()), "owner_host": here}
+    gone_pid = {"owner_pid": "999999999", "owner_host": here}
+    boxes = [
+        fake_container("created", **alive),  # a pool's sandbox between create and start
+        fake_container("exited", **alive),  # stopped by its owner, started again later
+        fake_container("dead", **gone_pid),
+        fake_container("exited"),  # nobody's: a stopped project container goes
+    ]
+    planned = {r.name: r.reason for r in cleanup._containers(boxes, everything=False)}
+    assert planned == {"box-dead": "its owner (pid 999999999) is gone", "box-exited": "stopped"}
+    everything = {r.name for r in cleanup._containers(boxes, everything=True)}
+    assert everything == {"box-created", "box-exited", "box-dead"}
+
+
+def test_a_fork_image_waits_for_its_forking_process():
+    from stigmer_sandbox.host import cleanup
+
+    def fork_image(pid: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            labels={
+                snapshots.FORKED_BY_PID: pid,
+                snapshots.FORKED_BY_HOST: os.uname().nodename,
+            }
+        )
+
+    assert cleanup._forker_lives(fork_image(str(os.getpid())))
+    assert not cleanup._forker_lives(fork_image("999999999"))
+    assert not cleanup._forker_lives(fork_image(""))  # made before the label: as before
+    elsewhere = fork_image(str(os.getpid()))
+    elsewhere.labels[snapshots.FORKED_BY_HOST] = "another-host"
+    assert cleanup._forker_lives(elsewhere)  # cannot be checked there: it may live
