@@ -18,10 +18,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import socket
+import stat
 import struct
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -75,9 +77,10 @@ class Backend(Protocol):
     def changed_bytes(self, handle: Any) -> int:
         """Bytes the sandbox's commands added to its root filesystem (what a commit copies)."""
 
-    def changes(self, handle: Any) -> list[tuple[str, int]]:
-        """Every path of the root filesystem that differs from the image: (path, kind),
-        kind MODIFIED, ADDED or DELETED (what a commit would carry)."""
+    def changes(self, handle: Any, within: Callable[[str], bool]) -> list[tuple[str, int]]:
+        """The paths of the root filesystem that differ from the image (what a commit
+        would carry), as (path, kind), kind MODIFIED, ADDED or DELETED; only paths for
+        which `within(path)` holds, a folder's contents only when it holds for the folder."""
 
     def path_mode(self, handle: Any, path: str) -> int | None:
         """The mode of `path` in the sandbox as Go's `fs.FileMode` bits (None when missing)."""
@@ -180,10 +183,18 @@ class DockerBackend:
             found = api.containers(all=True, size=True, filters={"id": handle.id})
         return int(found[0].get("SizeRw") or 0) if found else 0
 
-    def changes(self, handle: Any) -> list[tuple[str, int]]:
+    def changes(self, handle: Any, within: Callable[[str], bool]) -> list[tuple[str, int]]:
+        """Read from the container's overlay layers when they are on this machine and
+        readable (root, engine here: milliseconds); else the engine's diff, which walks
+        the whole image on this engine (~0.7 s for the basic image)."""
+        layers = _overlay_layers(handle)
+        if layers is not None:
+            upper, lowers = layers
+            return list(_overlay_changes(upper, lowers, "/", within))
         with engine.engine_errors():
             found = handle.diff() or []
-        return [(str(entry["Path"]), int(entry["Kind"])) for entry in found]
+        every = ((str(entry["Path"]), int(entry["Kind"])) for entry in found)
+        return [(path, kind) for path, kind in every if _all_within(path, within)]
 
     def path_mode(self, handle: Any, path: str) -> int | None:
         """From the archive endpoint's stat header (HEAD: no content is read)."""
@@ -253,6 +264,57 @@ class DockerBackend:
             # ignore_removed: a sandbox removed between listing and inspecting is no error.
             found = engine.client().containers.list(all=True, filters=wanted, ignore_removed=True)
             return list(found)
+
+
+def _overlay_layers(handle: Any) -> tuple[Path, list[Path]] | None:
+    """The container's writable layer and the layers below it, when the engine keeps them
+    on this machine with overlay2 and this process may read them; else None."""
+    driver = handle.attrs.get("GraphDriver") or {}
+    data = driver.get("Data") or {}
+    upper, lower = data.get("UpperDir"), data.get("LowerDir")
+    if driver.get("Name") != "overlay2" or not upper or not lower:
+        return None
+    if not engine.engine_url().startswith("unix://") or not os.access(upper, os.R_OK | os.X_OK):
+        return None
+    return Path(upper), [Path(layer) for layer in lower.split(":")]
+
+
+def _overlay_changes(
+    upper: Path, lowers: list[Path], folder: str, within: Callable[[str], bool]
+) -> Iterator[tuple[str, int]]:
+    """What the writable layer holds under `folder`, as the engine's diff reports it: a
+    whiteout (a 0/0 character device) is a deletion, an opaque folder a replacement
+    (added), anything else added or modified as the layers below have it or not."""
+    with os.scandir(upper / folder.lstrip("/")) as entries:
+        for entry in entries:
+            path = f"{folder.rstrip('/')}/{entry.name}"
+            if not within(path):
+                continue
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:
+                yield path, DELETED
+                continue
+            below = any(os.path.lexists(lower / path.lstrip("/")) for lower in lowers)
+            folder_entry = entry.is_dir(follow_symlinks=False)
+            replaced = folder_entry and _opaque(entry.path)
+            yield path, MODIFIED if below and not replaced else ADDED
+            if folder_entry:
+                yield from _overlay_changes(upper, lowers, path, within)
+
+
+def _opaque(folder: str) -> bool:
+    """Whether overlayfs marks the folder as hiding everything below it."""
+    try:
+        return os.getxattr(folder, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _all_within(path: str, within: Callable[[str], bool]) -> bool:
+    """Whether `within` holds for `path` and every folder above it (what a walk that
+    skips a folder's contents would report)."""
+    parts = path.strip("/").split("/")
+    return all(within("/" + "/".join(parts[: end + 1])) for end in range(len(parts)))
 
 
 def _only_file(archive: bytes, path: str) -> bytes:

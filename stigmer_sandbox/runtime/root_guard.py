@@ -74,6 +74,11 @@ def leads_to_trusted(path: str) -> bool:
     return any(root.startswith(prefix) for root in TRUSTED)
 
 
+def is_relevant(path: str) -> bool:
+    """Whether a change to `path` matters here (the rest is not even listed)."""
+    return is_trusted(path) or leads_to_trusted(path)
+
+
 def safe_folder(mode: int | None) -> bool:
     """A real folder nobody but its owner may write (the owner, root, cannot be changed by
     a sandbox: no CAP_CHOWN): a change to it is only a change below, checked apart."""
@@ -93,7 +98,7 @@ def first_violation(
     for path, kind in changes:
         if kind == ADDED and path in ENGINE_MADE:
             continue
-        if not (is_trusted(path) or leads_to_trusted(path)):
+        if not is_relevant(path):
             continue
         if kind == MODIFIED and safe_folder(mode_of(path)):
             continue

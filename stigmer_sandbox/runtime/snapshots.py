@@ -115,7 +115,7 @@ def capture(
         _check_size(sandbox, container)
         _check_unshared(sandbox, container)
         with ThreadPoolExecutor(max_workers=1) as background:
-            # The engine's diff walks the image (~0.5 s): it runs while the workspace copies.
+            # The check may need the engine's diff (~0.7 s): it runs while the workspace copies.
             checked = background.submit(_check_root_side, sandbox, container)
             made = workspaces.create(folder.parent, folder.name, sandbox.settings.path("workspace"))
             try:
@@ -133,7 +133,7 @@ def _check_root_side(sandbox: Sandbox, container: Any) -> None:
     backend = sandbox.backend
     root_guard.check(
         sandbox.name,
-        backend.changes(container),
+        backend.changes(container, root_guard.is_relevant),
         lambda path: backend.path_mode(container, path),
     )
 

@@ -26,14 +26,21 @@ import pytest
 
 from stigmer_sandbox import engine, labels, policy
 from stigmer_sandbox.errors import SandboxError
-from stigmer_sandbox.runtime import Sandbox, SandboxPool, host_helper, snapshots, workspaces
-from stigmer_sandbox.runtime.backend import DockerBackend
+from stigmer_sandbox.runtime import (
+    Sandbox,
+    SandboxPool,
+    host_helper,
+    root_guard,
+    snapshots,
+    workspaces,
+)
+from stigmer_sandbox.runtime import backend as backend_module
+from stigmer_sandbox.runtime.backend import ADDED, DOCKER, DockerBackend
 
 from .conftest import TEST_LABELS, run_in
 from .test_pool import private_settings
 from .test_snapshots import tiny_wheel
 
-HELPER_FOLDER = policy.EXEC_HELPER.rpartition("/")[0]
 FORGED_HELPER = "#!/bin/sh\necho forged\nexit 0\n"
 # (id, what root does, the path the refusal names)
 TAMPERS = [
@@ -74,6 +81,15 @@ def settings(tmp_path_factory, project_settings):
     return private_settings(project_settings, tmp_path_factory.mktemp("tamper"))
 
 
+@pytest.fixture(params=["layers", "engine-diff"])
+def changes_from(request, monkeypatch):
+    """Both ways the backend lists changes: the overlay layers read on this machine (root,
+    local engine, as here), and the engine's diff (any other user or engine)."""
+    if request.param == "engine-diff":
+        monkeypatch.setattr(backend_module, "_overlay_layers", lambda _handle: None)
+    return request.param
+
+
 @contextmanager
 def sandbox(settings, **options: Any) -> Iterator[Sandbox]:
     """A new sandbox with its own workspace folder, removed at the end."""
@@ -111,7 +127,7 @@ def private_folders(settings) -> set:
     ("tamper", "named"), [(t[1], t[2]) for t in TAMPERS], ids=[t[0] for t in TAMPERS]
 )
 def test_a_tampered_root_filesystem_is_neither_forked_nor_snapshotted(
-    settings, docker_engine, tamper, named
+    settings, docker_engine, tamper, named, changes_from
 ):
     with sandbox(settings) as box:
         as_root(box, tamper)
@@ -129,7 +145,7 @@ def test_a_tampered_root_filesystem_is_neither_forked_nor_snapshotted(
         assert box.inspect()["State"]["Paused"] is False
 
 
-def test_a_change_copied_in_with_docker_cp_is_refused(settings, docker_engine):
+def test_a_change_copied_in_with_docker_cp_is_refused(settings, docker_engine, changes_from):
     with sandbox(settings) as box:
         script = b"#!/bin/bash\nexit 0\n"
         archive = io.BytesIO()
@@ -141,6 +157,34 @@ def test_a_change_copied_in_with_docker_cp_is_refused(settings, docker_engine):
         with pytest.raises(SandboxError, match=f"{policy.HEALTHCHECK_COMMAND} changed"):
             box.fork()
         assert made_from(docker_engine, box) == []
+
+
+def test_the_layers_and_the_engines_diff_agree(settings, monkeypatch):
+    """The fast way lists what the engine's diff lists, but for a folder replaced whole
+    (opaque): the engine lists what it hid as deleted, the layers the folder as added."""
+    with sandbox(settings) as box:
+        for _name, tamper, _named in TAMPERS:
+            as_root(box, tamper)
+        as_root(
+            box,
+            "rm /usr/bin/xargs && mkdir /usr/lib/new && touch /usr/lib/new/f && "
+            "rm -rf /usr/lib/python3.11/json && mkdir /usr/lib/python3.11/json && "
+            "touch /usr/lib/python3.11/json/__init__.py && mkdir /opt/elsewhere",
+        )
+        container = box._existing()
+        with box.paused():
+            assert backend_module._overlay_layers(container) is not None, "not root here?"
+            fast = set(DOCKER.changes(container, root_guard.is_relevant))
+            monkeypatch.setattr(backend_module, "_overlay_layers", lambda _handle: None)
+            slow = set(DOCKER.changes(container, root_guard.is_relevant))
+    replaced = {path for path, kind in fast - slow if kind == ADDED}
+    assert replaced == {"/usr/lib/python3.11/json"}
+    assert {path for path, _ in fast} <= {path for path, _ in slow}
+    for path, _kind in slow - fast:
+        assert any(path == top or path.startswith(top + "/") for top in replaced), path
+    assert ("/usr/bin/xargs", backend_module.DELETED) in fast
+    assert ("/usr/lib/new", ADDED) in fast and ("/usr/lib/new/f", ADDED) in fast
+    assert not [path for path, _ in fast if path.startswith(("/opt", "/run", "/home"))]
 
 
 SETUID_PROOF = (
