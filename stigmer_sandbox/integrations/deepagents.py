@@ -14,23 +14,46 @@ it running. Needs the `deepagents` extra: `pip install 'stigmer-sandbox[deepagen
 Commands travel over the sandbox's agent channel (over 10x faster than a `docker exec`
 per command, see BENCHMARKS.md), stdout and stderr merged in the order they were written.
 File transfers are batched: one round trip per batch, as the sandbox user.
+
+Linux names are bytes: a path holding lone surrogates (what `os.fsdecode` makes of
+undecodable bytes, "x\\udcff" for b"x\\xff") works in every protocol method, both ways.
+deepagents builds its helper commands (ls, read, write, edit, glob, grep) with
+`.encode("utf-8")` on the host and `.decode('utf-8')` in the sandbox, which refuse them:
+the methods here run deepagents' own code with their text arguments as `LinuxText` and,
+inside `helper_scope`, those helpers' base64 arguments decoded with surrogateescape and
+their output read the same way. What still cannot work is an error result the protocol
+defines, never an exception.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import logging
-from typing import Any
+import re
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from deepagents.backends.protocol import (
+    DeleteResult,
+    EditResult,
     ExecuteResponse,
     FileDownloadResponse,
     FileUploadResponse,
+    GlobResult,
+    GrepResult,
+    LsResult,
+    ReadResult,
+    WriteResult,
 )
 from deepagents.backends.sandbox import BaseSandbox
 
 from ..config import Settings
 from ..errors import SandboxError
 from ..runtime import ExecResult, LocalSandbox, Sandbox, open_sandbox
+from ..runtime.commands import from_bytes
+from ..runtime.files import checked_upload, listed, shown_path
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +74,49 @@ def timeout_message(seconds: float, custom: bool) -> str:
     )
 
 
-def to_response(result: ExecResult, timeout: float, custom: bool) -> ExecuteResponse:
-    """An `ExecResult` as deepagents reads it: one output, the exit code, `truncated`."""
-    output = result.stdout + result.stderr  # stderr is empty when the streams were merged
+class LinuxText(str):
+    """Text whose `.encode()` turns lone surrogates back into the bytes they stand for
+    (deepagents' command builders call `.encode("utf-8")`, which refuses them). A
+    surrogate that stands for no byte still raises UnicodeEncodeError."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "surrogateescape") -> bytes:
+        return str.encode(self, encoding, "surrogateescape")
+
+
+def linux_text(value: str | None) -> str | None:
+    return None if value is None else LinuxText(value)
+
+
+# deepagents' helper scripts read each argument as base64.b64decode('...').decode('utf-8').
+HELPER_ARGUMENT = re.compile(r"(base64\.b64decode\('[A-Za-z0-9+/=]*'\))\.decode\('utf-8'\)")
+NOT_TEXT = "holds a surrogate that stands for no byte"
+R = TypeVar("R")
+IN_HELPER: contextvars.ContextVar[bool] = contextvars.ContextVar("in_helper", default=False)
+
+
+def escaping_arguments(command: str) -> str:
+    """A deepagents helper command whose base64 arguments decode with surrogateescape."""
+    return HELPER_ARGUMENT.sub(r"\1.decode('utf-8', 'surrogateescape')", command)
+
+
+@contextlib.contextmanager
+def helper_scope() -> Iterator[None]:
+    """Commands `execute` runs meanwhile (in this thread or task, and threads it starts
+    with asyncio.to_thread) are deepagents' own helpers, never the agent's."""
+    token = IN_HELPER.set(True)
+    try:
+        yield
+    finally:
+        IN_HELPER.reset(token)
+
+
+def to_response(
+    result: ExecResult, timeout: float, custom: bool, output: str | None = None
+) -> ExecuteResponse:
+    """An `ExecResult` as deepagents reads it: one output (`output` if given, else
+    stdout then stderr), the exit code, `truncated`."""
+    if output is None:
+        output = result.stdout + result.stderr  # stderr is empty when streams were merged
     truncated = any(result.truncated.values())
     notice = None
     exit_code = result.exit_code
@@ -66,6 +129,22 @@ def to_response(result: ExecResult, timeout: float, custom: bool) -> ExecuteResp
     if notice:
         output = f"{output.rstrip()}\n\n{notice}" if output.strip() else notice
     return ExecuteResponse(output=output, exit_code=exit_code, truncated=truncated)
+
+
+def _entries(items: object) -> list[object]:
+    """A batch's entries, or none when it is no list of them (the error says so)."""
+    try:
+        return listed(items, "the batch")
+    except SandboxError:
+        return []
+
+
+def _failure(exc: Exception) -> str:
+    """A whole batch's failure as each file's error (a bug is logged, never raised)."""
+    if isinstance(exc, SandboxError):
+        return f"error: {exc}"
+    logger.exception("file transfer failed")
+    return f"error: {type(exc).__name__}: {exc}"
 
 
 class StigmerSandbox(BaseSandbox):
@@ -98,32 +177,123 @@ class StigmerSandbox(BaseSandbox):
 
     def execute(self, command: str, *, timeout: int | None = None) -> ExecuteResponse:
         """Run a shell command; stdout and stderr combined. Never raises: a failure to run
-        is an `Error: ...` output with exit code 1."""
+        is an `Error: ...` output with exit code 1. (A deepagents helper's command and
+        output keep undecodable bytes as surrogates; see the module docstring.)"""
         custom = bool(timeout)
         seconds = float(timeout) if timeout else self.sandbox.settings.timeout
+        helper = IN_HELPER.get()
+        output = bytearray()
         try:
-            result = self.sandbox.exec(command, timeout=seconds, merge_output=True)
+            result = self.sandbox.exec(
+                escaping_arguments(command) if helper else command,
+                timeout=seconds,
+                merge_output=True,
+                on_stdout=output.extend if helper else None,
+            )
         except SandboxError as exc:
             return ExecuteResponse(output=f"Error: {exc}", exit_code=1)
         except Exception as exc:  # the protocol's contract: the agent reads it, never a crash
             logger.exception("execute failed")
             return ExecuteResponse(output=f"Error: {type(exc).__name__}: {exc}", exit_code=1)
-        return to_response(result, seconds, custom)
+        return to_response(result, seconds, custom, from_bytes(bytes(output)) if helper else None)
+
+    # deepagents' own file tools, keeping undecodable names (see the module docstring)
+
+    def _helper(self, method: Callable[..., R], error: R, *args: Any, **kwargs: Any) -> R:
+        try:
+            for text in (*args, *kwargs.values()):  # checked before anything runs
+                if isinstance(text, LinuxText):
+                    text.encode()
+            with helper_scope():
+                return method(*args, **kwargs)
+        except UnicodeEncodeError:  # a surrogate that stands for no byte names nothing
+            return error
+
+    def ls(self, path: str) -> LsResult:
+        return self._helper(
+            super().ls, LsResult(error=f"Path '{path}': {NOT_TEXT}"), LinuxText(path)
+        )
+
+    async def als(self, path: str) -> LsResult:
+        return await asyncio.to_thread(self.ls, path)
+
+    def read(self, file_path: str, offset: int = 0, limit: int = 2000) -> ReadResult:
+        error = ReadResult(error=f"File '{file_path}': {NOT_TEXT}")
+        return self._helper(super().read, error, LinuxText(file_path), offset, limit)
+
+    async def aread(self, file_path: str, offset: int = 0, limit: int = 2000) -> ReadResult:
+        return await asyncio.to_thread(self.read, file_path, offset, limit)
+
+    def write(self, file_path: str, content: str) -> WriteResult:
+        error = WriteResult(error=f"Failed to write file '{file_path}': {NOT_TEXT}")
+        return self._helper(super().write, error, LinuxText(file_path), LinuxText(content))
+
+    async def awrite(self, file_path: str, content: str) -> WriteResult:
+        return await asyncio.to_thread(self.write, file_path, content)
+
+    def edit(
+        self, file_path: str, old_string: str, new_string: str, replace_all: bool = False
+    ) -> EditResult:
+        error = EditResult(error=f"Error editing file '{file_path}': {NOT_TEXT}")
+        texts = [LinuxText(text) for text in (file_path, old_string, new_string)]
+        return self._helper(super().edit, error, *texts, replace_all=replace_all)
+
+    async def aedit(
+        self, file_path: str, old_string: str, new_string: str, replace_all: bool = False
+    ) -> EditResult:
+        return await asyncio.to_thread(self.edit, file_path, old_string, new_string, replace_all)
+
+    def delete(self, file_path: str) -> DeleteResult:
+        error = DeleteResult(error=f"Error deleting file '{file_path}': {NOT_TEXT}")
+        return self._helper(super().delete, error, LinuxText(file_path))
+
+    def glob(self, pattern: str, path: str | None = None) -> GlobResult:
+        error = GlobResult(error=f"Path '{path or '/'}': {NOT_TEXT}")
+        return self._helper(super().glob, error, LinuxText(pattern), linux_text(path))
+
+    async def aglob(self, pattern: str, path: str | None = None) -> GlobResult:
+        return await asyncio.to_thread(self.glob, pattern, path)
+
+    def grep(
+        self,
+        pattern: str,
+        path: str | None = None,
+        glob: str | None = None,
+        *,
+        max_count: int | None = None,
+    ) -> GrepResult:
+        error = GrepResult(error=f"Path '{path or '.'}': {NOT_TEXT}")
+        texts = (LinuxText(pattern), linux_text(path), linux_text(glob))
+        return self._helper(super().grep, error, *texts, max_count=max_count)
+
+    async def agrep(
+        self,
+        pattern: str,
+        path: str | None = None,
+        glob: str | None = None,
+        *,
+        max_count: int | None = None,
+    ) -> GrepResult:
+        return await asyncio.to_thread(self.grep, pattern, path, glob, max_count=max_count)
 
     def upload_files(self, files: list[tuple[str, bytes]]) -> list[FileUploadResponse]:
         """Write files by absolute path as the sandbox user; one round trip per batch."""
         try:
             done = self.sandbox.upload_files(files)
-        except SandboxError as exc:  # the sandbox is gone or broken: every file says why
-            return [FileUploadResponse(path=path, error=f"error: {exc}") for path, _ in files]
+        except Exception as exc:  # the sandbox is gone or broken: every file says why
+            reason = _failure(exc)
+            paths = [checked_upload(entry).path for entry in _entries(files)]
+            return [FileUploadResponse(path=path, error=reason) for path in paths]
         return [FileUploadResponse(path=item.path, error=item.error) for item in done]
 
     def download_files(self, paths: list[str]) -> list[FileDownloadResponse]:
         """Read files by absolute path as the sandbox user; one round trip per batch."""
         try:
             done = self.sandbox.download_files(paths)
-        except SandboxError as exc:
-            return [FileDownloadResponse(path=path, error=f"error: {exc}") for path in paths]
+        except Exception as exc:
+            reason = _failure(exc)
+            shown = [shown_path(path) for path in _entries(paths)]
+            return [FileDownloadResponse(path=path, error=reason) for path in shown]
         return [
             FileDownloadResponse(path=item.path, content=item.content, error=item.error)
             for item in done

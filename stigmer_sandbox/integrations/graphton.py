@@ -23,6 +23,8 @@ an environment with the `deepagents` extra).
 
 Output is stdout and stderr merged in the order written, returned as `stdout` (as
 Graphton's Daytona backend returns it); nothing here raises on a command's outcome.
+Linux names are bytes: a name with undecodable bytes is listed, read and written as text
+holding lone surrogates ("x\\udcff" for b"x\\xff", as `os.fsdecode` gives).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from .. import policy
 from ..config import Settings, load_settings
 from ..errors import SandboxError
 from ..runtime import ExecResult, LocalSandbox, Sandbox, open_sandbox
+from ..runtime.commands import from_bytes, to_bytes
 from ..runtime.files import FileTransfer
 from ..runtime.sandbox import SYSTEM_PATH
 from .deepagents import StigmerSandbox, to_response
@@ -252,7 +255,8 @@ class StigmerGraphtonBackend:
     def write(self, path: str, content: str) -> None:
         """Create or overwrite a file (parent folders too) as the sandbox user."""
         with _os_errors():
-            item = self.sandbox.upload_files([(self.resolve(path), content.encode())])[0]
+            data = to_bytes(content, f"the content of '{path}'")
+            item = self.sandbox.upload_files([(self.resolve(path), data)])[0]
         if item.error:
             raise _file_error(path, item.error)
 
@@ -284,12 +288,14 @@ class StigmerGraphtonBackend:
         return [name for name, _is_dir in self._entries(path)]
 
     def _entries(self, path: str) -> list[tuple[str, bool]]:
-        done = self._file_op(LIST_DIR, path, posixpath.join(self.root_dir, ".gitignore"))
+        output = bytearray()  # names are bytes: read so that undecodable ones round trip
+        gitignore_path = posixpath.join(self.root_dir, ".gitignore")
+        done = self._file_op(LIST_DIR, path, gitignore_path, output=output)
         if done.exit_code == 20:
             raise NotADirectoryError(f"Path '{path}' is a file, not a directory")
         if done.exit_code != 0:
             raise OSError(f"Cannot list '{path}': {done.stdout.strip()[:200]}")
-        ignore_text, _, listing = done.stdout.partition("\0")
+        ignore_text, _, listing = from_bytes(bytes(output)).partition("\0")
         gitignore = GitIgnoreFilter.from_content(ignore_text) if ignore_text else None
         base = posixpath.relpath(self.resolve(path), self.root_dir)
         entries = []
@@ -303,12 +309,20 @@ class StigmerGraphtonBackend:
             entries.append((name, kind == "d"))
         return entries
 
-    def _file_op(self, script: str, path: str, *args: str) -> ExecResult:
+    def _file_op(
+        self, script: str, path: str, *args: str, output: bytearray | None = None
+    ) -> ExecResult:
         """Run a file operation's script as the sandbox user with root-owned tools only
-        (the sandbox user owns the first folder of its own PATH)."""
+        (the sandbox user owns the first folder of its own PATH); its stdout's bytes go
+        to `output` too."""
         argv = ["/bin/sh", "-c", script, "sh", self.resolve(path), *args]
         with _os_errors():
-            return self.sandbox.exec(argv, timeout=FILE_OP_TIMEOUT_S, env={"PATH": SYSTEM_PATH})
+            return self.sandbox.exec(
+                argv,
+                timeout=FILE_OP_TIMEOUT_S,
+                env={"PATH": SYSTEM_PATH},
+                on_stdout=output.extend if output is not None else None,
+            )
 
     def _download(self, path: str) -> FileTransfer:
         with _os_errors():
