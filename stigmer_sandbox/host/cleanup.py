@@ -19,8 +19,9 @@ Files on the host, the workspace above all, are never deleted, with one exceptio
 private folders this tool made for pooled, forked and snapshot-born sandboxes
 (`<state_dir>/sandboxes/<name>`, marked by `owner.json`) go with their sandbox, or
 when the process that made them is gone and no container uses them; snapshots
-(image and `<state_dir>/snapshots/<name>`) go with `all`. A fork's image goes with
-its fork.
+(image and `<state_dir>/snapshots/<name>`) go with `all`, and so do the host copies of
+the command helper (`<state_dir>/helpers`, made again when needed). A fork's image goes
+with its fork.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .. import engine, labels
 from ..config import Settings
 from ..errors import SandboxError
 from ..images.record import ImageRecord, short_id
-from ..runtime import snapshots, workspaces
+from ..runtime import host_helper, snapshots, workspaces
 
 STOPPED = ("created", "exited", "dead")
 # Containers and images inherit their image's labels, so a label alone does not make a
@@ -124,6 +125,13 @@ def _leftover_folders(
             owner = workspaces.marker(folder) or {}
             if everything or workspaces.owner_gone(owner):
                 yield Resource("folder", str(folder), folder.name, "left by a process now gone")
+
+
+def _helper_copies(settings: Settings) -> Iterable[Resource]:
+    """The folder of host copies of the command helper (`all` only)."""
+    root = settings.path("state_dir") / host_helper.HELPERS
+    if root.is_dir() and not root.is_symlink():
+        yield Resource("folder", str(root), root.name, "host copies of the command helper")
 
 
 def _images(
@@ -234,6 +242,7 @@ def plan(settings: Settings, everything: bool = False, volumes: bool = False) ->
         found = list({(r.kind, r.id): r for r in found}.values())
         if everything:
             found.extend(_networks())
+            found.extend(_helper_copies(settings))
         if volumes:
             found.extend(_volumes())
     return found

@@ -77,9 +77,9 @@ def fork_image(sandbox_name: str) -> str:
     return f"{FORK_REPOSITORY}:{sandbox_name}"
 
 
-def _image_labels(kind: str, source: Sandbox, container: Any, folder: Path) -> dict[str, str]:
+def _image_labels(kind: str, source: Sandbox, folder: Path, parent: Any) -> dict[str, str]:
+    """The labels a capture of `source` (running the image `parent`) commits."""
     cleared = {f"{labels.PREFIX}.{key}": "" for key in PER_CONTAINER}
-    parent = engine.image(str(container.attrs["Image"]))
     return {
         **cleared,
         labels.KIND: kind,
@@ -110,7 +110,8 @@ def capture(
     private `folder` (the image names `final`, where the folder will end up, if it is not
     `folder`); the folder. Nothing is left behind when it fails."""
     with sandbox.paused() as container:
-        marks = _image_labels(kind, sandbox, container, final or folder)
+        parent = engine.image(str(container.attrs["Image"]))
+        marks = _image_labels(kind, sandbox, final or folder, parent)
         changes = [f"LABEL {key}={json.dumps(value)}" for key, value in marks.items()]
         _check_size(sandbox, container)
         _check_unshared(sandbox, container)

@@ -24,8 +24,8 @@ import pytest
 from stigmer_sandbox import engine, labels
 from stigmer_sandbox.config import load_settings
 from stigmer_sandbox.errors import SandboxError, SandboxNotReady, UsageError
+from stigmer_sandbox.runtime import host_helper, snapshots, workspaces
 from stigmer_sandbox.runtime import pool as pool_module
-from stigmer_sandbox.runtime import snapshots, workspaces
 from stigmer_sandbox.runtime.pool import SandboxPool
 
 from ..conftest import ROOT
@@ -265,7 +265,8 @@ def test_bad_snapshot_names_are_usage_errors(bad):
 def test_committed_images_clear_every_per_container_label(tmp_path):
     source = SimpleNamespace(name="stigmer-sandbox-abc")
     folder = tmp_path / workspaces.SNAPSHOTS / "snap"
-    made = snapshots._image_labels("snapshot", source, folder)
+    parent = SimpleNamespace(id="sha256:" + "d" * 64, labels={labels.KIND: "basic"})
+    made = snapshots._image_labels("snapshot", source, folder, parent)
     for key in snapshots.PER_CONTAINER:
         assert made[f"{labels.PREFIX}.{key}"] == ""
     for key in ("owner-pid", "owner-host", "expires", "pool", "private"):
@@ -273,7 +274,12 @@ def test_committed_images_clear_every_per_container_label(tmp_path):
     assert made[labels.KIND] == "snapshot"
     assert made[f"{labels.PREFIX}.source"] == "stigmer-sandbox-abc"
     assert made[snapshots.WORKSPACE_LABEL] == str(folder)
-    assert snapshots._image_labels("fork", source, folder)[snapshots.WORKSPACE_LABEL] == ""
+    assert made[snapshots.CHECKED_LABEL] == parent.id
+    assert made[host_helper.PROJECT_IMAGE_LABEL] == parent.id
+    assert made[snapshots.FORKED_BY_PID] == ""  # a snapshot waits for no process
+    forked = snapshots._image_labels("fork", source, folder, parent)
+    assert forked[snapshots.WORKSPACE_LABEL] == ""
+    assert forked[snapshots.FORKED_BY_PID] == str(os.getpid())
     assert snapshots.fork_image("stigmer-sandbox-abc") == "stigmer-sandbox-fork:stigmer-sandbox-abc"
 
 
@@ -694,3 +700,17 @@ def test_a_fork_image_waits_for_its_forking_process():
     elsewhere = fork_image(str(os.getpid()))
     elsewhere.labels[snapshots.FORKED_BY_HOST] = "another-host"
     assert cleanup._forker_lives(elsewhere)  # cannot be checked there: it may live
+
+
+def test_clean_all_removes_the_host_copies_of_the_helper(tmp_path):
+    from stigmer_sandbox.host import cleanup
+
+    settings = load_settings(ROOT).replace(state_dir=str(tmp_path / "state"))
+    assert list(cleanup._helper_copies(settings)) == []
+    copies = tmp_path / "state" / host_helper.HELPERS
+    (copies / "0123456789ab").mkdir(parents=True)
+    (copies / "0123456789ab" / host_helper.HELPER_NAME).write_bytes(b"\x7fELF")
+    (planned,) = cleanup._helper_copies(settings)
+    assert (planned.kind, planned.id) == ("folder", str(copies))
+    assert cleanup.remove([planned]) == ([planned], [])
+    assert not copies.exists()
