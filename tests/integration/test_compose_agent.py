@@ -115,3 +115,8 @@ def test_network_none_cuts_a_compose_sandbox_off(inv, tmp_path, docker_engine):
         assert refused.returncode == 2 and "--database needs a network" in refused.stderr
     finally:
         inv("compose.down", env=env)
+
+
+def test_a_shell_without_a_command_is_the_sandbox_user(inv, compose_box):
+    shell = inv("compose.exec", env=compose_box, input_text="id -u\nexit 3\n")
+    assert shell.stdout.split() == ["1000"] and shell.returncode == 3, shell.stderr
