@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from invoke import Program
 
 from . import __version__
 from .tasks import build_namespace
+from .tasks._common import check_startup
 
 
 class SandboxProgram(Program):
@@ -21,6 +23,7 @@ class SandboxProgram(Program):
 
 def main() -> None:
     """Console-script entry point."""
+    check_startup(Path.cwd(), sys.argv[1:])
     program = SandboxProgram(
         name="stigmer-sandbox",
         binary="stigmer-sandbox",

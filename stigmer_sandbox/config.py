@@ -15,10 +15,13 @@ Invoke merged.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,6 +50,16 @@ SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([bkmg]?)b?$", re.IGNORECASE)
 MAX_OUTPUT_LIMIT = 64 * 1024 * 1024
 # A week: long enough for any command, short enough for every clock and timer API.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+# Docker reads sizes and counts as signed 64-bit integers.
+MAX_SIZE = 2**63 - 1
+# The kernel's ceiling for pid_max: no process limit can usefully be higher.
+MAX_PIDS = 4_194_304
+MAX_CPUS = 1024.0
+MAX_LIFETIME_HOURS = 365 * 24.0
+# How a wrong type is described: what the key wants, in words.
+_TYPE_NAMES = {"str": "text", "bool": "true or false", "int": "a whole number", "float": "a number"}
+# Values longer than this are cut in error lines (one line, whatever was configured).
+SHOWN_VALUE = 80
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 # Registry packages only, optionally with a version: each spec becomes one argv item of
 # `npm install -g` or `uv tool install`, so paths, URLs and options are refused. No commas
@@ -70,11 +83,20 @@ MAX_PACKAGE_SPEC = 256
 def _key(
     help_text: str,
     default: Any,
+    *,
     choices: tuple[str, ...] = (),
     kind: str = "",
     maximum: float | None = None,
+    positive: bool = False,
 ) -> Any:
-    metadata = {"help": help_text, "choices": choices, "kind": kind, "maximum": maximum}
+    """A setting: its help, default and what is allowed (`positive`: more than 0)."""
+    metadata = {
+        "help": help_text,
+        "choices": choices,
+        "kind": kind,
+        "maximum": maximum,
+        "positive": positive,
+    }
     return field(default=default, metadata=metadata)
 
 
@@ -114,31 +136,47 @@ class Settings:
     engine_data_root: str = _key(
         "dockerd --data-root when this tool starts the engine (default: dockerd's own)", ""
     )
-    memory: str = _key("sandbox memory limit (memory+swap is the same)", "2g", kind="size")
-    cpus: float = _key("sandbox CPU limit", 2.0)
-    pids_limit: int = _key("sandbox process limit", 512)
+    memory: str = _key(
+        "sandbox memory limit (memory+swap is the same)", "2g", kind="size", positive=True
+    )
+    cpus: float = _key("sandbox CPU limit (0: none)", 2.0, maximum=MAX_CPUS)
+    pids_limit: int = _key("sandbox process limit", 512, maximum=MAX_PIDS, positive=True)
     tmp_size: str = _key(
-        "size of the /tmp tmpfs (executable; counts against the memory limit)", "512m", kind="size"
+        "size of the /tmp tmpfs (executable; counts against the memory limit)",
+        "512m",
+        kind="size",
+        positive=True,
     )
     network: str = _key("sandbox network", "bridge", choices=("bridge", "none"))
     read_only_root: bool = _key("mount the sandbox's root filesystem read-only", False)
-    timeout: float = _key("default command timeout in seconds", 600.0)
+    timeout: float = _key(
+        "default command timeout in seconds", 600.0, maximum=MAX_TIMEOUT_S, positive=True
+    )
     output_limit: int = _key(
-        "bytes kept per output stream (at most 64 MiB)", 1024 * 1024, maximum=MAX_OUTPUT_LIMIT
+        "bytes kept per output stream (at most 64 MiB)",
+        1024 * 1024,
+        maximum=MAX_OUTPUT_LIMIT,
+        positive=True,
     )
     relay_idle_s: float = _key(
         "seconds a relay keeps `inv run`'s connection warm after its last command (0: no relay)",
         900.0,
+        maximum=MAX_TIMEOUT_S,
     )
     pool_max_size: int = _key(
-        "most sandboxes one SandboxPool runs at once (ready and acquired)", 32, maximum=512
+        "most sandboxes one SandboxPool runs at once (ready and acquired)",
+        32,
+        maximum=512,
+        positive=True,
     )
     snapshot_max_size: str = _key(
         "most a sandbox's commands may add outside /workspace for a fork or snapshot of it",
         "8g",
         kind="size",
     )
-    max_lifetime_hours: float = _key("sandbox lifetime before cleanup may reap it (0: none)", 24.0)
+    max_lifetime_hours: float = _key(
+        "sandbox lifetime before cleanup may reap it (0: none)", 24.0, maximum=MAX_LIFETIME_HOURS
+    )
     mount_aws: bool = _key("mount ~/.aws read-only into the sandbox", False)
     mount_kube: bool = _key("mount ~/.kube read-only into the sandbox", False)
     allow_root_shell: bool = _key("allow `sandbox.shell --root`", False)
@@ -199,7 +237,8 @@ def parse_size(text: str) -> int:
     match = SIZE_RE.match(str(text).strip())
     if not match:
         raise ValueError(text)
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    # Exact: a float turns a long number into inf (and int(inf) raises OverflowError).
+    return int(Fraction(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
 def split_image(reference: str) -> tuple[str, str]:
@@ -239,29 +278,73 @@ def _validate(item: dataclasses.Field, value: Any, source: str) -> None:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{source}: key '{item.name}' must be {expected.__name__}, got {value!r}")
-    _check_value(item, value, source)
-
-
-def _check_value(item: dataclasses.Field, value: Any, source: str) -> None:
-    choices, kind, maximum = (item.metadata[k] for k in ("choices", "kind", "maximum"))
-    problem = None
-    if choices and value not in choices:
-        problem = f"must be one of {', '.join(choices)}"
-    elif kind == "image" and not IMAGE_RE.match(value):
-        problem = "must be an image reference like name:tag (lowercase name)"
-    elif kind == "container" and not CONTAINER_NAME_RE.match(value):
-        problem = "must be letters, digits, '_', '.', '-' (starting with a letter or digit)"
-    elif kind == "size" and not SIZE_RE.match(str(value).strip()):
-        problem = "must be a size like 512m or 2g"
-    elif kind in PACKAGE_SPECS and (bad := bad_package(kind, value)) is not None:
-        problem = f"has {bad!r}, which is not {PACKAGE_SPECS[kind][1]}"
-    elif isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-        problem = "must not be negative"
-    elif maximum is not None and value > maximum:
-        problem = f"must be at most {maximum}"
+        wanted = _TYPE_NAMES[str(item.type)]
+        raise ConfigError(f"{source}: key '{item.name}' must be {wanted}, got {_shown(value)}")
+    problem = _text_problem(item, value) if isinstance(value, str) else _number_problem(item, value)
     if problem:
-        raise ConfigError(f"{source}: key '{item.name}' {problem}, got {value!r}")
+        raise ConfigError(f"{source}: key '{item.name}' {problem}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= SHOWN_VALUE else text[: SHOWN_VALUE - 1] + "…"
+
+
+def _text_problem(item: dataclasses.Field, value: str) -> str | None:
+    choices, kind = item.metadata["choices"], item.metadata["kind"]
+    if "\0" in value or not _encodable(value):
+        return "must be text without NUL or unencodable characters"
+    if choices and value not in choices:
+        return f"must be one of {', '.join(choices)}"
+    if kind == "image" and not IMAGE_RE.match(value):
+        return "must be an image reference like name:tag (lowercase name)"
+    if kind == "container" and not CONTAINER_NAME_RE.match(value):
+        return "must be letters, digits, '_', '.', '-' (starting with a letter or digit)"
+    if kind == "size":
+        return _size_problem(value, item.metadata["positive"])
+    if kind in PACKAGE_SPECS and (bad := bad_package(kind, value)) is not None:
+        return f"has {bad!r}, which is not {PACKAGE_SPECS[kind][1]}"
+    return None
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no file name, label or variable holds it
+        return False
+    return True
+
+
+def _size_problem(value: str, positive: bool) -> str | None:
+    try:
+        size = parse_size(value)
+    except ValueError:  # not a size, or more digits than Python converts
+        return "must be a size like 512m or 2g"
+    if positive and size <= 0:
+        return "must be more than 0 (a size like 512m or 2g)"
+    if size > MAX_SIZE:
+        return f"must be at most {MAX_SIZE} bytes"
+    return None
+
+
+def _number_problem(item: dataclasses.Field, value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None  # a bool key: its type is all there is to check
+    maximum, positive = item.metadata["maximum"], item.metadata["positive"]
+    if not math.isfinite(value):
+        return "must be a finite number"
+    if positive and value <= 0:
+        return "must be more than 0" + (f" and at most {_figure(maximum)}" if maximum else "")
+    if value < 0:
+        return "must not be negative"
+    if maximum is not None and value > maximum:
+        return f"must be at most {_figure(maximum)}"
+    return None
+
+
+def _figure(number: float) -> str:
+    """A limit as people write it: 604800, 0.5."""
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
 
 
 _TYPES = {"str": str, "bool": bool, "int": int, "float": float}
@@ -269,11 +352,13 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
 def _build(values: Mapping[str, Any], source: str) -> Settings:
-    unknown = sorted(set(values) - set(_FIELDS))
+    unknown = sorted((str(key) for key in set(values) - set(_FIELDS)), key=str)
     if unknown:
+        close = difflib.get_close_matches(unknown[0], _FIELDS, n=1)
+        guess = f"did you mean '{close[0]}'? " if close else ""
         raise ConfigError(
-            f"{source}: unknown key '{unknown[0]}' in the '{SECTION}' section",
-            "see invoke.example.yaml for every key",
+            f"{source}: unknown key {_shown(unknown[0])} in the '{SECTION}' section",
+            f"{guess}see invoke.example.yaml for every key",
         )
     coerced: dict[str, Any] = {}
     for name, value in values.items():
@@ -293,7 +378,8 @@ def _from_env_string(name: str, raw: str, source: str) -> Any:
             return lowered in {"1", "true", "yes", "on"}
         return kind(raw)
     except ValueError:
-        raise ConfigError(f"{source}: must be {kind.__name__}, got {raw!r}") from None
+        wanted = _TYPE_NAMES[kind.__name__]
+        raise ConfigError(f"{source}: must be {wanted}, got {_shown(raw)}") from None
 
 
 def read_project_file(path: Path) -> dict[str, Any]:
@@ -309,6 +395,8 @@ def read_project_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # a number too long to convert; deep nesting
+        raise ConfigError(f"{path}: cannot be loaded: {_shown(str(exc))}") from None
     if document is None:
         return {}
     if not isinstance(document, dict):
@@ -323,15 +411,23 @@ def read_project_file(path: Path) -> dict[str, Any]:
 def _env_overrides(environ: Mapping[str, str], with_invoke_vars: bool) -> dict[str, Any]:
     found: dict[str, Any] = {}
     if with_invoke_vars:
-        for name in _FIELDS:
+        for name, item in _FIELDS.items():
             var = ENV_PREFIX + name.upper()
             if var in environ:
                 found[name] = _from_env_string(name, environ[var], var)
+                _validate(item, found[name], var)
     for var, name in GUIDE_ENV.items():
         if environ.get(var):
             _validate(_FIELDS[name], environ[var], var)
             found[name] = environ[var]
     return found
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """One ConfigError naming the first bad `INVOKE_STIGMER_*` or guide variable. Invoke
+    casts its variables itself, with a traceback for `INVOKE_STIGMER_TIMEOUT=abc` and any
+    word as true for a bool: check them before it does."""
+    _env_overrides(environ, with_invoke_vars=True)
 
 
 def settings_from_dict(values: Mapping[str, Any], source: str) -> Settings:
@@ -365,6 +461,22 @@ def settings_from_invoke(
 ) -> Settings:
     """Settings from Invoke's merged config (file and INVOKE_ vars applied), then flags."""
     environ = os.environ if environ is None else environ
+    _check_invoke_files(config)
+    check_environment(environ)  # names the variable, where the merged value could not
     section = dict(config.get(SECTION) or {})
     section.update(_env_overrides(environ, with_invoke_vars=False))
     return _build(section, "configuration").replace(**flags)
+
+
+def _check_invoke_files(config: ConfigSource) -> None:
+    """Validate each configuration file Invoke loaded on its own, so that an error names
+    the file that holds the bad key (the merged result no longer knows)."""
+    for level in ("system", "user", "project", "runtime"):
+        data = getattr(config, f"_{level}", None)
+        if not isinstance(data, Mapping) or SECTION not in data:
+            continue
+        where = str(getattr(config, f"_{level}_path", None) or f"the {level} configuration")
+        section = data[SECTION]
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"{where}: section '{SECTION}' must be a mapping of keys")
+        _build(section, where)

@@ -89,6 +89,24 @@ def error_line(message: str, hint: str | None = None) -> str:
     return paint(line, "error", sys.stderr)
 
 
+def error_report(
+    message: str, hint: str | None = None, details: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The error as the one JSON object a `--json` caller reads instead of a line."""
+    report: dict[str, Any] = {"error": message}
+    if hint:
+        report["hint"] = hint
+    if details:
+        report["details"] = list(details)
+    return report
+
+
+def wants_json(argv: Sequence[str]) -> bool:
+    """Whether a command line asks for JSON output (`--json` before any `--`)."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in options
+
+
 def detail(text: str) -> None:
     """A line of context for an error (e.g. build log), dimmed, on stderr."""
     _emit(f"  | {text}", "dim", err=True)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import parse_size
 from .errors import ConfigError, SandboxError
 
 if TYPE_CHECKING:
@@ -75,6 +77,8 @@ MAX_SYMLINK_HOPS = 40
 # Host folders are opened one component at a time, never through a symlink. O_PATH (Linux)
 # also passes folders the user may search but not list.
 _FOLDER_FLAGS = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
+# Sizes the kernel's tmpfs takes as they are (its memparse: digits and one k/m/g).
+_KERNEL_SIZE = re.compile(r"\d+[kmgKMG]?")
 # What opening a component answers when it is a symlink or not a folder (any more).
 _SWAPPED = (errno.ELOOP, errno.ENOTDIR)
 
@@ -401,6 +405,12 @@ def verify_mounts(pins: tuple[PinnedMount, ...], backend: Any, container: Any) -
     )
 
 
+def tmpfs_size(size: str) -> str:
+    """A configured size as the kernel's tmpfs reads it: `512m` as written; what only the
+    settings accept (`2gb`, `1.5g`, ` 1g`) in bytes, which the mount would refuse."""
+    return size if _KERNEL_SIZE.fullmatch(size) else str(parse_size(size))
+
+
 def _bind(source: Path, target: str, read_only: bool = False) -> Any:
     from docker.types import Mount
 
@@ -435,7 +445,7 @@ def container_spec(settings: Settings, image: str, labels: dict[str, str]) -> di
         "nano_cpus": int(settings.cpus * 1e9) or None,
         # exec: builds and venvs in /tmp must run; the tmpfs counts against mem_limit.
         "tmpfs": {
-            "/tmp": f"rw,exec,nosuid,nodev,size={settings.tmp_size}",
+            "/tmp": f"rw,exec,nosuid,nodev,size={tmpfs_size(settings.tmp_size)}",
             # Root-only: session state and background processes' records and output.
             RUN_DIR: f"rw,noexec,nosuid,nodev,mode=0700,size={RUN_DIR_SIZE}",
         },

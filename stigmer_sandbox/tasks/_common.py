@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import invoke
 from invoke import Context, Exit
 
 from .. import config, console
-from ..errors import SandboxError, UsageError
+from ..errors import ConfigError, SandboxError, UsageError
 
 if TYPE_CHECKING:
     from .. import runtime
@@ -28,17 +30,41 @@ def task(*args: Any, **kwargs: Any) -> Any:
             try:  # hints read when the task runs, not at start-up for every task
                 return func(c, *a, **parse_numbers(kw, optional_numbers(func)))
             except SandboxError as exc:
-                for line in exc.details:
-                    console.detail(line)
-                raise Exit(console.error_line(exc.message, exc.hint), exc.exit_code) from None
+                raise failure(exc, bool(kw.get("json"))) from None
             except KeyboardInterrupt:
-                raise Exit(console.error_line("interrupted"), 130) from None
+                raise failure(SandboxError("interrupted"), bool(kw.get("json")), 130) from None
 
         return invoke.task(**kwargs)(body)
 
     if len(args) == 1 and callable(args[0]) and not kwargs:
         return decorate(args[0])
     return decorate
+
+
+def failure(exc: SandboxError, as_json: bool, code: int | None = None) -> Exit:
+    """The exit for a library error: one line on stderr (its details above it), or with
+    `--json` one JSON object on stdout, so a caller parsing stdout always gets JSON."""
+    code = exc.exit_code if code is None else code
+    if as_json:
+        console.emit_json(console.error_report(exc.message, exc.hint, exc.details))
+        return Exit(code=code)
+    for line in exc.details:
+        console.detail(line)
+    return Exit(console.error_line(exc.message, exc.hint), code)
+
+
+def check_startup(project_dir: Path, argv: Sequence[str]) -> None:
+    """Refuse a broken project `invoke.yaml` or a bad `INVOKE_STIGMER_*` variable before
+    Invoke reads them (it would stop with a traceback): one line, or the JSON object when
+    the command line has `--json`, and the error's exit code."""
+    try:
+        config.read_project_file(project_dir / config.PROJECT_FILE)
+        config.check_environment(os.environ)
+    except ConfigError as exc:
+        stop = failure(exc, console.wants_json(argv))
+        if stop.message:
+            print(stop.message, file=sys.stderr)
+        raise SystemExit(stop.code) from None
 
 
 def optional_numbers(func: Callable[..., Any]) -> dict[str, type]:

@@ -46,12 +46,36 @@ def test_invoke_merged_config_then_guide_env_then_flags():
     [
         ("stigmer: [1, 2\n", "invalid YAML at line"),
         ("stigmer:\n  imagee: x:1\n", "unknown key 'imagee'"),
-        ("stigmer:\n  cpus: lots\n", "key 'cpus' must be float"),
-        ("stigmer:\n  pids_limit: true\n", "key 'pids_limit' must be int"),
+        ("stigmer:\n  cpus: lots\n", "key 'cpus' must be a number"),
+        ("stigmer:\n  pids_limit: true\n", "key 'pids_limit' must be a whole number"),
         ("stigmer:\n  image: Not An Image\n", "key 'image' must be an image reference"),
         ("stigmer:\n  network: host\n", "key 'network' must be one of bridge, none"),
         ("stigmer:\n  memory: lots\n", "key 'memory' must be a size"),
         ("- just\n- a list\n", "must be a mapping"),
+        ("stigmer:\n  memroy: 2g\n", "unknown key 'memroy'"),
+        ("stigmer:\n  sandbox:\n    memory: lots\n", "unknown key 'sandbox'"),
+        ("stigmer:\n  timeout: -1\n", "key 'timeout' must be more than 0 and at most 604800"),
+        ("stigmer:\n  timeout: 0\n", "key 'timeout' must be more than 0"),
+        ("stigmer:\n  timeout: .nan\n", "key 'timeout' must be a finite number"),
+        ("stigmer:\n  cpus: .inf\n", "key 'cpus' must be a finite number"),
+        ("stigmer:\n  timeout: '30'\n", "key 'timeout' must be a number, got '30'"),
+        ("stigmer:\n  output_limit: -1\n", "key 'output_limit' must be more than 0"),
+        ("stigmer:\n  pids_limit: 0\n", "key 'pids_limit' must be more than 0"),
+        ("stigmer:\n  pids_limit: 1.5\n", "key 'pids_limit' must be a whole number"),
+        ("stigmer:\n  memory: '0'\n", "key 'memory' must be more than 0"),
+        ("stigmer:\n  tmp_size: 0k\n", "key 'tmp_size' must be more than 0"),
+        ("stigmer:\n  memory: 99999999999999999999g\n", "key 'memory' must be at most"),
+        ("stigmer:\n  memory: '" + "9" * 5000 + "'\n", "key 'memory' must be a size"),
+        ("stigmer:\n  pids_limit: " + "9" * 5000 + "\n", "cannot be loaded: 'Exceeds the limit"),
+        ("stigmer: " + "[" * 100_000 + "\n", "cannot be loaded: 'maximum recursion depth"),
+        ("stigmer:\n  bootstrap_npm_packages: [a, b]\n", "'bootstrap_npm_packages' must be text"),
+        ("stigmer:\n  workspace: [a]\n", "key 'workspace' must be text"),
+        ('stigmer:\n  git_name: "a\\0b"\n', "key 'git_name' must be text without NUL"),
+        ('stigmer:\n  workspace: "\\ud800"\n', "key 'workspace' must be text without NUL"),
+        ("stigmer:\n  mount_aws: yes please\n", "key 'mount_aws' must be true or false"),
+        ("stigmer:\n  cpus: 5000\n", "key 'cpus' must be at most 1024"),
+        ("stigmer:\n  1: 2\n", "unknown key '1'"),
+        ("stigmer: 3\n", "section 'stigmer' must be a mapping"),
     ],
 )
 def test_invalid_project_file_names_file_and_key(tmp_path, text, expected):
@@ -65,9 +89,9 @@ def test_invalid_project_file_names_file_and_key(tmp_path, text, expected):
 
 
 def test_bad_environment_value_names_the_variable():
-    with pytest.raises(ConfigError, match="INVOKE_STIGMER_PIDS_LIMIT: must be int"):
+    with pytest.raises(ConfigError, match="INVOKE_STIGMER_PIDS_LIMIT: must be a whole number"):
         config.load_settings("/nonexistent", environ={"INVOKE_STIGMER_PIDS_LIMIT": "many"})
-    with pytest.raises(ConfigError, match="INVOKE_STIGMER_MOUNT_AWS: must be bool"):
+    with pytest.raises(ConfigError, match="INVOKE_STIGMER_MOUNT_AWS: must be true or false"):
         config.load_settings("/nonexistent", environ={"INVOKE_STIGMER_MOUNT_AWS": "maybe"})
 
 
@@ -116,3 +140,67 @@ def test_example_config_lists_every_key_and_is_valid():
     for key in config.key_help():
         assert f"  {key}:" in text, key
     config.read_project_file(example)
+
+
+def test_an_unknown_key_suggests_the_close_one(tmp_path):
+    write(tmp_path, "stigmer:\n  memroy: 2g\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load_settings(tmp_path, environ={})
+    assert caught.value.hint is not None and "did you mean 'memory'?" in caught.value.hint
+
+
+def test_a_long_bad_value_is_cut_in_the_error_line(tmp_path):
+    write(tmp_path, "stigmer:\n  image: " + "X" * 10_000 + "\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load_settings(tmp_path, environ={})
+    assert len(caught.value.message) < 300
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("INVOKE_STIGMER_TIMEOUT", "abc", "INVOKE_STIGMER_TIMEOUT: must be a number"),
+        ("INVOKE_STIGMER_TIMEOUT", "0", "INVOKE_STIGMER_TIMEOUT: key 'timeout' must be more"),
+        ("INVOKE_STIGMER_TIMEOUT", "nan", "must be a finite number"),
+        ("INVOKE_STIGMER_MEMORY", "lots", "INVOKE_STIGMER_MEMORY: key 'memory' must be a size"),
+        ("INVOKE_STIGMER_PIDS_LIMIT", "1.5", "must be a whole number"),
+    ],
+)
+def test_check_environment_names_the_variable(variable, value, expected):
+    with pytest.raises(ConfigError, match=expected):
+        config.check_environment({variable: value})
+    merged = {"stigmer": config.defaults()}
+    with pytest.raises(ConfigError, match=expected):
+        config.settings_from_invoke(merged, environ={variable: value})
+
+
+class FakeInvokeConfig(dict):
+    """What settings_from_invoke reads of Invoke's Config: merged data and each file."""
+
+    def __init__(self, merged: dict, **levels: object) -> None:
+        super().__init__(merged)
+        for name, value in levels.items():
+            setattr(self, name, value)
+
+
+def test_settings_from_invoke_names_the_file_that_holds_the_bad_key():
+    user = {"stigmer": {"timeout": -5}}
+    merged = {"stigmer": {**config.defaults(), "timeout": -5}}
+    source = FakeInvokeConfig(merged, _user=user, _user_path="/home/me/.invoke.yaml")
+    with pytest.raises(ConfigError, match=r"^/home/me/\.invoke\.yaml: key 'timeout'"):
+        config.settings_from_invoke(source, environ={})
+    source = FakeInvokeConfig(merged, _runtime={"stigmer": "x"}, _runtime_path="/r.yaml")
+    with pytest.raises(ConfigError, match=r"^/r\.yaml: section 'stigmer' must be a mapping"):
+        config.settings_from_invoke(source, environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("2g", 2 * 1024**3), ("1.5k", 1536), (" 512m ", 512 * 1024**2), ("2gb", 2 * 1024**3)],
+)
+def test_parse_size_is_exact(text, size):
+    assert config.parse_size(text) == size
+
+
+def test_parse_size_of_a_huge_number_does_not_overflow():
+    assert config.parse_size("9" * 400 + "g") == int("9" * 400) * 1024**3

@@ -77,3 +77,38 @@ def test_fit_widths_never_cuts_a_column_below_its_minimum():
     assert console.fit_widths([10, 100], 50) == [10, 38]
     assert console.fit_widths([30, 30], 10) == [console.MIN_CELL, console.MIN_CELL]
     assert console.fit_widths([5, 5], 80) == [5, 5]
+
+
+def test_error_report_is_the_json_form_of_an_error_line():
+    assert console.error_report("bad", "fix it", ("a",)) == {
+        "error": "bad",
+        "hint": "fix it",
+        "details": ["a"],
+    }
+    assert console.error_report("bad") == {"error": "bad"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "wanted"),
+    [
+        (["doctor", "--json"], True),
+        (["run", "--json", "--", "echo", "--json"], True),
+        (["run", "--", "echo", "--json"], False),
+        (["doctor"], False),
+    ],
+)
+def test_wants_json_reads_options_before_the_double_dash(argv, wanted):
+    assert console.wants_json(argv) is wanted
+
+
+def test_a_task_failure_with_json_is_one_object_on_stdout(capsys):
+    import json
+
+    from stigmer_sandbox.tasks import _common
+
+    stop = _common.failure(ConfigError("x.yaml: key 'a' bad", "fix a"), as_json=True)
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"error": "x.yaml: key 'a' bad", "hint": "fix a"}
+    assert (stop.message, stop.code, err) == (None, 2, "")
+    stop = _common.failure(ConfigError("bad"), as_json=False)
+    assert stop.message == "error: bad" and stop.code == 2

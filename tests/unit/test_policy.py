@@ -301,3 +301,14 @@ def test_verify_mounts_removes_a_sandbox_on_a_mismatch(status, output, message):
     with pytest.raises(SandboxError, match=message):
         policy.verify_mounts(pins_for((1, 2)), FakeBackend(status, output), container)
     assert container.removed
+
+
+@pytest.mark.parametrize(
+    ("size", "mounted"),
+    [("512m", "512m"), ("2G", "2G"), ("2gb", str(2 * 1024**3)), ("1.5g", str(3 * 512 * 1024**2))],
+)
+def test_tmpfs_size_is_one_the_kernel_accepts(size, mounted):
+    # The kernel refused size=2gb and size=1.5g (the container never started).
+    assert policy.tmpfs_size(size) == mounted
+    spec = policy.container_spec(settings(Path("/nonexistent"), tmp_size=size), "img:1", {})
+    assert spec["tmpfs"]["/tmp"].endswith(f",size={mounted}")
