@@ -140,7 +140,7 @@ class Settings:
         "sandbox memory limit (memory+swap is the same)", "2g", kind="size", positive=True
     )
     cpus: float = _key("sandbox CPU limit (0: none)", 2.0, maximum=MAX_CPUS)
-    pids_limit: int = _key("sandbox process limit", 512, maximum=MAX_PIDS, positive=True)
+    pids_limit: int = _key("sandbox process limit (0: none)", 512, maximum=MAX_PIDS)
     tmp_size: str = _key(
         "size of the /tmp tmpfs (executable; counts against the memory limit)",
         "512m",
