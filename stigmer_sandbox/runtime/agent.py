@@ -1,7 +1,8 @@
 """In-container command agent: runs the host's commands over one attached exec stream.
 
-The host sends the sources of shell_state.py (sessions), this file and keeper.py
-(background processes and the entry point) as the first line on the agent's stdin and
+The host sends the sources of deadlines.py (the deadline budget), shell_state.py
+(sessions), this file and keeper.py (background processes and the entry point) as the
+first line on the agent's stdin and
 starts it as
 `/usr/bin/python3 -I -S -u -c <BOOTSTRAP> UID GID` (absolute path, isolated mode, no
 site: nothing the sandbox user can write is imported). It must stay standard-library
@@ -29,9 +30,11 @@ Protocol: JSON lines. The host writes requests to the agent's stdin:
       (background processes, see keeper.py)
 The agent answers on stdout:
   {"id": 7, "type": "out", "stream": "stdout", "data": "<base64>"}   (live, head only)
+  {"id": 7, "type": "tail", "stream": "stdout", "data": "<base64>"}  (after the end, in
+      pieces of at most TAIL_PIECE bytes, so that no answer waits behind a big one)
   {"id": 7, "type": "done", "exit_code": 0, "signal": null, "timed_out": false,
    "oom_killed": false, "oom_overlap": [], "duration_s": 0.01, "error": null,
-   "stdout": {"tail": "<base64>", "dropped": 0, "total": 12}, "stderr": {...}}
+   "stdout": {"tail": "", "dropped": 0, "total": 12}, "stderr": {...}}
   {"id": 8, "type": "pong", "pid": 42}
   {"id": 0, "type": "beat"}          (every second: the host judges liveness by it)
   {"id": 7, "type": "error", "message": "..."}   (this request alone could not run)
@@ -42,6 +45,7 @@ A `done` message may also carry "idle_timed_out": true (exit code 124, cause idl
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import json
 import os
@@ -55,7 +59,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import IO, Any, BinaryIO, NamedTuple
 
-with contextlib.suppress(ImportError):  # in the sandbox: shell_state.py's source runs first
+with contextlib.suppress(ImportError):  # in the sandbox: these sources run first
+    from .deadlines import BACKSTOP_AFTER_S, BACKSTOP_WAIT_S, KILL_GRACE_S
     from .shell_state import STATE_LIMIT, SessionState
 
 Message = dict[str, Any]
@@ -64,12 +69,12 @@ Process = subprocess.Popen[bytes]
 EXEC_HELPER = "/usr/local/libexec/stigmer-sandbox/stigmer-exec"
 TIMEOUT_EXIT = 124
 READ_CHUNK = 65536
+# A command's kept tail travels in pieces this big (the size of a live output frame), each
+# its own frame: the writer takes turns between requests one frame at a time, so another
+# command's answer waits for at most one frame of each busy command (one 32 MiB frame
+# held every other command back for seconds; 1 MiB pieces still cost ~300 ms with four).
+TAIL_PIECE = READ_CHUNK
 HEARTBEAT_S = 1.0
-# The helper enforces each timeout; the agent steps in only if the helper does not.
-BACKSTOP_S = 3.0
-# How long the helper may take to end a tree once asked (its own bound is 10 s): only then
-# is it killed, which would orphan what is left.
-KILL_TREE_S = 12.0
 # Linux refuses any single argument over 128 KiB (MAX_ARG_STRLEN); stay well below.
 MAX_INLINE_ARG = 100_000
 # After the command exits, wait this long for output still in flight; a background
@@ -127,7 +132,7 @@ class OutputCapture:
         marker = b""
         if self.dropped:
             marker = f"\n[... {self.dropped} bytes truncated by stigmer-sandbox ...]\n".encode()
-        return bytes(self.head) + marker + bytes(self.tail)
+        return b"".join((self.head, marker, self.tail))  # one copy: results reach 64 MiB
 
 
 def exit_cause(
@@ -296,6 +301,49 @@ class SessionPipes(NamedTuple):
     prelude: str
 
 
+class Outbox:
+    """The agent's one writer to the host, taking answers in turns: one frame of each
+    request that has something to send, then again. A small command's answer therefore
+    never waits behind another's 64 MiB (only behind one frame of it), frames of one
+    request keep their order, and a request with `BACKLOG` frames waiting blocks its
+    producer (the command's pipe then fills and the command waits: flow control)."""
+
+    BACKLOG = 4
+
+    def __init__(self, output: BinaryIO) -> None:
+        self.output = output
+        self.turns: dict[int, collections.deque[bytes]] = {}  # in turn order
+        self.changed = threading.Condition()
+        threading.Thread(target=self._write, daemon=True).start()
+
+    def put(self, key: int, data: bytes) -> None:
+        """Queue one frame of request `key` (0: the heartbeat); waits while it has a backlog."""
+        with self.changed:
+            while len(self.turns.get(key, ())) >= self.BACKLOG:
+                self.changed.wait()
+            self.turns.setdefault(key, collections.deque()).append(data)
+            self.changed.notify_all()
+
+    def _next(self) -> bytes:
+        with self.changed:
+            while not self.turns:
+                self.changed.wait()
+            key, frames = next(iter(self.turns.items()))
+            data = frames.popleft()
+            del self.turns[key]
+            if frames:
+                self.turns[key] = frames  # to the back of the line
+            self.changed.notify_all()
+            return data
+
+    def _write(self) -> None:
+        while True:
+            data = self._next()
+            with contextlib.suppress(OSError, ValueError):  # the host may be gone
+                self.output.write(data)
+                self.output.flush()
+
+
 class Workers:
     """Threads reused from one command to the next (starting one costs ~0.2 ms); at most
     `keep` wait idle, so a burst of commands does not hold the sandbox's pids for ever."""
@@ -331,7 +379,7 @@ class Agent:
     """Reads requests from stdin, runs each on a worker thread, writes answers to stdout."""
 
     def __init__(self, output: BinaryIO, uid: int, gid: int) -> None:
-        self.output = output
+        self.outbox = Outbox(output)
         self.uid, self.gid = uid, gid
         self.lock = threading.Lock()
         self.running: dict[str, set[str]] = {}  # command id -> ids that overlapped it
@@ -349,9 +397,7 @@ class Agent:
 
     def send(self, message: Message) -> None:
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
-        with self.lock, contextlib.suppress(OSError, ValueError):  # the host may be gone
-            self.output.write(data)
-            self.output.flush()
+        self.outbox.put(message["id"], data)
 
     def heartbeat(self) -> None:
         while True:
@@ -381,9 +427,16 @@ class Agent:
 
     def run(self, request: Message) -> None:
         try:
-            self.send(self.execute(request))
+            done = self.execute(request)
         except Exception as exc:  # one request failing must not end the agent
             self.fail(request, f"{type(exc).__name__}: {exc}")
+            return
+        for name in ("stdout", "stderr"):
+            tail, done[name]["tail"] = done[name]["tail"], ""
+            for start in range(0, len(tail), TAIL_PIECE):
+                piece = base64.b64encode(tail[start : start + TAIL_PIECE]).decode()
+                self.send({"id": request["id"], "type": "tail", "stream": name, "data": piece})
+        self.send(done)
 
     def answer(self, request: Message) -> None:
         """A request that is not a command: sessions and background processes."""
@@ -555,6 +608,7 @@ class Agent:
     ) -> list[str]:
         options = ["--uid", str(self.uid), "--gid", str(self.gid), "--status-fd", str(status_fd)]
         options += ["--timeout", repr(float(request.get("timeout") or 3600))]
+        options += ["--kill-grace", repr(KILL_GRACE_S)]
         options += ["--cwd", cwd or "/workspace", "--watch-parent"]
         if request.get("keep_background"):
             options.append("--keep-background")
@@ -587,7 +641,7 @@ class Agent:
             process,
             captures=captures,
             live=live,
-            deadline=time.monotonic() + timeout + BACKSTOP_S,
+            deadline=time.monotonic() + timeout + BACKSTOP_AFTER_S,
             expire=lambda: backstop(process),
             ended=lambda: None,
             extra=extra,
@@ -647,11 +701,12 @@ def feed_pipe(pipe: IO[bytes], data: bytes) -> None:
 
 
 def backstop(process: Process) -> None:
-    """The helper missed its own deadline: ask it to end the tree, then make sure."""
+    """The helper missed its own deadline: ask it to end the tree, then make sure (killing
+    the helper would orphan what is left, so only after its whole kill budget)."""
     with contextlib.suppress(OSError):
         process.send_signal(signal.SIGTERM)
     try:
-        process.wait(timeout=KILL_TREE_S)
+        process.wait(timeout=BACKSTOP_WAIT_S)
     except subprocess.TimeoutExpired:
         process.kill()
 
@@ -701,8 +756,9 @@ def done_message(
 
 
 def summary(capture: OutputCapture) -> Message:
+    """A stream's end: its tail as bytes (the agent sends it in pieces before `done`)."""
     return {
-        "tail": base64.b64encode(bytes(capture.tail)).decode(),
+        "tail": bytes(capture.tail),
         "dropped": capture.dropped,
         "total": capture.total,
     }

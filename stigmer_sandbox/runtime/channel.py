@@ -35,16 +35,16 @@ from typing import Any
 
 from .. import engine, policy
 from ..errors import SandboxError
-from . import agent, keeper, shell_state
+from . import agent, deadlines, keeper, shell_state
 from .backend import DOCKER, STDOUT, Backend
+from .deadlines import HOST_GRACE_S
 
-# The in-container program: session state, the agent, then background processes and the
-# entry point (keeper.py's `main`).
+# The in-container program: the deadline budget, session state, the agent, then background
+# processes and the entry point (keeper.py's `main`).
 AGENT_SOURCES = [
-    Path(str(m.__file__)).read_text(encoding="utf-8") for m in (shell_state, agent, keeper)
+    Path(str(m.__file__)).read_text(encoding="utf-8")
+    for m in (deadlines, shell_state, agent, keeper)
 ]
-# A command's hard deadline on the host is its timeout plus this grace.
-HOST_GRACE_S = 10.0
 # No frame at all (the agent beats every second) for this long: the agent is lost.
 LIVENESS_S = 10.0
 OOM_COUNTER = (
@@ -101,12 +101,22 @@ class ProtocolError(ValueError):
     """A frame from the agent that no honest agent sends."""
 
 
+class CommandOverdue(SandboxError):
+    """One request got no answer by its hard deadline while the agent kept beating."""
+
+
+def lost_result(reason: str, duration_s: float, via: str) -> RawResult:
+    """The result of a command whose answer never came: no exit code, the reason."""
+    return RawResult(None, None, False, False, duration_s, b"", b"", via=via, error=reason)
+
+
 def stream_callback(request: Request, stream: str) -> OutputCallback | None:
     return request.on_stdout if stream == "stdout" else request.on_stderr
 
 
 _FIELD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
     "out": {"stream": (str,), "data": (str,)},
+    "tail": {"stream": (str,), "data": (str,)},
     "done": {
         "exit_code": (int,),
         "signal": (int, type(None)),
@@ -133,7 +143,7 @@ def _check_fields(message: dict[str, Any], wanted: Mapping[str, tuple[type, ...]
             raise ProtocolError(f"field {name!r} is {type(value).__name__}")
 
 
-def check_message(line: bytes) -> dict[str, Any]:
+def check_message(line: bytes | bytearray) -> dict[str, Any]:
     """One line from the agent, parsed and checked for shape; ProtocolError otherwise."""
     try:
         message = json.loads(line)
@@ -145,7 +155,7 @@ def check_message(line: bytes) -> dict[str, Any]:
     if not isinstance(kind, str) or kind not in _FIELD_TYPES:
         raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
     _check_fields(message, {"id": (int,), **_FIELD_TYPES[kind]})
-    if kind == "out" and message["stream"] not in ("stdout", "stderr"):
+    if kind in ("out", "tail") and message["stream"] not in ("stdout", "stderr"):
         raise ProtocolError("unknown stream")
     if kind == "done":
         for name in ("stdout", "stderr"):
@@ -162,30 +172,45 @@ def _b64(text: str) -> bytes:
         raise ProtocolError("invalid base64") from None
 
 
-def take_head(request: Request, answer: dict[str, Any], heads: dict[str, bytearray]) -> None:
-    """Keep a live "out" message's bytes (within the head budget) and pass them on."""
-    stream = answer["stream"]
-    data = _b64(answer["data"])
-    room = request.limit // 2 - len(heads[stream])
-    data = data[: max(room, 0)]  # never trust the agent with the host's memory
-    heads[stream] += data
-    callback = stream_callback(request, stream)
-    if callback and data:
-        callback(data)
+class Received:
+    """What arrived for one command before its `done`: live heads and tail pieces, each kept
+    within the request's budget whatever the agent sends."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.heads = {"stdout": bytearray(), "stderr": bytearray()}
+        self.tails = {"stdout": bytearray(), "stderr": bytearray()}
+
+    def take_head(self, answer: dict[str, Any]) -> None:
+        """Keep a live "out" message's bytes (within the head budget) and pass them on."""
+        stream = answer["stream"]
+        head = self.heads[stream]
+        data = _b64(answer["data"])[: max(self.request.limit // 2 - len(head), 0)]
+        head += data
+        callback = stream_callback(self.request, stream)
+        if callback and data:
+            callback(data)
+
+    def take_tail(self, answer: dict[str, Any]) -> None:
+        """Append a piece of a stream's tail, keeping only the last `tail budget` bytes."""
+        tail = self.tails[answer["stream"]]
+        tail += _b64(answer["data"])
+        budget = self.request.limit - self.request.limit // 2
+        if len(tail) > budget:
+            del tail[: len(tail) - budget]
 
 
-def raw_result(
-    request: Request, answer: dict[str, Any], heads: dict[str, bytearray], via: str
-) -> RawResult:
-    """The agent's "done" answer plus the heads already received, re-capped on this side."""
+def raw_result(request: Request, answer: dict[str, Any], received: Received, via: str) -> RawResult:
+    """The agent's "done" answer plus what arrived before it, re-capped on this side."""
     streams: dict[str, bytes] = {}
     totals, truncated = {}, {}
+    heads = received.heads
     for name in ("stdout", "stderr"):
         info = answer[name]
         capture = agent.OutputCapture(request.limit)
         capture.head = heads[name]
-        tail = _b64(info["tail"])[-capture.tail_budget :]
-        capture.tail = bytearray(tail)
+        received.take_tail({"stream": name, "data": info["tail"]})  # "": sent in pieces
+        capture.tail = tail = received.tails[name]
         total = max(int(info["total"]), len(heads[name]) + len(tail))
         capture.dropped = total - len(heads[name]) - len(tail)
         streams[name] = capture.text()
@@ -239,6 +264,30 @@ def _exec_message(request: Request, rid: int) -> dict[str, Any]:
 
 
 Inbox = queue.Queue[dict[str, Any] | None]
+
+
+class LineSplitter:
+    """Cuts a byte stream into lines, reading each byte once (rescanning a growing buffer
+    for every read made one 86 MB answer stall the channel for seconds)."""
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytearray]:
+        """The lines `data` completes (without their newline); ProtocolError once the
+        unfinished line is longer than `max_line`."""
+        buffer = self._buffer
+        searched = len(buffer)  # holds no newline: never scanned again
+        buffer += data
+        lines, start = [], 0
+        while (end := buffer.find(b"\n", max(start, searched))) >= 0:
+            lines.append(buffer[start:end])
+            start = end + 1
+        del buffer[:start]  # O(1) at the front of a bytearray
+        if len(buffer) > self.max_line:
+            raise ProtocolError("a line longer than any honest answer")
+        return lines
 
 
 class Deadline:
@@ -347,12 +396,26 @@ class AgentChannel:
                 if deadline.extend(self._held()):
                     continue
                 self._forget(rid)
+                if self._beating():  # the agent answers: this request alone is overdue
+                    raise CommandOverdue("no answer before the command's hard deadline") from None
                 self.reset("no answer from the sandbox agent before the command's hard deadline")
                 message = None
                 break
         if message is None:
             raise AgentLost(self.lost_reason)
         return message
+
+    def _beating(self) -> bool:
+        """Whether the agent's heartbeat (or any frame) arrived recently."""
+        return self.alive and time.monotonic() - self._last_frame < 2 * agent.HEARTBEAT_S + 1
+
+    def _cancel(self, cid: str) -> None:
+        """Ask the agent to end a command (its helper kills the tree); the answer is not
+        awaited."""
+        rid = next(self._ids)
+        with contextlib.suppress(AgentLost):
+            self._send({"op": "cancel", "id": rid, "cid": cid})
+        self._forget(rid)
 
     def _held(self) -> bool:
         """Whether the container is paused on purpose (then silence is not death)."""
@@ -365,18 +428,24 @@ class AgentChannel:
     def run(self, request: Request) -> RawResult:
         """Run one command through the agent, streaming its head to the callbacks."""
         rid = next(self._ids)
+        started = time.monotonic()
         inbox = self._send(_exec_message(request, rid))
-        heads = {"stdout": bytearray(), "stderr": bytearray()}
+        received = Received(request)
         deadline = Deadline(request.timeout + HOST_GRACE_S)
         try:
             while True:
                 answer = self._wait(inbox, rid, deadline)
                 if answer["type"] == "out":
-                    take_head(request, answer, heads)
+                    received.take_head(answer)
+                elif answer["type"] == "tail":
+                    received.take_tail(answer)
                 elif answer["type"] == "done":
-                    return raw_result(request, answer, heads, "agent")
+                    return raw_result(request, answer, received, "agent")
                 elif answer["type"] == "error":
                     return start_failure(request, answer["message"], "agent")
+        except CommandOverdue as exc:
+            self._cancel(request.cid)
+            return lost_result(f"{exc}; it was cancelled", time.monotonic() - started, "agent")
         except ProtocolError as exc:
             self.reset(f"the sandbox agent broke the protocol ({exc})")
             raise AgentLost(self.lost_reason) from None
@@ -385,17 +454,12 @@ class AgentChannel:
 
     def _read_loop(self) -> None:
         reason = "the sandbox agent exited"
-        buffer = bytearray()
+        lines = LineSplitter(self._max_line)
         try:
             for data in self._frames():
                 self._last_frame = time.monotonic()
-                buffer += data
-                while (end := buffer.find(b"\n")) >= 0:
-                    line = bytes(buffer[:end])
-                    del buffer[: end + 1]
+                for line in lines.feed(data):
                     self._dispatch(check_message(line))
-                if len(buffer) > self._max_line:
-                    raise ProtocolError("a line longer than any honest answer")
         except ProtocolError as exc:
             reason = f"the sandbox agent broke the protocol ({exc})"
         except OSError as exc:
@@ -497,7 +561,7 @@ class DirectRunner:
             argv = ["/bin/bash", "-c", feed, "_", *argv]
         uid, gid = self.user
         options = ["--uid", str(uid), "--gid", str(gid), "--timeout", repr(request.timeout)]
-        options += ["--cwd", request.cwd]
+        options += ["--kill-grace", repr(deadlines.KILL_GRACE_S), "--cwd", request.cwd]
         options += ["--keep-background"] if request.keep_background else []
         return [agent.EXEC_HELPER, *options, "--", *argv], env
 

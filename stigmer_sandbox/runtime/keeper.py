@@ -42,8 +42,12 @@ with contextlib.suppress(ImportError):  # in the sandbox: names from agent.py's 
         Process,
         Pump,
         backstop,
+        oom_counter_files,
+        oom_grew,
+        oom_kills,
         read_status,
     )
+    from .deadlines import BACKSTOP_AFTER_S, KILL_GRACE_S, KILL_WAIT_S
 
 PROCESS_DIR = RUN_DIR + "/procs"
 PROCESS_ID_LENGTH = 12
@@ -51,7 +55,6 @@ PROCESS_ID_LENGTH = 12
 KEEP_ENDED = 16
 ENDED_BYTES = 32 * 1024 * 1024
 STATE_EVERY_S = 0.1
-KILL_WAIT_S = 15.0  # longer than the helper's own bound for ending a tree
 START_WAIT_S = 5.0
 NO_DEADLINE_S = 10.0**9
 # A keeper reads the program's sources from the root-only file the agent wrote.
@@ -134,6 +137,8 @@ class Keeper:
         os.mkfifo(fifo, 0o600)
         stdin_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)  # never EOF: writers come and go
         status_read, status_write = os.pipe()
+        oom_files = oom_counter_files()
+        oom_before = oom_kills(oom_files)
         process = subprocess.Popen(
             self._helper_argv(status_write),
             env=self.spec["env"],
@@ -158,7 +163,8 @@ class Keeper:
             process,
             captures=self.captures,
             live=lambda _name, _data: None,
-            deadline=time.monotonic() + (float(timeout) + 3 if timeout else NO_DEADLINE_S),
+            deadline=time.monotonic()
+            + (float(timeout) + BACKSTOP_AFTER_S if timeout else NO_DEADLINE_S),
             expire=lambda: backstop(process),
             ended=lambda: None,
         ).run()
@@ -171,6 +177,9 @@ class Keeper:
             signal=status.get("signal"),
             timed_out=bool(status.get("timed_out")),
             killed=bool(status.get("cancelled")),
+            # The container's OOM counter grew while it ran (as for commands: a kill of any
+            # process in the sandbox then, most often this one).
+            oom_killed=oom_grew(oom_before, oom_kills(oom_files)),
             error=status.get("error"),
             duration_s=time.monotonic() - self.started,
             ended_at=time.time(),
@@ -182,6 +191,7 @@ class Keeper:
         spec = self.spec
         options = ["--uid", str(spec["uid"]), "--gid", str(spec["gid"])]
         options += ["--status-fd", str(status_fd), "--cwd", str(spec["cwd"]), "--watch-parent"]
+        options += ["--kill-grace", repr(KILL_GRACE_S)]
         if spec.get("timeout"):
             options += ["--timeout", repr(float(spec["timeout"]))]
         return [EXEC_HELPER, *options, "--", *spec["argv"]]

@@ -454,7 +454,9 @@ class Sandbox(FileTransfers):
             raw = runner.run(request)
         except AgentLost as exc:
             self._close_channel()
-            reason = f"{exc.message}; the command's processes were ended"
+            # The reset kills the agent; each helper it left sees its parent die and ends
+            # its command's tree (PR_SET_PDEATHSIG), which the next command can check.
+            reason = f"{exc.message}; the agent was reset, which ends the command's processes"
             raw = lost(request, reason, time.monotonic() - started, "agent")
         result = ExecResult.from_raw(raw, request.cid, request.session)
         self.audit.record(audit_entry(self.name, command, request, result))

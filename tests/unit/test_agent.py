@@ -1,9 +1,15 @@
 """The agent's pure logic, the channel's frame checks, and local mode on this host."""
 
+import base64
+import contextlib
+import itertools
+import json
 import subprocess
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from stigmer_sandbox.runtime import agent, channel
 from stigmer_sandbox.runtime.channel import Request
@@ -126,15 +132,100 @@ def test_malformed_frames_are_protocol_errors_never_tracebacks(line):
 
 
 def test_bad_base64_is_a_protocol_error():
-    request = Request(argv=["true"], env={}, cwd="/", timeout=1, limit=100)
-    heads = {"stdout": bytearray(), "stderr": bytearray()}
+    received = channel.Received(Request(argv=["true"], env={}, cwd="/", timeout=1, limit=100))
     with pytest.raises(channel.ProtocolError):
-        channel.take_head(request, {"stream": "stdout", "data": "!!!"}, heads)
+        received.take_head({"stream": "stdout", "data": "!!!"})
+    with pytest.raises(channel.ProtocolError):
+        received.take_tail({"stream": "stdout", "data": "!!!"})
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def test_an_agent_cannot_make_the_host_keep_more_than_the_limit():
-    request = Request(argv=["true"], env={}, cwd="/", timeout=1, limit=10)
-    heads = {"stdout": bytearray(), "stderr": bytearray()}
-    big = {"stream": "stdout", "data": __import__("base64").b64encode(b"x" * 1000).decode()}
-    channel.take_head(request, big, heads)
-    assert len(heads["stdout"]) == 5
+    received = channel.Received(Request(argv=["true"], env={}, cwd="/", timeout=1, limit=10))
+    received.take_head({"stream": "stdout", "data": b64(b"x" * 1000)})
+    for _ in range(3):
+        received.take_tail({"stream": "stderr", "data": b64(b"0123456789" * 100)})
+    assert len(received.heads["stdout"]) == 5
+    assert received.tails["stderr"] == bytearray(b"56789")
+
+
+def test_tail_pieces_and_the_done_tail_make_one_capped_tail():
+    request = Request(argv=["true"], env={}, cwd="/", timeout=1, limit=8)
+    received = channel.Received(request)
+    received.take_head({"stream": "stdout", "data": b64(b"head")})
+    received.take_tail({"stream": "stdout", "data": b64(b"abc")})
+    received.take_tail({"stream": "stdout", "data": b64(b"def")})
+    done = channel.check_message(DONE.replace(b'"total":0}', b'"total":20}', 1))
+    result = channel.raw_result(request, done, received, "agent")
+    assert result.stdout == b"head\n[... 12 bytes truncated by stigmer-sandbox ...]\ncdef"
+    assert result.totals["stdout"] == 20
+
+
+# --- the channel's line splitter: linear, exact, bounded (property tests) -------------------
+
+LINE = st.binary(max_size=200).map(lambda data: data.replace(b"\n", b""))
+
+
+@given(lines=st.lists(LINE, max_size=30), cuts=st.lists(st.integers(0, 10_000), max_size=40))
+def test_any_chunking_gives_back_exactly_the_lines(lines, cuts):
+    stream = b"".join(line + b"\n" for line in lines)
+    splitter = channel.LineSplitter(max_line=1 << 20)
+    got = []
+    for chunk in chunked(stream, cuts):
+        got += [bytes(line) for line in splitter.feed(chunk)]
+    assert got == lines
+
+
+@given(size=st.integers(101, 5000), cuts=st.lists(st.integers(0, 5000), max_size=20))
+def test_a_line_over_the_limit_is_refused_however_it_arrives(size, cuts):
+    splitter = channel.LineSplitter(max_line=100)
+    with pytest.raises(channel.ProtocolError):
+        for chunk in chunked(b"x" * size, cuts):
+            splitter.feed(chunk)
+
+
+def chunked(stream: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(cut, len(stream)) for cut in cuts} | {0, len(stream)})
+    return [stream[a:b] for a, b in itertools.pairwise(points)] or [b""]
+
+
+FRAME_TYPES = st.sampled_from(["out", "tail", "done", "pong", "reply", "beat", "error", "x"])
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=6,
+)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])  # a loaded 2-core machine
+@given(
+    kind=FRAME_TYPES,
+    fields=st.dictionaries(
+        st.sampled_from(["id", "stream", "data", "exit_code", "stdout", "pid", "message"]),
+        JSON_VALUES,
+    ),
+)
+def test_any_json_object_is_a_message_or_a_protocol_error(kind, fields):
+    line = json.dumps({**fields, "type": kind}).encode()
+    try:
+        message = channel.check_message(line)
+    except channel.ProtocolError:
+        return
+    assert isinstance(message["id"], int) and not isinstance(message["id"], bool)
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_are_a_message_or_a_protocol_error(line):
+    with contextlib.suppress(channel.ProtocolError):
+        channel.check_message(line)
+
+
+@given(data=st.binary(max_size=64), cut=st.integers(0, 64))
+def test_a_truncated_frame_is_a_protocol_error(data, cut):
+    line = json.dumps({"id": 1, "type": "out", "stream": "stdout", "data": b64(data)}).encode()
+    if cut < len(line) - 1:
+        with pytest.raises(channel.ProtocolError):
+            channel.check_message(line[:cut])
