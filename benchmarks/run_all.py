@@ -21,6 +21,7 @@ ORDER = (
     "exec_latency.py",
     "sessions.py",
     "throughput.py",
+    "big_outputs.py",
     "deepagents_backend.py",
     "sandbox_start.py",
     "pool.py",
