@@ -21,6 +21,7 @@ from stigmer_sandbox import config
 from stigmer_sandbox.errors import UsageError
 from stigmer_sandbox.runtime import Sandbox
 from stigmer_sandbox.runtime.channel import AgentChannel, AgentLost, Request
+from stigmer_sandbox.runtime.deadlines import HOST_GRACE_S
 
 from .conftest import TEST_LABELS, wait_for
 from .test_runtime import make_sandbox
@@ -300,9 +301,10 @@ def test_an_agent_spamming_heartbeats_cannot_stretch_the_deadline(box):
     channel.ping()
     request = Request(argv=["true"], env={}, cwd="/workspace", timeout=2, limit=1000)
     started = time.monotonic()
-    with pytest.raises(AgentLost, match="deadline"):
-        channel.run(request)
-    assert time.monotonic() - started < 2 + 11
+    result = channel.run(request)  # the agent beats, so this command alone is lost
+    assert result.exit_code is None and "hard deadline" in (result.error or "")
+    assert time.monotonic() - started < 2 + HOST_GRACE_S + 1
+    channel.close()
 
 
 def test_requests_that_cannot_start_fail_alone(box):
