@@ -681,11 +681,10 @@ def command_environment(environ: dict[str, str], uid: int) -> dict[str, str]:
 def inline_long_script(argv: list[str]) -> tuple[list[str], bytes | None]:
     """`bash -c SCRIPT` with a script too long for one argument: bash reads it from a pipe
     (no file a command could delete or a full /tmp could refuse)."""
-    if len(argv) < 3 or argv[1] != "-c" or len(argv[2].encode()) <= MAX_INLINE_ARG:
+    if len(argv) < 3 or argv[1] != "-c" or os.path.basename(argv[0]) not in ("bash", "sh"):
         return argv, None
-    if os.path.basename(argv[0]) not in ("bash", "sh"):
-        return argv, None
-    return [argv[0], *argv[3:]], argv[2].encode()
+    script = argv[2].encode(errors="surrogateescape")  # Linux arguments are bytes
+    return (argv, None) if len(script) <= MAX_INLINE_ARG else ([argv[0], *argv[3:]], script)
 
 
 def feed(pipe: IO[bytes], data: bytes) -> None:

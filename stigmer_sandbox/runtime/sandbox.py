@@ -44,22 +44,9 @@ from .sessions import Session
 READY_TIMEOUT_S = 60.0
 MAX_FILE_BYTES = config.MAX_OUTPUT_LIMIT - 2
 AGENT_RETRY_S = 30.0
-FILE_TIMEOUT_S = 120.0
-# File operations use root-owned tools only: the sandbox user owns /opt/venv/bin, first on
+# File transfers use root-owned tools only: the sandbox user owns /opt/venv/bin, first on
 # its PATH.
 SYSTEM_PATH = "/usr/bin:/bin"
-# File operations run as the sandbox user (a swapped symlink can only lead where that
-# user could write anyway), refusing paths that go through a symlink.
-NO_SYMLINK = '[ "$(realpath -m -- "$1")" = "$1" ] || { echo "goes through a symlink" >&2; exit 3; }'
-WRITE_FILE = (
-    f'{NO_SYMLINK}; mkdir -p -- "$(dirname -- "$1")" && {NO_SYMLINK} && cat > "$1" '
-    '&& chmod "$2" -- "$1"'
-)
-READ_FILE = (
-    f'{NO_SYMLINK}; [ -f "$1" ] || {{ echo "is not a regular file" >&2; exit 4; }}; '
-    'size=$(stat -c %s -- "$1") && [ "$size" -le "$2" ] '
-    '|| { echo "is $size bytes; the limit is $2" >&2; exit 5; }; exec cat -- "$1"'
-)
 
 
 def spec_hash(spec: dict[str, Any], image_id: str) -> str:
@@ -549,35 +536,20 @@ class Sandbox(FileTransfers):
             raise UsageError(f"path must be relative to {policy.WORKSPACE} without '..': {path!r}")
         return posixpath.join(policy.WORKSPACE, *parts)
 
-    def _file_op(self, script: str, path: str, arg: str, options: ExecOptions) -> RawResult:
-        request = make_request(
-            self.settings,
-            ["/bin/sh", "-c", script, "sh", self._workspace_path(path), arg],
-            policy.WORKSPACE,
-            {"timeout": FILE_TIMEOUT_S, "env": {"PATH": SYSTEM_PATH}, **options},
-        )
-        raw, _result = self._execute(request.argv, request)
-        if raw.exit_code != 0:
-            why = raw.stderr.decode(errors="replace").strip() or raw.error or "failed"
-            raise UsageError(f"{path}: {why.splitlines()[-1][:200]}")
-        return raw
-
     def put_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
-        """Write a file under /workspace as the sandbox user (never through a symlink)."""
-        payload = data.encode() if isinstance(data, str) else data
-        if len(payload) > MAX_FILE_BYTES:
-            raise UsageError(f"{path}: {len(payload)} bytes; the limit is {MAX_FILE_BYTES}")
-        self._file_op(WRITE_FILE, path, f"{mode & 0o7777:o}", {"stdin": payload})
+        """Write a file under /workspace as the sandbox user, creating its folders; the path
+        is resolved one name at a time without following a symlink (a folder swapped for
+        one meanwhile fails the write, never redirects it). Text keeps undecodable bytes."""
+        payload = data.encode(errors="surrogateescape") if isinstance(data, str) else data
+        self.write_file(self._workspace_path(path), payload, mode)
 
     def get_file(self, path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         """Read a regular file under /workspace (no symlinks, at most `max_bytes`); the size
-        is checked before a byte is read, so host memory stays bounded."""
+        is checked before a byte is read, so host memory stays bounded, and a FIFO is
+        refused rather than waited on."""
         if not 0 <= max_bytes <= MAX_FILE_BYTES:
             raise UsageError(f"max_bytes must be between 0 and {MAX_FILE_BYTES}")
-        raw = self._file_op(READ_FILE, path, str(max_bytes), {"output_limit": max_bytes + 2})
-        if raw.truncated.get("stdout"):
-            raise UsageError(f"{path} grew past {max_bytes} bytes while it was read")
-        return raw.stdout
+        return self.read_file(self._workspace_path(path), max_bytes)
 
     def _run_batch(self, argv: list[str], stdin: bytes, output_limit: int) -> RawResult:
         command = [policy.PYTHON, "-I", "-S", "-c", BATCH_SOURCE, *argv]
