@@ -33,19 +33,13 @@ import contextvars
 import logging
 import re
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from deepagents.backends import protocol
 from deepagents.backends.protocol import (
-    DeleteResult,
-    EditResult,
     ExecuteResponse,
     FileDownloadResponse,
     FileUploadResponse,
-    GlobResult,
-    GrepResult,
-    LsResult,
-    ReadResult,
-    WriteResult,
 )
 from deepagents.backends.sandbox import BaseSandbox
 
@@ -54,6 +48,17 @@ from ..errors import SandboxError
 from ..runtime import ExecResult, LocalSandbox, Sandbox, open_sandbox
 from ..runtime.commands import from_bytes
 from ..runtime.files import checked_upload, listed, shown_path
+
+if TYPE_CHECKING:  # deepagents 0.7's results; Graphton's deepagents 0.4 lacks most of them
+    from deepagents.backends.protocol import (
+        DeleteResult,
+        EditResult,
+        GlobResult,
+        GrepResult,
+        LsResult,
+        ReadResult,
+        WriteResult,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -211,21 +216,21 @@ class StigmerSandbox(BaseSandbox):
 
     def ls(self, path: str) -> LsResult:
         return self._helper(
-            super().ls, LsResult(error=f"Path '{path}': {NOT_TEXT}"), LinuxText(path)
+            super().ls, protocol.LsResult(error=f"Path '{path}': {NOT_TEXT}"), LinuxText(path)
         )
 
     async def als(self, path: str) -> LsResult:
         return await asyncio.to_thread(self.ls, path)
 
     def read(self, file_path: str, offset: int = 0, limit: int = 2000) -> ReadResult:
-        error = ReadResult(error=f"File '{file_path}': {NOT_TEXT}")
+        error = protocol.ReadResult(error=f"File '{file_path}': {NOT_TEXT}")
         return self._helper(super().read, error, LinuxText(file_path), offset, limit)
 
     async def aread(self, file_path: str, offset: int = 0, limit: int = 2000) -> ReadResult:
         return await asyncio.to_thread(self.read, file_path, offset, limit)
 
     def write(self, file_path: str, content: str) -> WriteResult:
-        error = WriteResult(error=f"Failed to write file '{file_path}': {NOT_TEXT}")
+        error = protocol.WriteResult(error=f"Failed to write file '{file_path}': {NOT_TEXT}")
         return self._helper(super().write, error, LinuxText(file_path), LinuxText(content))
 
     async def awrite(self, file_path: str, content: str) -> WriteResult:
@@ -234,7 +239,7 @@ class StigmerSandbox(BaseSandbox):
     def edit(
         self, file_path: str, old_string: str, new_string: str, replace_all: bool = False
     ) -> EditResult:
-        error = EditResult(error=f"Error editing file '{file_path}': {NOT_TEXT}")
+        error = protocol.EditResult(error=f"Error editing file '{file_path}': {NOT_TEXT}")
         texts = [LinuxText(text) for text in (file_path, old_string, new_string)]
         return self._helper(super().edit, error, *texts, replace_all=replace_all)
 
@@ -244,11 +249,11 @@ class StigmerSandbox(BaseSandbox):
         return await asyncio.to_thread(self.edit, file_path, old_string, new_string, replace_all)
 
     def delete(self, file_path: str) -> DeleteResult:
-        error = DeleteResult(error=f"Error deleting file '{file_path}': {NOT_TEXT}")
+        error = protocol.DeleteResult(error=f"Error deleting file '{file_path}': {NOT_TEXT}")
         return self._helper(super().delete, error, LinuxText(file_path))
 
     def glob(self, pattern: str, path: str | None = None) -> GlobResult:
-        error = GlobResult(error=f"Path '{path or '/'}': {NOT_TEXT}")
+        error = protocol.GlobResult(error=f"Path '{path or '/'}': {NOT_TEXT}")
         return self._helper(super().glob, error, LinuxText(pattern), linux_text(path))
 
     async def aglob(self, pattern: str, path: str | None = None) -> GlobResult:
@@ -262,7 +267,7 @@ class StigmerSandbox(BaseSandbox):
         *,
         max_count: int | None = None,
     ) -> GrepResult:
-        error = GrepResult(error=f"Path '{path or '.'}': {NOT_TEXT}")
+        error = protocol.GrepResult(error=f"Path '{path or '.'}': {NOT_TEXT}")
         texts = (LinuxText(pattern), linux_text(path), linux_text(glob))
         return self._helper(super().grep, error, *texts, max_count=max_count)
 
