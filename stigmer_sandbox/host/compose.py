@@ -164,8 +164,8 @@ def project(settings: Settings, choice: FileChoice = FileChoice()) -> ComposePro
         "STIGMER_SANDBOX_IMAGE": settings.image,
         "STIGMER_WORKSPACE": str(folders["workspace"]),
         "STIGMER_LOGS": str(folders["logs"]),
-        "STIGMER_MEMORY": settings.memory,
-        "STIGMER_TMP_SIZE": settings.tmp_size,
+        "STIGMER_MEMORY": str(settings.memory_bytes),
+        "STIGMER_TMP_SIZE": policy.tmpfs_size(settings.tmp_size),  # as the kernel reads it
         "STIGMER_GIT_NAME": settings.git_name,
         "STIGMER_GIT_EMAIL": settings.git_email,
     }

@@ -6,6 +6,8 @@ change with it: a property the sandbox really lacks fails, whatever was asked fo
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from stigmer_sandbox.checks import CheckResult
@@ -16,9 +18,13 @@ from .test_runtime import make_sandbox
 AGENT_ITEM = 25  # privilege separation: commands cannot signal, trace or read the agent
 
 
-def audited(tmp_path, **changes) -> tuple[dict[int, list[CheckResult]], dict]:
-    """The audit of a fresh sandbox with `changes`, by item, and its `docker inspect`."""
+def audited(tmp_path, *docker_update: str, **changes) -> tuple[dict[int, list[CheckResult]], dict]:
+    """The audit of a fresh sandbox with `changes` (then `docker update` with these
+    flags, for what the settings refuse), by item, and its `docker inspect`."""
     with make_sandbox(tmp_path, **changes) as box:
+        if docker_update:
+            box.up()
+            subprocess.run(["docker", "update", *docker_update, box.name], check=True)
         results = security_audit.audit(box)
         attrs = box.inspect()
     by_item: dict[int, list[CheckResult]] = {}
@@ -62,7 +68,8 @@ def test_commands_cannot_touch_the_agent(default_audit):
 
 
 def test_a_sandbox_without_process_or_cpu_limit_fails_those_items(tmp_path, docker_engine):
-    by_item, attrs = audited(tmp_path, pids_limit=0, cpus=0.0)
+    # The settings refuse an unlimited process count: the engine is told directly.
+    by_item, attrs = audited(tmp_path, "--pids-limit=-1", cpus=0.0)
     assert not attrs["HostConfig"].get("NanoCpus")
     (pids,) = by_item[6]
     (cpu,) = by_item[8]

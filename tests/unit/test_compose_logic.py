@@ -149,7 +149,7 @@ def test_the_base_file_and_the_enforced_override_confine_like_sandbox_up(tmp_pat
     tmpfs = dict(entry.split(":", 1) for entry in base["tmpfs"])
     assert tmpfs[policy.RUN_DIR] == spec["tmpfs"][policy.RUN_DIR]
     assert tmpfs["/tmp"] == spec["tmpfs"]["/tmp"].replace(
-        settings.tmp_size, "${STIGMER_TMP_SIZE:-512m}"
+        policy.tmpfs_size(settings.tmp_size), "${STIGMER_TMP_SIZE:-512m}"
     )
     enforced = compose_check.load(compose._enforced(settings))["services"]["sandbox"]
     assert {key: enforced[key] for key in compose.ENFORCED_KEYS} == {
@@ -158,6 +158,24 @@ def test_the_base_file_and_the_enforced_override_confine_like_sandbox_up(tmp_pat
     assert enforced["command"] == [policy.KEEPALIVE] and "network_mode" not in enforced
     cut_off = compose._enforced(settings.replace(network="none"))
     assert compose_check.load(cut_off)["services"]["sandbox"]["network_mode"] == "none"
+
+
+def test_sizes_reach_compose_as_the_kernel_and_engine_read_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        compose, "detect", lambda _flavour: compose.ComposeTool(("true",), "v2", "2")
+    )
+    monkeypatch.setattr(compose, "resolved_config", lambda _target: {})
+    settings = config.Settings(
+        project_dir=str(ROOT),
+        workspace=str(tmp_path / "w"),
+        logs=str(tmp_path / "l"),
+        state_dir=str(tmp_path / "s"),
+        tmp_size="1.5g",
+        memory="1.5g",
+    )
+    environment = compose.project(settings).environment
+    assert environment["STIGMER_TMP_SIZE"] == str(int(1.5 * 1024**3))
+    assert environment["STIGMER_MEMORY"] == str(int(1.5 * 1024**3))
 
 
 def test_project_checks_the_workspace_before_writing_anything(tmp_path):
