@@ -11,6 +11,10 @@ and the reverse, checking the bytes on disk with `od`.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -18,22 +22,54 @@ from stigmer_sandbox.errors import UsageError
 from stigmer_sandbox.integrations.deepagents import StigmerSandbox
 from stigmer_sandbox.runtime import Sandbox
 
+from ..conftest import ROOT
+from .conftest import TEST_LABELS
+from .test_graphton import graphton_python  # noqa: F401  (the Graphton venv, a fixture)
 from .test_runtime import make_sandbox
+
+MEMORY = "256m"
+# Graphton's backend, in Graphton's venv, on this module's sandbox (found by name with the
+# same settings, so it is reused, never recreated); what it saw is printed as JSON.
+GRAPHTON_DRIVER = """
+import json, sys
+from pathlib import Path
+from stigmer_sandbox import config
+from stigmer_sandbox.runtime import Sandbox
+from stigmer_sandbox.integrations.graphton import StigmerGraphtonBackend
+
+args = json.loads(sys.argv[1])
+tmp = Path(args["tmp"])
+settings = config.load_settings(Path(args["project"]), environ={}).replace(
+    workspace=str(tmp / "workspace"), logs=str(tmp / "logs"), state_dir=str(tmp / "state"),
+    memory=args["memory"],
+)
+box = Sandbox(settings, name=args["name"], extra_labels=args["labels"])
+backend = StigmerGraphtonBackend(box)
+seen = {"listed": backend.list_files("u"), "read": backend.read("u/l\\udcff")}
+backend.write("u/w\\udcff", "written")
+seen["is_dir"] = [backend.is_directory("u/d\\udcff"), backend.is_directory("u/w\\udcff")]
+seen["deleted"] = backend.delete("u/l\\udcff")
+seen["after"] = sorted(backend.list_files("u"))
+try:
+    backend.write("u/bad", "\\ud800")
+except Exception as exc:
+    seen["no_byte"] = type(exc).__name__ + ": " + str(exc)
+backend.close()
+print(json.dumps(seen))
+"""
 
 # The exact bytes of a name, one hex pair per byte (od), e.g. "78ff" for b"x\xff".
 HEX = "od -An -tx1 | tr -d ' \\n'"
-# A str command holding a surrogate reaches the agent, whose inline_long_script measures
-# argv[2] with a strict .encode(): a fix in agent.py is reported, not made here.
-NEEDS_AGENT_FIX = pytest.mark.xfail(
-    strict=True,
-    reason="agent.inline_long_script encodes argv[2] strictly (UnicodeEncodeError, 126): "
-    'reported fix: argv[2].encode(errors="surrogateescape") at both places',
-)
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory, docker_engine):
-    with make_sandbox(tmp_path_factory.mktemp("undecodable"), memory="256m") as box:
+def folders(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("undecodable")
+
+
+@pytest.fixture(scope="module")
+def sandbox(folders, docker_engine):
+    with make_sandbox(folders, memory=MEMORY) as box:
         yield box
 
 
@@ -83,7 +119,6 @@ def test_argv_env_cwd_and_stdin_carry_the_bytes(sandbox):
     )
 
 
-@NEEDS_AGENT_FIX
 def test_a_string_command_carries_the_bytes(sandbox, backend):
     assert sandbox.exec(f"printf %s \udcff | {HEX}").stdout == "ff"
     response = backend.execute(f"touch /workspace/u/t\udcff && printf %s \udcfe | {HEX}")
@@ -106,11 +141,6 @@ def test_put_and_get_file_by_undecodable_names(sandbox):
     assert sandbox.get_file("u/g\udcfe") == b"by bytes"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Sandbox.put_file encodes str data strictly (UnicodeEncodeError): reported fix "
-    'in sandbox.py, data.encode(errors="surrogateescape")',
-)
 def test_put_file_writes_text_data_with_its_bytes(sandbox):
     sandbox.put_file("u/text", "a\udcff")
     assert sandbox.get_file("u/text") == b"a\xff"
@@ -177,7 +207,6 @@ def test_deepagents_glob_and_grep_find_undecodable_names(backend):
     assert backend.grep("needle", "/workspace/u", "d\udcff/*.txt").matches == wanted
 
 
-@NEEDS_AGENT_FIX
 def test_deepagents_grep_in_and_delete_of_an_undecodable_path(backend):
     backend.write("/workspace/u/x\udcff", "needle\n")
     assert backend.grep("needle", "/workspace/u/x\udcff").matches == [
@@ -217,3 +246,30 @@ def test_deepagents_async_tools_keep_the_names_too(backend):
 def test_deepagents_tools_answer_a_name_no_bytes_stand_for_with_an_error(backend, call):
     result = call(backend)
     assert result.error and "stands for no byte" in result.error
+
+
+def test_graphton_lists_reads_writes_and_deletes_undecodable_names(
+    sandbox,
+    folders,
+    graphton_python,  # noqa: F811
+):
+    make_by_bytes(sandbox, "l\\377")
+    sandbox.exec(["mkdir", "/workspace/u/d\udcff"])
+    args = {"project": str(ROOT), "tmp": str(folders), "memory": MEMORY}
+    args |= {"name": sandbox.name, "labels": TEST_LABELS}
+    done = subprocess.run(
+        [str(graphton_python), "-c", GRAPHTON_DRIVER, json.dumps(args)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (seen["listed"], seen["read"]) == (["d\udcff", "l\udcff"], "by bytes")
+    assert seen["is_dir"] == [True, False]
+    assert seen["deleted"] == "Deleted 'u/l\udcff'"
+    assert seen["after"] == ["d\udcff", "w\udcff"]
+    assert seen["no_byte"].startswith("OSError") and "stands for no byte" in seen["no_byte"]
+    assert name_bytes(sandbox) == ["64ff", "77ff"]
