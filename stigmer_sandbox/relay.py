@@ -130,6 +130,8 @@ class Answer:
     def read(self, sock: socket.socket) -> dict[str, Any] | None:
         try:
             for message in read_lines(sock):
+                if message.get("type") == "refused":
+                    return None  # another relay's settings, or it is closing: nothing ran
                 result = self._take(message)
                 if result is not None:
                     return result
@@ -148,8 +150,17 @@ class Answer:
         elif kind == "done":
             return {**message["result"], "relay": True}
         elif kind == "error":
-            raise SandboxError(str(message.get("message")), message.get("hint"))
+            raise relayed_error(message)
         return None
+
+
+def relayed_error(message: dict[str, Any]) -> SandboxError:
+    """The relay's error answer as the error the slow path raises (message, hint, exit code)."""
+    error = SandboxError(str(message.get("message")), message.get("hint"))
+    code = message.get("exit_code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        error.exit_code = code
+    return error
 
 
 def _lost(reason: str) -> dict[str, Any]:

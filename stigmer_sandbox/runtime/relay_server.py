@@ -4,9 +4,15 @@ runs the commands `inv run` sends over a private unix socket.
 
     python -m stigmer_sandbox.runtime.relay_server   (the settings as JSON on stdin)
 
-It exits after `relay_idle_s` seconds without a request, when its sandbox is gone
-(checked every few seconds, so `inv sandbox.down` or `inv clean` end it), or when a client
-with other settings asks. A client that disconnects mid-command (Ctrl-C) cancels it.
+It exits after `relay_idle_s` seconds without a request, or when its sandbox is gone
+(checked every few seconds, so `inv sandbox.down` or `inv clean` end it). A client that
+disconnects mid-command (Ctrl-C) cancels it.
+
+Protocol: one JSON line per connection, `{"fingerprint", "command", "options", "session"}`.
+Any local process of this user can write to the socket, so every field is checked (type
+here, ranges where `exec` checks them): a request for other settings is `refused` (the
+client takes the slow path), a bad one gets an `error` naming the field and one line in the
+relay's log; otherwise `accepted`, the output as `out` lines, then `done` or `error`.
 """
 
 from __future__ import annotations
@@ -16,23 +22,149 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
-from .. import engine, relay
+from .. import config, engine, relay
 from ..config import Settings, settings_from_dict
-from ..errors import SandboxError
+from ..errors import SandboxError, UsageError
 from .commands import ExecOptions, make_request
 from .sandbox import Sandbox
 
 ALIVE_CHECK_S = 5.0
 ACCEPT_POLL_S = 1.0
-# Which `exec` options a client may set (callbacks are the relay's own).
-CLIENT_OPTIONS = ("timeout", "idle_timeout", "env", "cwd", "keep_background")
+# A client has this long to send its request line (one that never does must not keep
+# a thread, or the relay, alive); the line is at most this long (a command and its
+# environment fit in far less: Linux caps one argument at 128 KiB).
+REQUEST_WAIT_S = 10.0
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+REQUEST_FIELDS = ("fingerprint", "command", "options", "session")
+# Signals a user or a supervisor ends a process with: a relay started by a caller that
+# ignores or blocks them (a background job of a script, a supervisor) must still obey them.
+# All but SIGQUIT (which keeps its default: dump and die) close the relay cleanly.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _seconds(value: object) -> bool:
+    """Null, or a number of seconds `exec` takes (JSON allows NaN, Infinity and integers
+    too large for a float)."""
+    if value is None:
+        return True
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and 0 < value <= config.MAX_TIMEOUT_S
+    )
+
+
+def _strings(value: object) -> bool:
+    """An object of string values, or null."""
+    return value is None or (
+        isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    )
+
+
+def _text(value: object) -> bool:
+    """A string without NUL, or null."""
+    return value is None or (isinstance(value, str) and "\0" not in value)
+
+
+SECONDS = f"between 0 and {config.MAX_TIMEOUT_S:g} seconds"
+# Which `exec` options a client may set (callbacks are the relay's own), each with the
+# check of its JSON value and what that check wants, for the error.
+CLIENT_OPTIONS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "timeout": (_seconds, SECONDS),
+    "idle_timeout": (_seconds, SECONDS),
+    "env": (_strings, "null or an object of string values"),
+    "cwd": (_text, "null or a string without NUL"),
+    "keep_background": (lambda value: isinstance(value, bool), "true or false"),
+}
+
+
+class Refused(Exception):
+    """A request this relay does not serve (other settings, closing): nothing ran, the
+    client takes the slow path."""
+
+
+@dataclass(frozen=True)
+class ClientRequest:
+    """A request whose fields have the types `exec` expects."""
+
+    command: str
+    options: ExecOptions
+    session: str | None
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """The client's request line (without its newline); UsageError when there is none."""
+    conn.settimeout(REQUEST_WAIT_S)
+    buffer = b""
+    try:
+        while b"\n" not in buffer:
+            if len(buffer) > MAX_REQUEST_BYTES:
+                raise UsageError(f"the request is longer than {MAX_REQUEST_BYTES} bytes")
+            data = conn.recv(1 << 16)
+            if not data:
+                raise UsageError("the connection ended before a whole request line")
+            buffer += data
+    except TimeoutError:
+        raise UsageError(f"no request line within {REQUEST_WAIT_S:g} s") from None
+    finally:
+        conn.settimeout(None)  # from here on the client may wait as long as its command
+    return buffer.split(b"\n", 1)[0]
+
+
+def parse_request(line: bytes, fingerprint: str) -> ClientRequest:
+    """A checked request; Refused when it is for other settings, UsageError (naming the
+    field) when it is malformed."""
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser
+        raise UsageError("the request is not a JSON line") from None
+    if not isinstance(request, dict):
+        raise UsageError("the request is not a JSON object")
+    if request.get("fingerprint") != fingerprint:
+        raise Refused("the request is for other settings")
+    unknown = sorted(set(request) - set(REQUEST_FIELDS))
+    if unknown:
+        raise UsageError(f"unknown request field {unknown[0]!r}")
+    command, session = request.get("command"), request.get("session")
+    if not isinstance(command, str):
+        raise bad_field("command", "a string", command)
+    if session is not None and not isinstance(session, str):
+        raise bad_field("session", "a string or null", session)
+    return ClientRequest(command, check_options(request.get("options")), session)
+
+
+def check_options(given: object) -> ExecOptions:
+    """The client's `exec` options, each of the type `exec` expects."""
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        raise bad_field("options", "an object or null", given)
+    for name, value in given.items():
+        if name not in CLIENT_OPTIONS:
+            raise UsageError(f"unknown option {name!r} in the request")
+        check, wanted = CLIENT_OPTIONS[name]
+        if not check(value):
+            raise bad_field(name, wanted, value)
+    return cast(ExecOptions, dict(given))
+
+
+def bad_field(name: str, wanted: str, value: object) -> UsageError:
+    return UsageError(f"{name} must be {wanted}, got {value!r:.60}")
+
+
+def log(message: str) -> None:
+    """One line in the relay's log (its stderr)."""
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} relay: {message}", file=sys.stderr, flush=True)
 
 
 class Relay:
@@ -110,31 +242,40 @@ class Relay:
                 self.last_request = time.monotonic()
             try:
                 self._handle(conn)
-            except (OSError, ValueError):
-                pass  # the client went away or sent garbage: nothing to answer
+            except OSError:
+                pass  # the client went away: nothing to answer
+            except Exception as exc:  # a bug: the client gets an answer, the log one line
+                log(f"failed: {type(exc).__name__}: {exc}")
+                answer(conn, {"type": "error", "message": f"the relay failed: {exc}"})
             finally:
                 with self.lock:
                     self.busy -= 1
                     self.last_request = time.monotonic()
 
     def _handle(self, conn: socket.socket) -> None:
-        request = next(relay.read_lines(conn), None)
-        if not isinstance(request, dict) or request.get("fingerprint") != self.fingerprint:
-            return  # not a client of these settings: it takes the slow path
-        if self.stop.is_set():
-            return  # closing: the client takes the slow path, nothing ran
+        try:
+            request = parse_request(read_request(conn), self.fingerprint)
+            if self.stop.is_set():
+                raise Refused("the relay is closing")
+        except Refused as exc:
+            log(f"refused a request: {exc}")
+            answer(conn, {"type": "refused", "reason": str(exc)})
+            return
+        except UsageError as exc:
+            log(f"bad request: {exc.message}")
+            answer(conn, error_message(exc))
+            return
         relay.send_line(conn, {"type": "accepted"})
         try:
             result = self._run(conn, request)
         except SandboxError as exc:
-            relay.send_line(conn, {"type": "error", "message": exc.message, "hint": exc.hint})
+            relay.send_line(conn, error_message(exc))
             return
         relay.send_line(conn, {"type": "done", "result": result})
 
-    def _run(self, conn: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
-        command = str(request.get("command") or "")
-        given = request.get("options") or {}
-        chosen: dict[str, Any] = {k: given[k] for k in CLIENT_OPTIONS if k in given}
+    def _run(self, conn: socket.socket, request: ClientRequest) -> dict[str, Any]:
+        command = request.command
+        chosen: dict[str, Any] = dict(request.options)
         send_lock = threading.Lock()
 
         def forward(stream: str) -> relay.Callback:
@@ -148,9 +289,8 @@ class Relay:
 
         chosen.update(on_stdout=forward("stdout"), on_stderr=forward("stderr"))
         options = cast(ExecOptions, chosen)
-        session = request.get("session")
-        if session:
-            command, built = self.sandbox.session(str(session)).request(command, options)
+        if request.session:
+            command, built = self.sandbox.session(request.session).request(command, options)
         else:
             built = make_request(
                 self.settings, command, self.sandbox._cwd(options.get("cwd")), options
@@ -171,6 +311,16 @@ class Relay:
             if conn.recv(1) == b"" and not finished.is_set():
                 with contextlib.suppress(SandboxError):
                     self.sandbox.agent_call("cancel", {"cid": cid})
+
+
+def answer(conn: socket.socket, message: dict[str, Any]) -> None:
+    """Send `message` unless the client has gone."""
+    with contextlib.suppress(OSError):
+        relay.send_line(conn, message)
+
+
+def error_message(exc: SandboxError) -> dict[str, Any]:
+    return {"type": "error", "message": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}
 
 
 def same_user(conn: socket.socket) -> bool:
@@ -203,9 +353,20 @@ def start_in_background(settings: Settings) -> None:
         process.stdin.close()
 
 
+def obey_stop_signals(server: Relay) -> None:
+    """Stop `server` on the signals that end a process, whatever the caller of the process
+    that started it did to them (ignored and blocked signals survive fork and exec)."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, lambda _number, _frame: server.stop.set())
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (*STOP_SIGNALS, signal.SIGQUIT))
+
+
 def main() -> None:
     settings = settings_from_dict(json.loads(sys.stdin.read()), "relay")
-    Relay(settings).serve()
+    server = Relay(settings)
+    obey_stop_signals(server)
+    server.serve()
 
 
 if __name__ == "__main__":

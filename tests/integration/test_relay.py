@@ -1,20 +1,26 @@
 """`inv run`'s warm path on the real engine: the relay serves the second run, streams and
-exits like the first, cancels on Ctrl-C, admits only this user, and ends with its sandbox."""
+exits like the first, cancels on Ctrl-C, admits only this user, answers malformed
+requests and keeps serving, obeys the signals that stop a process whoever started it, and
+ends with its sandbox."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from stigmer_sandbox import config, relay
 
 from ..conftest import ROOT, run_inv
+from ..dispositions import with_signals
 from .conftest import wait_for
 from .test_runtime import make_sandbox
 from .test_sessions import inv_env
@@ -32,14 +38,60 @@ def env(box):
 
 
 @pytest.fixture(scope="module")
-def socket_path(box, env):
-    settings = config.load_settings(ROOT, environ={**os.environ, **env})
+def settings(box, env):
+    return config.load_settings(ROOT, environ={**os.environ, **env})
+
+
+# The caller of the `inv run` that starts the relay ignores or blocks the signals that stop
+# a process (a background job of a script, a supervisor): the relay must obey them anyway.
+HOSTILE_CALLER = {
+    "ignore": (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM),
+    "block": (signal.SIGHUP, signal.SIGTERM),
+}
+
+
+def start_relay(settings, env) -> Path:
+    """A cold `inv run` (the slow path), from a hostile caller; the relay it starts."""
     path = relay.socket_path(settings)
-    first = run_inv("run", "--json", "echo cold", env=env)
+    argv = with_signals(
+        [sys.executable, "-m", "invoke", "run", "--json", "echo cold"], **HOSTILE_CALLER
+    )
+    first = subprocess.run(
+        argv,
+        cwd=ROOT,
+        env={**os.environ, "NO_COLOR": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert first.returncode == 0, first.stderr
     assert "relay" not in json.loads(first.stdout)  # the slow path starts the relay
     assert wait_for(path.exists, 30), f"no relay socket at {path}"
     return path
+
+
+@pytest.fixture(scope="module")
+def socket_path(settings, env):
+    return start_relay(settings, env)
+
+
+def exchange(path: Path, line: bytes) -> list[dict]:
+    """The relay's answers to one raw request line, as any local process could send it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(30)
+        client.connect(str(path))
+        client.sendall(line)
+        return list(relay.read_lines(client))
+
+
+def relay_pid(path: Path) -> int:
+    """The relay's pid, from the credentials of its end of a connection."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(path))
+        creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        client.sendall(b"{}\n")  # refused at once: the relay's thread is not left waiting
+        return struct.unpack("3i", creds)[0]
 
 
 def test_the_next_run_goes_through_the_relay_with_the_same_result(socket_path, env):
@@ -60,20 +112,78 @@ def test_sessions_carry_over_through_the_relay(socket_path, env):
     assert (result["relay"], result["stdout"]) == (True, "/tmp 1\n")
 
 
-def test_bad_input_through_the_relay_is_one_line_and_a_non_zero_exit(socket_path, env):
+def test_bad_input_through_the_relay_is_one_line_and_the_slow_paths_exit(socket_path, env):
     bad = run_inv("run", "--session", "../x", "true", env=env)
-    assert bad.returncode != 0 and "invalid session name" in bad.stderr
+    assert bad.returncode == 2 and "invalid session name" in bad.stderr  # a usage error
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"env": ["A=1"]}, "env must be null or an object of string values"),
+        ({"cwd": 5}, "cwd must be null or a string"),
+        ({"timeout": "600"}, "timeout must be between 0 and"),
+        ({"stdin": "data"}, "unknown option 'stdin'"),
+    ],
+)
+def test_a_malformed_request_is_answered_logged_once_and_the_relay_serves_on(
+    socket_path, settings, env, options, named
+):
+    log = settings.path("state_dir") / "relay.log"
+    before = log.read_text() if log.exists() else ""
+    request = {"fingerprint": relay.fingerprint(settings), "command": "true", "options": options}
+    answers = exchange(socket_path, json.dumps(request).encode() + b"\n")
+    assert [a["type"] for a in answers] == ["error"] and named in answers[0]["message"]
+    assert [a["type"] for a in exchange(socket_path, b"\xff not json\n")] == ["error"]
+    added = log.read_text()[len(before) :]
+    assert len(added.splitlines()) == 2 and named in added and "Traceback" not in added
+    good = run_inv("run", "--json", "echo still serving", env=env)
+    assert json.loads(good.stdout)["relay"] is True and good.returncode == 0
+
+
 def test_ctrl_c_ends_the_command_in_the_sandbox(socket_path, env, box):
+    """As from a terminal, whatever this test's caller did to SIGINT (a background job of
+    a script ignores it, and an ignored SIGINT is inherited)."""
     marker = f"relay-cancel-{os.getpid()}"
-    command = [sys.executable, "-m", "invoke", "run", f"sleep 47; echo {marker}"]
+    command = with_signals([sys.executable, "-m", "invoke", "run", f"sleep 47; echo {marker}"])
     running = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env})
-    assert wait_for(lambda: "sleep 47" in box.exec("ps -eo args").stdout, 20)
-    running.send_signal(signal.SIGINT)
-    assert running.wait(20) != 0
-    assert wait_for(lambda: "sleep 47" not in box.exec("ps -eo args").stdout, 10)
+    try:
+        assert wait_for(lambda: "sleep 47" in box.exec("ps -eo args").stdout, 20)
+        running.send_signal(signal.SIGINT)
+        assert running.wait(20) != 0
+        assert wait_for(lambda: "sleep 47" not in box.exec("ps -eo args").stdout, 10)
+    finally:
+        running.kill()
+        running.wait()
+
+
+def signal_mask(pid: int, field: str) -> int:
+    """A mask of /proc/PID/status (SigIgn, SigBlk) as a number."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def ended(pid: int) -> bool:
+    """Whether the process is gone or a zombie its new parent has not reaped yet."""
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+def test_the_relay_obeys_sigterm_though_its_starters_caller_ignored_and_blocked_it(
+    socket_path, settings, env
+):
+    pid = relay_pid(socket_path)
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for field in ("SigIgn", "SigBlk"):
+        assert all(not signal_mask(pid, field) & 1 << (number - 1) for number in stops), field
+    os.kill(pid, signal.SIGTERM)
+    assert wait_for(lambda: not socket_path.exists() and ended(pid), 20)
+    assert start_relay(settings, env) == socket_path  # for the tests after this one
 
 
 def test_only_this_user_can_reach_the_relay(socket_path):
