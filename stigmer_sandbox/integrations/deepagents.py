@@ -89,6 +89,7 @@ class LinuxText(str):
 
 
 def linux_text(value: str | None) -> str | None:
+    """`LinuxText` of an optional argument."""
     return None if value is None else LinuxText(value)
 
 

@@ -70,7 +70,10 @@ def as_path(path: object) -> str | None:
     """A requested path as text that round trips: bytes and path objects decoded the way
     Linux names go (b"/w/x\\xff" is "/w/x\\udcff"); None for what names no path."""
     if isinstance(path, os.PathLike):
-        path = os.fspath(path)
+        try:
+            path = os.fspath(path)
+        except TypeError:  # its __fspath__ gave neither text nor bytes
+            return None
     if isinstance(path, bytes):
         return from_bytes(path)
     return path if isinstance(path, str) else None
