@@ -45,18 +45,47 @@ class ProcessOutput:
     truncated: dict[str, bool]
 
 
-def stream_text(record: object) -> tuple[bytes, int, bool]:
-    """A stream's kept bytes with a marker where bytes were dropped, its total, truncated."""
+@dataclass(frozen=True)
+class StreamBytes:
+    """One stream's bytes as its record keeps them: the first ones (head), the last ones
+    (tail) and how many were printed in all; the bytes between were dropped."""
+
+    head: bytes
+    tail: bytes
+    dropped: int
+    total: int
+
+    def since(self, offset: int) -> tuple[bytes, int]:
+        """The kept bytes from byte `offset` on, and how many bytes after `offset` were
+        dropped before them (0 unless the output outgrew what is kept)."""
+        tail_start = self.total - len(self.tail)
+        from_head = self.head[offset:]
+        gone = max(0, tail_start - max(offset, len(self.head)))
+        return from_head + self.tail[max(offset - tail_start, 0) :], gone
+
+
+def stream_bytes(record: object) -> StreamBytes:
+    """A stream's record (base64 head and tail, counts) as bytes."""
     if not isinstance(record, dict):
-        return b"", 0, False
+        return StreamBytes(b"", b"", 0, 0)
     try:
-        capture = agent.OutputCapture(2)
-        capture.head = bytearray(base64.b64decode(str(record.get("head") or ""), validate=True))
-        capture.tail = bytearray(base64.b64decode(str(record.get("tail") or ""), validate=True))
-        capture.dropped = int(record.get("dropped") or 0)
-        return capture.text(), int(record.get("total") or 0), capture.dropped > 0
+        return StreamBytes(
+            head=base64.b64decode(str(record.get("head") or ""), validate=True),
+            tail=base64.b64decode(str(record.get("tail") or ""), validate=True),
+            dropped=int(record.get("dropped") or 0),
+            total=int(record.get("total") or 0),
+        )
     except (ValueError, TypeError):
         raise SandboxError("a background process's record is malformed") from None
+
+
+def stream_text(record: object) -> tuple[bytes, int, bool]:
+    """A stream's kept bytes with a marker where bytes were dropped, its total, truncated."""
+    kept = stream_bytes(record)
+    capture = agent.OutputCapture(2)
+    capture.head, capture.tail = bytearray(kept.head), bytearray(kept.tail)
+    capture.dropped = kept.dropped
+    return capture.text(), kept.total, kept.dropped > 0
 
 
 class Process:
@@ -82,6 +111,11 @@ class Process:
     def output(self) -> ProcessOutput:
         """Everything kept of stdout and stderr so far."""
         return self.output_from(self.status())
+
+    def output_bytes_from(self, state: dict[str, Any]) -> dict[str, StreamBytes]:
+        """The bytes of stdout and stderr kept in a record `status()` returned, undecoded
+        (to follow a stream by byte offset)."""
+        return {name: stream_bytes(state.get(name)) for name in ("stdout", "stderr")}
 
     def output_from(self, state: dict[str, Any]) -> ProcessOutput:
         """The output kept in a record `status()` returned."""

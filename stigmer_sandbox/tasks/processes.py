@@ -15,7 +15,7 @@ from ..errors import UsageError
 from ._common import sandbox_for, task
 
 if TYPE_CHECKING:
-    from .. import runtime
+    from ..runtime.processes import StreamBytes
 
 FOLLOW_POLL_S = 0.2
 PROCESS_ID_HELP = "the id `inv run --background` printed, see inv sandbox.ps (required, no default)"
@@ -85,7 +85,7 @@ def output(c: Context, process_id: str, follow: bool = False, json: bool = False
     shown = {"stdout": 0, "stderr": 0}
     while True:
         state = process.status()  # one record per poll: its state and its output
-        _print_new(process.output_from(state), shown)
+        _print_new(process.output_bytes_from(state), shown)
         if not follow or not state.get("running"):
             break
         time.sleep(FOLLOW_POLL_S)
@@ -93,26 +93,17 @@ def output(c: Context, process_id: str, follow: bool = False, json: bool = False
         raise Exit(code=int(state["exit_code"]))
 
 
-def _print_new(out: runtime.ProcessOutput, shown: dict[str, int]) -> None:
-    """Write the bytes not written yet. Output is kept as head and tail: when more new
-    bytes arrived than are kept, say so and write what is kept."""
-    for name, text, total, stream in (
-        ("stdout", out.stdout, out.stdout_bytes, sys.stdout),
-        ("stderr", out.stderr, out.stderr_bytes, sys.stderr),
-    ):
-        new = total - shown[name]
-        if new <= 0:
-            continue
-        data = text.encode()
-        if not out.truncated[name]:
-            data = data[shown[name] :]
-        elif new < len(data):
-            data = data[-new:]
-        else:
-            console.warning(f"{name}: {new} new bytes, more than are kept; the middle is gone")
+def _print_new(kept: dict[str, StreamBytes], shown: dict[str, int]) -> None:
+    """Write each stream's bytes from the byte offset written up to, exactly as printed
+    (bytes that are not UTF-8, a character split across polls). Output is kept as head and
+    tail: when bytes between were dropped, say how many."""
+    for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+        data, gone = kept[name].since(shown[name])
+        if gone:
+            console.warning(f"{name}: {gone} bytes were dropped here (more than are kept)")
         stream.buffer.write(data)
         stream.buffer.flush()
-        shown[name] = total
+        shown[name] = max(shown[name], kept[name].total)
 
 
 TASKS = (ps, kill, output)

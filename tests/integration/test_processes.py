@@ -4,13 +4,18 @@ A server started now is reached by later commands, listed, read, reattached and 
 from another host process (or the CLI), outlives the host process that started it, and
 ends with its whole tree. Commands in the sandbox cannot reach a process through its
 root-only record, and a hundred started and killed leave neither processes nor an
-unbounded pile of records behind.
+unbounded pile of records behind. `inv sandbox.output --follow` writes the very bytes the
+process printed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import subprocess
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +25,7 @@ from stigmer_sandbox.errors import SandboxError, UsageError
 from stigmer_sandbox.runtime import Sandbox
 from stigmer_sandbox.runtime.keeper import KEEP_ENDED
 
+from ..conftest import ROOT
 from .conftest import wait_for
 from .test_runtime import make_sandbox
 from .test_sessions import another_process, inv_env, one_error_line
@@ -225,6 +231,47 @@ def test_inv_run_background_ps_output_and_kill(box, inv):
     assert box.process(process_id).status()["killed"] is True
     assert "sleep 3005" not in running_args(box)
     assert box.inspect()["Id"] == box.container_id  # the CLI used this very container
+
+
+# Bytes that are not UTF-8 and characters of 2, 3 and 4 bytes, to be written a few at a
+# time so that the polls of `--follow` cut through them.
+ODD_BYTES = b"a\xff\xfe" + "é€😀ü".encode() * 3 + b"\xc3 end\n"
+DRIP = (
+    "import sys, time\n"
+    "data, out = bytes.fromhex(sys.argv[1]), getattr(sys, sys.argv[2]).buffer\n"
+    "for i in range(0, len(data), 2):\n"
+    "    out.write(data[i:i + 2]); out.flush(); time.sleep(0.09)\n"
+)
+
+
+def follow(box: Sandbox, process_id: str) -> subprocess.CompletedProcess[bytes]:
+    """`inv sandbox.output --follow`, its output as bytes."""
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", "sandbox.output", "--follow", process_id],
+        cwd=ROOT,
+        env={**os.environ, "NO_COLOR": "1", **inv_env(box)},
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_follow_writes_exactly_the_bytes_the_process_printed(box):
+    drip = f"python3 -c {shlex.quote(DRIP)} {ODD_BYTES.hex()}"
+    process = box.start(f"{drip} stdout & {drip} stderr; wait")
+    followed = follow(box, process.id)
+    assert followed.returncode == 0, followed.stderr
+    assert (followed.stdout, followed.stderr) == (ODD_BYTES, ODD_BYTES)
+
+
+def test_follow_says_how_many_bytes_it_could_not_show(box):
+    quick = "head -c 3000 /dev/zero | tr '\\0' a; sleep 1; printf tail-end"
+    process = box.start(quick, output_limit=1000)
+    followed = follow(box, process.id)
+    assert followed.returncode == 0, followed.stderr
+    dropped = sum(map(int, re.findall(rb"(\d+) bytes were dropped here", followed.stderr)))
+    assert dropped > 0 and len(followed.stdout) + dropped == 3008
+    assert followed.stdout == b"a" * (len(followed.stdout) - 8) + b"tail-end"
 
 
 @pytest.mark.parametrize("task", ["sandbox.output", "sandbox.kill"])
