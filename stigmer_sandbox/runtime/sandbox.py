@@ -330,9 +330,8 @@ class Sandbox(FileTransfers):
     def _existing(self) -> Any:
         container = self.find()
         if container is None:
-            raise SandboxNotReady(
-                f"sandbox {self.name} does not exist", "start it with `inv sandbox.up`"
-            )
+            start = "`inv compose.up`" if self.attached else "`inv sandbox.up`"
+            raise SandboxNotReady(f"sandbox {self.name} does not exist", f"start it with {start}")
         return container
 
     def logs(self, follow: bool = False, tail: str | int = "all") -> Iterator[bytes]:
