@@ -39,13 +39,16 @@ GUIDE_ENV = {
     "STIGMER_BOOTSTRAP_PIP_PACKAGES": "bootstrap_pip_packages",
 }
 
+# Patterns end in \Z, not $ (which also matches before a final newline: "name\n" passed).
 _IMAGE_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_RE = re.compile(
     rf"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{_IMAGE_COMPONENT}(?:/{_IMAGE_COMPONENT})*"
-    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?\Z"
 )
-CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
-SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([bkmg]?)b?$", re.IGNORECASE)
+# Docker wants two characters at least ("a" is refused by the engine).
+CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{1,127}\Z")
+# ASCII digits only: \d also matches other scripts' digits, which Docker and the kernel refuse.
+SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([bkmg]?)b?\Z", re.IGNORECASE | re.ASCII)
 # The largest per-call output cap: the channel sizes its frames from it.
 MAX_OUTPUT_LIMIT = 64 * 1024 * 1024
 # A week: long enough for any command, short enough for every clock and timer API.
@@ -87,15 +90,15 @@ def _key(
     choices: tuple[str, ...] = (),
     kind: str = "",
     maximum: float | None = None,
-    positive: bool = False,
+    above: float | None = None,
 ) -> Any:
-    """A setting: its help, default and what is allowed (`positive`: more than 0)."""
+    """A setting: its help, default and what is allowed (`above`: the value must be more)."""
     metadata = {
         "help": help_text,
         "choices": choices,
         "kind": kind,
         "maximum": maximum,
-        "positive": positive,
+        "above": above,
     }
     return field(default=default, metadata=metadata)
 
@@ -136,27 +139,25 @@ class Settings:
     engine_data_root: str = _key(
         "dockerd --data-root when this tool starts the engine (default: dockerd's own)", ""
     )
-    memory: str = _key(
-        "sandbox memory limit (memory+swap is the same)", "2g", kind="size", positive=True
-    )
+    memory: str = _key("sandbox memory limit (memory+swap is the same)", "2g", kind="size", above=0)
     cpus: float = _key("sandbox CPU limit (0: none)", 2.0, maximum=MAX_CPUS)
     pids_limit: int = _key("sandbox process limit (0: none)", 512, maximum=MAX_PIDS)
     tmp_size: str = _key(
         "size of the /tmp tmpfs (executable; counts against the memory limit)",
         "512m",
         kind="size",
-        positive=True,
+        above=0,
     )
     network: str = _key("sandbox network", "bridge", choices=("bridge", "none"))
     read_only_root: bool = _key("mount the sandbox's root filesystem read-only", False)
     timeout: float = _key(
-        "default command timeout in seconds", 600.0, maximum=MAX_TIMEOUT_S, positive=True
+        "default command timeout in seconds", 600.0, maximum=MAX_TIMEOUT_S, above=0
     )
     output_limit: int = _key(
         "bytes kept per output stream (at most 64 MiB)",
         1024 * 1024,
         maximum=MAX_OUTPUT_LIMIT,
-        positive=True,
+        above=1,  # a command's request needs room for at least two bytes
     )
     relay_idle_s: float = _key(
         "seconds a relay keeps `inv run`'s connection warm after its last command (0: no relay)",
@@ -167,7 +168,7 @@ class Settings:
         "most sandboxes one SandboxPool runs at once (ready and acquired)",
         32,
         maximum=512,
-        positive=True,
+        above=0,
     )
     snapshot_max_size: str = _key(
         "most a sandbox's commands may add outside /workspace for a fork or snapshot of it",
@@ -301,7 +302,7 @@ def _text_problem(item: dataclasses.Field, value: str) -> str | None:
     if kind == "container" and not CONTAINER_NAME_RE.match(value):
         return "must be letters, digits, '_', '.', '-' (starting with a letter or digit)"
     if kind == "size":
-        return _size_problem(value, item.metadata["positive"])
+        return _size_problem(value, item.metadata["above"])
     if kind in PACKAGE_SPECS and (bad := bad_package(kind, value)) is not None:
         return f"has {bad!r}, which is not {PACKAGE_SPECS[kind][1]}"
     return None
@@ -315,13 +316,13 @@ def _encodable(value: str) -> bool:
     return True
 
 
-def _size_problem(value: str, positive: bool) -> str | None:
+def _size_problem(value: str, above: float | None) -> str | None:
     try:
         size = parse_size(value)
     except ValueError:  # not a size, or more digits than Python converts
         return "must be a size like 512m or 2g"
-    if positive and size <= 0:
-        return "must be more than 0 (a size like 512m or 2g)"
+    if above is not None and size <= above:
+        return f"must be more than {_figure(above)} (a size like 512m or 2g)"
     if size > MAX_SIZE:
         return f"must be at most {MAX_SIZE} bytes"
     return None
@@ -330,11 +331,12 @@ def _size_problem(value: str, positive: bool) -> str | None:
 def _number_problem(item: dataclasses.Field, value: Any) -> str | None:
     if isinstance(value, bool):
         return None  # a bool key: its type is all there is to check
-    maximum, positive = item.metadata["maximum"], item.metadata["positive"]
+    maximum, above = item.metadata["maximum"], item.metadata["above"]
     if not math.isfinite(value):
         return "must be a finite number"
-    if positive and value <= 0:
-        return "must be more than 0" + (f" and at most {_figure(maximum)}" if maximum else "")
+    if above is not None and value <= above:
+        limit = f" and at most {_figure(maximum)}" if maximum is not None else ""
+        return f"must be more than {_figure(above)}{limit}"
     if value < 0:
         return "must not be negative"
     if maximum is not None and value > maximum:

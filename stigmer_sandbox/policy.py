@@ -78,7 +78,7 @@ MAX_SYMLINK_HOPS = 40
 # also passes folders the user may search but not list.
 _FOLDER_FLAGS = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
 # Sizes the kernel's tmpfs takes as they are (its memparse: digits and one k/m/g).
-_KERNEL_SIZE = re.compile(r"\d+[kmgKMG]?")
+_KERNEL_SIZE = re.compile(r"\d+[kmgKMG]?", re.ASCII)
 # What opening a component answers when it is a symlink or not a folder (any more).
 _SWAPPED = (errno.ELOOP, errno.ENOTDIR)
 

@@ -24,7 +24,7 @@ BAD_FILES = [
     ("memory: lots", "key 'memory' must be a size like 512m or 2g"),
     ("timeout: -1", "key 'timeout' must be more than 0"),
     ("timeout: 0", "key 'timeout' must be more than 0"),
-    ("output_limit: -1", "key 'output_limit' must be more than 0"),
+    ("output_limit: -1", "key 'output_limit' must be more than 1"),
     ("cpus: lots", "key 'cpus' must be a number"),
     ("memroy: 2g", "unknown key 'memroy'"),
     ("bootstrap_pip_packages: [a, b]", "key 'bootstrap_pip_packages' must be text"),
