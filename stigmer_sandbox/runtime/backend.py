@@ -23,6 +23,7 @@ import socket
 import stat
 import struct
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,10 @@ from typing import Any, Protocol
 from .. import engine, labels
 from ..errors import SandboxError
 
+# A freeze refused while the container was busy: tried again, after a growing pause.
+FREEZE_REFUSED = "unable to freeze"
+PAUSE_ATTEMPTS = 5
+PAUSE_RETRY_S = 0.2
 # What `changes` reports of a path (the Engine API's kinds).
 MODIFIED, ADDED, DELETED = 0, 1, 2
 # Docker multiplexes an attached exec's stdout and stderr in frames: stream, size, payload.
@@ -164,8 +169,7 @@ class DockerBackend:
 
     @contextmanager
     def frozen(self, handle: Any) -> Iterator[None]:
-        with engine.engine_errors():
-            handle.pause()
+        _pause(handle)
         try:
             yield
         finally:
@@ -264,6 +268,21 @@ class DockerBackend:
             # ignore_removed: a sandbox removed between listing and inspecting is no error.
             found = engine.client().containers.list(all=True, filters=wanted, ignore_removed=True)
             return list(found)
+
+
+def _pause(handle: Any, attempts: int = PAUSE_ATTEMPTS) -> None:
+    """Freeze the container; a freeze the kernel gave up on while the container was busy
+    (cgroup v1's freezer, under load: "unable to freeze") is tried again, as runc leaves
+    the container running then."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with engine.engine_errors():
+                handle.pause()
+            return
+        except SandboxError as exc:
+            if attempt == attempts or FREEZE_REFUSED not in exc.message:
+                raise
+        time.sleep(PAUSE_RETRY_S * attempt)
 
 
 def _overlay_layers(handle: Any) -> tuple[Path, list[Path]] | None:

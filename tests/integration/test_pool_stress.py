@@ -131,8 +131,8 @@ def test_thirty_two_threads_never_share_a_sandbox_and_close_leaves_nothing(tmp_p
     child = start_child(tmp_path)
     try:
         events = read_events(child, stop_after=None)
-        assert child.wait(timeout=120) == 0, child.stderr.read()[-2000:]
-        assert "Traceback" not in child.stderr.read()
+        code, errors = child.wait(timeout=120), child.stderr.read()
+        assert code == 0 and "Traceback" not in errors, errors[-3000:]
     finally:
         stop(child)
     assert_never_handed_twice(events)

@@ -714,3 +714,39 @@ def test_clean_all_removes_the_host_copies_of_the_helper(tmp_path):
     assert (planned.kind, planned.id) == ("folder", str(copies))
     assert cleanup.remove([planned]) == ([planned], [])
     assert not copies.exists()
+
+
+class Freezer:
+    """A container whose first `refusals` pauses fail as runc's cgroup v1 freezer does
+    under load."""
+
+    def __init__(self, refusals: int, why: str = "unable to freeze: unknown") -> None:
+        self.refusals, self.why, self.pauses, self.unpauses = refusals, why, 0, 0
+
+    def pause(self) -> None:
+        self.pauses += 1
+        if self.pauses <= self.refusals:
+            raise docker.errors.APIError(
+                "500 Server Error", explanation=f"Cannot pause container x: {self.why}"
+            )
+
+    def unpause(self) -> None:
+        self.unpauses += 1
+
+
+def test_a_freeze_refused_under_load_is_tried_again(monkeypatch):
+    from stigmer_sandbox.runtime import backend
+
+    monkeypatch.setattr(backend, "PAUSE_RETRY_S", 0.0)
+    busy = Freezer(refusals=2)
+    with backend.DOCKER.frozen(busy):
+        assert (busy.pauses, busy.unpauses) == (3, 0)
+    assert busy.unpauses == 1
+    stuck = Freezer(refusals=backend.PAUSE_ATTEMPTS)
+    with pytest.raises(SandboxError, match="unable to freeze"), backend.DOCKER.frozen(stuck):
+        pass
+    assert (stuck.pauses, stuck.unpauses) == (backend.PAUSE_ATTEMPTS, 0)
+    other = Freezer(refusals=1, why="container is not running")
+    with pytest.raises(SandboxError, match="not running"), backend.DOCKER.frozen(other):
+        pass
+    assert other.pauses == 1  # only a refused freeze is tried again
