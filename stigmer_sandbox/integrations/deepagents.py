@@ -100,6 +100,12 @@ R = TypeVar("R")
 IN_HELPER: contextvars.ContextVar[bool] = contextvars.ContextVar("in_helper", default=False)
 
 
+def readable(text: str) -> str:
+    """Text read with surrogateescape as a person (or a model's JSON encoder, which
+    refuses lone surrogates) reads it: an undecodable byte shows as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def escaping_arguments(command: str) -> str:
     """A deepagents helper command whose base64 arguments decode with surrogateescape."""
     return HELPER_ARGUMENT.sub(r"\1.decode('utf-8', 'surrogateescape')", command)
@@ -270,7 +276,10 @@ class StigmerSandbox(BaseSandbox):
     ) -> GrepResult:
         error = protocol.GrepResult(error=f"Path '{path or '.'}': {NOT_TEXT}")
         texts = (LinuxText(pattern), linux_text(path), linux_text(glob))
-        return self._helper(super().grep, error, *texts, max_count=max_count)
+        found = self._helper(super().grep, error, *texts, max_count=max_count)
+        for match in found.matches or []:  # paths round trip; a line is only read
+            match["text"] = readable(match["text"])
+        return found
 
     async def agrep(
         self,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from deepagents.backends import sandbox as deepagents_sandbox
+from deepagents.backends.protocol import ExecuteResponse
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -195,3 +196,21 @@ def test_a_trailing_slash_names_a_folder(local):
         "is_directory"
     )
     assert local.download_files([f"{folder}/"])[0].error == "is_directory"
+
+
+class CannedGrep(StigmerSandbox):
+    """A backend whose commands all print one grep record (as rg --encoding none would
+    for a line with an undecodable byte), read the way `execute` reads helpers."""
+
+    def __init__(self) -> None:  # no sandbox: nothing runs
+        pass
+
+    def execute(self, command: str, *, timeout: int | None = None) -> ExecuteResponse:
+        return ExecuteResponse(output="/w/x\udcff\x001:needle \udcff\n", exit_code=0)
+
+
+def test_grep_paths_round_trip_but_its_lines_are_text_a_model_can_read():
+    found = CannedGrep().grep("needle", "/w")
+    assert found.matches == [{"path": "/w/x\udcff", "line": 1, "text": "needle \ufffd"}]
+    texts = [match["text"] for match in found.matches or []]
+    json.dumps(texts, ensure_ascii=False).encode()  # what a model's HTTP client sends
