@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,18 +349,23 @@ class PinnedMount:
     inode: int
 
 
-def pin_mounts(spec: dict[str, Any]) -> tuple[PinnedMount, ...]:
-    """The identity (device, inode) of each bind mount's source in `spec`, taken through
-    descriptors that never follow a symlink, so it is the folder the policy checked."""
+def pin_mounts(mounts: Iterable[Mapping[str, Any]]) -> tuple[PinnedMount, ...]:
+    """The identity (device, inode) of each bind mount's source (`Source`, `Target`, as in
+    `container_spec(...)["mounts"]`), taken through descriptors that never follow a
+    symlink, so it is the folder the policy checked."""
     pins = []
-    for mount in spec["mounts"]:
-        key = MOUNT_KEYS.get(mount["Target"], mount["Target"])
-        with open_folder(key, Path(mount["Source"])) as fd:
+    for mount in mounts:
+        key, source = MOUNT_KEYS.get(mount["Target"], mount["Target"]), Path(mount["Source"])
+        with open_folder(key, source) as fd:
             found = os.fstat(fd)
-        pins.append(
-            PinnedMount(key, Path(mount["Source"]), mount["Target"], found.st_dev, found.st_ino)
-        )
+        pins.append(PinnedMount(key, source, mount["Target"], found.st_dev, found.st_ino))
     return tuple(pins)
+
+
+def folder_mounts(folders: Mapping[str, Path]) -> list[dict[str, str]]:
+    """`sandbox_folders`' result as the mounts `pin_mounts` reads (for compose's sandbox)."""
+    targets = {key: target for target, key in MOUNT_KEYS.items()}
+    return [{"Source": str(path), "Target": targets[key]} for key, path in folders.items()]
 
 
 def mount_identities_command(pins: tuple[PinnedMount, ...]) -> list[str]:

@@ -80,7 +80,7 @@ def start_checked(settings: Settings, image: str) -> object:
     """What `Sandbox.up` does for a new sandbox, with the pin and the check around it."""
     spec = policy.container_spec(settings, image, dict(TEST_LABELS))
     policy.prepare_folders(settings, (0, 0))
-    pins = policy.pin_mounts(spec)
+    pins = policy.pin_mounts(spec["mounts"])
     container = engine.client().containers.create(**spec)
     container.start()
     policy.verify_mounts(pins, DockerBackend(), container)
@@ -99,7 +99,7 @@ def test_a_folder_swapped_after_the_pin_is_found_and_the_sandbox_removed(tmp_pat
     image = settings.image
     spec = policy.container_spec(settings, image, dict(TEST_LABELS))
     policy.prepare_folders(settings, (0, 0))
-    pins = policy.pin_mounts(spec)
+    pins = policy.pin_mounts(spec["mounts"])
     exchange(*decoy_for(settings, "logs", home))  # between the check and the mount
     container = engine.client().containers.create(**spec)
     container.start()
@@ -117,7 +117,7 @@ def test_a_symlink_swapped_in_after_the_check_is_never_pinned(tmp_path, home):
     policy.prepare_folders(settings, (0, 0))
     exchange(*decoy_for(settings, "workspace", home))
     with pytest.raises(SandboxError, match=rf"^workspace: .*{CHANGED}"):
-        policy.pin_mounts(spec)
+        policy.pin_mounts(spec["mounts"])
 
 
 def test_a_sandbox_never_starts_on_a_folder_swapped_during_its_start(tmp_path, home):
@@ -201,6 +201,17 @@ def race_prepare(
         if owned is not None:
             os.close(owned)
     return attempts
+
+
+def test_a_tmp_size_the_kernel_would_refuse_as_written_still_starts(tmp_path):
+    # The kernel's tmpfs refused size=1.5g: the container never started.
+    settings = settings_in(tmp_path, tmp_size="1.5g")
+    container = start_checked(settings, settings.image)
+    try:
+        shown = container.exec_run(["/usr/bin/df", "-B1", "--output=size", "/tmp"]).output
+    finally:
+        container.remove(force=True)
+    assert str(3 * 512 * 1024**2) in shown.decode()
 
 
 @pytest.fixture

@@ -78,6 +78,10 @@ def test_invoke_merged_config_then_guide_env_then_flags():
         ("stigmer:\n  cpus: 5000\n", "key 'cpus' must be at most 1024"),
         ("stigmer:\n  1: 2\n", "unknown key '1'"),
         ("stigmer: 3\n", "section 'stigmer' must be a mapping"),
+        ("stigmer:\n  container_name: a\n", "key 'container_name' must be letters"),
+        ('stigmer:\n  container_name: "ab\\n"\n', "key 'container_name' must be letters"),
+        ('stigmer:\n  image: "x:1\\n"\n', "key 'image' must be an image reference"),
+        ("stigmer:\n  memory: \u0662g\n", "key 'memory' must be a size"),
     ],
 )
 def test_invalid_project_file_names_file_and_key(tmp_path, text, expected):

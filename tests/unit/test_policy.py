@@ -239,7 +239,7 @@ def test_open_folder_without_create_names_a_missing_folder(tmp_path):
 def test_pins_name_each_mount_by_its_key(tmp_path):
     spec = policy.container_spec(settings(tmp_path), "img:1", {})
     policy.prepare_folders(settings(tmp_path))
-    pins = policy.pin_mounts(spec)
+    pins = policy.pin_mounts(spec["mounts"])
     assert [(pin.key, pin.target) for pin in pins] == [
         ("workspace", "/workspace"),
         ("logs", "/logs"),
@@ -312,3 +312,12 @@ def test_tmpfs_size_is_one_the_kernel_accepts(size, mounted):
     assert policy.tmpfs_size(size) == mounted
     spec = policy.container_spec(settings(Path("/nonexistent"), tmp_size=size), "img:1", {})
     assert spec["tmpfs"]["/tmp"].endswith(f",size={mounted}")
+
+
+def test_folder_mounts_pin_the_checked_folders_at_their_targets(tmp_path):
+    folders = policy.prepare_folders(settings(tmp_path))
+    pins = policy.pin_mounts(policy.folder_mounts(folders))
+    assert [(pin.key, pin.target, pin.source) for pin in pins] == [
+        ("workspace", "/workspace", folders["workspace"]),
+        ("logs", "/logs", folders["logs"]),
+    ]

@@ -256,4 +256,4 @@ def test_env_pairs_keep_the_value_after_the_first_equals_sign(key, value):
 
 def test_sandbox_errors_are_the_only_errors_the_policy_raises_for_a_missing_folder(tmp_path):
     with pytest.raises(SandboxError):
-        policy.pin_mounts({"mounts": [{"Source": str(tmp_path / "gone"), "Target": "/logs"}]})
+        policy.pin_mounts([{"Source": str(tmp_path / "gone"), "Target": "/logs"}])
