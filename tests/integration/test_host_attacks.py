@@ -23,6 +23,7 @@ from stigmer_sandbox import engine, policy
 from stigmer_sandbox.config import Settings
 from stigmer_sandbox.errors import ConfigError, SandboxError
 from stigmer_sandbox.host import permissions
+from stigmer_sandbox.runtime import Sandbox
 from stigmer_sandbox.runtime.backend import DockerBackend
 
 from .conftest import TEST_LABELS
@@ -118,6 +119,36 @@ def test_a_symlink_swapped_in_after_the_check_is_never_pinned(tmp_path, home):
     exchange(*decoy_for(settings, "workspace", home))
     with pytest.raises(SandboxError, match=rf"^workspace: .*{CHANGED}"):
         policy.pin_mounts(spec["mounts"])
+
+
+class SwappingBackend(DockerBackend):
+    """Docker, but a folder is swapped for a symlink right after the container is created
+    (after every check, before the engine mounts it): the race won every time."""
+
+    def __init__(self, real: Path, decoy: Path) -> None:
+        self.swap = (real, decoy)
+
+    def create(self, spec: dict) -> object:
+        container = super().create(spec)
+        exchange(*self.swap)
+        return container
+
+
+@pytest.mark.xfail(
+    strict=True, reason="needs policy.pin_mounts/verify_mounts wired into Sandbox.up"
+)
+def test_sandbox_up_refuses_a_folder_swapped_between_its_check_and_its_mount(tmp_path, home):
+    settings = settings_in(tmp_path)
+    policy.prepare_folders(settings, (0, 0))
+    backend = SwappingBackend(*decoy_for(settings, "logs", home))
+    box = Sandbox(settings, extra_labels=TEST_LABELS, host_user=(0, 0), backend=backend)
+    try:
+        with pytest.raises(SandboxError, match=rf"^logs: .*{CHANGED}"):
+            box.up()
+        assert engine.find_container(settings.container_name) is None
+    finally:
+        box.remove()
+    assert_home_untouched(home)
 
 
 def test_a_sandbox_never_starts_on_a_folder_swapped_during_its_start(tmp_path, home):
