@@ -1,17 +1,27 @@
-"""Start a child with the signal dispositions a test chooses, not the ones its caller left.
+"""Undo what a test's caller leaves to the processes a test starts.
 
 Ignored and blocked signals survive fork and exec: run from a background job of a script
 (where the shell ignores SIGINT and SIGQUIT) or under a supervisor, a child that a test
 means to Ctrl-C would ignore it. `with_signals` starts the child through a small Python
 that sets them first, so a test sees the same thing from any caller, and can also play
 the caller that ignores or blocks them.
+
+The tool's settings variables (`INVOKE_STIGMER_*`, the guide's `STIGMER_*`) in the
+caller's environment would reach every `inv` a test starts (`STIGMER_EXECUTION_MODE=local`
+runs commands on the host): `without_settings_variables` removes them while a test runs.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import pytest
+
+from stigmer_sandbox import config
 
 # What a terminal's foreground job has: these at their default and unblocked (SIGPIPE and
 # SIGXFSZ too, which the Python in between would otherwise leave ignored).
@@ -47,3 +57,13 @@ def with_signals(
     default and no signal blocked, except those in `ignore` (of `RESET`) and `block`."""
     numbers = (_numbers(RESET), _numbers(ignore), _numbers(block))
     return [sys.executable, "-c", _SET_AND_EXEC, *numbers, *argv]
+
+
+@contextmanager
+def without_settings_variables() -> Iterator[None]:
+    """This process's environment without the variables that change the tool's settings."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith(config.ENV_PREFIX) or name in config.GUIDE_ENV:
+                patch.delenv(name)
+        yield

@@ -97,6 +97,9 @@ def run(
         "cwd": workdir,
         "keep_background": keep_background,
     }
+    # Ctrl-C ends the command (KeyboardInterrupt closes the relay connection, or the agent
+    # channel). An ignored SIGINT inherited from the caller stays ignored on purpose: a
+    # shell does that to its background jobs so that Ctrl-C at the terminal spares them.
     warm = not background and network is None and current.relay_idle_s > 0
     if warm and current.execution_mode != "local":
         from .. import relay  # standard library only: the warm path imports nothing heavy

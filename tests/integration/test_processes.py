@@ -25,10 +25,18 @@ from stigmer_sandbox.errors import SandboxError, UsageError
 from stigmer_sandbox.runtime import Sandbox
 from stigmer_sandbox.runtime.keeper import KEEP_ENDED
 
+from ..caller import without_settings_variables
 from ..conftest import ROOT
 from .conftest import wait_for
 from .test_runtime import make_sandbox
 from .test_sessions import another_process, inv_env, one_error_line
+
+
+@pytest.fixture(scope="module", autouse=True)
+def callers_settings_left_out():
+    """`inv` here reads only the settings this module gives it, not the caller's."""
+    with without_settings_variables():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +258,7 @@ def follow(box: Sandbox, process_id: str) -> subprocess.CompletedProcess[bytes]:
         [sys.executable, "-m", "invoke", "sandbox.output", "--follow", process_id],
         cwd=ROOT,
         env={**os.environ, "NO_COLOR": "1", **inv_env(box)},
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         timeout=120,
         check=False,

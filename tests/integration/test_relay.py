@@ -19,11 +19,18 @@ import pytest
 
 from stigmer_sandbox import config, relay
 
+from ..caller import with_signals, without_settings_variables
 from ..conftest import ROOT, run_inv
-from ..dispositions import with_signals
 from .conftest import wait_for
 from .test_runtime import make_sandbox
 from .test_sessions import inv_env
+
+
+@pytest.fixture(scope="module", autouse=True)
+def callers_settings_left_out():
+    """`inv` here reads only the settings this module gives it, not the caller's."""
+    with without_settings_variables():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +67,7 @@ def start_relay(settings, env) -> Path:
         argv,
         cwd=ROOT,
         env={**os.environ, "NO_COLOR": "1", **env},
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=300,
@@ -147,7 +155,9 @@ def test_ctrl_c_ends_the_command_in_the_sandbox(socket_path, env, box):
     a script ignores it, and an ignored SIGINT is inherited)."""
     marker = f"relay-cancel-{os.getpid()}"
     command = with_signals([sys.executable, "-m", "invoke", "run", f"sleep 47; echo {marker}"])
-    running = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env})
+    running = subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL
+    )
     try:
         assert wait_for(lambda: "sleep 47" in box.exec("ps -eo args").stdout, 20)
         running.send_signal(signal.SIGINT)
