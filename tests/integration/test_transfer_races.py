@@ -49,7 +49,7 @@ while [ $SECONDS -lt $end ]; do
   done
   rm -rf d; mkfifo d; sleep 0.002
   rm -rf d; mkdir d; for i in 0 1 2 3; do mkfifo d/f$i; done; ln -s /etc/hostname d/f5
-  ln -s {OUTSIDE}/canary d/f6; sleep 0.002
+  ln -s {OUTSIDE}/canary d/f6; for i in 7 8 9; do printf uploaded > d/f$i; done; sleep 0.05
 done
 """
 
