@@ -268,7 +268,8 @@ class Relay:
         relay.send_line(conn, {"type": "accepted"})
         try:
             result = self._run(conn, request)
-        except SandboxError as exc:
+        except SandboxError as exc:  # e.g. a value `exec` refuses, an invalid session name
+            log(f"refused to run: {exc.message}")
             relay.send_line(conn, error_message(exc))
             return
         relay.send_line(conn, {"type": "done", "result": result})
@@ -320,6 +321,7 @@ def answer(conn: socket.socket, message: dict[str, Any]) -> None:
 
 
 def error_message(exc: SandboxError) -> dict[str, Any]:
+    """The answer for `exc`: what the client raises again, with the same exit code."""
     return {"type": "error", "message": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}
 
 
@@ -334,9 +336,9 @@ def start_in_background(settings: Settings) -> None:
     """Start a relay for `settings` that outlives this process (a no-op when one runs)."""
     import subprocess
 
-    log = settings.path("state_dir") / "relay.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as errors:
+    log_path = settings.path("state_dir") / "relay.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as errors:
         # -I and cwd /: never import from the folder `inv` ran in (it may be the workspace,
         # which sandbox commands write).
         process = subprocess.Popen(

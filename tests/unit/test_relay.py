@@ -196,6 +196,23 @@ def test_a_bad_field_gets_an_error_naming_it_and_the_relay_serves_the_next(
 
 
 @pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"command": "true", "options": {"env": {"A=B": "x"}}}, "invalid environment variable"),
+        ({"command": "true", "session": "../x"}, "invalid session name"),
+        ({"command": " "}, "empty command"),
+    ],
+)
+def test_a_value_exec_refuses_is_answered_and_logged_once(tmp_path, capsys, fields, named):
+    served = Served(tmp_path)
+    answers = served.exchange(served.request(**fields))
+    assert [a["type"] for a in answers] == ["accepted", "error"] and not served.ran
+    assert named in answers[1]["message"] and answers[1]["exit_code"] == 2
+    log = capsys.readouterr().err
+    assert len(log.splitlines()) == 1 and named in log
+
+
+@pytest.mark.parametrize(
     "line",
     [b"not json\n", b"\xff\xfe\n", b"[" * 100_000 + b"\n", b"[1]\n", b'{"command": "true"}'],
 )
