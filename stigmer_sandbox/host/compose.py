@@ -199,6 +199,7 @@ def _enforced(settings: Settings) -> Path:
     service["cpus"] = settings.cpus
     # Compose keeps its service up (restart: unless-stopped): no lifetime wrapper.
     service["command"] = [policy.KEEPALIVE]
+    service.update(_host_helper_volume(settings))
     if settings.network == "none":
         service["network_mode"] = "none"
     path = settings.path("state_dir") / f"compose.{settings.container_name}.enforced.yml"
@@ -209,6 +210,19 @@ def _enforced(settings: Settings) -> Path:
         encoding="utf-8",
     )
     return path
+
+
+def _host_helper_volume(settings: Settings) -> dict[str, list[str]]:
+    """The host's copy of the command helper mounted read-only over the image's (as for
+    `Sandbox.up`). Without the image (`compose.down` after `inv clean --all`) there is no
+    copy to take and nothing to start: the other verbs go on without it."""
+    from ..runtime import host_helper
+
+    try:
+        helper = host_helper.copy_for(settings, settings.image)
+    except SandboxError:
+        return {}
+    return {"volumes": [f"{helper}:{policy.EXEC_HELPER}:ro"]}
 
 
 def with_user_image(target: ComposeProject, settings: Settings) -> ComposeProject:
@@ -257,13 +271,18 @@ def up(
             f"{existing.name} was started by `inv sandbox.up`",
             "stop it with `inv sandbox.down` first",
         )
-    policy.prepare_folders(settings)
+    # Pinned now and checked once started: a folder swapped for a symlink in between must
+    # not be what compose mounts.
+    pins = policy.pin_mounts(policy.folder_mounts(policy.prepare_folders(settings)))
     done = run(target, "up", "-d", echo=echo)
     if done.returncode:
         raise SandboxError(f"compose up failed (exit {done.returncode})")
     container = engine.find_container(settings.container_name)
     if container is None:
         raise SandboxNotReady(f"compose did not create {settings.container_name}")
+    from ..runtime.backend import DOCKER
+
+    policy.verify_mounts(pins, DOCKER, container)
     healthy, detail, seconds = engine.wait_healthy(container, timeout)
     if not healthy:
         raise SandboxNotReady(

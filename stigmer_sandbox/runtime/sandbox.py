@@ -32,7 +32,7 @@ from .. import config, engine, images, labels, policy
 from ..config import Settings, load_settings
 from ..errors import SandboxError, SandboxNotReady, UsageError
 from ..images.record import ImageRecord
-from . import bootstrap, processes, snapshots, workspaces
+from . import bootstrap, host_helper, processes, snapshots, workspaces
 from .backend import DOCKER, Backend
 from .channel import AgentChannel, AgentLost, DirectRunner, RawResult, Request
 from .commands import ExecOptions, ExecResult, audit_entry, lost, make_request
@@ -163,16 +163,24 @@ class Sandbox(FileTransfers):
                 image = images.image_for_user(image, *self.sandbox_user, record)
             image_id = engine.image(image).id
             spec["image"] = image
+            folders = list(spec["mounts"])
+            # The helper every command runs through comes from the host, never the image.
+            spec["mounts"].append(host_helper.mount(self.settings, image, self.backend))
             wanted = spec_hash(spec, image_id)
             container = self._reusable(self.find(), wanted)
             started = container is None or container.status != "running"
             if container is None:
                 policy.prepare_folders(self.settings, self.host_user)
+            # Pinned now and checked once started: a folder swapped for a symlink in between
+            # (e.g. by a command of a running sandbox) must not be what gets mounted.
+            pins = policy.pin_mounts(folders) if started else ()
+            if container is None:
                 spec["labels"] = self._labels(wanted)
                 container = self.backend.create(spec)
             if container.status != "running":
                 with engine.engine_errors():
                     container.start()
+            policy.verify_mounts(pins, self.backend, container)
             self._container = container
             early = self._connect_early() if started and self.use_agent else None
             try:

@@ -134,9 +134,6 @@ class SwappingBackend(DockerBackend):
         return container
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs policy.pin_mounts/verify_mounts wired into Sandbox.up"
-)
 def test_sandbox_up_refuses_a_folder_swapped_between_its_check_and_its_mount(tmp_path, home):
     settings = settings_in(tmp_path)
     policy.prepare_folders(settings, (0, 0))

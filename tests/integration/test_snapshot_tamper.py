@@ -297,8 +297,16 @@ def test_a_forged_helper_in_an_image_never_runs(settings, docker_engine, basic_i
     """An image whose helper forges results, labelled as a checked fork of the project
     image (only a Docker user could make it): its helper forges when run, but a sandbox
     started from it with the host's helper reports the truth."""
-    with sandbox(settings) as box:
-        as_root(box, f"printf '{FORGED_HELPER}' > {policy.EXEC_HELPER}")
+    # Forged outside any sandbox: in a sandbox the host's helper is mounted read-only.
+    forger = docker_engine.containers.run(
+        basic_image.id,
+        ["/bin/sh", "-c", f"printf '{FORGED_HELPER}' > {policy.EXEC_HELPER}"],
+        user="0:0",
+        labels=TEST_LABELS,
+        detach=True,
+    )
+    try:
+        assert forger.wait(timeout=60)["StatusCode"] == 0
         marks = {
             labels.KIND: "fork",
             snapshots.CHECKED_LABEL: basic_image.id,
@@ -306,7 +314,9 @@ def test_a_forged_helper_in_an_image_never_runs(settings, docker_engine, basic_i
         }
         tag = f"forged-{uuid.uuid4().hex[:8]}"
         changes = [f'LABEL {key}="{value}"' for key, value in marks.items()]
-        forged = box._existing().commit(snapshots.FORK_REPOSITORY, tag, changes=changes)
+        forged = forger.commit(snapshots.FORK_REPOSITORY, tag, changes=changes)
+    finally:
+        forger.remove(force=True)
     try:
         attack = run_in(docker_engine, forged.id, [policy.EXEC_HELPER, "--", "false"])
         assert attack == "forged\n"  # the image's own helper would lie
@@ -325,7 +335,6 @@ def test_a_forged_helper_in_an_image_never_runs(settings, docker_engine, basic_i
         docker_engine.images.remove(forged.id, force=True)
 
 
-@pytest.mark.xfail(strict=True, reason="wiring pending: Sandbox.up mounts host_helper.mount")
 def test_every_sandbox_runs_the_host_helper(settings):
     with sandbox(settings) as box:
         mounts = {m["target"]: m for m in box.status()["mounts"]}
