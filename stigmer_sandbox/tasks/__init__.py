@@ -7,9 +7,9 @@ from pathlib import Path
 
 from invoke import Collection
 
-from .. import config, console
-from ..errors import ConfigError
+from .. import config
 from . import compose, dev, engine, root, sandbox
+from ._common import check_startup
 
 
 def build_namespace(project_dir: Path | None = None) -> Collection:
@@ -17,7 +17,7 @@ def build_namespace(project_dir: Path | None = None) -> Collection:
     defaults = config.defaults()
     if project_dir is not None:
         defaults["project_dir"] = str(project_dir)
-        _check_project_file(project_dir / config.PROJECT_FILE)
+        check_startup(project_dir, sys.argv[1:])
     namespace = Collection()
     for item in (*root.TASKS, *dev.TASKS):
         namespace.add_task(item)
@@ -25,12 +25,3 @@ def build_namespace(project_dir: Path | None = None) -> Collection:
         namespace.add_collection(sub)
     namespace.configure({config.SECTION: defaults})
     return namespace
-
-
-def _check_project_file(path: Path) -> None:
-    """Fail with one line before Invoke itself trips over a broken project file."""
-    try:
-        config.read_project_file(path)
-    except ConfigError as exc:
-        print(console.error_line(exc.message, exc.hint), file=sys.stderr)
-        raise SystemExit(exc.exit_code) from None

@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING
 from invoke import Collection, Context, Exit
 
 from .. import console
-from ._common import settings, task
-from .root import _report, _write
+from ._common import report_result, settings, stream_writer, task
 from .sandbox import build_kind
 
 if TYPE_CHECKING:
@@ -177,9 +176,12 @@ def exec(
             raise Exit(code=code)
         return
     result = sandbox.exec(
-        c.remainder, timeout=timeout, on_stdout=_write(sys.stdout), on_stderr=_write(sys.stderr)
+        c.remainder,
+        timeout=timeout,
+        on_stdout=stream_writer(sys.stdout),
+        on_stderr=stream_writer(sys.stderr),
     )
-    _report(result.to_dict(), json=False)
+    report_result(result.to_dict(), json=False)
 
 
 def _exec_in_service(target: compose.ComposeProject, service: str, command: str) -> None:

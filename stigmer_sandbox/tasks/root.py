@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from invoke import Context, Exit
 
@@ -13,10 +13,7 @@ from ..errors import SandboxError, UsageError
 if TYPE_CHECKING:
     from .. import runtime
     from ..host import cleanup, workflow
-from ._common import settings, task
-
-# `inv run` exits with this when a command's result was lost with the sandbox agent.
-LOST_EXIT = 255
+from ._common import report_result, settings, stream_writer, task
 
 
 @task(help={"json": "print the report as one JSON object (default: off)"})
@@ -36,14 +33,6 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
             raise UsageError(f"--env must be KEY=VALUE, got {pair!r}")
         parsed[key] = value
     return parsed
-
-
-def _write(stream: object) -> runtime.OutputCallback:
-    def write(data: bytes) -> None:
-        stream.buffer.write(data)  # type: ignore[attr-defined]
-        stream.buffer.flush()  # type: ignore[attr-defined]
-
-    return write
 
 
 @task(
@@ -87,8 +76,8 @@ def run(
     current = settings(c)
     streaming = not json
     callbacks = {
-        "on_stdout": _write(sys.stdout) if streaming else None,
-        "on_stderr": _write(sys.stderr) if streaming else None,
+        "on_stdout": stream_writer(sys.stdout) if streaming else None,
+        "on_stderr": stream_writer(sys.stderr) if streaming else None,
     }
     options = {
         "timeout": timeout,
@@ -107,7 +96,7 @@ def run(
         request = {"command": command, "options": options, "session": session}
         answer = relay.run(current, request, **callbacks)
         if answer is not None:
-            _report(answer, json)
+            report_result(answer, json)
             return
     from .. import runtime
 
@@ -127,20 +116,7 @@ def run(
         from ..runtime import relay_server
 
         relay_server.start_in_background(current)
-    _report(result.to_dict(), json)
-
-
-def _report(result: dict[str, Any], json: bool) -> None:
-    """The end of `inv run`: the JSON result or a warning for an unusual end; its exit."""
-    cause, code = result.get("cause"), result.get("exit_code")
-    if json:
-        console.emit_json(result)
-    elif cause == "lost":
-        console.warning(f"the command's result was lost: {result.get('error')}")
-    elif cause != "exit":
-        console.warning(f"command ended by {cause} (exit {code})")
-    if code != 0:
-        raise Exit(code=LOST_EXIT if code is None else int(code))
+    report_result(result.to_dict(), json)
 
 
 def _start_background(
@@ -287,6 +263,8 @@ def fix_permissions(
         )
         if change.problems:
             console.warning(f"some entries could not be reached: {change.problems}")
+        if change.skipped:
+            console.warning(change.skipped_line())
 
 
 TASKS = (doctor, run, dev_full, clean, fix_permissions)

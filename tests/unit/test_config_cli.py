@@ -16,10 +16,6 @@ import pytest
 from ..conftest import ROOT, run_inv
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("stigmer-sandbox")
-NEEDS_WIRING = pytest.mark.xfail(
-    strict=True,
-    reason="needs tasks/__init__.py build_namespace to call _common.check_startup",
-)
 BAD_FILES = [
     ("memory: lots", "key 'memory' must be a size like 512m or 2g"),
     ("timeout: -1", "key 'timeout' must be more than 0"),
@@ -105,7 +101,6 @@ def test_the_console_script_answers_json_with_a_json_error(project, line, expect
     assert_json_error(console_script(*task, cwd=project), str(path), expected)
 
 
-@NEEDS_WIRING
 @pytest.mark.parametrize("task", JSON_TASKS)
 def test_inv_answers_json_with_a_json_error_for_a_bad_project_file(project, task):
     path = configure(project, "memory: lots")
@@ -134,7 +129,6 @@ def test_the_console_script_names_a_bad_variable(project, variable, value, expec
     assert_json_error(done, expected)
 
 
-@NEEDS_WIRING
 @pytest.mark.parametrize(("variable", "value", "expected"), INVOKE_TRIPS_OVER)
 def test_inv_names_a_bad_variable_invoke_would_trip_over(project, variable, value, expected):
     assert_one_line(run_inv("doctor", cwd=project, env={variable: value}), expected)

@@ -137,14 +137,6 @@ def test_fix_permissions_owner_choice(monkeypatch):
     assert permissions.target_owner(False, None, None) == (4321, 99)
 
 
-def test_fix_permissions_never_follows_symlinks():
-    from stigmer_sandbox.host import permissions
-
-    script = permissions._script(1000, 1000, dry_run=False)
-    assert script.startswith("find -P /target") and "chown -h 1000:1000" in script
-    assert "chown" not in permissions._script(1000, 1000, dry_run=True)
-
-
 @pytest.mark.parametrize(
     ("found", "have_ca", "status", "fragment"),
     [
