@@ -31,6 +31,21 @@ from .sandbox import Sandbox
 
 TOKEN_VAR = "STIGMER_EXEC_TOKEN"
 KILL_DEADLINE_S = 10.0
+# Signals a command expects at their default. A caller that ignores them (a shell's
+# background job ignores INT and QUIT; `nohup` ignores HUP) passes that on through exec,
+# so `kill -TERM $$` would not end the command: such a caller's commands start through a
+# tiny Python step that sets them back.
+DEFAULT_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
+RESET_AND_EXEC = (
+    "import os, signal, sys\n"
+    "for number in sys.argv[1].split(','):\n"
+    "    signal.signal(int(number), signal.SIG_DFL)\n"
+    "try:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as exc:\n"
+    "    sys.stderr.write(f'{sys.argv[2]}: {exc.strerror}\\n')\n"
+    "    sys.exit(127 if isinstance(exc, FileNotFoundError) else 126)\n"
+)
 
 
 def processes_with_token(token: str) -> list[int]:
@@ -62,6 +77,15 @@ def kill_tree(process: subprocess.Popen[bytes], token: str) -> None:
                     os.kill(pid, sig)
 
 
+def with_default_signals(argv: list[str]) -> list[str]:
+    """`argv`, started so that every signal of DEFAULT_SIGNALS is at its default."""
+    ignored = [sig for sig in DEFAULT_SIGNALS if signal.getsignal(sig) is signal.SIG_IGN]
+    if not ignored:
+        return argv
+    numbers = ",".join(str(int(sig)) for sig in ignored)
+    return [sys.executable, "-I", "-S", "-c", RESET_AND_EXEC, numbers, *argv]
+
+
 def run_on_host(request: Request) -> RawResult:
     """Run one request as a host process with the sandbox's timeout, caps and causes."""
     token = f"{os.getpid()}.{request.cid}.{time.monotonic_ns()}"
@@ -69,7 +93,7 @@ def run_on_host(request: Request) -> RawResult:
     started = time.monotonic()
     try:
         process = subprocess.Popen(
-            request.argv,
+            with_default_signals(request.argv),
             cwd=request.cwd,
             env=env,
             start_new_session=True,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .. import config
 from ..errors import SandboxError, UsageError
 from . import agent
-from .commands import ExecResult, check_env, command_argv
+from .commands import ExecResult, check_env, command_argv, to_bytes
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
@@ -141,7 +141,7 @@ class Process:
 
     def write(self, data: bytes | str) -> int:
         """Send bytes to the process's stdin (e.g. an answer to a prompt); bytes taken."""
-        payload = data.encode() if isinstance(data, str) else bytes(data)
+        payload = to_bytes(data, "the data") if isinstance(data, str) else bytes(data)
         encoded = base64.b64encode(payload).decode()
         reply = self.sandbox.agent_call("proc_write", {"process": self.id, "data": encoded})
         return int(reply.get("written") or 0)
@@ -155,6 +155,7 @@ class Process:
             stderr=output.stderr,
             duration_s=float(state.get("duration_s") or 0.0),
             timed_out=bool(state.get("timed_out")),
+            oom_killed=state.get("oom_killed") is True,
             signal=signal_number if isinstance(signal_number, int) else None,
             truncated=output.truncated,
             output_bytes={"stdout": output.stdout_bytes, "stderr": output.stderr_bytes},

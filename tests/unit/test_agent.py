@@ -4,6 +4,7 @@ import base64
 import contextlib
 import itertools
 import json
+import signal
 import subprocess
 import time
 
@@ -229,3 +230,17 @@ def test_a_truncated_frame_is_a_protocol_error(data, cut):
     if cut < len(line) - 1:
         with pytest.raises(channel.ProtocolError):
             channel.check_message(line[:cut])
+
+
+def test_local_commands_start_with_default_signals_whatever_the_caller_ignores():
+    """A caller that ignores SIGTERM and SIGINT (a background job, nohup) must not pass that
+    on: `kill -TERM $$` still ends the command by the signal."""
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        killed = local(["bash", "-c", "kill -TERM $$; echo survived"])
+        missing = local(["no-such-command-xyz"])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert (killed.exit_code, killed.signal, killed.stdout) == (143, 15, b"")
+    assert missing.exit_code == 127
