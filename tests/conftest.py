@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from .caller import without_settings_variables
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,8 +31,19 @@ def run_inv(
         text=True,
         timeout=timeout,
         input=input_text,
+        # Never the caller's terminal: a child that reads it would wait (or, in a
+        # background job, be stopped) instead of seeing end of input.
+        stdin=subprocess.DEVNULL if input_text is None else None,
         check=False,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def callers_settings_left_out():
+    """The tests read only the settings they give, never the caller's `INVOKE_STIGMER_*`
+    or the guide's `STIGMER_*` variables (e.g. STIGMER_EXECUTION_MODE=local)."""
+    with without_settings_variables():
+        yield
 
 
 @pytest.fixture

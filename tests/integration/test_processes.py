@@ -25,18 +25,10 @@ from stigmer_sandbox.errors import SandboxError, UsageError
 from stigmer_sandbox.runtime import Sandbox
 from stigmer_sandbox.runtime.keeper import KEEP_ENDED
 
-from ..caller import without_settings_variables
 from ..conftest import ROOT
 from .conftest import wait_for
 from .test_runtime import make_sandbox
 from .test_sessions import another_process, inv_env, one_error_line
-
-
-@pytest.fixture(scope="module", autouse=True)
-def callers_settings_left_out():
-    """`inv` here reads only the settings this module gives it, not the caller's."""
-    with without_settings_variables():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,11 @@ import pytest
 
 from stigmer_sandbox import config, relay
 
-from ..caller import with_signals, without_settings_variables
+from ..caller import with_signals
 from ..conftest import ROOT, run_inv
 from .conftest import wait_for
 from .test_runtime import make_sandbox
 from .test_sessions import inv_env
-
-
-@pytest.fixture(scope="module", autouse=True)
-def callers_settings_left_out():
-    """`inv` here reads only the settings this module gives it, not the caller's."""
-    with without_settings_variables():
-        yield
 
 
 @pytest.fixture(scope="module")
