@@ -167,19 +167,33 @@ def test_a_full_workspace_fails_only_what_wrote_to_it(small_workspace, tmp_path,
 # --- the container paused or restarted with 32 commands in flight -----------------------
 
 
+def while_in_flight(box: Sandbox, command: str, count: int, timeout: float, disturb) -> list:
+    """The results of `count` commands (`command` formatted with `i`) run at once, with
+    `disturb(container)` done once they all run."""
+    box.exec("true")
+    container = box.find()
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        futures = [
+            pool.submit(box.exec, command.format(i=i), timeout=timeout) for i in range(count)
+        ]
+        time.sleep(1.5)
+        disturb(container)
+        return [future.result() for future in futures]
+
+
+def paused_for(seconds: float):
+    def disturb(container) -> None:
+        container.pause()
+        time.sleep(seconds)
+        container.unpause()
+
+    return disturb
+
+
 def test_a_docker_pause_with_32_commands_in_flight_loses_none(tmp_path, docker_engine):
     with make_sandbox(tmp_path) as paused:
-        paused.exec("true")
-        container = paused.find()
-        with ThreadPoolExecutor(max_workers=32) as pool:
-            futures = [
-                pool.submit(paused.exec, f"sleep 2; echo {i}", timeout=120) for i in range(32)
-            ]
-            time.sleep(1)
-            container.pause()
-            time.sleep(LIVENESS_S + 2)  # silence past the watchdog's window
-            container.unpause()
-            results = [future.result() for future in futures]
+        # Silence past the watchdog's window: a pause is not a dead agent.
+        results = while_in_flight(paused, "sleep 2; echo {i}", 32, 120, paused_for(LIVENESS_S + 2))
         for i, result in enumerate(results):
             assert (result.exit_code, result.cause, result.stdout) == (0, "exit", f"{i}\n")
         assert paused.exec("echo after").stdout == "after\n"
@@ -187,31 +201,19 @@ def test_a_docker_pause_with_32_commands_in_flight_loses_none(tmp_path, docker_e
 
 def test_a_timeout_that_passes_during_a_pause_is_told_as_a_timeout(tmp_path, docker_engine):
     with make_sandbox(tmp_path) as paused:
-        paused.exec("true")
-        container = paused.find()
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            futures = [pool.submit(paused.exec, "sleep 30", timeout=3) for _ in range(8)]
-            time.sleep(1)
-            container.pause()
-            time.sleep(HOST_GRACE_S + 2)  # past the host's deadline for each of them
-            container.unpause()
-            results = [future.result() for future in futures]
+        # Paused past the host's deadline for each of them.
+        results = while_in_flight(paused, "sleep 30", 8, 3, paused_for(HOST_GRACE_S + 2))
         assert {(r.exit_code, r.cause) for r in results} == {(124, "timeout")}
         assert "sleep 30" not in paused.exec("ps -eo args").stdout
 
 
 def test_a_docker_restart_with_32_commands_in_flight_reports_each_lost(tmp_path, docker_engine):
     with make_sandbox(tmp_path) as restarted:
-        restarted.exec("true")
-        container = restarted.find()
-        with ThreadPoolExecutor(max_workers=32) as pool:
-            futures = [pool.submit(restarted.exec, "sleep 60", timeout=120) for _ in range(32)]
-            time.sleep(1.5)
-            started = time.monotonic()
-            container.restart(timeout=1)
-            results = [future.result() for future in futures]
-            waited = time.monotonic() - started
-        assert waited < 30  # told when the agent's stream ended, not at the deadline
+        started = time.monotonic()
+        results = while_in_flight(
+            restarted, "sleep 60", 32, 120, lambda container: container.restart(timeout=1)
+        )
+        assert time.monotonic() - started < 30  # told when the stream ended, not at 60 s
         for result in results:
             assert (result.exit_code, result.cause) == (None, "lost")
             assert result.error and "agent" in result.error
