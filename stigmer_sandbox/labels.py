@@ -50,3 +50,27 @@ def owner_gone(pid: int, host: str | None, hostname: str | None = None) -> bool:
     except PermissionError:
         pass  # it exists, under another user
     return False
+
+
+def orphan_reason(
+    container_labels: dict[str, str],
+    stopped: bool,
+    now: float | None = None,
+    hostname: str | None = None,
+) -> str | None:
+    """Why a labelled container is an orphan, or None. Its owner process is gone; or it
+    outlived its lifetime with no owner and is stopped. A sandbox in use, i.e. running
+    with its owner alive (or on another host, where that cannot be checked), never is."""
+    if _owner_gone(container_labels, hostname):
+        return f"its owner (pid {container_labels[OWNER_PID]}) is gone"
+    ownerless = not container_labels.get(OWNER_PID)  # "" on a snapshot's containers
+    if expired(container_labels, now) and ownerless and stopped:
+        return "past its maximum lifetime"
+    return None
+
+
+def _owner_gone(container_labels: dict[str, str], hostname: str | None) -> bool:
+    """Whether the owner process named by the labels is known to have ended."""
+    pid = container_labels.get(OWNER_PID, "")
+    host = container_labels.get(OWNER_HOST)
+    return pid.isdigit() and owner_gone(int(pid), host, hostname)

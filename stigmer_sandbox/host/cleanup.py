@@ -56,35 +56,11 @@ class Resource:
     reason: str
 
 
-def orphan_reason(
-    container_labels: dict[str, str],
-    stopped: bool,
-    now: float | None = None,
-    hostname: str | None = None,
-) -> str | None:
-    """Why a labelled container is an orphan, or None. Its owner process is gone; or it
-    outlived its lifetime with no owner and is stopped. A sandbox in use, i.e. running
-    with its owner alive (or on another host, where that cannot be checked), never is."""
-    if _owner_gone(container_labels, hostname):
-        return f"its owner (pid {container_labels[labels.OWNER_PID]}) is gone"
-    ownerless = not container_labels.get(labels.OWNER_PID)  # "" on a snapshot's containers
-    if labels.expired(container_labels, now) and ownerless and stopped:
-        return "past its maximum lifetime"
-    return None
-
-
-def _owner_gone(container_labels: dict[str, str], hostname: str | None) -> bool:
-    """Whether the owner process named by the labels is known to have ended."""
-    pid = container_labels.get(labels.OWNER_PID, "")
-    host = container_labels.get(labels.OWNER_HOST)
-    return pid.isdigit() and labels.owner_gone(int(pid), host, hostname)
-
-
 def _containers(containers: list[Any], everything: bool) -> Iterable[Resource]:
     for container in containers:
         if container.labels.get(labels.KIND) not in OUR_CONTAINER_KINDS:
             continue
-        reason = orphan_reason(container.labels, stopped=container.status in STOPPED)
+        reason = labels.orphan_reason(container.labels, stopped=container.status in STOPPED)
         if everything:
             reason = reason or "project container"
         elif container.status in STOPPED and not container.labels.get(labels.OWNER_PID):

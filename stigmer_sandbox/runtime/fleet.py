@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Any
 
 from .. import labels, policy
-from ..host.cleanup import orphan_reason
 from .backend import DOCKER, Backend
 
 
@@ -48,7 +47,7 @@ def _owner(marks: dict[str, str], status: str) -> str:
     if not pid:
         return "-"
     owner = f"pid {pid}@{marks.get(labels.OWNER_HOST, '?')}"
-    if orphan_reason(marks, stopped=status != "running"):
+    if labels.orphan_reason(marks, stopped=status != "running"):
         owner += " (gone: `inv clean` removes it)"
     return owner
 

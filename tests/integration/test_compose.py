@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from stigmer_sandbox import labels
 from stigmer_sandbox.host import compose
 
 from ..conftest import ROOT
@@ -109,8 +110,10 @@ def test_validator_refuses_socket_and_privileged(inv, tmp_path, line, expected):
 
 @pytest.mark.parametrize("name", ["docker-compose.sandbox.yml", "docker-compose.advanced.yml"])
 def test_the_guides_compose_files_work_unchanged(tmp_path, name, compose_env, docker_engine):
-    if docker_engine.containers.list(all=True, filters={"name": f"^{GUIDE_NAME}$"}):
-        pytest.fail(f"the guide's files need the container name {GUIDE_NAME}, which is in use")
+    for holder in docker_engine.containers.list(all=True, filters={"name": f"^{GUIDE_NAME}$"}):
+        if holder.labels.get(labels.MANAGED) != "true":
+            pytest.fail(f"the guide's files need the container name {GUIDE_NAME}, which is in use")
+        holder.remove(force=True)  # this project's own sandbox: `inv dev-full` starts it again
     source = ROOT / "tests/integration/guide" / name
     shutil.copy(source, tmp_path / name)
     command = ["docker-compose", "-f", name]

@@ -40,11 +40,10 @@ def test_orphans_are_found_by_owner_and_lifetime():
     import os
 
     from stigmer_sandbox import labels
-    from stigmer_sandbox.host import cleanup
 
     def reason(stopped: bool, **extra: str) -> str | None:
         found = {getattr(labels, key.upper()): value for key, value in extra.items()}
-        return cleanup.orphan_reason(found, stopped, now=200, hostname="h")
+        return labels.orphan_reason(found, stopped, now=200, hostname="h")
 
     expired, alive, dead = "100", str(os.getpid()), "999999999"
     # In use: running with its owner alive, whatever its age.
@@ -168,7 +167,7 @@ def test_doctor_reports_a_workspace_the_policy_refuses(tmp_path):
 
 def test_a_container_from_a_snapshot_with_an_emptied_owner_is_ownerless():
     from stigmer_sandbox import labels
-    from stigmer_sandbox.host.cleanup import orphan_reason
+    from stigmer_sandbox.labels import orphan_reason
 
     inherited = {labels.OWNER_PID: "", labels.EXPIRES: "1"}
     assert orphan_reason(inherited, stopped=True) == "past its maximum lifetime"
