@@ -65,6 +65,17 @@ def mount(settings: Settings, image_ref: str, backend: Backend = DOCKER) -> Any:
     return Mount(policy.EXEC_HELPER, str(source), type="bind", read_only=True)
 
 
+def stable_form(mount: Any) -> dict[str, Any]:
+    """A mount as a container's identity sees it: the helper by its sha256, not by where
+    its copy lives (two callers with different state folders must not recreate each
+    other's sandbox), any other mount as it is."""
+    form = dict(mount)
+    if form.get("Target") == policy.EXEC_HELPER:
+        digest = _digest_file(Path(str(form["Source"])))
+        form["Source"] = "sha256:" + digest.read_text(encoding="ascii").strip()
+    return form
+
+
 def _digest_file(copy: Path) -> Path:
     return copy.with_name(copy.name + ".sha256")
 

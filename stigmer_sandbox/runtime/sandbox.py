@@ -52,7 +52,7 @@ SYSTEM_PATH = "/usr/bin:/bin"
 def spec_hash(spec: dict[str, Any], image_id: str) -> str:
     """Identity of a container's configuration, to notice when it must be recreated."""
     stable = {k: v for k, v in spec.items() if k != "labels"}
-    stable["mounts"] = [dict(m) for m in stable["mounts"]]
+    stable["mounts"] = [host_helper.stable_form(m) for m in stable["mounts"]]
     text = json.dumps([stable, image_id], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -1,5 +1,6 @@
 """The sandbox policy: mounts, the sandbox user, and the container's confinement."""
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -54,6 +55,27 @@ def test_spec_hash_changes_with_image_and_limits(tmp_path):
     assert spec_hash(spec, "sha256:a") == spec_hash(spec, "sha256:a")
     assert spec_hash(spec, "sha256:a") != spec_hash(spec, "sha256:b")
     assert spec_hash(spec, "sha256:a") != spec_hash(other, "sha256:a")
+
+
+def with_helper_copy(spec: dict, folder: Path, content: bytes) -> dict:
+    """`spec` with a host helper copy of `content` in `folder` mounted, as Sandbox.up does."""
+    folder.mkdir(parents=True)
+    (folder / "stigmer-exec").write_bytes(content)
+    digest = hashlib.sha256(content).hexdigest()
+    (folder / "stigmer-exec.sha256").write_text(digest)
+    mount = {"Target": policy.EXEC_HELPER, "Source": str(folder / "stigmer-exec")}
+    return {**spec, "mounts": [*spec["mounts"], mount]}
+
+
+def test_spec_hash_knows_the_helper_by_its_bytes_not_where_its_copy_lives(tmp_path):
+    """Two callers with different state folders must not recreate each other's sandbox
+    (an `inv run` beside a library user did, once the helper was mounted from the host)."""
+    spec = policy.container_spec(settings(tmp_path), "img:1", {})
+    here = with_helper_copy(spec, tmp_path / "a", b"helper")
+    there = with_helper_copy(spec, tmp_path / "b", b"helper")
+    changed = with_helper_copy(spec, tmp_path / "c", b"another helper")
+    assert spec_hash(here, "sha256:a") == spec_hash(there, "sha256:a")
+    assert spec_hash(here, "sha256:a") != spec_hash(changed, "sha256:a")
 
 
 @pytest.mark.parametrize(
