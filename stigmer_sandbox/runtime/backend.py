@@ -122,19 +122,22 @@ class DockerExecStream:
         self._sock.sendall(data)
 
     def chunks(self) -> Iterator[tuple[int, bytes]]:
-        pending = b""
+        pending = bytearray()  # appended to and cut at the front: no copy of what waits
         while True:
             chunk = self._sock.recv(262144)
             if not chunk:
                 return
             pending += chunk
-            while len(pending) >= FRAME_HEADER.size:
-                stream, size = FRAME_HEADER.unpack_from(pending)
-                end = FRAME_HEADER.size + size
+            start = 0
+            while len(pending) - start >= FRAME_HEADER.size:
+                stream, size = FRAME_HEADER.unpack_from(pending, start)
+                end = start + FRAME_HEADER.size + size
                 if len(pending) < end:
                     break
-                yield (STDOUT if stream == STDOUT else STDERR), pending[FRAME_HEADER.size : end]
-                pending = pending[end:]
+                payload = bytes(pending[start + FRAME_HEADER.size : end])
+                yield (STDOUT if stream == STDOUT else STDERR), payload
+                start = end
+            del pending[:start]
 
     def shutdown(self) -> None:
         self._sock.shutdown(socket.SHUT_RDWR)

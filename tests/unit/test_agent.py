@@ -244,3 +244,15 @@ def test_local_commands_start_with_default_signals_whatever_the_caller_ignores()
             signal.signal(sig, handler)
     assert (killed.exit_code, killed.signal, killed.stdout) == (143, 15, b"")
     assert missing.exit_code == 127
+
+
+@given(data=st.binary(max_size=300), piece=st.integers(1, 9))
+def test_output_decoded_in_pieces_is_the_same_text(data, piece):
+    """Multi-byte characters and invalid bytes cut across pieces decode as in one call."""
+    from stigmer_sandbox.runtime import commands
+
+    saved, commands.DECODE_PIECE = commands.DECODE_PIECE, piece
+    try:
+        assert commands.readable_output(data) == data.decode(errors="replace")
+    finally:
+        commands.DECODE_PIECE = saved
