@@ -1,6 +1,8 @@
 """`inv run` end to end on the project's default sandbox, beside `docker exec`.
 
-`inv run "true"` and `inv run --session NAME "true"` on the running default sandbox
+`inv run "true"`, `inv run --session NAME "true"` and the console script's
+`stigmer-sandbox run "true"` (answered from the warm relay without Invoke) on the running
+default sandbox
 (`stigmer-sandbox` unless configured otherwise), each beside `docker exec CONTAINER true`
 (the CLI) on the same container, in the same run, timed in blocks A B C C B A (see
 `abba_ms`). Goal: no slower than docker exec. Each call is a whole process, as a user
@@ -16,12 +18,16 @@ Quick to re-run alone:
 from __future__ import annotations
 
 import statistics
+import sys
 import uuid
+from pathlib import Path
 
 from _common import INV, ROOT, abba_ms, count_option, docker_cli, report, run
 
 from stigmer_sandbox import config
 from stigmer_sandbox.runtime import Sandbox
+
+CONSOLE_SCRIPT = str(Path(sys.executable).with_name("stigmer-sandbox"))
 
 
 def main(runs: int) -> None:
@@ -36,6 +42,7 @@ def main(runs: int) -> None:
             {
                 "run": lambda: run([*INV, "run", "true"]),
                 "session": lambda: run([*INV, "run", "--session", session, "true"]),
+                "console": lambda: run([CONSOLE_SCRIPT, "run", "true"]),
                 "docker": lambda: run(baseline),
             },
             runs,
@@ -47,7 +54,12 @@ def main(runs: int) -> None:
             run([*INV, "sandbox.down"])
     docker_ms = statistics.median(samples["docker"])
     goal = f"<= {docker_ms:.1f} ms (no slower than docker exec)"
-    for figure, key in (("inv run 'true'", "run"), ("inv run --session NAME 'true'", "session")):
+    figures = (
+        ("inv run 'true'", "run"),
+        ("inv run --session NAME 'true'", "session"),
+        ("stigmer-sandbox run 'true' (warm relay, no Invoke)", "console"),
+    )
+    for figure, key in figures:
         report(
             f"{figure} on the running default sandbox (median of {runs})",
             statistics.median(samples[key]),

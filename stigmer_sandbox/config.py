@@ -25,8 +25,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
 from .errors import ConfigError
 
 SECTION = "stigmer"
@@ -388,6 +386,8 @@ def read_project_file(path: Path) -> dict[str, Any]:
     """The `stigmer:` section of a project `invoke.yaml`, validated; {} if absent."""
     if not path.is_file():
         return {}
+    import yaml  # ~15 ms: only when there is a file (the warm `run` path counts them)
+
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -318,3 +318,30 @@ class StepView:
     def finish(self) -> None:
         self._close_step()
         self.progress.finish()
+
+
+# A command exits with this when its result was lost with the sandbox agent.
+LOST_EXIT = 255
+
+
+def stream_writer(stream: Any) -> Callable[[bytes], None]:
+    """A command's output callback writing its bytes to `stream` as they come."""
+
+    def write(data: bytes) -> None:
+        stream.buffer.write(data)
+        stream.buffer.flush()
+
+    return write
+
+
+def command_result(result: dict[str, Any], json: bool) -> int:
+    """The end of a command (`inv run`, `compose.exec`, the warm `stigmer-sandbox run`):
+    the JSON result or a warning for an unusual end; the exit code to leave with."""
+    cause, code = result.get("cause"), result.get("exit_code")
+    if json:
+        emit_json(result)
+    elif cause == "lost":
+        warning(f"the command's result was lost: {result.get('error')}")
+    elif cause != "exit":
+        warning(f"command ended by {cause} (exit {code})")
+    return LOST_EXIT if code is None else int(code)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Settings
-from .errors import SandboxError
+from .errors import SandboxError, UsageError
 
 # Unix socket paths must fit in sun_path (108 bytes on Linux).
 MAX_SOCKET_PATH = 100
@@ -43,6 +43,17 @@ Callback = Callable[[bytes], None]
 
 # The engine a relay talks to comes from these (the relay inherits the first client's).
 ENGINE_VARIABLES = ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY")
+
+
+def env_pairs(pairs: list[str]) -> dict[str, str]:
+    """`--env KEY=VALUE` flags as a mapping; one UsageError for a pair without `=` or key."""
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--env must be KEY=VALUE, got {pair!r}")
+        parsed[key] = value
+    return parsed
 
 
 def fingerprint(settings: Settings) -> str:

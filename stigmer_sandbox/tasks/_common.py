@@ -105,29 +105,9 @@ def sandbox_for(c: Context, **flags: Any) -> runtime.Sandbox:
     return runtime.Sandbox(settings(c, **flags))
 
 
-# A command task exits with this when the command's result was lost with the sandbox agent.
-LOST_EXIT = 255
-
-
-def stream_writer(stream: object) -> Callable[[bytes], None]:
-    """A command's output callback writing its bytes to `stream` as they come."""
-
-    def write(data: bytes) -> None:
-        stream.buffer.write(data)  # type: ignore[attr-defined]
-        stream.buffer.flush()  # type: ignore[attr-defined]
-
-    return write
-
-
 def report_result(result: dict[str, Any], json: bool) -> None:
     """The end of a command task (`inv run`, `compose.exec`): the JSON result or a warning
     for an unusual end; its exit."""
-    cause, code = result.get("cause"), result.get("exit_code")
-    if json:
-        console.emit_json(result)
-    elif cause == "lost":
-        console.warning(f"the command's result was lost: {result.get('error')}")
-    elif cause != "exit":
-        console.warning(f"command ended by {cause} (exit {code})")
+    code = console.command_result(result, json)
     if code != 0:
-        raise Exit(code=LOST_EXIT if code is None else int(code))
+        raise Exit(code=code)

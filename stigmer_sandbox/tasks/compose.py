@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from invoke import Collection, Context, Exit
 
 from .. import console
-from ._common import report_result, settings, stream_writer, task
+from ..console import stream_writer
+from ._common import report_result, settings, task
 from .sandbox import build_kind
 
 if TYPE_CHECKING:

@@ -13,7 +13,9 @@ from ..errors import SandboxError, UsageError
 if TYPE_CHECKING:
     from .. import runtime
     from ..host import cleanup, workflow
-from ._common import report_result, settings, stream_writer, task
+from .. import relay
+from ..console import stream_writer
+from ._common import report_result, settings, task
 
 
 @task(help={"json": "print the report as one JSON object (default: off)"})
@@ -23,16 +25,6 @@ def doctor(c: Context, json: bool = False) -> None:
 
     if not console.show_checks(diagnostics.run_checks(settings(c)), json):
         raise Exit(code=1)
-
-
-def _env_pairs(pairs: list[str]) -> dict[str, str]:
-    parsed = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--env must be KEY=VALUE, got {pair!r}")
-        parsed[key] = value
-    return parsed
 
 
 @task(
@@ -82,7 +74,7 @@ def run(
     options = {
         "timeout": timeout,
         "idle_timeout": idle_timeout,
-        "env": _env_pairs(env or []),
+        "env": relay.env_pairs(env or []),
         "cwd": workdir,
         "keep_background": keep_background,
     }
@@ -91,8 +83,6 @@ def run(
     # shell does that to its background jobs so that Ctrl-C at the terminal spares them.
     warm = not background and network is None and current.relay_idle_s > 0
     if warm and current.execution_mode != "local":
-        from .. import relay  # standard library only: the warm path imports nothing heavy
-
         request = {"command": command, "options": options, "session": session}
         answer = relay.run(current, request, **callbacks)
         if answer is not None:
@@ -106,7 +96,7 @@ def run(
         if not isinstance(sandbox, runtime.Sandbox):
             raise UsageError("--session and --background need the sandbox, not local mode")
         if background:
-            _start_background(sandbox, command, timeout, _env_pairs(env or []), workdir, json)
+            _start_background(sandbox, command, timeout, relay.env_pairs(env or []), workdir, json)
             return
         runner = sandbox.session(str(session))
     result = runner.exec(command, **options, **callbacks)  # type: ignore[arg-type]

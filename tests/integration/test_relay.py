@@ -207,3 +207,41 @@ def test_the_relay_ends_when_its_sandbox_goes(socket_path, env, box):
     assert wait_for(lambda: not socket_path.exists(), 20)
     cold = run_inv("run", "--json", "echo back", env=env)  # a new sandbox, the slow path
     assert cold.returncode == 0 and "relay" not in json.loads(cold.stdout)
+
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("stigmer-sandbox")
+# The warm path of the console script, with what it loaded reported on stderr.
+WARM_PROBE = (
+    "import sys; from stigmer_sandbox import warm_run; code = warm_run.try_run(sys.argv[1:]); "
+    "print(code, 'invoke' in sys.modules, 'docker' in sys.modules, file=sys.stderr)"
+)
+
+
+def console(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
+        cwd=ROOT,
+        env={**os.environ, "NO_COLOR": "1", **env},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_console_script_runs_on_the_warm_relay_without_invoke_or_docker(socket_path, env):
+    probe = console([sys.executable, "-c", WARM_PROBE, "run", "--json", "echo warm; exit 3"], env)
+    assert probe.stderr.split()[-3:] == ["3", "False", "False"], probe.stderr
+    result = json.loads(probe.stdout)
+    assert (result["relay"], result["stdout"], result["exit_code"]) == (True, "warm\n", 3)
+
+
+def test_the_console_scripts_warm_run_prints_and_exits_as_inv_run(socket_path, env):
+    command = "echo out; echo err >&2; exit 4"
+    fast = console([str(CONSOLE_SCRIPT), "run", command], env)
+    slow = run_inv("run", command, env=env)
+    assert (fast.returncode, fast.stdout, fast.stderr) == (4, "out\n", "err\n")
+    assert (slow.returncode, slow.stdout, slow.stderr) == (4, "out\n", "err\n")
+    timed = console([str(CONSOLE_SCRIPT), "run", "--timeout", "1", "sleep 5"], env)
+    assert timed.returncode == 124 and "command ended by timeout (exit 124)" in timed.stderr

@@ -22,7 +22,7 @@ FOLDER_LAYERS = {
 }
 # Top-level modules above the foundation: the console script, and the package's face
 # (which hands on the runtime's names).
-ENTRY_MODULES = {"cli", "__init__", "__main__"}
+ENTRY_MODULES = {"cli", "warm_run", "__init__", "__main__"}
 # Sent into the sandbox as source and run by /usr/bin/python3 -I -S there.
 GUEST_MODULES = {"agent", "keeper", "shell_state", "file_batch", "deadlines"}
 

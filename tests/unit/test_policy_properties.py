@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from stigmer_sandbox import config, policy
 from stigmer_sandbox.errors import ConfigError, SandboxError, UsageError
+from stigmer_sandbox.relay import env_pairs
 from stigmer_sandbox.runtime import commands
-from stigmer_sandbox.tasks.root import _env_pairs
 
 PROTECTED = policy.Protected(Path("/work/project"), Path("/work/project/.state"), Path("/root"))
 # Path pieces that reach every rule: system, shared, scratch and credential folders, the
@@ -238,7 +238,7 @@ def test_a_stigmer_section_is_read_or_refused_naming_the_file(section):
 @given(st.lists(st.text(max_size=30), max_size=5))
 def test_env_pairs_parse_or_refuse_with_a_usage_error(pairs):
     try:
-        parsed = _env_pairs(pairs)
+        parsed = env_pairs(pairs)
     except UsageError:
         assert any("=" not in pair or pair.startswith("=") for pair in pairs)
         return
@@ -251,7 +251,7 @@ def test_env_pairs_parse_or_refuse_with_a_usage_error(pairs):
 @given(st.text(alphabet="abcé=\0\udc80 ", max_size=20), st.text(max_size=20))
 def test_env_pairs_keep_the_value_after_the_first_equals_sign(key, value):
     assume(key and "=" not in key)
-    assert _env_pairs([f"{key}={value}"]) == {key: value}
+    assert env_pairs([f"{key}={value}"]) == {key: value}
 
 
 def test_sandbox_errors_are_the_only_errors_the_policy_raises_for_a_missing_folder(tmp_path):
