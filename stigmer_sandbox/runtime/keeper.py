@@ -53,6 +53,10 @@ PROCESS_DIR = RUN_DIR + "/procs"
 PROCESS_ID_LENGTH = 12
 # Records of ended processes kept for `output`/`wait` after they end; the oldest go first.
 KEEP_ENDED = 16
+# A keeper prunes only records that ended before it started, or this long ago: a record
+# that just ended may not have been read by its `kill` or `wait` yet (25 kills at once lost
+# the records of those past the 16th to each other's pruning).
+RECENT_S = 60.0
 ENDED_BYTES = 32 * 1024 * 1024
 STATE_EVERY_S = 0.1
 START_WAIT_S = 5.0
@@ -185,7 +189,7 @@ class Keeper:
             ended_at=time.time(),
         )
         self.record(final=True)
-        forget_old()  # here, not in the agent: starting a process stays cheap
+        forget_old(since=self.state["started_at"])  # here: starting a process stays cheap
 
     def _helper_argv(self, status_fd: int) -> list[str]:
         spec = self.spec
@@ -379,8 +383,10 @@ class ProcessTable:
             time.sleep(0.002)
 
 
-def forget_old() -> None:
-    """Keep the newest ended records within KEEP_ENDED and ENDED_BYTES; remove the rest."""
+def forget_old(since: float, now: float | None = None) -> None:
+    """Keep the newest ended records within KEEP_ENDED and ENDED_BYTES; remove the rest,
+    except those that ended after `since` (this keeper's start) less than RECENT_S ago."""
+    now = time.time() if now is None else now
     ended = []
     with contextlib.suppress(FileNotFoundError):
         for process_id in os.listdir(PROCESS_DIR):
@@ -388,11 +394,12 @@ def forget_old() -> None:
             if state is not None and not state.get("running"):  # the latest ended stay
                 ended.append((state.get("ended_at") or state.get("started_at") or 0, process_id))
     kept_bytes = 0
-    for count, (_started, process_id) in enumerate(sorted(ended, reverse=True)):
+    for count, (ended_at, process_id) in enumerate(sorted(ended, reverse=True)):
         folder = os.path.join(PROCESS_DIR, process_id)
         with contextlib.suppress(OSError):
             kept_bytes += os.path.getsize(os.path.join(folder, "state.json"))
-        if count >= KEEP_ENDED or kept_bytes > ENDED_BYTES:
+        fresh = ended_at >= since and now - ended_at < RECENT_S
+        if not fresh and (count >= KEEP_ENDED or kept_bytes > ENDED_BYTES):
             shutil.rmtree(folder, ignore_errors=True)
 
 

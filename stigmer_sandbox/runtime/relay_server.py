@@ -45,6 +45,8 @@ ACCEPT_POLL_S = 1.0
 # environment fit in far less: Linux caps one argument at 128 KiB).
 REQUEST_WAIT_S = 10.0
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# How long a finished connection is drained of what the client still sends.
+DRAIN_S = 1.0
 REQUEST_FIELDS = ("fingerprint", "command", "options", "session")
 # Signals a user or a supervisor ends a process with: a relay started by a caller that
 # ignores or blocks them (a background job of a script, a supervisor) must still obey them.
@@ -105,7 +107,7 @@ class ClientRequest:
 def read_request(conn: socket.socket) -> bytes:
     """The client's request line (without its newline); UsageError when there is none."""
     conn.settimeout(REQUEST_WAIT_S)
-    buffer = b""
+    buffer = bytearray()
     try:
         while b"\n" not in buffer:
             if len(buffer) > MAX_REQUEST_BYTES:
@@ -118,7 +120,19 @@ def read_request(conn: socket.socket) -> bytes:
         raise UsageError(f"no request line within {REQUEST_WAIT_S:g} s") from None
     finally:
         conn.settimeout(None)  # from here on the client may wait as long as its command
-    return buffer.split(b"\n", 1)[0]
+    return bytes(buffer.split(b"\n", 1)[0])
+
+
+def close_gently(conn: socket.socket) -> None:
+    """End the answer, then read what the client still sends (bounded) before closing: a
+    close with unread bytes resets the connection, and the client would lose the answer
+    it has not read yet (an over-long request line did)."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(DRAIN_S)
+        deadline = time.monotonic() + DRAIN_S
+        while time.monotonic() < deadline and conn.recv(1 << 16):
+            pass
 
 
 def parse_request(line: bytes, fingerprint: str) -> ClientRequest:
@@ -248,6 +262,7 @@ class Relay:
                 log(f"failed: {type(exc).__name__}: {exc}")
                 answer(conn, {"type": "error", "message": f"the relay failed: {exc}"})
             finally:
+                close_gently(conn)
                 with self.lock:
                     self.busy -= 1
                     self.last_request = time.monotonic()
