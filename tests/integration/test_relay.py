@@ -50,22 +50,29 @@ HOSTILE_CALLER = {
 }
 
 
-def start_relay(settings, env) -> Path:
-    """A cold `inv run` (the slow path), from a hostile caller; the relay it starts."""
-    path = relay.socket_path(settings)
-    argv = with_signals(
-        [sys.executable, "-m", "invoke", "run", "--json", "echo cold"], **HOSTILE_CALLER
-    )
-    first = subprocess.run(
+def console(
+    argv: list[str], env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`argv` from the project folder with `env` added, as a user's shell runs it."""
+    return subprocess.run(
         argv,
         cwd=ROOT,
         env={**os.environ, "NO_COLOR": "1", **env},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         check=False,
     )
+
+
+def start_relay(settings, env) -> Path:
+    """A cold `inv run` (the slow path), from a hostile caller; the relay it starts."""
+    path = relay.socket_path(settings)
+    argv = with_signals(
+        [sys.executable, "-m", "invoke", "run", "--json", "echo cold"], **HOSTILE_CALLER
+    )
+    first = console(argv, env, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "relay" not in json.loads(first.stdout)  # the slow path starts the relay
     assert wait_for(path.exists, 30), f"no relay socket at {path}"
@@ -215,19 +222,6 @@ WARM_PROBE = (
     "import sys; from stigmer_sandbox import warm_run; code = warm_run.try_run(sys.argv[1:]); "
     "print(code, 'invoke' in sys.modules, 'docker' in sys.modules, file=sys.stderr)"
 )
-
-
-def console(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv,
-        cwd=ROOT,
-        env={**os.environ, "NO_COLOR": "1", **env},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_the_console_script_runs_on_the_warm_relay_without_invoke_or_docker(socket_path, env):
