@@ -16,7 +16,7 @@
  * cannot be reaped before its threads end. Signals are blocked and taken with
  * sigtimedwait(): none is lost, and every wait is bounded or driven by a signal.
  * The kill rounds are bounded by --kill-grace (the host's deadline budget
- * passes it; see stigmer_sandbox/runtime/deadlines.py).
+ * passes it; see stigmer_sandbox/runtime/guest/protocol.py).
  *
  * With --watch-parent the helper cancels (kills the tree) when the process that
  * started it dies: the agent passes it. `docker exec` (the fallback runner) does

@@ -1,6 +1,6 @@
 """How commands reach a running sandbox: the agent channel, or one `docker exec` each.
 
-Fast path: `stigmer_sandbox.runtime.agent` runs inside the container as uid 0 with only
+Fast path: `stigmer_sandbox.runtime.guest.agent` runs inside the container as uid 0 with only
 CAP_SETUID, CAP_SETGID and CAP_KILL, started once through one attached `docker exec`
 whose stdin/stdout carry JSON lines. A command then costs two small execs inside the
 container and a few kilobytes on a socket, instead of an exec round trip through the
@@ -30,21 +30,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .. import engine, policy
 from ..errors import SandboxError
-from . import agent, deadlines, keeper, shell_state
 from .backend import DOCKER, STDOUT, Backend
-from .deadlines import HOST_GRACE_S
+from .guest import AGENT_SOURCES, protocol
+from .guest.capture import OutputCapture
+from .guest.protocol import HOST_GRACE_S
 
-# The in-container program: the deadline budget, session state, the agent, then background
-# processes and the entry point (keeper.py's `main`).
-AGENT_SOURCES = [
-    Path(str(m.__file__)).read_text(encoding="utf-8")
-    for m in (deadlines, shell_state, agent, keeper)
-]
 # No frame at all (the agent beats every second) for this long: the agent is lost.
 LIVENESS_S = 10.0
 OOM_COUNTER = (
@@ -207,7 +201,7 @@ def raw_result(request: Request, answer: dict[str, Any], received: Received, via
     heads = received.heads
     for name in ("stdout", "stderr"):
         info = answer[name]
-        capture = agent.OutputCapture(request.limit)
+        capture = OutputCapture(request.limit)
         capture.head = heads[name]
         received.take_tail({"stream": name, "data": info["tail"]})  # "": sent in pieces
         capture.tail = tail = received.tails[name]
@@ -324,7 +318,7 @@ class AgentChannel:
         self._backend = backend
         self._stream = backend.open_agent(
             container_id,
-            [policy.PYTHON, "-I", "-S", "-u", "-c", agent.BOOTSTRAP, *map(str, user)],
+            [policy.PYTHON, "-I", "-S", "-u", "-c", protocol.BOOTSTRAP, *map(str, user)],
         )
         self._max_line = max_line
         self._ids = itertools.count(1)
@@ -407,7 +401,7 @@ class AgentChannel:
 
     def _beating(self) -> bool:
         """Whether the agent's heartbeat (or any frame) arrived recently."""
-        return self.alive and time.monotonic() - self._last_frame < 2 * agent.HEARTBEAT_S + 1
+        return self.alive and time.monotonic() - self._last_frame < 2 * protocol.HEARTBEAT_S + 1
 
     def _cancel(self, cid: str) -> None:
         """Ask the agent to end a command (its helper kills the tree); the answer is not
@@ -561,16 +555,16 @@ class DirectRunner:
             argv = ["/bin/bash", "-c", feed, "_", *argv]
         uid, gid = self.user
         options = ["--uid", str(uid), "--gid", str(gid), "--timeout", repr(request.timeout)]
-        options += ["--kill-grace", repr(deadlines.KILL_GRACE_S), "--cwd", request.cwd]
+        options += ["--kill-grace", repr(protocol.KILL_GRACE_S), "--cwd", request.cwd]
         options += ["--keep-background"] if request.keep_background else []
-        return [agent.EXEC_HELPER, *options, "--", *argv], env
+        return [protocol.EXEC_HELPER, *options, "--", *argv], env
 
     def run(self, request: Request) -> RawResult:
         """Run one command with its own exec; the helper enforces timeout and tree kill."""
         if request.session:
             return start_failure(request, "sessions need the sandbox agent", "exec")
         argv, env = self._argv(request)
-        captures = {name: agent.OutputCapture(request.limit) for name in ("stdout", "stderr")}
+        captures = {name: OutputCapture(request.limit) for name in ("stdout", "stderr")}
         before = self._oom_count()
         started = time.monotonic()
         outcome: dict[str, Any] = {}
@@ -584,8 +578,8 @@ class DirectRunner:
             error = outcome.get("error") or "no result from docker exec before the hard deadline"
             return RawResult(None, None, False, False, duration, b"", b"", via="exec", error=error)
         code = outcome["exit_code"]
-        timed_out = code == agent.TIMEOUT_EXIT and duration >= request.timeout
-        oom = agent.oom_grew(before, self._oom_count())
+        timed_out = code == protocol.TIMEOUT_EXIT and duration >= request.timeout
+        oom = protocol.oom_grew(before, self._oom_count())
         signal_number = code - 128 if 128 < code < 160 and not timed_out else None
         return RawResult(
             code,
@@ -605,7 +599,7 @@ class DirectRunner:
         argv: list[str],
         env: dict[str, str],
         request: Request,
-        captures: dict[str, agent.OutputCapture],
+        captures: dict[str, OutputCapture],
         outcome: dict[str, Any],
     ) -> None:
         api = engine.client().api

@@ -19,8 +19,8 @@ from typing import Any, TypedDict
 
 from .. import config
 from ..errors import UsageError
-from . import agent
 from .channel import OutputCallback, RawResult, Request
+from .guest import protocol
 
 
 class ExecOptions(TypedDict, total=False):
@@ -64,7 +64,7 @@ class ExecResult:
     @property
     def cause(self) -> str:
         """Why it ended: `exit`, `timeout`, `idle`, `oom`, `signal` or `lost`."""
-        return agent.exit_cause(
+        return protocol.exit_cause(
             self.exit_code, self.signal, self.timed_out, self.oom_killed, self.idle_timed_out
         )
 

@@ -24,13 +24,12 @@ import posixpath
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from .. import config
 from ..errors import UsageError
-from . import file_batch
 from .channel import RawResult
 from .commands import from_bytes, to_bytes
+from .guest import protocol
 
 # One file at most; a reply (header + data) must fit in one output stream.
 MAX_FILE_BYTES = config.MAX_OUTPUT_LIMIT - 4 * 1024 * 1024
@@ -41,7 +40,6 @@ ROUND_TRIP_BYTES = 32 * 1024 * 1024
 UPLOAD_PIECE_BYTES = 8 * 1024 * 1024
 PATHS_PER_TRIP = 2000
 TRANSFER_TIMEOUT_S = 120.0
-BATCH_SOURCE = Path(file_batch.__file__).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -94,7 +92,7 @@ def path_problem(path: object) -> str | None:
     except UsageError:  # a surrogate that stands for no byte names no file
         return "invalid_path"
     normal = posixpath.normpath(path)
-    if any(normal == t or normal.startswith(t + "/") for t in file_batch.KERNEL_TREES):
+    if any(normal == t or normal.startswith(t + "/") for t in protocol.KERNEL_TREES):
         return "invalid_path"
     return None
 
@@ -247,7 +245,7 @@ def _decode_download(paths: list[str], raw: RawResult) -> list[FileTransfer | No
     offset = 0
     for path, item in zip(paths, header, strict=True):
         error, size = item.get("error"), int(item.get("size", 0))
-        if error == file_batch.DEFERRED:
+        if error == protocol.DEFERRED:
             results.append(None)
         elif error:
             results.append(FileTransfer(path, error=str(error)))

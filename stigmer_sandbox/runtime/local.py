@@ -22,10 +22,10 @@ from typing import Any, Unpack
 from .. import engine
 from ..config import Settings, load_settings
 from ..errors import SandboxError
-from . import agent
 from .channel import RawResult, Request, stream_callback
 from .commands import ExecOptions, ExecResult, audit_entry, make_request
-from .files import BATCH_SOURCE, TRANSFER_TIMEOUT_S, FileTransfers
+from .files import TRANSFER_TIMEOUT_S, FileTransfers
+from .guest import BATCH_SOURCE, capture, protocol
 from .history import AuditLog
 from .sandbox import Sandbox
 
@@ -106,8 +106,8 @@ def run_on_host(request: Request) -> RawResult:
         text = f"{request.argv[0]}: {exc.strerror}\n".encode()
         return RawResult(code, None, False, False, 0.0, b"", text, {"stderr": len(text)})
     if request.stdin is not None and process.stdin is not None:
-        agent.feed(process.stdin, request.stdin)
-    captures = {name: agent.OutputCapture(request.limit) for name in ("stdout", "stderr")}
+        capture.feed(process.stdin, request.stdin)
+    captures = {name: capture.OutputCapture(request.limit) for name in ("stdout", "stderr")}
 
     def live(name: str, data: bytes) -> None:
         callback = stream_callback(request, name)
@@ -118,7 +118,7 @@ def run_on_host(request: Request) -> RawResult:
         if not request.keep_background:
             kill_tree(process, token)
 
-    pump = agent.Pump(
+    pump = capture.Pump(
         process,
         captures=captures,
         live=live,
@@ -134,12 +134,12 @@ def _host_result(
     request: Request,
     returncode: int | None,
     timed_out: bool,
-    captures: dict[str, agent.OutputCapture],
+    captures: dict[str, capture.OutputCapture],
     started: float,
 ) -> RawResult:
     code = returncode if returncode is not None else -signal.SIGKILL
     signal_number = -code if code < 0 and not timed_out else None
-    exit_code = agent.TIMEOUT_EXIT if timed_out else (128 - code if code < 0 else code)
+    exit_code = protocol.TIMEOUT_EXIT if timed_out else (128 - code if code < 0 else code)
     streams = {name: capture.text() for name, capture in captures.items()}
     for name, text in streams.items():
         head, callback = captures[name].head, stream_callback(request, name)

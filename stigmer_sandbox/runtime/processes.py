@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import config
 from ..errors import SandboxError, UsageError
-from . import agent
 from .commands import ExecResult, check_env, command_argv, to_bytes
+from .guest.capture import OutputCapture
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
@@ -82,7 +82,7 @@ def stream_bytes(record: object) -> StreamBytes:
 def stream_text(record: object) -> tuple[bytes, int, bool]:
     """A stream's kept bytes with a marker where bytes were dropped, its total, truncated."""
     kept = stream_bytes(record)
-    capture = agent.OutputCapture(2)
+    capture = OutputCapture(2)
     capture.head, capture.tail = bytearray(kept.head), bytearray(kept.tail)
     capture.dropped = kept.dropped
     return capture.text(), kept.total, kept.dropped > 0

@@ -36,7 +36,8 @@ from . import bootstrap, host_helper, processes, snapshots, workspaces
 from .backend import DOCKER, Backend
 from .channel import AgentChannel, AgentLost, DirectRunner, RawResult, Request
 from .commands import ExecOptions, ExecResult, audit_entry, lost, make_request
-from .files import BATCH_SOURCE, TRANSFER_TIMEOUT_S, FileTransfers
+from .files import TRANSFER_TIMEOUT_S, FileTransfers
+from .guest import BATCH_SOURCE
 from .history import AuditLog
 from .processes import Process
 from .sessions import Session

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Unpack
 
 from ..errors import UsageError
-from . import shell_state
 from .channel import Request
 from .commands import ExecOptions, ExecResult, make_request
+from .guest import protocol
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 def check_name(name: str) -> str:
     """A session name: 1-64 letters, digits, `.`, `_` or `-`."""
-    if not isinstance(name, str) or not shell_state.SESSION_NAME.match(name):
+    if not isinstance(name, str) or not protocol.SESSION_NAME.match(name):
         raise UsageError(f"invalid session name {name!r}: use 1-64 letters, digits, . _ -")
     return name
 
@@ -53,7 +53,7 @@ class Session:
         """The checked request for `command` in this session, and its script (as `exec`
         and the relay send it)."""
         script = command if isinstance(command, str) else shlex.join(command)
-        bad = [key for key in options.get("env") or {} if not shell_state.ENV_NAME.match(key)]
+        bad = [key for key in options.get("env") or {} if not protocol.ENV_NAME.match(key)]
         if bad:
             raise UsageError(f"a session's env names must be shell variable names: {bad[0]!r}")
         cwd = options.get("cwd")

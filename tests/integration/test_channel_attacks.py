@@ -21,7 +21,7 @@ from stigmer_sandbox import config
 from stigmer_sandbox.errors import UsageError
 from stigmer_sandbox.runtime import Sandbox
 from stigmer_sandbox.runtime.channel import AgentChannel, AgentLost, Request
-from stigmer_sandbox.runtime.deadlines import HOST_GRACE_S
+from stigmer_sandbox.runtime.guest.protocol import HOST_GRACE_S
 
 from .conftest import TEST_LABELS, wait_for
 from .test_runtime import make_sandbox

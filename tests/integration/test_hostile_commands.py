@@ -17,7 +17,7 @@ import pytest
 
 from stigmer_sandbox.runtime import Sandbox
 from stigmer_sandbox.runtime.channel import LIVENESS_S
-from stigmer_sandbox.runtime.deadlines import HOST_GRACE_S
+from stigmer_sandbox.runtime.guest.protocol import HOST_GRACE_S
 
 from .conftest import TEST_LABELS
 from .test_runtime import make_sandbox, settings_in

@@ -23,7 +23,7 @@ import pytest
 
 from stigmer_sandbox.errors import SandboxError, UsageError
 from stigmer_sandbox.runtime import Sandbox
-from stigmer_sandbox.runtime.keeper import KEEP_ENDED
+from stigmer_sandbox.runtime.guest.keeper import KEEP_ENDED
 
 from ..conftest import ROOT
 from .conftest import wait_for

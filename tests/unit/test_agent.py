@@ -12,19 +12,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stigmer_sandbox.runtime import agent, channel
+from stigmer_sandbox.runtime import channel
 from stigmer_sandbox.runtime.channel import Request
+from stigmer_sandbox.runtime.guest import protocol
+from stigmer_sandbox.runtime.guest.capture import OutputCapture
 from stigmer_sandbox.runtime.local import run_on_host
 
 
 def test_capture_keeps_everything_within_the_limit():
-    capture = agent.OutputCapture(10)
+    capture = OutputCapture(10)
     assert capture.feed(b"abcdefgh") == b"abcde"
     assert capture.text() == b"abcdefgh" and capture.dropped == 0
 
 
 def test_capture_keeps_head_and_tail_with_a_marker():
-    capture = agent.OutputCapture(10)
+    capture = OutputCapture(10)
     for _ in range(100):
         capture.feed(b"0123456789")
     text = capture.text()
@@ -45,7 +47,7 @@ def test_capture_keeps_head_and_tail_with_a_marker():
     ],
 )
 def test_exit_cause(args, cause):
-    assert agent.exit_cause(*args) == cause
+    assert protocol.exit_cause(*args) == cause
 
 
 def local(argv, timeout=10.0, limit=1 << 20, keep=False, stdin=None):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from stigmer_sandbox.runtime import keeper
+from stigmer_sandbox.runtime.guest import keeper
 
 
 @pytest.fixture

@@ -24,7 +24,11 @@ FOLDER_LAYERS = {
 # (which hands on the runtime's names).
 ENTRY_MODULES = {"cli", "warm_run", "__init__", "__main__"}
 # Sent into the sandbox as source and run by /usr/bin/python3 -I -S there.
-GUEST_MODULES = {"agent", "keeper", "shell_state", "file_batch", "deadlines"}
+GUEST = PACKAGE / "runtime" / "guest"
+GUEST_MODULES = {path.stem for path in GUEST.glob("*.py")} - {"__init__"}
+# What host code may import of the guest programs: what both sides share.
+GUEST_SHARED = {"stigmer_sandbox.runtime.guest", "stigmer_sandbox.runtime.guest.protocol"}
+GUEST_SHARED |= {"stigmer_sandbox.runtime.guest.capture"}
 
 
 def module_name(path: Path) -> str:
@@ -76,7 +80,7 @@ def test_no_module_imports_from_a_layer_above_its_own(path: Path):
 
 @pytest.mark.parametrize("name", sorted(GUEST_MODULES))
 def test_the_programs_sent_into_the_sandbox_need_only_the_standard_library(name: str):
-    path = PACKAGE / "runtime" / f"{name}.py"
+    path = GUEST / f"{name}.py"
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level:
@@ -86,3 +90,13 @@ def test_the_programs_sent_into_the_sandbox_need_only_the_standard_library(name:
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 assert alias.name.split(".")[0] in sys.stdlib_module_names, alias.name
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in SOURCES if GUEST not in p.parents],
+    ids=lambda p: str(p.relative_to(PACKAGE)),
+)
+def test_host_code_imports_only_what_both_sides_share_of_the_guest_programs(path: Path):
+    guest = {name for name in imported(path) if name.startswith("stigmer_sandbox.runtime.guest")}
+    assert guest <= GUEST_SHARED, f"{module_name(path)} imports {sorted(guest - GUEST_SHARED)}"

@@ -179,7 +179,7 @@ def test_missing_credentials_folder_is_an_error(tmp_path, monkeypatch):
 
 
 def test_the_agent_and_the_policy_agree_on_the_shared_state_folder():
-    from stigmer_sandbox.runtime import agent
+    from stigmer_sandbox.runtime.guest import agent
 
     assert agent.RUN_DIR == policy.RUN_DIR
 

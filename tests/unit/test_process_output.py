@@ -7,10 +7,12 @@ from __future__ import annotations
 import hypothesis
 from hypothesis import strategies as st
 
-from stigmer_sandbox.runtime import agent, keeper, processes
+from stigmer_sandbox.runtime import processes
+from stigmer_sandbox.runtime.guest import keeper
+from stigmer_sandbox.runtime.guest.capture import OutputCapture
 
 
-def poll(capture: agent.OutputCapture) -> processes.StreamBytes:
+def poll(capture: OutputCapture) -> processes.StreamBytes:
     """What a poll reads: the keeper's record of `capture`, parsed back."""
     return processes.stream_bytes(keeper.stream_record(capture))
 
@@ -34,7 +36,7 @@ def check_poll(kept: processes.StreamBytes, printed: bytes, shown: int) -> tuple
 )
 def test_a_follower_gets_each_byte_once_in_place_or_is_told_it_was_dropped(chunks, limit, data):
     polls = data.draw(st.lists(st.booleans(), min_size=len(chunks), max_size=len(chunks)))
-    capture = agent.OutputCapture(limit)
+    capture = OutputCapture(limit)
     printed, written = b"", b""
     shown = dropped = 0
     for chunk, polled in [*zip(chunks, polls, strict=True), (b"", True)]:

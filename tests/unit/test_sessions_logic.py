@@ -15,8 +15,10 @@ import pytest
 
 from stigmer_sandbox import config
 from stigmer_sandbox.errors import UsageError
-from stigmer_sandbox.runtime import Sandbox, agent, keeper, processes, sessions, shell_state
+from stigmer_sandbox.runtime import Sandbox, processes, sessions
 from stigmer_sandbox.runtime.commands import make_request
+from stigmer_sandbox.runtime.guest import agent, keeper, protocol, shell_state
+from stigmer_sandbox.runtime.guest.capture import OutputCapture, Pump, feed
 
 from ..conftest import ROOT
 
@@ -33,7 +35,7 @@ def run_in_session(
     base = {"PATH": os.environ["PATH"], "HOME": "/tmp", "LANG": "C.UTF-8"}
     request = {"argv": ["/bin/bash", "-c", script], "cwd": None if state else "/tmp"}
     argv, env, text = session.command(request, base, state_write, prelude_read)
-    agent.feed(os.fdopen(prelude_write, "wb"), text.encode())  # as the agent: in a thread
+    feed(os.fdopen(prelude_write, "wb"), text.encode())  # as the agent: in a thread
     saved: list[bytes] = []  # read while it runs, as the agent does: a pipe holds 64 KiB
     reader = threading.Thread(target=lambda: saved.append(os.fdopen(state_read, "rb").read()))
     reader.start()
@@ -270,8 +272,8 @@ def test_a_session_with_a_bad_name_is_refused_before_any_command(offline_box):
 
 
 def test_idle_is_its_own_cause_and_a_timeout_wins():
-    assert agent.exit_cause(124, None, False, False, idle_timed_out=True) == "idle"
-    assert agent.exit_cause(124, None, True, False, idle_timed_out=True) == "timeout"
+    assert protocol.exit_cause(124, None, False, False, idle_timed_out=True) == "idle"
+    assert protocol.exit_cause(124, None, True, False, idle_timed_out=True) == "timeout"
 
 
 # -- the idle timeout in Pump --------------------------------------------------------------
@@ -281,8 +283,8 @@ def pump(script: str, idle_s: float) -> tuple[bool, bytes]:
     process = subprocess.Popen(
         ["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    captures = {"stdout": agent.OutputCapture(1000), "stderr": agent.OutputCapture(1000)}
-    runner = agent.Pump(
+    captures = {"stdout": OutputCapture(1000), "stderr": OutputCapture(1000)}
+    runner = Pump(
         process,
         captures=captures,
         live=lambda _name, _data: None,
@@ -306,7 +308,7 @@ def test_pump_spares_a_process_that_prints_more_often_than_its_idle_timeout():
 
 
 def test_output_capture_record_round_trips_through_the_keeper_format():
-    capture = agent.OutputCapture(10)
+    capture = OutputCapture(10)
     for _ in range(10):
         capture.feed(b"0123456789")
     text, total, cut = processes.stream_text(keeper.stream_record(capture))

@@ -22,11 +22,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+with contextlib.suppress(ImportError):  # in the sandbox: protocol.py's source runs first
+    from .protocol import ENV_NAME, SESSION_NAME
+
 Message = dict[str, Any]
 
 SESSION_DIR = "/run/stigmer/sessions"
-SESSION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 STATE_LIMIT = 1 << 20
 STATE_BEGIN = b"\0STIGMER-STATE-BEGIN\0"
 STATE_END = b"\0STIGMER-STATE-END"

@@ -34,20 +34,16 @@ from typing import Any
 
 with contextlib.suppress(ImportError):  # in the sandbox: names from agent.py's source
     from .agent import (
-        EXEC_HELPER,
         RUN_DIR,
         Agent,
         Message,
-        OutputCapture,
-        Process,
-        Pump,
         backstop,
         oom_counter_files,
-        oom_grew,
         oom_kills,
         read_status,
     )
-    from .deadlines import BACKSTOP_AFTER_S, KILL_GRACE_S, KILL_WAIT_S
+    from .capture import OutputCapture, Process, Pump
+    from .protocol import BACKSTOP_AFTER_S, EXEC_HELPER, KILL_GRACE_S, KILL_WAIT_S, oom_grew
 
 PROCESS_DIR = RUN_DIR + "/procs"
 PROCESS_ID_LENGTH = 12

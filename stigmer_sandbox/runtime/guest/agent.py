@@ -51,7 +51,6 @@ import json
 import os
 import pwd
 import queue
-import select
 import signal
 import subprocess
 import threading
@@ -60,26 +59,27 @@ from collections.abc import Callable, Iterable
 from typing import IO, Any, BinaryIO, NamedTuple
 
 with contextlib.suppress(ImportError):  # in the sandbox: these sources run first
-    from .deadlines import BACKSTOP_AFTER_S, BACKSTOP_WAIT_S, KILL_GRACE_S
+    from .capture import READ_CHUNK, OutputCapture, Process, Pump, feed
+    from .protocol import (
+        BACKSTOP_AFTER_S,
+        BACKSTOP_WAIT_S,
+        EXEC_HELPER,
+        HEARTBEAT_S,
+        KILL_GRACE_S,
+        TIMEOUT_EXIT,
+        oom_grew,
+    )
     from .shell_state import STATE_LIMIT, SessionState
 
 Message = dict[str, Any]
-Process = subprocess.Popen[bytes]
 
-EXEC_HELPER = "/usr/local/libexec/stigmer-sandbox/stigmer-exec"
-TIMEOUT_EXIT = 124
-READ_CHUNK = 65536
 # A command's kept tail travels in pieces this big (the size of a live output frame), each
 # its own frame: the writer takes turns between requests one frame at a time, so another
 # command's answer waits for at most one frame of each busy command (one 32 MiB frame
 # held every other command back for seconds; 1 MiB pieces still cost ~300 ms with four).
 TAIL_PIECE = READ_CHUNK
-HEARTBEAT_S = 1.0
 # Linux refuses any single argument over 128 KiB (MAX_ARG_STRLEN); stay well below.
 MAX_INLINE_ARG = 100_000
-# After the command exits, wait this long for output still in flight; a background
-# child that keeps the pipe open must not hold the result back.
-EXIT_GRACE_S = 0.2
 OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
 # Root-only tmpfs (see policy): session state and background processes live here, for as
 # long as the sandbox does, reachable from every agent.
@@ -88,72 +88,6 @@ OPERATIONS = frozenset(
     {"ping", "exec", "cancel", "session_close", "proc_start", "proc_list", "proc_status"}
     | {"proc_kill", "proc_write"}
 )
-# How the host starts this program (and the agent starts a background process's keeper):
-# the sources (shell_state.py, this file, keeper.py) arrive as one JSON line on stdin, so `ps`
-# shows these lines, not 40 kB of code; keeper.py's `main()` then runs.
-BOOTSTRAP = (
-    "# stigmer-sandbox agent\n"
-    "import sys, json\n"
-    "STIGMER_SOURCES = json.loads(sys.stdin.buffer.readline())\n"
-    "for _source in [STIGMER_SOURCES] if isinstance(STIGMER_SOURCES, str) else STIGMER_SOURCES:\n"
-    "    exec(_source)\n"
-    "main()\n"
-)
-
-
-class OutputCapture:
-    """Keeps the first and last `limit // 2` bytes of a stream; counts what it drops."""
-
-    def __init__(self, limit: int) -> None:
-        self.head_budget = max(limit, 2) // 2
-        self.tail_budget = max(limit, 2) - self.head_budget
-        self.head = bytearray()
-        self.tail = bytearray()
-        self.total = 0
-        self.dropped = 0
-
-    def feed(self, data: bytes) -> bytes:
-        """Take `data`; return the part that belongs to the head (to stream live)."""
-        self.total += len(data)
-        room = self.head_budget - len(self.head)
-        live = data[:room] if room > 0 else b""
-        self.head += live
-        rest = data[len(live) :]
-        if rest:
-            self.tail += rest
-            excess = len(self.tail) - self.tail_budget
-            if excess > 0:
-                del self.tail[:excess]
-                self.dropped += excess
-        return live
-
-    def text(self) -> bytes:
-        """Head, a visible marker where bytes were dropped, and tail."""
-        marker = b""
-        if self.dropped:
-            marker = f"\n[... {self.dropped} bytes truncated by stigmer-sandbox ...]\n".encode()
-        return b"".join((self.head, marker, self.tail))  # one copy: results reach 64 MiB
-
-
-def exit_cause(
-    exit_code: int | None,
-    signal_number: int | None,
-    timed_out: bool,
-    oom_killed: bool,
-    idle_timed_out: bool = False,
-) -> str:
-    """Why a command ended: lost, timeout, idle, oom, signal or exit."""
-    if exit_code is None:
-        return "lost"
-    if timed_out:
-        return "timeout"
-    if idle_timed_out:
-        return "idle"
-    if oom_killed:
-        return "oom"
-    if signal_number:
-        return "signal"
-    return "exit"
 
 
 def oom_kills(paths: Iterable[str] = OOM_FILES) -> int | None:
@@ -173,121 +107,6 @@ def oom_kills(paths: Iterable[str] = OOM_FILES) -> int | None:
 def oom_counter_files() -> tuple[str, ...]:
     """The OOM counter files this cgroup has (looked up once, read for every command)."""
     return tuple(path for path in OOM_FILES if os.path.exists(path))
-
-
-class Pump:
-    """One command's pipes, exit and deadline, all served by one thread.
-
-    The process's exit wakes the loop through a pidfd; `expire` runs once at the
-    deadline, `ended` once when the process has exited; output still in flight after
-    the exit gets a short grace.
-    """
-
-    def __init__(
-        self,
-        process: Process,
-        *,
-        captures: dict[str, OutputCapture],
-        live: Callable[[str, bytes], None],
-        deadline: float,
-        expire: Callable[[], None],
-        ended: Callable[[], None],
-        extra: dict[str, IO[bytes]] | None = None,
-        idle: tuple[float, Callable[[], None]] | None = None,
-    ) -> None:
-        if process.stdout is None:
-            raise ValueError("the command was started without an output pipe")
-        self.process, self.captures, self.live = process, captures, live
-        self.deadline, self.expire, self.ended = deadline, expire, ended
-        # Without a stderr pipe, stderr was merged into stdout (one ordered stream).
-        named = [("stdout", process.stdout), ("stderr", process.stderr)]
-        named += list((extra or {}).items())  # read like output, never streamed live
-        self.streams = tuple(pipe for _name, pipe in named if pipe is not None)
-        self.pipes = {pipe.fileno(): name for name, pipe in named if pipe is not None}
-        self.exit_fd = exit_watcher(process)
-        self.expired = False
-        self.grace_until: float | None = None
-        # Idle timeout: (seconds without output, what to do once); None when not asked.
-        self.idle_s: float | None = idle[0] if idle else None
-        self.on_idle: Callable[[], None] | None = idle[1] if idle else None
-        self.idled = False
-        self.last_output = time.monotonic()
-
-    def run(self) -> None:
-        """Serve the process until its pipes close (or the grace after its exit ends)."""
-        try:
-            while self.pipes and not self._grace_over():
-                self._check_exit_and_deadline()
-                if self.pipes and not self._grace_over():
-                    ready, _, _ = select.select(self._watched(), [], [], self._wait())
-                    self._handle(ready)
-            while self.process.returncode is None:
-                self._check_exit_and_deadline()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.process.wait(timeout=max(0.01, self._wait()))
-            if self.grace_until is None:
-                self._exited()
-        finally:
-            for pipe in self.streams:
-                pipe.close()
-            if self.exit_fd is not None:
-                os.close(self.exit_fd)
-
-    def _grace_over(self) -> bool:
-        return self.grace_until is not None and time.monotonic() >= self.grace_until
-
-    def _exited(self) -> None:
-        self.ended()
-        self.grace_until = time.monotonic() + EXIT_GRACE_S
-
-    def _idle_due(self) -> float | None:
-        if self.idle_s is None or self.idled:
-            return None
-        return self.last_output + self.idle_s
-
-    def _check_exit_and_deadline(self) -> None:
-        self.process.poll()
-        now = time.monotonic()
-        idle_due = self._idle_due()
-        if self.process.returncode is None and idle_due is not None and now >= idle_due:
-            self.idled = True
-            if self.on_idle is not None:
-                self.on_idle()
-        if self.process.returncode is None and not self.expired and now >= self.deadline:
-            self.expired = True
-            self.expire()
-        if self.process.returncode is not None and self.grace_until is None:
-            self._exited()
-
-    def _watched(self) -> list[int]:
-        watched = list(self.pipes)
-        if self.exit_fd is not None and self.process.returncode is None:
-            watched.append(self.exit_fd)
-        return watched
-
-    def _wait(self) -> float:
-        until = self.grace_until or (self.deadline if not self.expired else time.monotonic() + 1)
-        idle_due = self._idle_due()
-        if self.grace_until is None and idle_due is not None:
-            until = min(until, idle_due)
-        wait = until - time.monotonic()
-        return max(0.0, wait if self.exit_fd is not None else min(wait, 0.05))
-
-    def _handle(self, ready: list[int]) -> None:
-        for fd in ready:
-            if fd == self.exit_fd:
-                self.process.poll()
-                continue
-            data = os.read(fd, READ_CHUNK)
-            if not data:
-                del self.pipes[fd]
-                continue
-            name = self.pipes[fd]
-            head = self.captures[name].feed(data)
-            if name in ("stdout", "stderr"):
-                self.last_output = time.monotonic()
-                if head:
-                    self.live(name, head)
 
 
 class SessionPipes(NamedTuple):
@@ -687,18 +506,6 @@ def inline_long_script(argv: list[str]) -> tuple[list[str], bytes | None]:
     return (argv, None) if len(script) <= MAX_INLINE_ARG else ([argv[0], *argv[3:]], script)
 
 
-def feed(pipe: IO[bytes], data: bytes) -> None:
-    """Write `data` to a pipe in the background, then close it."""
-    threading.Thread(target=feed_pipe, args=(pipe, data), daemon=True).start()
-
-
-def feed_pipe(pipe: IO[bytes], data: bytes) -> None:
-    with contextlib.suppress(OSError, ValueError):  # the reader may exit without reading
-        pipe.write(data)
-    with contextlib.suppress(OSError, ValueError):
-        pipe.close()
-
-
 def backstop(process: Process) -> None:
     """The helper missed its own deadline: ask it to end the tree, then make sure (killing
     the helper would orphan what is left, so only after its whole kill budget)."""
@@ -729,10 +536,6 @@ def read_status(fd: int, returncode: int | None) -> Message:
     }
 
 
-def oom_grew(before: int | None, after: int | None) -> bool:
-    return before is not None and after is not None and after > before
-
-
 def done_message(
     request: Message,
     status: Message,
@@ -761,11 +564,3 @@ def summary(capture: OutputCapture) -> Message:
         "dropped": capture.dropped,
         "total": capture.total,
     }
-
-
-def exit_watcher(process: Process) -> int | None:
-    """A pidfd that becomes readable when `process` exits, or None where unsupported."""
-    try:
-        return os.pidfd_open(process.pid)
-    except (AttributeError, OSError):
-        return None
