@@ -79,6 +79,8 @@ PACKAGE_SPECS = {
     ),
 }
 MAX_PACKAGE_SPEC = 256
+# egress.MODES (a test keeps them equal); egress.py is imported only to check entries.
+EGRESS_MODES = ("public", "allowlist", "open", "none")
 
 
 def _key(
@@ -195,6 +197,31 @@ class Settings:
         "",
         kind="pip-packages",
     )
+    # The egress policy (stigmer_sandbox/egress.py, docs/egress.md): parsed and checked
+    # here; list keys are comma-separated text like the bootstrap packages, so that an
+    # INVOKE_STIGMER_ALLOW variable can set them (Invoke cannot set a list from one).
+    egress: str = _key(
+        "egress policy: public (public addresses; private, local and metadata ones refused), "
+        "allowlist (only `allow`), open (everything), none (no network; `network: none` too)",
+        "public",
+        choices=EGRESS_MODES,
+    )
+    allow: str = _key(
+        "destinations a sandbox may reach, comma-separated: name, *.name, address or CIDR, "
+        "each with an optional :port ([IPv6]:port)",
+        "",
+        kind="egress-entries",
+    )
+    deny: str = _key(
+        "destinations a sandbox may never reach (same form as allow; deny always wins)",
+        "",
+        kind="egress-entries",
+    )
+    allow_presets: str = _key(
+        "named sets of allow entries, comma-separated: python, node, debian",
+        "",
+        kind="egress-presets",
+    )
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):
@@ -303,7 +330,19 @@ def _text_problem(item: dataclasses.Field, value: str) -> str | None:
         return _size_problem(value, item.metadata["above"])
     if kind in PACKAGE_SPECS and (bad := bad_package(kind, value)) is not None:
         return f"has {bad!r}, which is not {PACKAGE_SPECS[kind][1]}"
+    if kind.startswith("egress-") and value:
+        return _egress_problem(kind, value)
     return None
+
+
+def _egress_problem(kind: str, value: str) -> str | None:
+    from . import egress  # only when entries are set: the warm `run` path stays light
+
+    problem = egress.entry_problem(value) if kind == "egress-entries" else None
+    problem = problem or (egress.preset_problem(value) if kind == "egress-presets" else None)
+    if not problem:
+        return None
+    return f"has {'an' if problem[0] in 'aeiou' else 'a'} {problem}"
 
 
 def _encodable(value: str) -> bool:
