@@ -6,7 +6,8 @@ policy is a frozen value with a stable fingerprint, and `decide` answers one que
 policy (a filter, a proxy, the audit). docs/egress.md is the reference for the grammar,
 the modes, the presets and the order in which rules decide.
 
-Foundation layer: the standard library and `errors` only.
+Foundation layer: the standard library and `errors` only (config.py imports this module to
+check its keys, so the settings are read through the `EgressSettings` protocol).
 """
 
 from __future__ import annotations
@@ -25,13 +26,10 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from .errors import UsageError
-
-if TYPE_CHECKING:
-    from .config import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -870,6 +868,25 @@ def _strings(values: str | Iterable[str] | None) -> list[str]:
     return [entry for item in items for entry in split_entries(item)]
 
 
+class EgressSettings(Protocol):
+    """What `EgressPolicy.from_settings` reads of `config.Settings`."""
+
+    @property
+    def network(self) -> str: ...
+    @property
+    def egress(self) -> str: ...
+    @property
+    def allow(self) -> str: ...
+    @property
+    def deny(self) -> str: ...
+    @property
+    def allow_presets(self) -> str: ...
+    @property
+    def debian_mirror(self) -> str: ...
+    @property
+    def root(self) -> Path: ...
+
+
 @dataclass(frozen=True)
 class EgressPolicy:
     """A sandbox's egress policy: its mode and its allow and deny entries (strings are
@@ -909,7 +926,7 @@ class EgressPolicy:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, context: PresetContext | None = None
+        cls, settings: EgressSettings, context: PresetContext | None = None
     ) -> EgressPolicy:
         """The policy the settings describe; `network: none` means mode none."""
         context = context or PresetContext(
