@@ -280,7 +280,7 @@ def up(
     container = engine.find_container(settings.container_name)
     if container is None:
         raise SandboxNotReady(f"compose did not create {settings.container_name}")
-    from ..runtime.backend import DOCKER
+    from ..runtime.backends.docker import DOCKER
 
     policy.verify_mounts(pins, DOCKER, container)
     healthy, detail, seconds = engine.wait_healthy(container, timeout)

@@ -46,8 +46,8 @@ from deepagents.backends.sandbox import BaseSandbox
 from ..config import Settings
 from ..errors import SandboxError
 from ..runtime import ExecResult, LocalSandbox, Sandbox, open_sandbox
-from ..runtime.commands import from_bytes
-from ..runtime.files import checked_upload, listed, shown_path
+from ..runtime.client.commands import from_bytes
+from ..runtime.client.files import checked_upload, listed, shown_path
 
 if TYPE_CHECKING:  # deepagents 0.7's results; Graphton's deepagents 0.4 lacks most of them
     from deepagents.backends.protocol import (

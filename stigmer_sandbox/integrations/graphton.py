@@ -51,9 +51,8 @@ from .. import policy
 from ..config import Settings, load_settings
 from ..errors import SandboxError
 from ..runtime import ExecResult, LocalSandbox, Sandbox, open_sandbox
-from ..runtime.commands import from_bytes, to_bytes
-from ..runtime.files import FileTransfer
-from ..runtime.sandbox import SYSTEM_PATH
+from ..runtime.client.commands import from_bytes, to_bytes
+from ..runtime.client.files import SYSTEM_PATH, FileTransfer
 from .deepagents import StigmerSandbox, to_response
 
 logger = logging.getLogger(__name__)

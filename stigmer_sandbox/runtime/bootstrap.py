@@ -23,7 +23,7 @@ from .. import config, policy
 from ..errors import UsageError
 
 if TYPE_CHECKING:
-    from .sandbox import Sandbox
+    from .client.connection import Connection
 
 # On the /tmp tmpfs, so it is gone whenever the container starts again: a sandbox started
 # behind `up()`'s back (docker start, a reboot of the engine) bootstraps at the next `up()`.
@@ -103,7 +103,7 @@ def install_argv(registry: Registry, spec: str) -> list[str]:
     return [*registry.install, "--", spec]
 
 
-def install(sandbox: Sandbox, packages: Mapping[Registry, Sequence[str]]) -> list[Outcome]:
+def install(connection: Connection, packages: Mapping[Registry, Sequence[str]]) -> list[Outcome]:
     """Install `packages` in `sandbox` as the sandbox user, one registry after the other; a
     package that fails is recorded in its registry's outcome and the rest carry on."""
     outcomes = []
@@ -114,7 +114,7 @@ def install(sandbox: Sandbox, packages: Mapping[Registry, Sequence[str]]) -> lis
         installed: list[str] = []
         failed: list[tuple[str, str]] = []
         for spec in check(registry, specs):
-            why = _install_one(sandbox, registry, spec)
+            why = _install_one(connection, registry, spec)
             if why is None:
                 installed.append(spec)
             else:
@@ -124,14 +124,14 @@ def install(sandbox: Sandbox, packages: Mapping[Registry, Sequence[str]]) -> lis
     return outcomes
 
 
-def _install_one(sandbox: Sandbox, registry: Registry, spec: str) -> str | None:
+def _install_one(connection: Connection, registry: Registry, spec: str) -> str | None:
     """None when `spec` installed, else why not."""
     # The home folder, not /workspace: a project's .npmrc or uv.toml there must not steer
     # what the sandbox installs for every agent.
-    result = sandbox.exec(
+    result = connection.exec(
         install_argv(registry, spec),
         cwd=policy.SANDBOX_HOME,
-        timeout=sandbox.settings.timeout,
+        timeout=connection.settings.timeout,
         merge_output=True,
     )
     if result.cause != "exit":
@@ -159,29 +159,29 @@ def digest(packages: Mapping[Registry, Sequence[str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def on_start(sandbox: Sandbox, started: bool) -> list[str]:
+def on_start(connection: Connection, started: bool) -> list[str]:
     """Install the configured packages if `up()` just created or started the sandbox, or if
     the running sandbox has not had this package list yet; the lines to show (none when
     there was nothing to do)."""
-    packages = requested(sandbox.settings)
+    packages = requested(connection.settings)
     if not any(packages.values()):
         return []
     wanted = digest(packages)
-    if not started and _marker(sandbox) == wanted:
+    if not started and _marker(connection) == wanted:
         return []
-    if sandbox.settings.network == "none":
-        lines = [f"bootstrap skipped: {sandbox.name} has no network (network: none)"]
+    if connection.settings.network == "none":
+        lines = [f"bootstrap skipped: {connection.name} has no network (network: none)"]
     else:
-        lines = [line for outcome in install(sandbox, packages) for line in outcome.lines()]
-    _write_marker(sandbox, wanted)
+        lines = [line for outcome in install(connection, packages) for line in outcome.lines()]
+    _write_marker(connection, wanted)
     return lines
 
 
-def _marker(sandbox: Sandbox) -> str:
-    result = sandbox.exec(["cat", "--", MARKER], timeout=MARKER_TIMEOUT_S)
+def _marker(connection: Connection) -> str:
+    result = connection.exec(["cat", "--", MARKER], timeout=MARKER_TIMEOUT_S)
     return result.stdout.strip() if result.exit_code == 0 else ""
 
 
-def _write_marker(sandbox: Sandbox, wanted: str) -> None:
+def _write_marker(connection: Connection, wanted: str) -> None:
     script = 'printf "%s\\n" "$2" > "$1"'  # the values travel as arguments, not in the script
-    sandbox.exec(["/bin/sh", "-c", script, "sh", MARKER, wanted], timeout=MARKER_TIMEOUT_S)
+    connection.exec(["/bin/sh", "-c", script, "sh", MARKER, wanted], timeout=MARKER_TIMEOUT_S)

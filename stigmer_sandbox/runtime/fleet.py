@@ -12,7 +12,8 @@ from datetime import datetime
 from typing import Any
 
 from .. import labels, policy
-from .backend import DOCKER, Backend
+from .backends.base import Backend
+from .backends.docker import DOCKER
 
 
 def listing(backend: Backend = DOCKER, now: float | None = None) -> list[dict[str, Any]]:

@@ -20,7 +20,8 @@ from typing import Any
 from .. import engine, labels, policy
 from ..config import Settings
 from ..errors import SandboxError
-from .backend import DOCKER, Backend
+from .backends.base import Backend
+from .backends.docker import DOCKER
 
 HELPERS = "helpers"
 HELPER_NAME = policy.EXEC_HELPER.rpartition("/")[2]

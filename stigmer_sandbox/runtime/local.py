@@ -11,6 +11,7 @@ kind of sandbox the settings ask for.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -22,9 +23,8 @@ from typing import Any, Unpack
 from .. import engine
 from ..config import Settings, load_settings
 from ..errors import SandboxError
-from .channel import RawResult, Request, stream_callback
-from .commands import ExecOptions, ExecResult, audit_entry, make_request
-from .files import TRANSFER_TIMEOUT_S, FileTransfers
+from .client.commands import ExecOptions, ExecResult, RawResult, Request, audit_entry
+from .client.files import TRANSFER_TIMEOUT_S, FileTransfers
 from .guest import BATCH_SOURCE, capture, protocol
 from .history import AuditLog
 from .sandbox import Sandbox
@@ -110,7 +110,7 @@ def run_on_host(request: Request) -> RawResult:
     captures = {name: capture.OutputCapture(request.limit) for name in ("stdout", "stderr")}
 
     def live(name: str, data: bytes) -> None:
-        callback = stream_callback(request, name)
+        callback = request.callback(name)
         if callback:
             callback(data)
 
@@ -122,7 +122,7 @@ def run_on_host(request: Request) -> RawResult:
         process,
         captures=captures,
         live=live,
-        deadline=started + request.timeout,
+        deadline=started + request.timeout_s,
         expire=lambda: kill_tree(process, token),
         ended=ended,
     )
@@ -142,7 +142,7 @@ def _host_result(
     exit_code = protocol.TIMEOUT_EXIT if timed_out else (128 - code if code < 0 else code)
     streams = {name: capture.text() for name, capture in captures.items()}
     for name, text in streams.items():
-        head, callback = captures[name].head, stream_callback(request, name)
+        head, callback = captures[name].head, request.callback(name)
         if callback and len(text) > len(head):
             callback(text[len(head) :])
     return RawResult(
@@ -167,6 +167,7 @@ class LocalSandbox(FileTransfers):
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or load_settings()
         self.workspace = self.settings.path("workspace")
+        self.workspace_root = str(self.workspace)
         self.audit = AuditLog(self.settings.path("state_dir") / "audit.jsonl")
         self.notes: list[str] = []
 
@@ -178,17 +179,13 @@ class LocalSandbox(FileTransfers):
     def exec(self, command: str | Sequence[str], **options: Unpack[ExecOptions]) -> ExecResult:
         """Run a command on this host in the workspace folder (see `Sandbox.exec`)."""
         self.up()
-        cwd = options.get("cwd")
-        folder = self.workspace / cwd if cwd else self.workspace
-        request = make_request(self.settings, command, str(folder), options)
-        return self._execute(command, request)[1]
+        request = Request.build(self.settings, command, options, home=str(self.workspace))
+        return self._execute(request)[1]
 
-    def _execute(
-        self, command: str | Sequence[str], request: Request
-    ) -> tuple[RawResult, ExecResult]:
+    def _execute(self, request: Request) -> tuple[RawResult, ExecResult]:
         raw = run_on_host(request)
         result = ExecResult.from_raw(raw, request.cid)
-        self.audit.record(audit_entry(self.name, command, request, result))
+        self.audit.record(audit_entry(self.name, request, result))
         return raw, result
 
     def _run_batch(self, argv: list[str], stdin: bytes, output_limit: int) -> RawResult:
@@ -196,8 +193,9 @@ class LocalSandbox(FileTransfers):
         command = [sys.executable, "-I", "-S", "-c", BATCH_SOURCE, *argv]
         options: ExecOptions = {"timeout": TRANSFER_TIMEOUT_S}
         options["stdin"], options["output_limit"] = stdin, output_limit
-        request = make_request(self.settings, command, str(self.workspace), options)
-        return self._execute(f"(file transfer: {argv[0]})", request)[0]
+        options["cwd"] = str(self.workspace)
+        request = Request.build(self.settings, command, options)
+        return self._execute(dataclasses.replace(request, shown=f"(file transfer: {argv[0]})"))[0]
 
     def close(self) -> None:
         """Nothing to release."""

@@ -27,16 +27,14 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 from .. import engine, labels
 from ..config import Settings, load_settings
 from ..errors import SandboxError, SandboxNotReady, UsageError
 from . import snapshots, workspaces
-from .backend import DOCKER, Backend
-
-if TYPE_CHECKING:
-    from .sandbox import Sandbox
+from .backends.base import Backend
+from .backends.docker import DOCKER
+from .sandbox import Sandbox
 
 ACQUIRE_TIMEOUT_S = 120.0
 START_WORKERS = 4
@@ -264,13 +262,13 @@ class SandboxPool:
 
     def _start_sandbox(self) -> Sandbox:
         if self.snapshot is not None:
-            sandbox = snapshots.start_from(
-                self.settings, self.snapshot, extra_labels=self._labels, backend=self.backend
+            sandbox = Sandbox.from_snapshot(
+                self.snapshot, self.settings, extra_labels=self._labels, backend=self.backend
             )
         else:
             name = snapshots.new_name(self.settings)
             folder = workspaces.create(workspaces.sandboxes_root(self.settings), name)
-            sandbox = snapshots.private_sandbox(
+            sandbox = Sandbox.private(
                 self.settings, name, None, folder, extra_labels=self._labels, backend=self.backend
             )
             try:

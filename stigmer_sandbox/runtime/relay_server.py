@@ -35,7 +35,7 @@ from typing import Any, cast
 from .. import config, engine, relay
 from ..config import Settings, settings_from_dict
 from ..errors import SandboxError, UsageError
-from .commands import ExecOptions, make_request
+from .client.commands import ExecOptions, Request
 from .sandbox import Sandbox
 
 ALIVE_CHECK_S = 5.0
@@ -305,19 +305,15 @@ class Relay:
 
         chosen.update(on_stdout=forward("stdout"), on_stderr=forward("stderr"))
         options = cast(ExecOptions, chosen)
-        if request.session:
-            command, built = self.sandbox.session(request.session).request(command, options)
-        else:
-            built = make_request(
-                self.settings, command, self.sandbox._cwd(options.get("cwd")), options
-            )
+        connection = self.sandbox.connection
+        built = Request.build(self.settings, command, options, session=request.session)
         finished = threading.Event()
         watcher = threading.Thread(
             target=self._cancel_on_hangup, args=(conn, built.cid, finished), daemon=True
         )
         watcher.start()
         try:
-            return self.sandbox._execute(command, built)[1].to_dict()
+            return connection.execute(built).to_dict()
         finally:
             finished.set()
 
@@ -325,8 +321,7 @@ class Relay:
         """The client closed its end before the result (Ctrl-C): end the command."""
         with contextlib.suppress(OSError):
             if conn.recv(1) == b"" and not finished.is_set():
-                with contextlib.suppress(SandboxError):
-                    self.sandbox.agent_call("cancel", {"cid": cid})
+                self.sandbox.connection.cancel(cid)
 
 
 def answer(conn: socket.socket, message: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 
 from .. import policy
 from ..errors import SandboxError
-from .backend import ADDED, DELETED, MODIFIED
+from .backends.base import ADDED, DELETED, MODIFIED
 
 # Everything a sandbox's root side runs, loads or reads to decide who a command runs as.
 TRUSTED = (

@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import engine, labels, policy
 from ..checks import CheckResult, Status, verdict
-from .commands import ExecResult
+from .client.commands import ExecResult
 from .sandbox import Sandbox
 
 SETUID_ALLOWLIST = "/usr/local/share/stigmer-sandbox/setuid-allowlist.txt"

@@ -29,18 +29,28 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .. import engine, labels
-from ..config import Settings, load_settings, parse_size
+from ..config import Settings, parse_size
 from ..errors import SandboxError, UsageError
 from ..images.record import ImageRecord
 from . import host_helper, root_guard, workspaces
-from .backend import DOCKER, Backend
+from .backends.base import Backend
 
-if TYPE_CHECKING:
-    from .sandbox import Sandbox
+
+class Source(Protocol):
+    """What a capture needs of the sandbox it copies (a `Sandbox` is one)."""
+
+    name: str
+    settings: Settings
+    backend: Backend
+
+    def paused(self) -> AbstractContextManager[Any]:
+        """The running sandbox frozen, its container yielded."""
+
 
 SNAPSHOT_REPOSITORY = "stigmer-sandbox-snapshot"
 FORK_REPOSITORY = "stigmer-sandbox-fork"
@@ -77,7 +87,7 @@ def fork_image(sandbox_name: str) -> str:
     return f"{FORK_REPOSITORY}:{sandbox_name}"
 
 
-def _image_labels(kind: str, source: Sandbox, folder: Path, parent: Any) -> dict[str, str]:
+def _image_labels(kind: str, source: Source, folder: Path, parent: Any) -> dict[str, str]:
     """The labels a capture of `source` (running the image `parent`) commits."""
     cleared = {f"{labels.PREFIX}.{key}": "" for key in PER_CONTAINER}
     return {
@@ -104,7 +114,7 @@ def workspace_of(image: Any) -> Path | None:
 
 
 def capture(
-    sandbox: Sandbox, image_ref: str, kind: str, folder: Path, final: Path | None = None
+    sandbox: Source, image_ref: str, kind: str, folder: Path, final: Path | None = None
 ) -> Path:
     """Commit `sandbox`'s filesystem to `image_ref` and copy its workspace into the new
     private `folder` (the image names `final`, where the folder will end up, if it is not
@@ -129,7 +139,7 @@ def capture(
     return made
 
 
-def _check_root_side(sandbox: Sandbox, container: Any) -> None:
+def _check_root_side(sandbox: Source, container: Any) -> None:
     """Refuse a capture that would carry a change to what runs as root (`root_guard`)."""
     backend = sandbox.backend
     root_guard.check(
@@ -139,7 +149,7 @@ def _check_root_side(sandbox: Sandbox, container: Any) -> None:
     )
 
 
-def _check_size(sandbox: Sandbox, container: Any) -> None:
+def _check_size(sandbox: Source, container: Any) -> None:
     """Refuse to copy a root filesystem a command bloated (a disk filler, by accident or
     not) before the engine spends minutes and the disk on it (checked while paused, so
     it cannot grow after the check)."""
@@ -155,7 +165,7 @@ def _check_size(sandbox: Sandbox, container: Any) -> None:
         )
 
 
-def _check_unshared(sandbox: Sandbox, container: Any) -> None:
+def _check_unshared(sandbox: Source, container: Any) -> None:
     """The workspace is copied while its sandbox is paused; another running container that
     mounts it could swap a folder for a symlink mid-copy and point the copy elsewhere on
     the host. Refuse then (a pooled or forked sandbox's workspace is never shared)."""
@@ -168,7 +178,7 @@ def _check_unshared(sandbox: Sandbox, container: Any) -> None:
         )
 
 
-def take(sandbox: Sandbox, name: str, replace: bool = False) -> dict[str, Any]:
+def take(sandbox: Source, name: str, replace: bool = False) -> dict[str, Any]:
     """Keep `sandbox`'s state as snapshot `name`; refuses to overwrite one unless `replace`.
     A replacement is made aside first: the old snapshot goes only once the new one exists."""
     image_ref = snapshot_image(name)
@@ -189,7 +199,7 @@ def take(sandbox: Sandbox, name: str, replace: bool = False) -> dict[str, Any]:
     }
 
 
-def _replace(sandbox: Sandbox, name: str, root: Path) -> Path:
+def _replace(sandbox: Source, name: str, root: Path) -> Path:
     staging_root = root / f".staging-{uuid.uuid4().hex[:8]}"
     staging_ref = f"{SNAPSHOT_REPOSITORY}:{name}.staging-{staging_root.name[-8:]}"
     try:
@@ -244,16 +254,6 @@ def delete(settings: Settings, name: str) -> bool:
     return image is not None or bool(gone)
 
 
-def fork(sandbox: Sandbox) -> Sandbox:
-    """A new, started sandbox with `sandbox`'s filesystem and a copy of its workspace."""
-    name = new_name(sandbox.settings)
-    image_ref = fork_image(name)
-    folder = capture(sandbox, image_ref, "fork", workspaces.sandboxes_root(sandbox.settings) / name)
-    return _start(
-        sandbox.settings, name, image_ref, folder, owned_image=True, backend=sandbox.backend
-    )
-
-
 def find(name: str) -> tuple[str, Path]:
     """The image and workspace folder of snapshot `name`; a clear error when either is
     gone, or when the image is not one `capture` checked."""
@@ -281,58 +281,8 @@ def checked(image: Any) -> bool:
     return bool(parent) and (image.labels or {}).get(CHECKED_LABEL) == parent
 
 
-def start_from(settings: Settings | None, name: str, **options: Any) -> Sandbox:
-    """A new, started sandbox from snapshot `name`, with a copy of the snapshot's workspace."""
-    settings = settings or load_settings()
-    image_ref, source = find(name)
-    new = new_name(settings)
-    root = workspaces.sandboxes_root(settings)
-    folder = workspaces.create(root, new, source / "workspace")
-    return _start(settings, new, image_ref, folder, **options)
-
-
 def new_name(settings: Settings) -> str:
     """A unique container name for a new private sandbox: the configured name and a random
     suffix (a fork of a fork gets one suffix, not one per generation)."""
     base = UNIQUE_SUFFIX.sub("", settings.container_name)
     return f"{base}-{uuid.uuid4().hex[:8]}"
-
-
-def private_sandbox(
-    settings: Settings,
-    name: str,
-    image: str | None,
-    folder: Path,
-    *,
-    owned_image: bool = False,
-    prepared_image: bool = False,
-    extra_labels: dict[str, str] | None = None,
-    backend: Backend = DOCKER,
-) -> Sandbox:
-    """A Sandbox (not started) that mounts the private `folder`; removing it removes the
-    folder too, and the image when `owned_image`."""
-    from .sandbox import Sandbox
-
-    private = settings.replace(
-        workspace=str(folder / "workspace"), logs=str(folder / "logs"), image=image
-    )
-    return Sandbox(
-        private,
-        name=name,
-        ephemeral=True,
-        extra_labels={f"{labels.PREFIX}.private": str(folder), **(extra_labels or {})},
-        private_folder=folder,
-        owned_image=image if owned_image else None,
-        prepared_image=prepared_image,
-        backend=backend,
-    )
-
-
-def _start(settings: Settings, name: str, image: str, folder: Path, **options: Any) -> Sandbox:
-    options.setdefault("prepared_image", True)
-    sandbox = private_sandbox(settings, name, image, folder, **options)
-    try:
-        return sandbox.up()
-    except BaseException:
-        sandbox.remove()
-        raise

@@ -164,7 +164,6 @@ def exec(
     user with no capabilities, everything it started ended with it, its exit cause told
     and recorded in the audit trail (`inv sandbox.history`). Other services: compose exec.
     """
-    from .. import runtime
     from ..host import compose
 
     if service and service != compose.SERVICE:
@@ -172,7 +171,7 @@ def exec(
         return
     sandbox = compose.attach(settings(c))
     if not c.remainder.strip():
-        code = runtime.interactive_shell(sandbox)
+        code = sandbox.shell()
         if code:
             raise Exit(code=code)
         return

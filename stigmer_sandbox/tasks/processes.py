@@ -15,7 +15,7 @@ from ..errors import UsageError
 from ._common import sandbox_for, task
 
 if TYPE_CHECKING:
-    from ..runtime.processes import StreamBytes
+    from ..runtime.client.processes import StreamBytes
 
 FOLLOW_POLL_S = 0.2
 PROCESS_ID_HELP = "the id `inv run --background` printed, see inv sandbox.ps (required, no default)"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from invoke import Context, Exit
 
@@ -66,10 +66,9 @@ def run(
     if session and background:
         raise UsageError("--background runs outside any session; drop one of the two")
     current = settings(c)
-    streaming = not json
     callbacks = {
-        "on_stdout": stream_writer(sys.stdout) if streaming else None,
-        "on_stderr": stream_writer(sys.stderr) if streaming else None,
+        "on_stdout": None if json else stream_writer(sys.stdout),
+        "on_stderr": None if json else stream_writer(sys.stderr),
     }
     options = {
         "timeout": timeout,
@@ -91,14 +90,10 @@ def run(
     from .. import runtime
 
     sandbox = runtime.open_sandbox(current, network=network)
-    runner: runtime.Sandbox | runtime.LocalSandbox | runtime.Session = sandbox
-    if session or background:
-        if not isinstance(sandbox, runtime.Sandbox):
-            raise UsageError("--session and --background need the sandbox, not local mode")
-        if background:
-            _start_background(sandbox, command, timeout, relay.env_pairs(env or []), workdir, json)
-            return
-        runner = sandbox.session(str(session))
+    if background:
+        _start_background(_needs_sandbox(sandbox), command, options, json)
+        return
+    runner = _needs_sandbox(sandbox).session(session) if session else sandbox
     result = runner.exec(command, **options, **callbacks)  # type: ignore[arg-type]
     for note in sandbox.notes:
         console.warning(note)
@@ -109,15 +104,19 @@ def run(
     report_result(result.to_dict(), json)
 
 
+def _needs_sandbox(sandbox: runtime.Sandbox | runtime.LocalSandbox) -> runtime.Sandbox:
+    from .. import runtime
+
+    if not isinstance(sandbox, runtime.Sandbox):
+        raise UsageError("--session and --background need the sandbox, not local mode")
+    return sandbox
+
+
 def _start_background(
-    sandbox: runtime.Sandbox,
-    command: str,
-    timeout: float | None,
-    env: dict[str, str],
-    workdir: str | None,
-    json: bool,
+    sandbox: runtime.Sandbox, command: str, options: dict[str, Any], json: bool
 ) -> None:
-    process = sandbox.start(command, env=env, cwd=workdir, timeout=timeout)
+    chosen = {key: options[key] for key in ("env", "cwd", "timeout")}
+    process = sandbox.start(command, **chosen)
     if json:
         console.emit_json({"id": process.id, "command": command})
     else:

@@ -341,7 +341,7 @@ def shell(c: Context, root: bool = False) -> None:
     from .. import runtime  # the runtime is heavy: loaded when a task uses it, not at start-up
 
     sandbox = runtime.Sandbox(current).up()
-    code = runtime.interactive_shell(sandbox, root=root)
+    code = sandbox.shell(root=root)
     if code:
         raise Exit(code=code)
 

@@ -13,7 +13,7 @@ import pytest
 from stigmer_sandbox.config import load_settings
 from stigmer_sandbox.errors import SandboxError
 from stigmer_sandbox.runtime import Sandbox
-from stigmer_sandbox.runtime.channel import LIVENESS_S
+from stigmer_sandbox.runtime.client.channel import LIVENESS_S
 
 from ..conftest import ROOT
 from .conftest import TEST_LABELS
@@ -31,7 +31,7 @@ def box(tmp_path_factory):
 
 
 def test_a_freeze_longer_than_the_liveness_window_keeps_the_channel(box):
-    channel = box._channel
+    channel = box.connection.channel
     results = []
     running = threading.Thread(target=lambda: results.append(box.exec("sleep 1; echo done")))
     running.start()
@@ -41,7 +41,7 @@ def test_a_freeze_longer_than_the_liveness_window_keeps_the_channel(box):
     running.join(30)
     assert results and results[0].exit_code == 0 and results[0].stdout == "done\n"
     assert box.exec("echo again").stdout == "again\n"
-    assert box._channel is channel and channel.alive
+    assert box.connection.channel is channel and channel.alive
 
 
 def test_only_a_running_sandbox_can_be_paused(box, tmp_path):
@@ -127,9 +127,9 @@ def test_a_failed_replacement_keeps_the_old_snapshot(box):
 def test_a_pause_by_another_process_is_not_a_dead_agent(box):
     """Another host process's fork or snapshot pauses the container without telling this
     channel: past the liveness window and a command's hard deadline, nothing is lost."""
-    from stigmer_sandbox.runtime.channel import HOST_GRACE_S
+    from stigmer_sandbox.runtime.client.channel import HOST_GRACE_S
 
-    channel = box._channel
+    channel = box.connection.channel
     results = []
     running = threading.Thread(target=lambda: results.append(box.exec("sleep 60", timeout=2)))
     running.start()
@@ -143,5 +143,5 @@ def test_a_pause_by_another_process_is_not_a_dead_agent(box):
     running.join(30)
     assert results, "the command never came back"
     assert results[0].timed_out and results[0].exit_code == 124, results[0]
-    assert box._channel is channel and channel.alive
+    assert box.connection.channel is channel and channel.alive
     assert box.exec("echo alive").stdout == "alive\n"

@@ -20,7 +20,8 @@ import pytest
 from stigmer_sandbox import config
 from stigmer_sandbox.errors import UsageError
 from stigmer_sandbox.runtime import Sandbox
-from stigmer_sandbox.runtime.channel import AgentChannel, AgentLost, Request
+from stigmer_sandbox.runtime.client.channel import AgentChannel, AgentLost
+from stigmer_sandbox.runtime.client.commands import Request
 from stigmer_sandbox.runtime.guest.protocol import HOST_GRACE_S
 
 from .conftest import TEST_LABELS, wait_for
@@ -209,7 +210,7 @@ def test_root_never_runs_the_sandbox_users_tools(tmp_path, docker_engine):
 
 def agent_of(box: Sandbox) -> int:
     box.exec("true")
-    channel = box._channel
+    channel = box.connection.channel
     assert channel is not None and channel.agent_pid
     return channel.agent_pid
 

@@ -20,7 +20,7 @@ import pytest
 from stigmer_sandbox import engine
 from stigmer_sandbox.integrations.deepagents import StigmerSandbox
 from stigmer_sandbox.runtime import Sandbox
-from stigmer_sandbox.runtime.files import MAX_FILE_BYTES, PATHS_PER_TRIP, ROUND_TRIP_BYTES
+from stigmer_sandbox.runtime.client.files import MAX_FILE_BYTES, PATHS_PER_TRIP, ROUND_TRIP_BYTES
 
 from .conftest import TEST_LABEL, TEST_LABELS
 from .test_runtime import settings_in

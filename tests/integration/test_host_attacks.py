@@ -24,7 +24,7 @@ from stigmer_sandbox.config import Settings
 from stigmer_sandbox.errors import ConfigError, SandboxError
 from stigmer_sandbox.host import permissions
 from stigmer_sandbox.runtime import Sandbox
-from stigmer_sandbox.runtime.backend import DockerBackend
+from stigmer_sandbox.runtime.backends.docker import DockerBackend
 
 from .conftest import TEST_LABELS
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from stigmer_sandbox.runtime import Sandbox
-from stigmer_sandbox.runtime.channel import LIVENESS_S
+from stigmer_sandbox.runtime.client.channel import LIVENESS_S
 from stigmer_sandbox.runtime.guest.protocol import HOST_GRACE_S
 
 from .conftest import TEST_LABELS
@@ -62,7 +62,7 @@ def test_a_zombie_leader_left_behind_ends_with_the_command_at_once(box):
 
 
 def test_a_zombie_leader_times_out_truthfully_and_touches_no_other_command(box):
-    agent_before = box._channel.agent_pid if box._channel else None
+    agent_before = box.connection.channel.agent_pid if box.connection.channel else None
     with ThreadPoolExecutor(max_workers=1) as pool:
         other = pool.submit(box.exec, "sleep 4; echo other", timeout=60)
         time.sleep(0.3)
@@ -73,7 +73,9 @@ def test_a_zombie_leader_times_out_truthfully_and_touches_no_other_command(box):
     assert (result.exit_code, result.cause, result.error) == (124, "timeout", None)
     assert elapsed < 2 + 3  # was `lost` after 13 s, with a false note
     assert (bystander.exit_code, bystander.stdout) == (0, "other\n")
-    assert box._channel is not None and box._channel.agent_pid == agent_before  # no reset
+    assert (
+        box.connection.channel is not None and box.connection.channel.agent_pid == agent_before
+    )  # no reset
     assert not is_alive(box, first_pid(result.stdout))
 
 

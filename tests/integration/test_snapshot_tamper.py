@@ -34,8 +34,9 @@ from stigmer_sandbox.runtime import (
     snapshots,
     workspaces,
 )
-from stigmer_sandbox.runtime import backend as backend_module
-from stigmer_sandbox.runtime.backend import ADDED, DOCKER, DockerBackend
+from stigmer_sandbox.runtime.backends import docker as backend_module
+from stigmer_sandbox.runtime.backends.base import ADDED
+from stigmer_sandbox.runtime.backends.docker import DOCKER, DockerBackend
 
 from .conftest import TEST_LABELS, run_in
 from .test_pool import private_settings
@@ -322,7 +323,7 @@ def test_a_forged_helper_in_an_image_never_runs(settings, docker_engine, basic_i
         assert attack == "forged\n"  # the image's own helper would lie
         name = snapshots.new_name(settings)
         folder = workspaces.create(workspaces.sandboxes_root(settings), name)
-        born = snapshots.private_sandbox(
+        born = Sandbox.private(
             settings, name, forged.id, folder, prepared_image=True,
             extra_labels=TEST_LABELS, backend=HostHelperBackend(settings),
         )  # fmt: skip

@@ -24,7 +24,7 @@ from stigmer_sandbox.runtime import Sandbox
 
 from ..conftest import ROOT
 from .conftest import TEST_LABELS
-from .test_graphton import graphton_python  # noqa: F401  (the Graphton venv, a fixture)
+from .test_graphton import graphton_python  # noqa: F401  (the Graphton venv, a fixture
 from .test_runtime import make_sandbox
 
 MEMORY = "256m"

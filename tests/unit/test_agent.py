@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stigmer_sandbox.runtime import channel
-from stigmer_sandbox.runtime.channel import Request
+from stigmer_sandbox.runtime.client import channel
+from stigmer_sandbox.runtime.client.commands import Request
 from stigmer_sandbox.runtime.guest import protocol
 from stigmer_sandbox.runtime.guest.capture import OutputCapture
 from stigmer_sandbox.runtime.local import run_on_host
@@ -251,7 +251,7 @@ def test_local_commands_start_with_default_signals_whatever_the_caller_ignores()
 @given(data=st.binary(max_size=300), piece=st.integers(1, 9))
 def test_output_decoded_in_pieces_is_the_same_text(data, piece):
     """Multi-byte characters and invalid bytes cut across pieces decode as in one call."""
-    from stigmer_sandbox.runtime import commands
+    from stigmer_sandbox.runtime.client import commands
 
     saved, commands.DECODE_PIECE = commands.DECODE_PIECE, piece
     try:

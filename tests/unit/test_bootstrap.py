@@ -9,7 +9,7 @@ import pytest
 from stigmer_sandbox import config
 from stigmer_sandbox.errors import ConfigError, UsageError
 from stigmer_sandbox.runtime import bootstrap
-from stigmer_sandbox.runtime.commands import ExecResult
+from stigmer_sandbox.runtime.client.commands import ExecResult
 
 NPM_OK = [
     "@modelcontextprotocol/server-filesystem@2026.8.31",

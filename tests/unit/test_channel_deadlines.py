@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stigmer_sandbox.runtime import channel
-from stigmer_sandbox.runtime.backend import STDOUT
-from stigmer_sandbox.runtime.channel import AgentChannel, Request
+from stigmer_sandbox.runtime.backends.base import STDOUT
+from stigmer_sandbox.runtime.client import channel
+from stigmer_sandbox.runtime.client.channel import AgentChannel
+from stigmer_sandbox.runtime.client.commands import Request
 from stigmer_sandbox.runtime.guest import protocol as deadlines
 
 DONE = {

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from stigmer_sandbox import config
-from stigmer_sandbox.runtime import LocalSandbox, files
+from stigmer_sandbox.runtime import LocalSandbox
+from stigmer_sandbox.runtime.client import files
 
 from ..conftest import ROOT
 

@@ -100,3 +100,60 @@ def test_the_programs_sent_into_the_sandbox_need_only_the_standard_library(name:
 def test_host_code_imports_only_what_both_sides_share_of_the_guest_programs(path: Path):
     guest = {name for name in imported(path) if name.startswith("stigmer_sandbox.runtime.guest")}
     assert guest <= GUEST_SHARED, f"{module_name(path)} imports {sorted(guest - GUEST_SHARED)}"
+
+
+# Inside the runtime: the guest programs, then the platform seam, then the host's client
+# of a running sandbox, then the lifecycle (every other module of runtime/). A part may
+# import from its own part and those before it.
+RUNTIME_PARTS = ("guest", "backends", "client", "lifecycle")
+# The audit log is a leaf the client writes and the lifecycle reads.
+CLIENT_LEAVES = {"stigmer_sandbox.runtime.history"}
+
+
+def runtime_part(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[:2] != ["stigmer_sandbox", "runtime"] or len(parts) < 3:
+        return None
+    if module in CLIENT_LEAVES:
+        return "client"
+    return parts[2] if parts[2] in RUNTIME_PARTS else "lifecycle"
+
+
+RUNTIME_SOURCES = [p for p in SOURCES if runtime_part(module_name(p)) not in (None, "guest")]
+
+
+@pytest.mark.parametrize("path", RUNTIME_SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_runtimes_client_never_reaches_up_into_the_lifecycle(path: Path):
+    own = RUNTIME_PARTS.index(str(runtime_part(module_name(path))))
+    later = {
+        name
+        for name in imported(path)
+        if runtime_part(name) and RUNTIME_PARTS.index(str(runtime_part(name))) > own
+    }
+    assert not later, f"{module_name(path)} ({RUNTIME_PARTS[own]}) imports {sorted(later)}"
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {module_name(path): imported(path) for path in SOURCES}
+
+
+def test_no_import_circle():
+    """No module reaches itself through the imports of others (type-only ones included:
+    a circle there still means two modules that cannot be understood apart)."""
+    graph = import_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    circles: list[list[str]] = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                circles.append([*path[path.index(target) :], target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)

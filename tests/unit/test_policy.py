@@ -8,7 +8,7 @@ import pytest
 
 from stigmer_sandbox import config, policy
 from stigmer_sandbox.errors import ConfigError, SandboxError
-from stigmer_sandbox.runtime.sandbox import spec_hash
+from stigmer_sandbox.runtime.containers import spec_hash
 
 
 def settings(tmp_path: Path, **changes) -> config.Settings:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from stigmer_sandbox import config, policy
 from stigmer_sandbox.errors import ConfigError, SandboxError, UsageError
 from stigmer_sandbox.relay import env_pairs
-from stigmer_sandbox.runtime import commands
+from stigmer_sandbox.runtime.client import commands
 
 PROTECTED = policy.Protected(Path("/work/project"), Path("/work/project/.state"), Path("/root"))
 # Path pieces that reach every rule: system, shared, scratch and credential folders, the
@@ -165,7 +165,7 @@ def test_every_accepted_timeout_and_output_limit_make_a_request(timeout, limit):
         current = config.Settings(timeout=timeout, output_limit=limit)
     except ConfigError:
         return
-    request = commands.make_request(current, "true", "/workspace", {})
+    request = commands.Request.build(current, "true", {})
     assert (request.timeout, request.limit) == (current.timeout, current.output_limit)
 
 

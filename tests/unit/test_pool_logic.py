@@ -735,7 +735,7 @@ class Freezer:
 
 
 def test_a_freeze_refused_under_load_is_tried_again(monkeypatch):
-    from stigmer_sandbox.runtime import backend
+    from stigmer_sandbox.runtime.backends import docker as backend
 
     monkeypatch.setattr(backend, "PAUSE_RETRY_S", 0.0)
     busy = Freezer(refusals=2)

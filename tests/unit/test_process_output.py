@@ -7,7 +7,7 @@ from __future__ import annotations
 import hypothesis
 from hypothesis import strategies as st
 
-from stigmer_sandbox.runtime import processes
+from stigmer_sandbox.runtime.client import processes
 from stigmer_sandbox.runtime.guest import keeper
 from stigmer_sandbox.runtime.guest.capture import OutputCapture
 

@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 
 from stigmer_sandbox import config, relay
 from stigmer_sandbox.runtime import relay_server
-from stigmer_sandbox.runtime.channel import Request
-from stigmer_sandbox.runtime.commands import ExecResult
+from stigmer_sandbox.runtime.client.commands import ExecResult, Request
 
 from ..conftest import ROOT
 
@@ -125,12 +124,13 @@ class Served:
     def __init__(self, tmp_path: Path) -> None:
         self.relay = relay_server.Relay(settings_in(tmp_path))
         self.ran: list[Request] = []
-        self.relay.sandbox._execute = self._execute  # type: ignore[method-assign]
-        self.relay.sandbox.agent_call = lambda *_args, **_kwargs: {}  # type: ignore[method-assign]
+        connection = self.relay.sandbox.connection
+        connection.execute = self._execute  # type: ignore[method-assign]
+        connection.call = lambda *_args, **_kwargs: {}  # type: ignore[method-assign]
 
-    def _execute(self, _command: object, request: Request) -> tuple[None, ExecResult]:
+    def _execute(self, request: Request) -> ExecResult:
         self.ran.append(request)
-        return None, ExecResult(0, "ran\n", "", 0.01, command_id=request.cid)
+        return ExecResult(0, "ran\n", "", 0.01, command_id=request.cid)
 
     def request(self, **fields: object) -> bytes:
         return json.dumps({"fingerprint": self.relay.fingerprint, **fields}).encode() + b"\n"

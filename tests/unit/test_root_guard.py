@@ -11,7 +11,7 @@ import pytest
 from stigmer_sandbox import labels
 from stigmer_sandbox.errors import SandboxError
 from stigmer_sandbox.runtime import host_helper, root_guard
-from stigmer_sandbox.runtime.backend import ADDED, DELETED, MODIFIED
+from stigmer_sandbox.runtime.backends.base import ADDED, DELETED, MODIFIED
 
 FOLDER_755 = root_guard.GO_DIR | 0o755
 FOLDER_777 = root_guard.GO_DIR | 0o777

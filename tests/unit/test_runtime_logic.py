@@ -3,7 +3,7 @@
 import pytest
 
 from stigmer_sandbox.errors import UsageError
-from stigmer_sandbox.runtime import commands as runtime
+from stigmer_sandbox.runtime.client import commands as runtime
 
 
 def test_strings_run_through_bash_inside_lists_pass_as_is():

@@ -15,8 +15,9 @@ import pytest
 
 from stigmer_sandbox import config
 from stigmer_sandbox.errors import UsageError
-from stigmer_sandbox.runtime import Sandbox, processes, sessions
-from stigmer_sandbox.runtime.commands import make_request
+from stigmer_sandbox.runtime import Sandbox
+from stigmer_sandbox.runtime.client import processes
+from stigmer_sandbox.runtime.client.commands import Request, check_session_name
 from stigmer_sandbox.runtime.guest import agent, keeper, protocol, shell_state
 from stigmer_sandbox.runtime.guest.capture import OutputCapture, Pump, feed
 
@@ -193,7 +194,7 @@ def test_a_huge_export_does_not_stop_the_next_command(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["", "../x", "a/b", "x" * 65, "a b", "a\0b", "é"])
 def test_bad_session_names_are_refused_on_both_sides(name):
     with pytest.raises(UsageError, match="invalid session name"):
-        sessions.check_name(name)
+        check_session_name(name)
     with pytest.raises(ValueError, match="invalid session name"):
         shell_state.SessionState(name, 1)
     with pytest.raises(ValueError, match="invalid session name"):
@@ -202,7 +203,7 @@ def test_bad_session_names_are_refused_on_both_sides(name):
 
 @pytest.mark.parametrize("name", ["build", "a.b_c-1", ".", "..", "x" * 64])
 def test_good_session_names_stay_inside_the_state_folder(name):
-    assert sessions.check_name(name) == name
+    assert check_session_name(name) == name
     path = shell_state.SessionState(name, 1).path
     assert os.path.dirname(path) == shell_state.SESSION_DIR and path.endswith(".json")
 
@@ -256,14 +257,14 @@ def offline_box(tmp_path) -> Sandbox:
 )
 def test_background_options_are_checked_before_starting(offline_box, options):
     with pytest.raises(UsageError):
-        processes.start(offline_box, "sleep 1", **options)
+        offline_box.start("sleep 1", **options)
 
 
 @pytest.mark.parametrize("idle", [0, -1, config.MAX_TIMEOUT_S + 1])
 def test_idle_timeout_must_be_positive_and_at_most_a_week(idle):
     settings = config.load_settings(ROOT, environ={})
     with pytest.raises(UsageError, match="idle_timeout"):
-        make_request(settings, "true", "/workspace", {"idle_timeout": idle})
+        Request.build(settings, "true", {"idle_timeout": idle})
 
 
 def test_a_session_with_a_bad_name_is_refused_before_any_command(offline_box):

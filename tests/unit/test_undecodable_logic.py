@@ -19,13 +19,10 @@ from hypothesis import strategies as st
 
 from stigmer_sandbox import config
 from stigmer_sandbox.errors import UsageError
-from stigmer_sandbox.integrations.deepagents import (
-    LinuxText,
-    StigmerSandbox,
-    escaping_arguments,
-)
-from stigmer_sandbox.runtime import LocalSandbox, files
-from stigmer_sandbox.runtime.commands import from_bytes, make_request, to_bytes
+from stigmer_sandbox.integrations.deepagents import LinuxText, StigmerSandbox, escaping_arguments
+from stigmer_sandbox.runtime import LocalSandbox
+from stigmer_sandbox.runtime.client import files
+from stigmer_sandbox.runtime.client.commands import Request, from_bytes, to_bytes
 
 from ..conftest import ROOT
 
@@ -72,7 +69,7 @@ def settings() -> config.Settings:
 )
 def test_requests_carry_undecodable_bytes(options):
     cwd = options.pop("cwd", "/workspace")
-    request = make_request(settings(), "echo \udcff", cwd, options)
+    request = Request.build(settings(), "echo \udcff", {**options, "cwd": cwd})
     assert request.argv[-1] == "echo \udcff" and to_bytes(request.argv[-1]) == b"echo \xff"
     if "stdin" in options:
         assert request.stdin == b"\xff"
@@ -91,7 +88,7 @@ def test_requests_carry_undecodable_bytes(options):
 )
 def test_text_no_bytes_stand_for_is_one_clear_usage_error(command, cwd, options):
     with pytest.raises(UsageError, match="stands for no byte"):
-        make_request(settings(), command, cwd, options)
+        Request.build(settings(), command, {**options, "cwd": cwd})
 
 
 def test_every_deepagents_helper_reads_its_arguments_with_surrogateescape():

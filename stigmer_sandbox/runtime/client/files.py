@@ -25,11 +25,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from .. import config
-from ..errors import UsageError
-from .channel import RawResult
-from .commands import from_bytes, to_bytes
-from .guest import protocol
+from ... import config, policy
+from ...errors import UsageError
+from ..guest import protocol
+from .commands import RawResult, from_bytes, to_bytes
 
 # One file at most; a reply (header + data) must fit in one output stream.
 MAX_FILE_BYTES = config.MAX_OUTPUT_LIMIT - 4 * 1024 * 1024
@@ -40,6 +39,11 @@ ROUND_TRIP_BYTES = 32 * 1024 * 1024
 UPLOAD_PIECE_BYTES = 8 * 1024 * 1024
 PATHS_PER_TRIP = 2000
 TRANSFER_TIMEOUT_S = 120.0
+# `get_file`'s largest read (a command's output limit, less the transfer's header).
+MAX_GET_BYTES = config.MAX_OUTPUT_LIMIT - 2
+# File transfers use root-owned tools only: the sandbox user owns /opt/venv/bin, first on
+# its PATH.
+SYSTEM_PATH = "/usr/bin:/bin"
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,10 @@ def _trips(sizes: Sequence[tuple[int, int]], budget: int) -> Iterator[list[int]]
 
 
 class FileTransfers(ABC):
-    """`upload_files` / `download_files` for any sandbox that can run the batch script."""
+    """`upload_files` / `download_files` for any sandbox that can run the batch script, and
+    `put_file` / `get_file` for one file under its workspace (`workspace_root`)."""
+
+    workspace_root = policy.WORKSPACE
 
     @abstractmethod
     def _run_batch(self, argv: list[str], stdin: bytes, output_limit: int) -> RawResult:
@@ -189,6 +196,29 @@ class FileTransfers(ABC):
             answer = [_trip_failure(raw)] * len(pieces)
         for (index, _offset, _size), code in zip(pieces, answer, strict=True):
             errors[index] = errors[index] or (str(code) if code is not None else None)
+
+    def _workspace_path(self, path: str) -> str:
+        """`path` (relative to the workspace) checked for `..` and absoluteness."""
+        parts = posixpath.normpath(path).split("/") if path else []
+        if not path or path.startswith("/") or ".." in path.split("/") or "\0" in path:
+            raise UsageError(f"path must be relative to {policy.WORKSPACE} without '..': {path!r}")
+        return posixpath.join(self.workspace_root, *parts)
+
+    def put_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        """Write a file under the workspace as the sandbox user, creating its folders; the
+        path is resolved one name at a time without following a symlink (a folder swapped
+        for one meanwhile fails the write, never redirects it). Text keeps undecodable
+        bytes."""
+        payload = to_bytes(data, "the data") if isinstance(data, str) else data
+        self.write_file(self._workspace_path(path), payload, mode)
+
+    def get_file(self, path: str, max_bytes: int = MAX_GET_BYTES) -> bytes:
+        """Read a regular file under the workspace (no symlinks, at most `max_bytes`); the
+        size is checked before a byte is read, so host memory stays bounded, and a FIFO is
+        refused rather than waited on."""
+        if not 0 <= max_bytes <= MAX_GET_BYTES:
+            raise UsageError(f"max_bytes must be between 0 and {MAX_GET_BYTES}")
+        return self.read_file(self._workspace_path(path), max_bytes)
 
     def download_files(self, paths: Iterable[str]) -> list[FileTransfer]:
         """Read each absolute path as the sandbox user (regular files only, size checked

@@ -20,18 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .. import config
-from ..errors import SandboxError, UsageError
-from .commands import ExecResult, check_env, command_argv, to_bytes
-from .guest.capture import OutputCapture
+from ...errors import SandboxError, UsageError
+from ..guest.capture import OutputCapture
+from .commands import ExecOptions, ExecResult, Request, to_bytes
 
 if TYPE_CHECKING:
-    from .sandbox import Sandbox
+    from .connection import Connection
 
 WAIT_POLL_S = 0.02
-# A background process's output lives in its record in the sandbox's root-only tmpfs,
-# rewritten as it grows: kept smaller than a command's.
-MAX_BACKGROUND_OUTPUT = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -91,8 +87,8 @@ def stream_text(record: object) -> tuple[bytes, int, bool]:
 class Process:
     """A background process in a sandbox, found by its id."""
 
-    def __init__(self, sandbox: Sandbox, process_id: str, command: str = "") -> None:
-        self.sandbox = sandbox
+    def __init__(self, connection: Connection, process_id: str, command: str = "") -> None:
+        self.connection = connection
         self.id = process_id
         self.command = command
         self._recorded_end = False
@@ -102,7 +98,7 @@ class Process:
 
     def status(self) -> dict[str, Any]:
         """The keeper's record: command, running, exit code, ... (and the output)."""
-        return self.sandbox.agent_call("proc_status", {"process": self.id})
+        return self.connection.call("proc_status", {"process": self.id})
 
     @property
     def running(self) -> bool:
@@ -137,13 +133,13 @@ class Process:
 
     def kill(self) -> ExecResult:
         """End the process and everything it started; its final result."""
-        return self._result(self.sandbox.agent_call("proc_kill", {"process": self.id}))
+        return self._result(self.connection.call("proc_kill", {"process": self.id}))
 
     def write(self, data: bytes | str) -> int:
         """Send bytes to the process's stdin (e.g. an answer to a prompt); bytes taken."""
         payload = to_bytes(data, "the data") if isinstance(data, str) else bytes(data)
         encoded = base64.b64encode(payload).decode()
-        reply = self.sandbox.agent_call("proc_write", {"process": self.id, "data": encoded})
+        reply = self.connection.call("proc_write", {"process": self.id, "data": encoded})
         return int(reply.get("written") or 0)
 
     def _result(self, state: dict[str, Any]) -> ExecResult:
@@ -164,58 +160,41 @@ class Process:
         )
         if not self._recorded_end:
             self._recorded_end = True
-            self.sandbox.audit.record(
-                {"sandbox": self.sandbox.name, "process": self.id, "event": "ended"}
+            self.connection.audit.record(
+                {"sandbox": self.connection.name, "process": self.id, "event": "ended"}
                 | {"command": state.get("command"), "exit_code": result.exit_code}
                 | {"cause": "killed" if state.get("killed") else result.cause}
             )
         return result
 
 
-def start(
-    sandbox: Sandbox,
-    command: str | Sequence[str],
-    *,
-    env: dict[str, str] | None = None,
-    cwd: str | None = None,
-    timeout: float | None = None,
-    output_limit: int | None = None,
+def start_process(
+    connection: Connection, command: str | Sequence[str], options: ExecOptions
 ) -> Process:
-    """Start `command` in the background (see `Sandbox.start`)."""
-    limit = int(output_limit or min(sandbox.settings.output_limit, MAX_BACKGROUND_OUTPUT))
-    if not 2 <= limit <= MAX_BACKGROUND_OUTPUT:
-        raise UsageError(f"output_limit must be between 2 and {MAX_BACKGROUND_OUTPUT} bytes")
-    if timeout is not None and not 0 < timeout <= config.MAX_TIMEOUT_S:
-        raise UsageError(f"timeout must be between 0 and {config.MAX_TIMEOUT_S:g} seconds")
-    text = command if isinstance(command, str) else " ".join(map(str, command))
-    fields = {
-        "argv": command_argv(command),
-        "command": text,
-        "env": check_env(env),
-        "cwd": sandbox._cwd(cwd),
-        "limit": limit,
-        "timeout": timeout,
-    }
-    reply = sandbox.agent_call("proc_start", fields)
-    process = Process(sandbox, str(reply["id"]), text)
-    sandbox.audit.record(
-        {"sandbox": sandbox.name, "process": process.id, "event": "started", "command": text}
+    """Start `command` in the background (see `Sandbox.start`): env, cwd, timeout (None: no
+    limit) and output_limit are the options it takes."""
+    request = Request.background(connection.settings, command, options)
+    reply = connection.call("proc_start", request.process_fields())
+    process = Process(connection, str(reply["id"]), str(request.shown))
+    connection.audit.record(
+        {"sandbox": connection.name, "process": process.id, "event": "started"}
+        | {"command": request.shown}
     )
     return process
 
 
-def listing(sandbox: Sandbox) -> list[dict[str, Any]]:
+def process_listing(connection: Connection) -> list[dict[str, Any]]:
     """Every background process of the sandbox, running or recently ended, oldest first."""
-    return list(sandbox.agent_call("proc_list", {}).get("processes") or [])
+    return list(connection.call("proc_list", {}).get("processes") or [])
 
 
-def find(sandbox: Sandbox, process_id: str) -> Process:
+def find_process(connection: Connection, process_id: str) -> Process:
     """Reattach to a background process by id (from any host process)."""
-    process = Process(sandbox, process_id)
+    process = Process(connection, process_id)
     try:
         process.command = str(process.status().get("command") or "")
     except SandboxError as exc:
         if "no background process" not in exc.message:
             raise  # the sandbox or its agent failed: say that, not "no such process"
-        raise UsageError(f"no background process {process_id!r} in {sandbox.name}") from exc
+        raise UsageError(f"no background process {process_id!r} in {connection.name}") from exc
     return process

@@ -1,6 +1,6 @@
-"""How commands reach a running sandbox: the agent channel, or one `docker exec` each.
+"""How commands reach a running sandbox's agent (`direct` is the way without one).
 
-Fast path: `stigmer_sandbox.runtime.guest.agent` runs inside the container as uid 0 with only
+`stigmer_sandbox.runtime.guest.agent` runs inside the container as uid 0 with only
 CAP_SETUID, CAP_SETGID and CAP_KILL, started once through one attached `docker exec`
 whose stdin/stdout carry JSON lines. A command then costs two small execs inside the
 container and a few kilobytes on a socket, instead of an exec round trip through the
@@ -13,9 +13,6 @@ here, and a stream that breaks the protocol is dropped, its commands reported `l
 Liveness is judged by the agent's heartbeat, never by silence: a command may print
 nothing for hours. Each command has a hard deadline of its timeout plus a grace,
 whatever the container sends.
-
-Slow path (`DirectRunner`): one `docker exec` of the same helper per command; the same
-timeout, tree kill and exit meanings, with the exit status read from the exec.
 """
 
 from __future__ import annotations
@@ -28,63 +25,20 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .. import engine, policy
-from ..errors import SandboxError
-from .backend import DOCKER, STDOUT, Backend
-from .guest import AGENT_SOURCES, protocol
-from .guest.capture import OutputCapture
-from .guest.protocol import HOST_GRACE_S
+from ... import policy
+from ...errors import SandboxError
+from ..backends.base import STDOUT, Backend
+from ..backends.docker import DOCKER
+from ..guest import AGENT_SOURCES, protocol
+from ..guest.capture import OutputCapture
+from ..guest.protocol import HOST_GRACE_S
+from .commands import RawResult, Request
 
 # No frame at all (the agent beats every second) for this long: the agent is lost.
 LIVENESS_S = 10.0
-OOM_COUNTER = (
-    "cat /sys/fs/cgroup/memory.events /sys/fs/cgroup/memory/memory.oom_control 2>/dev/null"
-)
-
-OutputCallback = Callable[[bytes], None]
-
-
-@dataclass
-class Request:
-    """One command on its way to the sandbox."""
-
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str
-    timeout: float
-    limit: int
-    stdin: bytes | None = None
-    keep_background: bool = False
-    merge_output: bool = False
-    idle_timeout: float | None = None
-    session: str | None = None
-    on_stdout: OutputCallback | None = None
-    on_stderr: OutputCallback | None = None
-    cid: str = ""
-
-
-@dataclass
-class RawResult:
-    """What came back: bytes per stream (head + marker + tail) and how it ended.
-    `exit_code` is None when the result was lost with the agent."""
-
-    exit_code: int | None
-    signal: int | None
-    timed_out: bool
-    oom_killed: bool
-    duration_s: float
-    stdout: bytes
-    stderr: bytes
-    totals: dict[str, int] = field(default_factory=dict)
-    truncated: dict[str, bool] = field(default_factory=dict)
-    via: str = "agent"
-    error: str | None = None
-    oom_overlap: list[str] = field(default_factory=list)
-    idle_timed_out: bool = False
 
 
 class AgentLost(SandboxError):
@@ -97,15 +51,6 @@ class ProtocolError(ValueError):
 
 class CommandOverdue(SandboxError):
     """One request got no answer by its hard deadline while the agent kept beating."""
-
-
-def lost_result(reason: str, duration_s: float, via: str) -> RawResult:
-    """The result of a command whose answer never came: no exit code, the reason."""
-    return RawResult(None, None, False, False, duration_s, b"", b"", via=via, error=reason)
-
-
-def stream_callback(request: Request, stream: str) -> OutputCallback | None:
-    return request.on_stdout if stream == "stdout" else request.on_stderr
 
 
 _FIELD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
@@ -181,7 +126,7 @@ class Received:
         head = self.heads[stream]
         data = _b64(answer["data"])[: max(self.request.limit // 2 - len(head), 0)]
         head += data
-        callback = stream_callback(self.request, stream)
+        callback = self.request.callback(stream)
         if callback and data:
             callback(data)
 
@@ -210,7 +155,7 @@ def raw_result(request: Request, answer: dict[str, Any], received: Received, via
         streams[name] = capture.text()
         totals[name] = total
         truncated[name] = capture.dropped > 0
-        callback = stream_callback(request, name)
+        callback = request.callback(name)
         if callback and len(streams[name]) > len(heads[name]):
             callback(streams[name][len(heads[name]) :])
     return RawResult(
@@ -228,33 +173,6 @@ def raw_result(request: Request, answer: dict[str, Any], received: Received, via
         list(answer["oom_overlap"]),
         idle_timed_out=answer.get("idle_timed_out") is True,
     )
-
-
-def start_failure(request: Request, message: str, via: str) -> RawResult:
-    """The result of a command that could not be started (as bash reports it: 126)."""
-    text = f"stigmer-sandbox: the command could not start: {message}\n".encode()
-    callback = stream_callback(request, "stderr")
-    if callback:
-        callback(text)
-    return RawResult(126, None, False, False, 0.0, b"", text, via=via, error=message)
-
-
-def _exec_message(request: Request, rid: int) -> dict[str, Any]:
-    return {
-        "op": "exec",
-        "id": rid,
-        "cid": request.cid,
-        "argv": request.argv,
-        "env": request.env,
-        "cwd": request.cwd,
-        "timeout": request.timeout,
-        "limit": request.limit,
-        "stdin": base64.b64encode(request.stdin).decode() if request.stdin is not None else None,
-        "keep_background": request.keep_background,
-        "merge_output": request.merge_output,
-        "idle_timeout": request.idle_timeout,
-        "session": request.session,
-    }
 
 
 Inbox = queue.Queue[dict[str, Any] | None]
@@ -423,9 +341,9 @@ class AgentChannel:
         """Run one command through the agent, streaming its head to the callbacks."""
         rid = next(self._ids)
         started = time.monotonic()
-        inbox = self._send(_exec_message(request, rid))
+        inbox = self._send(request.exec_message(rid))
         received = Received(request)
-        deadline = Deadline(request.timeout + HOST_GRACE_S)
+        deadline = Deadline(request.timeout_s + HOST_GRACE_S)
         try:
             while True:
                 answer = self._wait(inbox, rid, deadline)
@@ -436,10 +354,11 @@ class AgentChannel:
                 elif answer["type"] == "done":
                     return raw_result(request, answer, received, "agent")
                 elif answer["type"] == "error":
-                    return start_failure(request, answer["message"], "agent")
+                    return RawResult.start_failure(request, answer["message"], "agent")
         except CommandOverdue as exc:
             self._cancel(request.cid)
-            return lost_result(f"{exc}; it was cancelled", time.monotonic() - started, "agent")
+            elapsed = time.monotonic() - started
+            return RawResult.lost(f"{exc}; it was cancelled", elapsed, "agent")
         except ProtocolError as exc:
             self.reset(f"the sandbox agent broke the protocol ({exc})")
             raise AgentLost(self.lost_reason) from None
@@ -523,97 +442,3 @@ class AgentChannel:
     def close(self) -> None:
         """Close the channel (the agent ends everything it started)."""
         self.reset("the channel was closed")
-
-
-def run_exec(container_id: str, argv: list[str], **options: Any) -> tuple[int, bytes]:
-    """One `docker exec`, waited for: exit status and output."""
-    return DOCKER.run_root(container_id, argv, **options)
-
-
-class DirectRunner:
-    """One `docker exec` of the helper per command: slower, no agent in the sandbox."""
-
-    def __init__(self, container_id: str, user: tuple[int, int]) -> None:
-        self.container_id = container_id
-        self.user = user
-
-    def _oom_count(self) -> int | None:
-        argv = ["/bin/sh", "-c", OOM_COUNTER]  # as root: root's PATH, not the sandbox user's
-        _code, output = run_exec(self.container_id, argv, environment={"PATH": policy.ROOT_PATH})
-        for line in output.decode(errors="replace").splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill" and value.strip().isdigit():
-                return int(value)
-        return None
-
-    def _argv(self, request: Request) -> tuple[list[str], dict[str, str]]:
-        env = dict(request.env)
-        argv = request.argv
-        if request.stdin is not None:
-            env["STIGMER_STDIN_B64"] = base64.b64encode(request.stdin).decode()
-            feed = 'printf %s "$STIGMER_STDIN_B64" | base64 -d | "$@"'
-            argv = ["/bin/bash", "-c", feed, "_", *argv]
-        uid, gid = self.user
-        options = ["--uid", str(uid), "--gid", str(gid), "--timeout", repr(request.timeout)]
-        options += ["--kill-grace", repr(protocol.KILL_GRACE_S), "--cwd", request.cwd]
-        options += ["--keep-background"] if request.keep_background else []
-        return [protocol.EXEC_HELPER, *options, "--", *argv], env
-
-    def run(self, request: Request) -> RawResult:
-        """Run one command with its own exec; the helper enforces timeout and tree kill."""
-        if request.session:
-            return start_failure(request, "sessions need the sandbox agent", "exec")
-        argv, env = self._argv(request)
-        captures = {name: OutputCapture(request.limit) for name in ("stdout", "stderr")}
-        before = self._oom_count()
-        started = time.monotonic()
-        outcome: dict[str, Any] = {}
-        worker = threading.Thread(
-            target=self._stream, args=(argv, env, request, captures, outcome), daemon=True
-        )
-        worker.start()
-        worker.join(request.timeout + HOST_GRACE_S)
-        duration = time.monotonic() - started
-        if worker.is_alive() or "error" in outcome:
-            error = outcome.get("error") or "no result from docker exec before the hard deadline"
-            return RawResult(None, None, False, False, duration, b"", b"", via="exec", error=error)
-        code = outcome["exit_code"]
-        timed_out = code == protocol.TIMEOUT_EXIT and duration >= request.timeout
-        oom = protocol.oom_grew(before, self._oom_count())
-        signal_number = code - 128 if 128 < code < 160 and not timed_out else None
-        return RawResult(
-            code,
-            signal_number,
-            timed_out,
-            oom,
-            duration,
-            captures["stdout"].text(),
-            captures["stderr"].text(),
-            {k: c.total for k, c in captures.items()},
-            {k: c.dropped > 0 for k, c in captures.items()},
-            via="exec",
-        )
-
-    def _stream(
-        self,
-        argv: list[str],
-        env: dict[str, str],
-        request: Request,
-        captures: dict[str, OutputCapture],
-        outcome: dict[str, Any],
-    ) -> None:
-        api = engine.client().api
-        try:
-            with engine.engine_errors():
-                exec_id = api.exec_create(self.container_id, argv, environment=env, user="0:0")
-                for out, err in api.exec_start(exec_id["Id"], stream=True, demux=True):
-                    for name, data in (("stdout", out), ("stderr", err)):
-                        # Docker keeps the order the frames were written in across streams.
-                        kept = "stdout" if request.merge_output else name
-                        head = captures[kept].feed(data) if data else b""
-                        callback = stream_callback(request, kept)
-                        if callback and head:
-                            callback(head)
-                outcome["exit_code"] = int(api.exec_inspect(exec_id["Id"])["ExitCode"])
-        except SandboxError as exc:
-            outcome["error"] = exc.message

@@ -1,0 +1,2 @@
+"""The platforms that run sandboxes: `base` is the seam (what the runtime asks of one),
+`docker` the Docker Engine implementation."""

@@ -1,0 +1,105 @@
+"""A sandbox's state carried to new sandboxes: fork, snapshot, start from a snapshot.
+
+The lifecycle's half that makes private sandboxes (each with its own workspace folder,
+and for a fork its own image), mixed into `Sandbox`: the images and folders themselves
+are `snapshots`' and `workspaces`' business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from .. import labels
+from ..config import Settings, load_settings
+from ..errors import SandboxError
+from . import snapshots, workspaces
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+    from .client.connection import Connection
+
+
+class Forking:
+    """Fork, snapshot and private sandboxes, for a class built like `Sandbox`."""
+
+    if TYPE_CHECKING:  # what the class it is mixed into provides
+        name: str
+        settings: Settings
+        backend: Backend
+        connection: Connection
+
+        def __init__(self, settings: Settings | None = None, **options: Any) -> None: ...
+        def _existing(self) -> Any: ...
+        def up(self) -> Self: ...
+        def remove(self) -> bool: ...
+
+    @classmethod
+    def private(
+        cls, settings: Settings, name: str, image: str | None, folder: Path, **options: Any
+    ) -> Self:
+        """A sandbox (not started) that mounts the private `folder`; removing it removes the
+        folder too, and its image when `owned_image` is true."""
+        private = settings.replace(
+            workspace=str(folder / "workspace"), logs=str(folder / "logs"), image=image
+        )
+        extra = {f"{labels.PREFIX}.private": str(folder), **(options.pop("extra_labels", {}))}
+        owned = image if options.pop("owned_image", False) else None
+        return cls(
+            private, name=name, ephemeral=True, extra_labels=extra, private_folder=folder,
+            owned_image=owned, **options,
+        )  # fmt: skip
+
+    @contextmanager
+    def paused(self) -> Iterator[Any]:
+        """The running sandbox frozen (its container, yielded), so its filesystem and
+        workspace can be read at one instant; the agent's silence meanwhile is not death."""
+        container = self._existing()  # just fetched: its status is current
+        if container.status != "running":
+            raise SandboxError(
+                f"sandbox {self.name} is {container.status}; only a running sandbox can be "
+                "forked or snapshotted",
+                "start it with `inv sandbox.up`",
+            )
+        with self.connection.frozen(), self.backend.frozen(container):
+            yield container
+
+    def fork(self) -> Self:
+        """A new started sandbox with this one's filesystem (packages installed, files under
+        /) and a copy of its workspace, which then diverge. Running processes, /tmp and
+        sessions are not carried. Remove it with `remove()` or a `with` block."""
+        name = snapshots.new_name(self.settings)
+        image_ref = snapshots.fork_image(name)
+        root = workspaces.sandboxes_root(self.settings)
+        folder = snapshots.capture(self, image_ref, "fork", root / name)
+        return type(self)._started(
+            self.settings, name, image_ref, folder, owned_image=True, backend=self.backend
+        )
+
+    def snapshot(self, name: str, replace: bool = False) -> dict[str, Any]:
+        """Keep this sandbox's filesystem and workspace as snapshot `name` (processes, /tmp
+        and sessions are not kept); `replace` overwrites one of that name."""
+        return snapshots.take(self, name, replace)
+
+    @classmethod
+    def from_snapshot(cls, name: str, settings: Settings | None = None, **options: Any) -> Self:
+        """A new started sandbox from snapshot `name`, with its own copy of the workspace."""
+        settings = settings or load_settings()
+        image_ref, source = snapshots.find(name)
+        new = snapshots.new_name(settings)
+        folder = workspaces.create(workspaces.sandboxes_root(settings), new, source / "workspace")
+        return cls._started(settings, new, image_ref, folder, **options)
+
+    @classmethod
+    def _started(
+        cls, settings: Settings, name: str, image: str, folder: Path, **options: Any
+    ) -> Self:
+        options.setdefault("prepared_image", True)
+        sandbox = cls.private(settings, name, image, folder, **options)
+        try:
+            return sandbox.up()
+        except BaseException:
+            sandbox.remove()
+            raise
