@@ -49,7 +49,8 @@ def test_container_killed_from_outside_is_restarted(tmp_path, docker_engine):
 def test_engine_restart_is_recovered(tmp_path, docker_engine):
     settings = config.load_settings(ROOT)
     state = daemon.EngineState(settings.path("state_dir"))
-    assert daemon._started_pid(state), "run the engine with `inv engine.start` (CI does)"
+    if not daemon._started_pid(state):  # a user's own engine is never restarted by a test
+        pytest.skip("the engine was not started by `inv engine.start` (CI starts it so)")
     with make_sandbox(tmp_path) as box:
         box.exec("echo before > /workspace/f.txt")
         daemon.stop(state)
