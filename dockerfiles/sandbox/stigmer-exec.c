@@ -22,6 +22,14 @@
  * started it dies: the agent passes it. `docker exec` (the fallback runner) does
  * not: there the helper's parent is runc, which exits as soon as it started it.
  *
+ * With --spec-fd the helper is started before its command is known (the agent
+ * keeps one ready, so a command does not wait for this program to be executed):
+ * it reads the rest of its arguments from that fd, NUL-terminated, up to EOF, and
+ * parses them exactly like a command line. The command's environment is then
+ * only what --env gives, and --stdin-null / --merge-output set up its stdio
+ * (the helper's own pipes were made before the command's options were known).
+ * EOF before any byte: the agent did not need it; it exits 0 saying nothing.
+ *
  * Nothing is printed except a one-line usage error (exit 125); the result is
  * one JSON line on --status-fd, and the exit status mirrors its exit_code.
  */
@@ -45,7 +53,9 @@
 
 #define USAGE "usage: stigmer-exec [--uid N --gid N] [--cwd DIR] [--status-fd FD] " \
               "[--timeout SECONDS] [--kill-grace SECONDS] [--keep-background] [--watch-parent] " \
-              "-- PROGRAM [ARGS...]"
+              "[--env NAME=VALUE]... [--stdin-null] [--merge-output] " \
+              "(-- PROGRAM [ARGS...] | --spec-fd FD)"
+#define SPEC_LIMIT (16 * 1024 * 1024) /* far above what one execve takes */
 #define PID_LIMIT (4 * 1024 * 1024) /* PID_MAX_LIMIT: no pid is larger */
 #define SEC 1000000000LL
 #define DEFAULT_KILL_GRACE 5.0      /* seconds; the agent always passes its budget's value */
@@ -59,8 +69,13 @@ struct opts {
     double kill_grace;  /* bound on ending the tree once asked; 0: DEFAULT_KILL_GRACE */
     int keep_background;
     int watch_parent;   /* cancel when the parent dies (PR_SET_PDEATHSIG) */
+    int stdin_null;     /* the command's stdin is /dev/null */
+    int merge_output;   /* the command's stderr is its stdout */
+    int spec_fd;        /* -1: the command is on the command line */
     const char *cwd;    /* entered as the command's user; NULL: stay */
     char **argv;        /* PROGRAM [ARGS...] */
+    char **env;         /* with --env (or a spec): the command's whole environment */
+    size_t envc, envcap;
     char bad[200];      /* first usage error, "" if none */
 };
 
@@ -78,7 +93,7 @@ struct tree {           /* one scan of /proc */
     size_t n, cap;
 };
 
-enum step { SWITCH_IDS, EXEC, CHDIR };   /* where the child failed */
+enum step { SWITCH_IDS, EXEC, CHDIR, STDIO };   /* where the child failed */
 struct start_error { int step, err; }; /* child -> parent, over the pipe */
 
 static long long now_ns(void)
@@ -281,13 +296,24 @@ static void child(const struct opts *o, int errfd)
     uid_t u = (uid_t)o->uid, ru, eu, su;
     gid_t g = (gid_t)o->gid, rg, eg, sg, groups[2];
     setsid();
+    if (o->stdin_null) {
+        int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (null < 0 || dup2(null, STDIN_FILENO) < 0) {
+            m.step = STDIO;
+            m.err = errno;
+        }
+    }
+    if (!m.err && o->merge_output && dup2(STDOUT_FILENO, STDERR_FILENO) < 0) {
+        m.step = STDIO;
+        m.err = errno;
+    }
     int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
     if (fd >= 0) {
         ssize_t ignored = write(fd, "1000", 4);
         (void)ignored;
         close(fd);
     }
-    if (o->uid >= 0) {
+    if (!m.err && o->uid >= 0) {
         if (setgroups(1, &g) || setresgid(g, g, g) || setresuid(u, u, u))
             m.err = errno;
         else if (getresuid(&ru, &eu, &su) || getresgid(&rg, &eg, &sg) || ru != u || eu != u ||
@@ -305,6 +331,8 @@ static void child(const struct opts *o, int errfd)
             signal(s, SIG_DFL); /* fails harmlessly for SIGKILL, SIGSTOP, libc's */
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
+        if (o->env)
+            environ = o->env; /* execvp searches this PATH too, as for any exec */
         execvp(o->argv[0], o->argv);
         m.step = EXEC;
         m.err = errno;
@@ -362,18 +390,55 @@ static int parse_id(const char *s, long long max, long long *out)
     return 0;
 }
 
-/* Strict parse; keeps going after an error so --status-fd is still known. */
-static void parse(int argc, char **argv, struct opts *o)
+/* Append NAME=VALUE to the command's environment (kept NULL-terminated); 0 on ENOMEM. */
+static int env_add(struct opts *o, char *entry)
+{
+    if (o->envc + 1 >= o->envcap) {
+        size_t cap = o->envcap ? 2 * o->envcap : 64;
+        char **env = realloc(o->env, cap * sizeof *env);
+        if (!env)
+            return 0;
+        o->env = env;
+        o->envcap = cap;
+    }
+    o->env[o->envc++] = entry;
+    o->env[o->envc] = NULL;
+    return 1;
+}
+
+/* Strict parse; keeps going after an error so --status-fd is still known. `spec`:
+ * these arguments came from --spec-fd (which they may not give again). */
+static void parse(int argc, char **argv, struct opts *o, int spec)
 {
     int i;
 #define BAD(...) do { if (!o->bad[0]) snprintf(o->bad, sizeof o->bad, __VA_ARGS__); } while (0)
     for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
         const char *a = argv[i], *v = argv[i + 1];
         long long n;
-        if (!strcmp(a, "--keep-background") || !strcmp(a, "--watch-parent")) {
-            int *flag = a[2] == 'k' ? &o->keep_background : &o->watch_parent;
+        int *flag = !strcmp(a, "--keep-background") ? &o->keep_background
+                  : !strcmp(a, "--watch-parent")    ? &o->watch_parent
+                  : !strcmp(a, "--stdin-null")      ? &o->stdin_null
+                  : !strcmp(a, "--merge-output")    ? &o->merge_output : NULL;
+        if (flag) {
             if ((*flag)++)
                 BAD("%s given twice", a);
+            continue;
+        }
+        if (!strcmp(a, "--env")) {
+            i++;
+            if (!v || !strchr(v, '=') || *v == '=')
+                BAD("--env needs one NAME=VALUE");
+            else if (!env_add(o, (char *)v))
+                BAD("--env: out of memory");
+            continue;
+        }
+        if (!strcmp(a, "--spec-fd")) {
+            i++;
+            if (spec || o->spec_fd >= 0 || parse_id(v, INT_MAX, &n) < 0 || n < 3 ||
+                fcntl((int)n, F_GETFD) < 0)
+                BAD("--spec-fd needs one open fd >= 3, on the command line only");
+            else
+                o->spec_fd = (int)n;
             continue;
         }
         if (!strcmp(a, "--cwd")) {
@@ -415,16 +480,65 @@ static void parse(int argc, char **argv, struct opts *o)
     }
     if ((o->uid < 0) != (o->gid < 0))
         BAD("--uid and --gid go together");
-    if (i + 1 >= argc)
+    if (o->spec_fd >= 0 && !spec) {
+        if (i < argc)
+            BAD("--spec-fd reads the command from its fd: nothing after '--'");
+    } else if (i + 1 >= argc)
         BAD(i >= argc ? "missing '--' before PROGRAM" : "missing PROGRAM after '--'");
     else
         o->argv = argv + i + 1;
 #undef BAD
 }
 
+/* The arguments a --spec-fd gives: every NUL-terminated string up to EOF, after
+ * argv0 (argc 0: EOF before any byte). The fd is closed: the command never has it. */
+static char **read_spec(int fd, char *argv0, int *argc, char *bad, size_t bad_size)
+{
+    size_t size = 0, cap = 4096;
+    char *buf = malloc(cap);
+    ssize_t n;
+    *argc = 0;
+    while (buf && (n = read(fd, buf + size, cap - size)) != 0) {
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 || size + (size_t)n >= SPEC_LIMIT) {
+            snprintf(bad, bad_size, n < 0 ? "--spec-fd: read failed" : "--spec-fd: too long");
+            close(fd);
+            return NULL;
+        }
+        size += (size_t)n;
+        if (size == cap && !(buf = realloc(buf, cap *= 2)))
+            break;
+    }
+    close(fd);
+    if (!buf) {
+        snprintf(bad, bad_size, "--spec-fd: out of memory");
+        return NULL;
+    }
+    if (size == 0)
+        return NULL;
+    if (buf[size - 1] != '\0') {
+        snprintf(bad, bad_size, "--spec-fd: the last argument has no NUL");
+        return NULL;
+    }
+    size_t count = 1;
+    for (size_t i = 0; i < size; i++)
+        count += buf[i] == '\0';
+    char **args = calloc(count + 1, sizeof *args);
+    if (!args) {
+        snprintf(bad, bad_size, "--spec-fd: out of memory");
+        return NULL;
+    }
+    args[0] = argv0;
+    for (size_t i = 0, k = 1; i < size; i += strlen(buf + i) + 1)
+        args[k++] = buf + i;
+    *argc = (int)count;
+    return args;
+}
+
 int main(int argc, char **argv)
 {
-    struct opts o = { .uid = -1, .gid = -1, .status_fd = -1 };
+    struct opts o = { .uid = -1, .gid = -1, .status_fd = -1, .spec_fd = -1 };
     struct result r = { 0 };
     struct tree t = { 0 };
     pid_t parent = getppid();
@@ -433,7 +547,23 @@ int main(int argc, char **argv)
     int ep[2];
 
     signal(SIGPIPE, SIG_IGN); /* a closed status pipe must not kill the helper */
-    parse(argc, argv, &o);
+    parse(argc, argv, &o, 0);
+    if (!o.bad[0] && o.spec_fd >= 0) {
+        /* Before signals are blocked: while it waits, SIGTERM (the agent's death, with
+         * --watch-parent) ends it at once; EOF ends it too. */
+        if (o.watch_parent)
+            prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (o.watch_parent && getppid() != parent)
+            return 0;
+        int spec_argc;
+        char **spec = read_spec(o.spec_fd, argv[0], &spec_argc, o.bad, sizeof o.bad);
+        if (!spec && !o.bad[0])
+            return 0; /* not needed after all: no command, no status */
+        if (spec)
+            parse(spec_argc, spec, &o, 1);
+        if (!o.bad[0] && !o.env && !(o.env = calloc(1, sizeof *o.env)))
+            snprintf(o.bad, sizeof o.bad, "out of memory"); /* no --env: an empty one */
+    }
     if (o.bad[0]) {
         dprintf(STDERR_FILENO, "stigmer-exec: %s (%s)\n", o.bad, USAGE);
         snprintf(r.error, sizeof r.error, "usage: %s", o.bad);
@@ -490,6 +620,8 @@ int main(int argc, char **argv)
             snprintf(r.error, sizeof r.error, "%.200s: %s", o.argv[0], strerror(m.err));
         else if (m.step == CHDIR)
             snprintf(r.error, sizeof r.error, "cd: %.200s: %s", o.cwd, strerror(m.err));
+        else if (m.step == STDIO)
+            snprintf(r.error, sizeof r.error, "stdio: %s", strerror(m.err));
         else
             snprintf(r.error, sizeof r.error, "cannot run as uid %lld gid %lld: %s", o.uid, o.gid,
                      strerror(m.err));
