@@ -190,6 +190,10 @@ class Keeper:
             ended_at=time.time(),
         )
         self.record(final=True)
+        # What is left (pruning old records, exiting) is nobody's answer: it yields the CPU
+        # to what is, e.g. the next kill of a batch (pruning reads every record).
+        with contextlib.suppress(OSError):
+            os.nice(10)
         forget_old(since=self.state["started_at"])  # here: starting a process stays cheap
 
     def _helper_argv(self, status_fd: int) -> list[str]:
