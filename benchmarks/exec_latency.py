@@ -1,7 +1,7 @@
 """Command latency on a warm sandbox, and what privilege separation costs per command.
 
 Figures, each beside its baseline from the same run:
-- p50/p95 of `Sandbox.exec("true")` vs `docker exec` (CLI) and the SDK's `exec_run`,
+- p50/p95/p99 of `Sandbox.exec("true")` vs `docker exec` (CLI) and the SDK's `exec_run`,
   all on the same warm sandbox;
 - inside that sandbox, one command through `stigmer-exec` (the root helper that switches
   to the sandbox user, reaps and kills the tree) vs the same command started directly,
@@ -27,9 +27,11 @@ LOOP = (
 )
 
 
-def percentiles(samples: list[float]) -> tuple[float, float]:
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    """p50, p95 and p99 of `samples`."""
     ordered = sorted(samples)
-    return statistics.median(ordered), ordered[int(0.95 * (len(ordered) - 1))]
+    last = len(ordered) - 1
+    return statistics.median(ordered), ordered[int(0.95 * last)], ordered[int(0.99 * last)]
 
 
 def sample(action, runs: int) -> list[float]:
@@ -61,7 +63,7 @@ def main(runs: int) -> None:
         helper = f"{policy.EXEC_HELPER} --uid {uid} --gid {gid} --cwd /workspace -- /bin/true"
         separated = statistics.median(loop_ms(container, helper, runs) for _ in range(3))
         direct = statistics.median(loop_ms(container, "/bin/true", runs) for _ in range(3))
-    for label, index, goal in (("p50", 0, "<= 3 ms"), ("p95", 1, "<= 5 ms")):
+    for label, index, goal in (("p50", 0, "<= 3 ms"), ("p95", 1, "<= 5 ms"), ("p99", 2, "<= 6 ms")):
         value = percentiles(ours)[index]
         for baseline, samples in (("docker exec (CLI)", cli), ("SDK exec_run", sdk)):
             report(

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ORDER = (
     "exec_latency.py",
     "sessions.py",
+    "concurrent_exec.py",
     "throughput.py",
     "big_outputs.py",
     "deepagents_backend.py",
