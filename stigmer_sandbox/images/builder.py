@@ -31,6 +31,10 @@ from . import ca, debian_base
 from .record import ImageRecord
 
 KINDS = ("basic", "full")
+# Images that are not sandboxes (kind -> folder under dockerfiles/, Dockerfile): built and
+# content-addressed like the others, each from its own folder, which the sandbox images'
+# context leaves out (dockerfiles/.dockerignore), so neither rebuilds the other.
+SERVICE_KINDS = {"egress": ("egress", "Dockerfile.egress-gateway")}
 SOURCE_URL = "https://github.com/stigmer/stigmer-sandbox"
 CONTEXT_DIR = "dockerfiles"
 CA_CONTEXT_PATH = "certs/zz-stigmer-extra-ca.crt"
@@ -336,10 +340,10 @@ def plan(
     extra_args: dict[str, str] | None = None,
 ) -> BuildPlan:
     """Decide the build: context, args, base, hash and tags; nothing is built yet."""
-    if kind not in KINDS:
+    if kind not in KINDS and kind not in SERVICE_KINDS:
         raise UsageError(f"unknown image kind {kind!r}; expected one of {', '.join(KINDS)}")
-    context = settings.root / CONTEXT_DIR
-    dockerfile = f"Dockerfile.sandbox.{kind}"
+    folder, dockerfile = SERVICE_KINDS.get(kind, ("", f"Dockerfile.sandbox.{kind}"))
+    context = settings.root / CONTEXT_DIR / folder
     if not (context / dockerfile).is_file():
         raise SandboxError(
             f"{context / dockerfile} not found",

@@ -1,0 +1,63 @@
+#!/bin/bash
+# Start the egress gateway from the configuration mounted at /etc/egress (rendered by
+# stigmer_sandbox/runtime/egress_gateway.py): gw.nft, squid.conf, dnsmasq.conf,
+# ulogd.conf and env, which sets
+#   GW_INT_IP      our address on the sandbox's network
+#   VGW            that network's IPAM gateway address, which we claim (Docker gives the
+#                  sandbox a default route through it: it leads here)
+#   EGRESS_ROUTER  the default route out (the egress network's gateway)
+#   GENERATION     written to /var/log/egress/ready once every daemon listens
+# Logs go to /var/log/egress (a host folder): access.log (squid), packets.json (ulogd),
+# dns.log (dnsmasq). Exits non-zero, never announcing readiness, when a daemon fails.
+set -euo pipefail
+CONF=/etc/egress
+LOG=/var/log/egress
+started=$(date +%s%N)
+# shellcheck source=/dev/null
+. "$CONF/env"
+rm -f "$LOG/ready"
+umask 022
+# A restarted container keeps its files: a stale pid file stops squid from starting.
+rm -f /run/squid/squid.pid /run/dnsmasq/dnsmasq.pid /run/ulog/ulogd.pid
+mkdir -p /run/squid
+chown proxy:proxy /run/squid
+# The log folder stays the host user's: files made here, each owned by its daemon.
+for file in access.log cache.log; do touch "$LOG/$file"; chown proxy:proxy "$LOG/$file"; done
+touch "$LOG/dns.log" "$LOG/packets.json" "$LOG/ulogd.log"
+chown dnsmasq "$LOG/dns.log"
+chmod 0644 "$LOG/access.log" "$LOG/cache.log" "$LOG/dns.log" "$LOG/packets.json" "$LOG/ulogd.log"
+
+internal_if=$(ip -o -4 addr show | awk -v a="$GW_INT_IP/" 'index($4, a) == 1 {print $2; exit}')
+if [ -z "$internal_if" ]; then
+  echo "egress-gateway: no interface holds $GW_INT_IP" >&2
+  exit 1
+fi
+ip addr replace "$VGW/32" dev "$internal_if"
+if [ -n "${EGRESS_ROUTER:-}" ]; then ip route replace default via "$EGRESS_ROUTER"; fi
+
+nft -f "$CONF/gw.nft"
+ulogd -d -c "$CONF/ulogd.conf"
+dnsmasq --conf-file="$CONF/dnsmasq.conf"
+squid -f "$CONF/squid.conf" -N &
+squid_pid=$!
+trap 'kill -TERM "$squid_pid" 2>/dev/null; wait "$squid_pid"; exit 0' TERM INT
+
+listening() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+for _ in $(seq 1 1000); do
+  if listening 3128 && listening 3129 && listening 3130 && listening 53; then
+    echo "$GENERATION" >"$LOG/ready.tmp"
+    mv -f "$LOG/ready.tmp" "$LOG/ready"
+    echo "egress-gateway ready in $(( ($(date +%s%N) - started) / 1000000 )) ms" \
+      "(generation $GENERATION, interface $internal_if, claimed $VGW)"
+    wait "$squid_pid"
+    echo "egress-gateway: squid exited" >&2
+    exit 1
+  fi
+  if ! kill -0 "$squid_pid" 2>/dev/null; then break; fi
+  sleep 0.01
+done
+echo "egress-gateway: squid did not start; its log:" >&2
+tail -n 20 "$LOG/cache.log" >&2 || true
+exit 1
