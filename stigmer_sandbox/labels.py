@@ -18,6 +18,10 @@ VERSION = f"{PREFIX}.version"
 OWNER_PID = f"{PREFIX}.owner-pid"
 OWNER_HOST = f"{PREFIX}.owner-host"
 EXPIRES = f"{PREFIX}.expires"
+# The sandbox a resource serves (its container name): an egress gateway and its network.
+OWNER = f"{PREFIX}.owner"
+EGRESS_GATEWAY = "egress-gateway"  # kind of a sandbox's egress gateway container
+EGRESS_NETWORK = "egress-network"  # kind of a sandbox's own network behind that gateway
 
 
 def project_labels(kind: str, **extra: str) -> dict[str, str]:
