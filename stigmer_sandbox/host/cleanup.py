@@ -15,6 +15,9 @@ An untagged image of one of our image kinds is ours only when the image record
 says this tool built it: a user's image built FROM ours inherits our labels (see
 images/record.py). Build stages need no record: no image a user builds FROM ours
 can carry their kind.
+A sandbox's egress gateway and its network (labelled with the sandbox's name as owner) go
+when that sandbox is gone or goes in the same cleanup; with `all`, every one. Their logs
+(`<state_dir>/egress/<sandbox>`, the egress audit) stay, like the command audit.
 Files on the host, the workspace above all, are never deleted, with one exception: the
 private folders this tool made for pooled, forked and snapshot-born sandboxes
 (`<state_dir>/sandboxes/<name>`, marked by `owner.json`) go with their sandbox, or
@@ -41,7 +44,7 @@ STOPPED = ("created", "exited", "dead")
 # Containers and images inherit their image's labels, so a label alone does not make a
 # resource ours: a user's `docker run stigmer-sandbox-basic:local` or `FROM` it is theirs.
 OUR_CONTAINER_KINDS = {"sandbox", "probe", "helper", "compose"}
-OUR_IMAGE_KINDS = {"base", "basic", "full", "user", "snapshot", "fork"}
+OUR_IMAGE_KINDS = {"base", "basic", "full", "user", "snapshot", "fork", "egress"}
 OUR_IMAGE_PREFIX = "stigmer-sandbox"
 BUILD_STAGE_KIND = "build-stage"  # set in Dockerfile.sandbox.basic's first stage
 
@@ -70,6 +73,34 @@ def _containers(containers: list[Any], everything: bool) -> Iterable[Resource]:
             folder = _private_folder(container)
             if folder is not None:
                 yield Resource("folder", str(folder), container.name, "its private workspace")
+
+
+def _gateways(containers: list[Any], staying: set[str], everything: bool) -> Iterable[Resource]:
+    """Egress gateways whose sandbox is gone or leaving (every one with `all`)."""
+    for container in containers:
+        marks = container.labels
+        if marks.get(labels.KIND) != labels.EGRESS_GATEWAY:
+            continue
+        if everything:
+            yield Resource("container", container.id, container.name, "project container")
+        elif marks.get(labels.OWNER) not in staying and not _maker_lives(marks):
+            yield Resource("container", container.id, container.name, "its sandbox is gone")
+
+
+def _maker_lives(marks: dict[str, str]) -> bool:
+    """Whether the process that made a gateway may still create its sandbox (a gateway
+    comes up before its sandbox exists): its `owner-pid` label names a live process."""
+    pid = marks.get(labels.OWNER_PID, "")
+    return pid.isdigit() and not labels.owner_gone(int(pid), marks.get(labels.OWNER_HOST))
+
+
+def _egress_networks(staying: set[str]) -> Iterable[Resource]:
+    """Sandbox networks whose sandbox is gone or leaving (`all` removes every network)."""
+    wanted = {"label": [f"{labels.MANAGED}=true", f"{labels.KIND}={labels.EGRESS_NETWORK}"]}
+    for network in engine.client().networks.list(filters=wanted):
+        marks = network.attrs.get("Labels") or {}
+        if marks.get(labels.OWNER) not in staying and not _maker_lives(marks):
+            yield Resource("network", network.id, network.name, "its sandbox is gone")
 
 
 def _private_folder(container: Any) -> Path | None:
@@ -213,12 +244,15 @@ def plan(settings: Settings, everything: bool = False, volumes: bool = False) ->
         found = list(_containers(containers, everything))
         removed = {r.name for r in found if r.kind == "container"}
         staying = {c.name for c in containers} - removed
+        found.extend(_gateways(containers, staying, everything))
         found.extend(_leftover_folders(settings, {c.name for c in containers}, everything))
         found.extend(_images(everything, recorded, staying))
         found = list({(r.kind, r.id): r for r in found}.values())
         if everything:
             found.extend(_networks())
             found.extend(_helper_copies(settings))
+        else:
+            found.extend(_egress_networks(staying))
         if volumes:
             found.extend(_volumes())
     return found
