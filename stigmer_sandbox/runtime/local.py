@@ -25,8 +25,8 @@ from ..config import Settings, load_settings
 from ..errors import SandboxError
 from .client.commands import ExecOptions, ExecResult, RawResult, Request, audit_entry
 from .client.files import TRANSFER_TIMEOUT_S, FileTransfers
+from .client.history import AuditLog
 from .guest import BATCH_SOURCE, capture, protocol
-from .history import AuditLog
 from .sandbox import Sandbox
 
 TOKEN_VAR = "STIGMER_EXEC_TOKEN"

@@ -9,6 +9,7 @@ up the stdio the helper's own pipes were made with. Runs as root (the helper dro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -60,7 +61,9 @@ def finish(
 ) -> tuple[int, bytes, bytes, bytes]:
     """Write `spec` (None: nothing), close it; exit code, stdout, stderr, status bytes."""
     if spec is not None:
-        os.write(spawned.spec_write, spec)
+        # A helper that refuses its command line exits before it reads: nothing to write to.
+        with contextlib.suppress(BrokenPipeError):
+            os.write(spawned.spec_write, spec)
     os.close(spawned.spec_write)
     out, err = spawned.process.communicate(stdin, timeout=20)
     with os.fdopen(spawned.status_read, "rb") as status:

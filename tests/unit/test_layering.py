@@ -106,16 +106,12 @@ def test_host_code_imports_only_what_both_sides_share_of_the_guest_programs(path
 # of a running sandbox, then the lifecycle (every other module of runtime/). A part may
 # import from its own part and those before it.
 RUNTIME_PARTS = ("guest", "backends", "client", "lifecycle")
-# The audit log is a leaf the client writes and the lifecycle reads.
-CLIENT_LEAVES = {"stigmer_sandbox.runtime.history"}
 
 
 def runtime_part(module: str) -> str | None:
     parts = module.split(".")
     if parts[:2] != ["stigmer_sandbox", "runtime"] or len(parts) < 3:
         return None
-    if module in CLIENT_LEAVES:
-        return "client"
     return parts[2] if parts[2] in RUNTIME_PARTS else "lifecycle"
 
 

@@ -28,11 +28,11 @@ from ...errors import SandboxError, SandboxNotReady
 from ..backends.base import Backend
 from ..backends.docker import DOCKER
 from ..guest import BATCH_SOURCE
-from ..history import AuditLog
 from .channel import AgentChannel, AgentLost
 from .commands import ExecOptions, ExecResult, RawResult, Request, audit_entry
 from .direct import DirectRunner
 from .files import SYSTEM_PATH, TRANSFER_TIMEOUT_S
+from .history import AuditLog
 
 # After the agent failed to start, commands use docker exec this long before trying again.
 AGENT_RETRY_S = 30.0

@@ -12,7 +12,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .. import jsonl
+from ... import jsonl
 
 
 class AuditLog:
