@@ -19,7 +19,7 @@ import difflib
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -231,6 +231,27 @@ class Settings:
         """A copy with `changes` applied (None values ignored), validated."""
         given = {k: v for k, v in changes.items() if v is not None}
         return _build({**self.as_dict(), **given}, source)
+
+    def with_egress(
+        self,
+        egress: str | None = None,
+        allow: Sequence[str] = (),
+        deny: Sequence[str] = (),
+        allow_presets: Sequence[str] = (),
+        source: str = "arguments",
+    ) -> Settings:
+        """A copy with the egress mode replaced and entries or presets added to the
+        configured ones (a deny in the configuration is never dropped by a caller), checked:
+        a bad entry is one ConfigError naming it."""
+        added = {"allow": allow, "deny": deny, "allow_presets": allow_presets}
+        changes: dict[str, Any] = {"egress": egress}
+        for key, given in added.items():
+            extra = [given] if isinstance(given, str) else list(given)  # one entry given bare
+            if any(not str(item).strip() for item in extra):
+                raise ConfigError(f"{source}: key {key!r} has an empty entry")
+            if extra:
+                changes[key] = ",".join([*split_packages(getattr(self, key)), *extra])
+        return self.replace(source, **changes)
 
     def as_dict(self) -> dict[str, Any]:
         """All keys and values, as the `stigmer:` config section holds them."""

@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import engine, labels
@@ -53,9 +54,14 @@ class SandboxPool:
         snapshot: str | None = None,
         extra_labels: dict[str, str] | None = None,
         backend: Backend = DOCKER,
+        egress: str | None = None,
+        allow: Sequence[str] = (),
+        deny: Sequence[str] = (),
+        allow_presets: Sequence[str] = (),
     ) -> None:
         self.backend = backend
-        self.settings = (settings or load_settings()).replace(source="arguments", image=image)
+        chosen = (settings or load_settings()).with_egress(egress, allow, deny, allow_presets)
+        self.settings = chosen.replace(source="arguments", image=image)
         self.max_size = self.settings.pool_max_size
         if not isinstance(size, int) or not 0 <= size <= self.max_size:
             raise UsageError(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,12 @@ class Sandbox(CommandMethods, Forking):
         owned_image: str | None = None,
         prepared_image: bool = False,
         backend: Backend = DOCKER,
+        egress: str | None = None,
+        allow: Sequence[str] = (),
+        deny: Sequence[str] = (),
+        allow_presets: Sequence[str] = (),
     ) -> None:
-        base = settings or load_settings()
+        base = (settings or load_settings()).with_egress(egress, allow, deny, allow_presets)
         if name is None and network and network != base.network:
             name = f"{base.container_name}-{network}"  # a sandbox per network setting
         self.settings = base.replace(

@@ -98,6 +98,34 @@ def settings(c: Context, **flags: Any) -> config.Settings:
     return config.settings_from_invoke(c.config, os.environ, **flags)
 
 
+# The egress flags of every task that makes a sandbox (`run`, `sandbox.up`, `compose.up`).
+EGRESS_HELP = {
+    "egress": "public: any public address, never the host, the LAN or cloud metadata; "
+    "allowlist: only --allow entries; open: everything; none: no network (default: config "
+    "egress)",
+    "allow": "a destination the sandbox may reach: name, *.name, address or CIDR, with an "
+    "optional :port; repeatable, added to config allow (default: none)",
+    "deny": "a destination it may never reach, same form; deny always wins; repeatable "
+    "(default: none)",
+    "allow_preset": "a named set of allow entries: python (pip's index hosts), node (npm's "
+    "registry), debian (the Debian mirror); repeatable (default: none)",
+}
+EGRESS_LISTS = ["allow", "deny", "allow_preset"]
+
+
+def egress_settings(
+    c: Context,
+    egress: str | None,
+    allow: list[str] | None,
+    deny: list[str] | None,
+    allow_preset: list[str] | None,
+    **flags: Any,
+) -> config.Settings:
+    """`settings` with the egress flags applied (entries added to the configured ones)."""
+    chosen = settings(c, **flags)
+    return chosen.with_egress(egress, allow or (), deny or (), allow_preset or (), "flags")
+
+
 def sandbox_for(c: Context, **flags: Any) -> runtime.Sandbox:
     """The project's sandbox container under these settings and flags (not started)."""
     from .. import runtime  # the runtime is heavy: loaded when a task uses it, not at start-up

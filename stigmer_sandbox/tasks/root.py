@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ..host import cleanup, workflow
 from .. import relay
 from ..console import stream_writer
-from ._common import report_result, settings, task
+from ._common import EGRESS_HELP, EGRESS_LISTS, egress_settings, report_result, settings, task
 
 
 @task(help={"json": "print the report as one JSON object (default: off)"})
@@ -46,8 +46,9 @@ def doctor(c: Context, json: bool = False) -> None:
         "carry over to the next --session run (default: none, a fresh shell)",
         "background": "start it in the background and print its id; see inv sandbox.ps, "
         "sandbox.output, sandbox.kill (default: off)",
+        **EGRESS_HELP,
     },
-    iterable=["env"],
+    iterable=["env", *EGRESS_LISTS],
 )
 def run(
     c: Context,
@@ -61,11 +62,15 @@ def run(
     keep_background: bool = False,
     session: str | None = None,
     background: bool = False,
+    egress: str | None = None,
+    allow: list[str] | None = None,
+    deny: list[str] | None = None,
+    allow_preset: list[str] | None = None,
 ) -> None:
     """Run a command in the sandbox (or on the host with STIGMER_EXECUTION_MODE=local)."""
     if session and background:
         raise UsageError("--background runs outside any session; drop one of the two")
-    current = settings(c)
+    current = egress_settings(c, egress, allow, deny, allow_preset)
     callbacks = {
         "on_stdout": None if json else stream_writer(sys.stdout),
         "on_stderr": None if json else stream_writer(sys.stderr),

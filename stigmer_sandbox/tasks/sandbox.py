@@ -11,7 +11,7 @@ from invoke import Collection, Context, Exit
 from .. import console
 from ..errors import UsageError
 from . import fleet, processes
-from ._common import sandbox_for, settings, task
+from ._common import EGRESS_HELP, EGRESS_LISTS, egress_settings, sandbox_for, settings, task
 
 if TYPE_CHECKING:
     from .. import images, runtime
@@ -271,13 +271,25 @@ def _notes(sandbox: runtime.Sandbox) -> None:
         "stigmer-sandbox-basic:local)",
         "network": "bridge, or none to cut the sandbox off (default: config network, bridge)",
         "timeout": "seconds to wait until the sandbox is healthy (default: 60)",
-    }
+        **EGRESS_HELP,
+    },
+    iterable=EGRESS_LISTS,
 )
 def up(
-    c: Context, image: str | None = None, network: str | None = None, timeout: float = 60
+    c: Context,
+    image: str | None = None,
+    network: str | None = None,
+    timeout: float = 60,
+    egress: str | None = None,
+    allow: list[str] | None = None,
+    deny: list[str] | None = None,
+    allow_preset: list[str] | None = None,
 ) -> None:
     """Start the sandbox container (idempotent) and wait until it is healthy."""
-    sandbox = sandbox_for(c, image=image, network=network)
+    from .. import runtime
+
+    chosen = egress_settings(c, egress, allow, deny, allow_preset, image=image, network=network)
+    sandbox = runtime.Sandbox(chosen)
     started = time.monotonic()
     sandbox.up(timeout=timeout)
     _notes(sandbox)
@@ -393,7 +405,7 @@ def packages(c: Context) -> None:
 )
 def history(c: Context, n: int = 20, json: bool = False) -> None:
     """Show the audit trail: the last commands run in sandboxes, recorded by the host."""
-    from ..runtime.history import AuditLog
+    from ..runtime.client.history import AuditLog
 
     entries = AuditLog(settings(c).path("state_dir") / "audit.jsonl").tail(n)
     if json:
