@@ -26,6 +26,7 @@ ORDER = (
     "deepagents_backend.py",
     "sandbox_start.py",
     "pool.py",
+    "egress.py",
     "cli_run.py",
     "rebuild.py",
     "startup.py",
