@@ -222,6 +222,12 @@ class Settings:
         "",
         kind="egress-presets",
     )
+    egress_subnets: str = _key(
+        "the IPv4 range each sandbox's egress network (a /29) is taken from; keep it clear of "
+        "the LAN's and the engine's own networks",
+        "10.231.0.0/16",
+        kind="subnet-pool",
+    )
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):
@@ -353,7 +359,19 @@ def _text_problem(item: dataclasses.Field, value: str) -> str | None:
         return f"has {bad!r}, which is not {PACKAGE_SPECS[kind][1]}"
     if kind.startswith("egress-") and value:
         return _egress_problem(kind, value)
+    if kind == "subnet-pool":
+        return _subnet_pool_problem(value)
     return None
+
+
+def _subnet_pool_problem(value: str) -> str | None:
+    import ipaddress
+
+    try:
+        pool = ipaddress.IPv4Network(value)
+    except ValueError:
+        return "must be an IPv4 network like 10.231.0.0/16"
+    return None if pool.prefixlen <= 29 else "must hold at least one /29 (a prefix of 29 or less)"
 
 
 def _egress_problem(kind: str, value: str) -> str | None:

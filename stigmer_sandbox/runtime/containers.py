@@ -24,7 +24,7 @@ from .. import engine, images, labels, policy
 from ..config import Settings
 from ..errors import SandboxError, SandboxNotReady
 from ..images.record import ImageRecord
-from . import host_helper
+from . import host_helper, network
 from .backends.base import Backend
 from .client.channel import AgentChannel
 
@@ -41,11 +41,16 @@ def spec_hash(spec: dict[str, Any], image_id: str) -> str:
 
 
 def wanted_spec(
-    settings: Settings, user: tuple[int, int], prepared_image: bool, backend: Backend
+    settings: Settings,
+    user: tuple[int, int],
+    prepared_image: bool,
+    backend: Backend,
+    network_options: dict[str, Any],
 ) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
     """The container a sandbox must have (`policy.container_spec` on the image for `user`,
-    with the host's helper mounted), its identity (`spec_hash`), and the folders it mounts."""
-    spec = policy.container_spec(settings, settings.image, {})
+    on the network its egress policy chose, with the host's helper mounted), its identity
+    (`spec_hash`), and the folders it mounts."""
+    spec = network.merged(policy.container_spec(settings, settings.image, {}), network_options)
     image = settings.image
     if not prepared_image:  # a committed image already has the right user
         image = images.image_for_user(image, *user, ImageRecord.of(settings))
@@ -64,9 +69,15 @@ def container_labels(
     marks = {"config": config_hash, "sandbox": name}
     if settings.max_lifetime_hours:
         marks["expires"] = str(int(time.time() + settings.max_lifetime_hours * 3600))
-    if ephemeral:
-        marks.update(owner_pid=str(os.getpid()), owner_host=os.uname().nodename)
-    return {**labels.project_labels("sandbox", **marks), **extra}
+    return {**labels.project_labels("sandbox", **marks), **owner_labels(ephemeral), **extra}
+
+
+def owner_labels(ephemeral: bool) -> dict[str, str]:
+    """For an ephemeral sandbox (and what it owns, like its gateway): the process whose end
+    makes them orphans that `inv clean` removes. None for a long-lived one."""
+    if not ephemeral:
+        return {}
+    return {labels.OWNER_PID: str(os.getpid()), labels.OWNER_HOST: os.uname().nodename}
 
 
 def stale_reason(container: Any, wanted: str) -> str | None:

@@ -30,6 +30,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -484,7 +485,7 @@ def upstream_resolvers(files: Sequence[str] = RESOLV_FILES) -> tuple[str, ...]:
     )
 
 
-def _bridge_gateway() -> str:
+def bridge_gateway() -> str:
     """The default bridge's gateway address: the gateway's route out."""
     with engine.engine_errors():
         bridge = engine.client().networks.get("bridge")
@@ -540,7 +541,7 @@ class EgressGateway:
         self.policy = policy
         self.extra_labels = dict(extra_labels or {})
         self.backend = backend
-        self.subnets = subnets or str(getattr(settings, "egress_subnets", "") or DEFAULT_SUBNETS)
+        self.subnets = subnets or settings.egress_subnets
         self._upstream = tuple(upstream_dns) if upstream_dns else None
         self.test_dns_routes = tuple((test_dns_routes or {}).items())
         self.test_networks = tuple(test_networks)
@@ -571,6 +572,13 @@ class EgressGateway:
         ready gateway with this policy is left alone; one made from another image or
         network is replaced."""
         self._converge(timeout)
+
+    def begin(self, timeout: float = DEFAULT_TIMEOUT) -> GatewayStart:
+        """Make the network now and bring the gateway to this policy in a thread, so the
+        sandbox can be created and started meanwhile (until the gateway answers, the
+        sandbox's network has no route anywhere: it fails closed). `sandbox_options` works
+        at once; `GatewayStart.result` waits for the gateway."""
+        return GatewayStart(self._prepared(), timeout)
 
     def sandbox_options(self) -> dict[str, Any]:
         """What the sandbox's `containers.create` spec takes from the gateway: its
@@ -612,14 +620,18 @@ class EgressGateway:
     def down(self, purge_logs: bool = False) -> None:
         """Remove the gateway and the network (only ones labelled as this sandbox's). The
         logs and configuration stay (the egress audit) unless `purge_logs`."""
-        container = engine.find_container(self.container_name)
-        if container is not None and self._ours(container.labels):
-            _remove_container(container)
+        self.remove_container()
         network = self._find_network()
         if network is not None and self._ours(network.attrs.get("Labels")):
             _remove_network(network)
         if purge_logs:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+    def remove_container(self) -> None:
+        """Remove the gateway container only (its sandbox may still be on the network)."""
+        container = engine.find_container(self.container_name)
+        if container is not None and self._ours(container.labels):
+            _remove_container(container)
 
     def records(self, denied_only: bool = False) -> list[dict[str, Any]]:
         """The egress audit of this sandbox, oldest first (see `read_records`)."""
@@ -630,6 +642,12 @@ class EgressGateway:
     def _converge(self, timeout: float) -> str:
         """Bring network and gateway to this policy: "unchanged", "created", "started"
         or "restarted"."""
+        return self._prepared().bring_up(timeout)
+
+    def _prepared(self) -> PreparedGateway:
+        """The network and a gateway container made from the current image on it (one made
+        from another image or network is replaced), not yet started: the sandbox network's
+        addresses are taken, so a sandbox created next cannot take the gateway's."""
         image = ensure_gateway_image(self.settings)
         network = self._ensure_network()
         wanted = self._container_hash(image, network)
@@ -642,17 +660,7 @@ class EgressGateway:
         created = container is None
         if container is None:
             container = self._create_container(network, image, wanted)
-        with engine.engine_errors():
-            container.reload()
-        running = container.status in ("running", "restarting", "paused")
-        if running and self._is_ready() and self._written_policy() == self.policy.fingerprint():
-            return "unchanged"
-        self._write_config(self._config(network))
-        if running:
-            with engine.engine_errors():
-                container.kill()
-        self._start_and_wait(container, timeout)
-        return "created" if created else "restarted" if running else "started"
+        return PreparedGateway(self, network, container, created)
 
     def _ours(self, found: Mapping[str, str] | None) -> bool:
         found = found or {}
@@ -715,7 +723,7 @@ class EgressGateway:
             subnet=_subnet_of(network),
             host_addresses=host_addresses(),
             upstream_dns=self._upstream,
-            egress_router=_bridge_gateway(),
+            egress_router=bridge_gateway(),
             test_dns_routes=self.test_dns_routes,
             generation=secrets.token_hex(6),
         )
@@ -819,6 +827,59 @@ class EgressGateway:
             tail[-1] if tail else f"see `docker logs {self.container_name}`",
             details=tuple(tail),
         )
+
+
+@dataclass
+class PreparedGateway:
+    """A gateway container on its network, to be brought to its gateway's policy."""
+
+    gateway: EgressGateway
+    network: Any
+    container: Any
+    created: bool
+
+    def bring_up(self, timeout: float) -> str:
+        """Configure and (re)start it unless it already runs this policy: "unchanged",
+        "created", "started" or "restarted"."""
+        gateway, container = self.gateway, self.container
+        with engine.engine_errors():
+            container.reload()
+        running = container.status in ("running", "restarting", "paused")
+        current = gateway._written_policy() == gateway.policy.fingerprint()
+        if running and gateway._is_ready() and current:
+            return "unchanged"
+        gateway._write_config(gateway._config(self.network))
+        if running:
+            with engine.engine_errors():
+                container.kill()
+        gateway._start_and_wait(container, timeout)
+        return "created" if self.created else "restarted" if running else "started"
+
+
+class GatewayStart:
+    """A gateway being brought to its policy in a thread (see `EgressGateway.begin`)."""
+
+    def __init__(self, prepared: PreparedGateway, timeout: float) -> None:
+        self.gateway = prepared.gateway
+        self._prepared = prepared
+        self._outcome = ""
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(timeout,), daemon=True)
+        self._thread.start()
+
+    def _run(self, timeout: float) -> None:
+        try:
+            self._outcome = self._prepared.bring_up(timeout)
+        except BaseException as exc:  # handed to the caller of `result`
+            self._error = exc
+
+    def result(self) -> str:
+        """How the gateway got there: "unchanged", "created", "started" or "restarted";
+        raises what its start raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._outcome
 
 
 def _subnet_of(network: Any) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 from .. import engine, labels, policy
 from ..config import Settings, load_settings
 from ..errors import SandboxError, SandboxNotReady, UsageError
-from . import bootstrap, containers, workspaces
+from . import bootstrap, containers, network, workspaces
 from .backends.base import Backend
 from .backends.docker import DOCKER
 from .client.command_methods import CommandMethods
@@ -135,12 +135,13 @@ class Sandbox(CommandMethods, Forking):
                 )
             if self.attached:
                 return self._attach_running(timeout)
-            container, started = self._created()
+            container, started, placement = self._created()
             self._container = container
             use_agent = started and self.connection.use_agent
             early = containers.EarlyChannel(self._open_early) if use_agent else None
             try:
                 containers.wait_ready(container, self.name, timeout)
+                self.notes.extend(placement.finish(self.name))
             finally:
                 channel = early.result() if early else None
             if channel is not None:
@@ -148,11 +149,13 @@ class Sandbox(CommandMethods, Forking):
             self.notes.extend(bootstrap.on_start(self.connection, started))
         return self
 
-    def _created(self) -> tuple[Any, bool]:
+    def _created(self) -> tuple[Any, bool, network.Placement]:
         """The container, created or recreated as the settings say, and started; whether it
-        was (re)started now."""
+        was (re)started now; where its network is being made ready."""
+        owned = containers.owner_labels(self.ephemeral) | self.extra_labels
+        placement = network.prepare(self.settings, self.name, owned, self.backend)
         spec, wanted, folders = containers.wanted_spec(
-            self.settings, self.sandbox_user, self.prepared_image, self.backend
+            self.settings, self.sandbox_user, self.prepared_image, self.backend, placement.options
         )
         container = self._reusable(self.find(), wanted)
         started = container is None or container.status != "running"
@@ -170,7 +173,7 @@ class Sandbox(CommandMethods, Forking):
             with engine.engine_errors():
                 container.start()
         policy.verify_mounts(pins, self.backend, container)
-        return container, started
+        return container, started, placement
 
     def _open_early(self) -> Any:
         return self.connection.open_channel(self._container.id)
@@ -236,11 +239,13 @@ class Sandbox(CommandMethods, Forking):
                 self.connection.retire()
             self.connection.close()
         container = self.find()
+        released = network.release(self.settings, self.name, self.backend)
         try:
             if container is not None:
                 with engine.engine_errors():
                     container.remove(force=True)
                 self._container = None
+            released()
             if self.private_folder is not None:
                 workspaces.remove(self.private_folder)
         finally:

@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .. import engine, labels, policy
+from .. import egress, engine, labels, policy
 from ..checks import CheckResult, Status, verdict
+from . import egress_gateway, network
 from .client.commands import ExecResult
 from .sandbox import Sandbox
 
@@ -386,6 +387,61 @@ def _network(box: Sandbox, attrs: dict[str, Any]) -> Verdict:
     return verdict(mode != "host"), evidence
 
 
+# From inside: the host through the engine's bridge gateway, by a raw socket and by curl
+# without the proxy. Refused means no byte of the host's answer came back.
+EGRESS_PROBE = (
+    "import socket, sys\n"
+    "s = socket.socket(); s.settimeout(3)\n"
+    "try:\n"
+    "    s.connect((sys.argv[1], int(sys.argv[2]))); print('connected')\n"
+    "except OSError as e:\n"
+    "    print('refused:', e.strerror or e)\n"
+)
+
+
+def _egress(box: Sandbox, _attrs: dict[str, Any]) -> Verdict:
+    chosen = network.policy_of(box.settings)
+    if chosen.mode in ("none", "open"):
+        state = "no network at all" if chosen.mode == "none" else "everything is reachable"
+        return verdict(chosen.mode == "none"), f"egress {chosen.mode}: {state}"
+    host = egress_gateway.bridge_gateway()  # the host, as a sandbox reaches it
+    probes = [
+        _output(box, ["python3", "-c", EGRESS_PROBE, host, "22"]),
+        _output(box, ["curl", "-s", "-m", "5", "--noproxy", "*", "-o", "/dev/null", "-w",
+                      "%{http_code}", f"http://{host}:80/"]),
+    ]  # fmt: skip
+    raw_refused = probes[0].startswith("refused")
+    web_refused = probes[1] in ("000", "403")  # 403: the gateway's refusal page
+    allowed = _allowed_probe(chosen)
+    if allowed:
+        code = _output(box, ["curl", "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
+                             f"https://{allowed}/"])  # fmt: skip
+        probes.append(f"https://{allowed}/ answered HTTP {code}")
+    recent = network.egress_records(box.settings, box.name, denied_only=True)[-2:]
+    evidence = (
+        f"egress {chosen.mode} ({len(chosen.allow)} allow, {len(chosen.deny)} deny) through "
+        f"gateway {box.name}-egress-gw; the host at {host}: raw socket {probes[0]}, curl "
+        f"--noproxy HTTP {probes[1]}; {probes[2] if allowed else 'no allowed name to probe'}; "
+        "audited: "
+        + ("; ".join(f"{r['rule']} {r['address']}:{r['port']}" for r in recent) or "nothing")
+    )
+    reached = not allowed or probes[2].rpartition(" ")[2] not in ("000", "403")
+    return verdict(raw_refused and web_refused and reached and bool(recent)), evidence
+
+
+def _allowed_probe(chosen: egress.EgressPolicy) -> str:
+    """A name the policy lets out on HTTPS, to show an allowed host is reached: the first
+    plain name entry, else (under public) the host pip installs from."""
+    for entry in chosen.allow:
+        if entry.kind == "name" and entry.port in (None, 443):
+            return entry.host
+    if chosen.mode != "public":
+        return ""
+    found = [egress.parse_entry(text) for text in egress.expand_preset("python")]
+    hosts = [e.host for e in found if e.kind == "name" and e.port in (None, 443)]
+    return hosts[0] if hosts else ""
+
+
 def _socket_and_credentials(box: Sandbox, _attrs: dict[str, Any]) -> Verdict:
     mounts = _mounts(box)
     sockets = [m.point for m in mounts if "docker.sock" in m.point or "docker.sock" in m.root]
@@ -558,6 +614,7 @@ PROPERTIES = (
     Property(11, "timeouts kill the whole tree", _timeout),
     Property(12, "exit causes told apart", _causes),
     Property(13, "network can be switched off", _network),
+    Property(33, "egress: the host, the LAN and metadata refused", _egress),
     Property(14, "no Docker socket; credentials read-only", _socket_and_credentials),
     Property(15, "mount propagation not shared", _propagation),
     Property(16, "health check defined and healthy", _health),

@@ -9,7 +9,7 @@ from invoke import Collection, Context, Exit
 
 from .. import console
 from ..console import stream_writer
-from ._common import EGRESS_HELP, EGRESS_LISTS, egress_settings, report_result, settings, task
+from ._common import report_result, settings, task
 from .sandbox import build_kind
 
 if TYPE_CHECKING:
@@ -57,9 +57,8 @@ def _run(target: compose.ComposeProject, verb: str, *args: str) -> None:
         **FILE_HELP,
         "build": "build the basic image first (default: off)",
         "timeout": "seconds to wait for the sandbox to be healthy (default: 60)",
-        **EGRESS_HELP,
     },
-    iterable=[*FILES, *EGRESS_LISTS],
+    iterable=FILES,
 )
 def up(
     c: Context,
@@ -68,16 +67,17 @@ def up(
     file: list[str] | None = None,
     build: bool = False,
     timeout: float = 60,
-    egress: str | None = None,
-    allow: list[str] | None = None,
-    deny: list[str] | None = None,
-    allow_preset: list[str] | None = None,
 ) -> None:
     """Start the compose sandbox in the background and wait until it is healthy."""
     from ..host import compose
     from ..images import BuildOptions
 
-    current = egress_settings(c, egress, allow, deny, allow_preset)
+    current = settings(c)
+    if current.egress in ("public", "allowlist") and current.network != "none":
+        console.warning(
+            f"egress {current.egress} is not enforced for compose sandboxes yet: this one "
+            "reaches what the compose project's network reaches (`inv sandbox.up` enforces it)"
+        )
     if build:
         build_kind(current, "basic", BuildOptions(), "auto")
     choice = _choice(advanced, database, file)

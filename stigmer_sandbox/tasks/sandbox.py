@@ -426,6 +426,39 @@ def history(c: Context, n: int = 20, json: bool = False) -> None:
 
 
 @task(
+    help={
+        "json": "print the records as JSON (default: off)",
+        "denied": "only the refused attempts (default: all)",
+        "name": "only this sandbox's attempts (default: the configured sandbox; all for "
+        "--name all)",
+    }
+)
+def egress(c: Context, json: bool = False, denied: bool = False, name: str | None = None) -> None:
+    """Show the egress audit: every connection a sandbox tried, allowed or refused, and why."""
+    from ..runtime import network
+
+    current = settings(c)
+    chosen = None if name == "all" else name or current.container_name
+    records = network.egress_records(current, chosen, denied_only=denied)
+    if json:
+        console.emit_json(records)
+        return
+    rows = [
+        (
+            str(r.get("time", ""))[11:23],
+            r.get("sandbox", ""),
+            r.get("decision", ""),
+            r.get("rule", ""),
+            f"{r.get('name') or r.get('address') or ''}:{r.get('port') or ''}",
+            r.get("via", ""),
+            r.get("command_id") or "",
+        )
+        for r in records
+    ]
+    console.table(("time", "sandbox", "decision", "rule", "destination", "via", "command"), rows)
+
+
+@task(
     name="audit",
     help={
         "json": "print the report as one JSON object (default: off)",
@@ -465,6 +498,7 @@ ns = Collection(
     env,
     packages,
     history,
+    egress,
     audit_security,
     *processes.TASKS,
     *fleet.TASKS,

@@ -222,7 +222,7 @@ def world(docker_engine, tmp_path_factory, project_settings):
     folder.chmod(0o755)
     network, subnet = _inet(client)
     web10, web11, resolver = (str(subnet.network_address + n) for n in (10, 11, 53))
-    bridge = egress_gateway._bridge_gateway()
+    bridge = egress_gateway.bridge_gateway()
     host_other = _other_host_address({bridge, str(subnet.network_address + 1)})
     names = ["allowed.test", "other.test", "*.wild.test", "rebind.test"]
     _certificates(folder, names, [web10, web11])

@@ -14,7 +14,8 @@ from stigmer_sandbox.runtime import Sandbox
 from ..conftest import run_inv
 
 BAD_ENTRIES = ["http://x", "999.1.1.1/40", "*", "", "example.org:70000", "a..b"]
-TASKS = [["run"], ["sandbox.up"], ["compose.up"]]
+# compose.up takes none yet: compose sandboxes do not enforce a policy (it warns).
+TASKS = [["run"], ["sandbox.up"]]
 
 
 def test_entries_and_presets_are_added_to_the_configured_ones_and_the_mode_replaced():

@@ -18,6 +18,7 @@ import base64
 import codecs
 import posixpath
 import shlex
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -376,6 +377,8 @@ def audit_entry(sandbox: str, request: Request, result: ExecResult) -> dict[str,
         "exit_code": result.exit_code,
         "cause": result.cause,
         "duration_s": round(result.duration_s, 4),
+        # When it ended (seconds since the epoch): the egress audit names the command by it.
+        "ended_at": round(time.time(), 3),
         "timed_out": result.timed_out,
         "oom_killed": result.oom_killed,
         "session": result.session,

@@ -1,0 +1,206 @@
+"""Egress policies on real sandboxes (issue 22): the default refuses the host, allow and deny
+entries hold, a changed policy is applied live and said, eight sandboxes with eight
+policies never leak into each other, and every attempt is in the egress audit with the
+command that made it.
+
+Traffic goes only to web servers this module runs on the host (bound to 0.0.0.0, reached
+through the engine's bridge gateway, as a server on a developer's machine would be) and,
+for the install test, to the package index pip is configured with.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socketserver
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from stigmer_sandbox import config, engine
+from stigmer_sandbox.runtime import Sandbox, network
+from stigmer_sandbox.runtime.egress_gateway import bridge_gateway
+
+from ..conftest import ROOT, run_inv
+from .conftest import TEST_LABELS
+
+RAW_PROBE = (
+    "import socket, sys\n"
+    "s = socket.socket(); s.settimeout(4)\n"
+    "try:\n"
+    "    s.connect((sys.argv[1], int(sys.argv[2]))); s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
+    "    print(s.recv(200).decode(errors='replace'))\n"
+    "except OSError as e:\n"
+    "    print('refused', e)\n"
+)
+
+
+class Quiet(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = f"host-server-{self.server.server_address[1]}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+
+
+@pytest.fixture(scope="module")
+def host_ports() -> Iterator[list[int]]:
+    """Nine web servers on the host (0.0.0.0), each answering with its own port."""
+    servers = [Server(("0.0.0.0", 0), Quiet) for _ in range(9)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield [server.server_address[1] for server in servers]
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def host() -> str:
+    return bridge_gateway()
+
+
+def settings_in(tmp: Path, **changes: object) -> config.Settings:
+    base = config.load_settings(ROOT, environ={})
+    folders = {k: str(tmp / k) for k in ("workspace", "logs", "state_dir")}
+    return base.replace(**{**folders, **changes})
+
+
+def fetch(box: Sandbox, url: str, proxy: bool = True) -> str:
+    """The body a curl in the sandbox got, or `refused <code>`."""
+    flags = "" if proxy else "--noproxy '*'"
+    result = box.exec(f"curl -s -m 6 {flags} -w ' %{{http_code}}' {url}", timeout=30)
+    body, _, code = result.stdout.rpartition(" ")
+    return body if code == "200" and body.startswith("host-server-") else f"refused {code}"
+
+
+def raw(box: Sandbox, host: str, port: int) -> str:
+    return box.exec(["python3", "-c", RAW_PROBE, host, str(port)], timeout=30).stdout
+
+
+def test_the_default_sandbox_refuses_the_host_by_every_route_and_audits_it(
+    tmp_path, host, host_ports
+):
+    settings = settings_in(tmp_path)
+    assert settings.egress == "public"
+    port = host_ports[0]
+    with Sandbox.create_ephemeral(settings, extra_labels=TEST_LABELS) as box:
+        assert fetch(box, f"http://{host}:{port}/") == "refused 403"
+        assert fetch(box, f"http://{host}:{port}/", proxy=False).startswith("refused")
+        unset = box.exec(
+            f"env -u http_proxy -u HTTP_PROXY curl -s -m 6 http://{host}:{port}/", timeout=30
+        )
+        assert "host-server" not in unset.stdout
+        probe = box.exec(["python3", "-c", RAW_PROBE, host, str(port)], timeout=30)
+        assert probe.stdout.startswith("refused")
+        mapped = box.exec(f"curl -s -m 6 --noproxy '*' http://[::ffff:{host}]:{port}/", timeout=30)
+        assert "host-server" not in mapped.stdout
+        records = network.egress_records(box.settings, box.name, denied_only=True)
+        mine = [r for r in records if r["port"] == port]
+        assert mine and all(r["decision"] == "refused" for r in mine)
+        assert probe.command_id in {r["command_id"] for r in mine}
+
+
+def test_an_allowed_host_port_is_reached_and_a_deny_wins(tmp_path, host, host_ports):
+    allowed, other = host_ports[1], host_ports[2]
+    settings = settings_in(tmp_path).with_egress(
+        "public", allow=[f"{host}:{allowed}", f"{host}:{other}"], deny=[f"{host}:{other}"]
+    )
+    with Sandbox.create_ephemeral(settings, extra_labels=TEST_LABELS) as box:
+        assert fetch(box, f"http://{host}:{allowed}/") == f"host-server-{allowed}"
+        assert raw(box, host, allowed).startswith("HTTP/1.0 200")
+        assert fetch(box, f"http://{host}:{other}/").startswith("refused")
+        assert raw(box, host, other).startswith("refused")
+        assert fetch(box, f"http://{host}:{host_ports[3]}/").startswith("refused")
+
+
+def test_a_changed_policy_is_applied_live_and_said(tmp_path, host, host_ports):
+    first, second = host_ports[4], host_ports[5]
+    settings = settings_in(tmp_path)
+    name = f"stigmer-egress-live-{tmp_path.name[-8:]}"
+    box = Sandbox(settings, name=name, extra_labels=TEST_LABELS, allow=[f"{host}:{first}"]).up()
+    try:
+        assert fetch(box, f"http://{host}:{first}/") == f"host-server-{first}"
+        changed = Sandbox(settings, name=name, extra_labels=TEST_LABELS, allow=[f"{host}:{second}"])
+        changed.up()
+        assert any("applied live" in note for note in changed.notes), changed.notes
+        assert changed.status()["id"] == box.status()["id"]  # the same container
+        assert fetch(changed, f"http://{host}:{second}/") == f"host-server-{second}"
+        assert fetch(changed, f"http://{host}:{first}/").startswith("refused")
+    finally:
+        box.remove()
+    assert engine.find_container(f"{name}-egress-gw") is None  # its gateway went with it
+
+
+def test_eight_sandboxes_with_eight_policies_never_leak(tmp_path, host, host_ports):
+    ports = host_ports[:8]
+
+    def start(index: int) -> Sandbox:
+        settings = settings_in(tmp_path / str(index))
+        allow = [f"{host}:{ports[index]}"]
+        return Sandbox.create_ephemeral(settings, extra_labels=TEST_LABELS, allow=allow).up()
+
+    with ThreadPoolExecutor(8) as pool:
+        boxes = list(pool.map(start, range(8)))
+    try:
+        for index, box in enumerate(boxes):
+            script = "; ".join(
+                f"curl -s -m 4 -o /dev/null -w '{p}:%{{http_code}} ' http://{host}:{p}/"
+                for p in ports
+            )
+            codes = dict(item.split(":") for item in box.exec(script, timeout=120).stdout.split())
+            reached = {int(p) for p, code in codes.items() if code == "200"}
+            assert reached == {ports[index]}, (index, codes)
+    finally:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda box: box.remove(), boxes))
+
+
+def test_an_allowlist_with_the_python_preset_installs_a_real_package(tmp_path):
+    settings = settings_in(tmp_path).with_egress("allowlist", allow_presets=["python"])
+    with Sandbox.create_ephemeral(settings, extra_labels=TEST_LABELS) as box:
+        installed = box.exec("pip install -q --no-deps --target /tmp/t six", timeout=300)
+        assert installed.exit_code == 0, installed.stderr[-500:]
+        assert box.exec("ls /tmp/t", timeout=30).stdout.count("six") >= 1
+
+
+def test_mode_none_leaves_only_loopback(tmp_path):
+    settings = settings_in(tmp_path).with_egress("none")
+    with Sandbox.create_ephemeral(settings, extra_labels=TEST_LABELS) as box:
+        assert box.exec("ls /sys/class/net", timeout=30).stdout.split() == ["lo"]
+
+
+def test_the_cli_takes_the_flags_and_prints_the_egress_audit(tmp_path, host, host_ports):
+    port = host_ports[6]
+    env = {
+        "INVOKE_STIGMER_CONTAINER_NAME": f"stigmer-egress-cli-{tmp_path.name[-8:]}",
+        "INVOKE_STIGMER_WORKSPACE": str(tmp_path / "workspace"),
+        "INVOKE_STIGMER_LOGS": str(tmp_path / "logs"),
+        "INVOKE_STIGMER_STATE_DIR": str(tmp_path / "state"),
+        "INVOKE_STIGMER_RELAY_IDLE_S": "0",
+    }
+    try:
+        done = run_inv(
+            "run", "--egress", "allowlist", "--allow", f"{host}:{port}",
+            f"curl -s -m 6 http://{host}:{port}/; curl -s -m 6 -o /dev/null -w ' %{{http_code}}' "
+            f"http://{host}:{host_ports[7]}/",
+            env=env,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"host-server-{port}") and done.stdout.endswith(" 403")
+        audit = run_inv("sandbox.egress", "--json", "--denied", env=env)
+        records = json.loads(audit.stdout)
+        assert records and all(r["decision"] == "refused" for r in records)
+        assert any(r["port"] == host_ports[7] and r["command_id"] for r in records)
+    finally:
+        run_inv("sandbox.down", env=env)
