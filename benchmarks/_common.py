@@ -166,3 +166,13 @@ def report_latency(
             "ms",
             goal=goals[index],
         )
+
+
+def standin_certificates(folder: Path, names: list[str], addresses: list[str]) -> None:
+    """A throw-away CA and server certificate for a benchmark's own TLS server (the
+    tests' helper, `tests/tls_standin.py`)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.tls_standin import make_certificates
+
+    make_certificates(folder, names, addresses)

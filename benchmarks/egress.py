@@ -21,62 +21,21 @@ import http.server
 import socketserver
 import ssl
 import statistics
-import subprocess
 import tempfile
 import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, abba_ms, count_option, report, timed
+from _common import ROOT, abba_ms, count_option, report, standin_certificates, timed
 
 from stigmer_sandbox import config, egress, engine
-from stigmer_sandbox.runtime.egress_gateway import EgressGateway, _bridge_gateway
+from stigmer_sandbox.runtime.egress_gateway import EgressGateway, bridge_gateway
 
 BASIC = "stigmer-sandbox-basic:local"
 BIG_BYTES = 10 * 1024 * 1024
 LABEL = {"com.stigmer.sandbox.test": "egress-benchmark"}
 CA = "/etc/egress-bench/ca.pem"
-
-
-def certificates(folder: Path, address: str) -> None:
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-
-    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl(
-        "req",
-        "-x509",
-        *curve,
-        "-days",
-        "1",
-        "-subj",
-        "/CN=bench CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    )
-    (folder / "ext.cnf").write_text(f"subjectAltName=IP:{address}\n")
-    openssl("req", *curve, "-subj", "/CN=bench", "-keyout", "srv.key", "-out", "srv.csr")
-    openssl(
-        "x509",
-        "-req",
-        "-in",
-        "srv.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "srv.pem",
-    )
-    (folder / "ca.pem").chmod(0o644)
 
 
 def host_server(folder: Path) -> int:
@@ -137,8 +96,8 @@ def main() -> None:
     run_id = uuid.uuid4().hex[:8]
     folder = Path(tempfile.mkdtemp(prefix="egress-bench-"))
     folder.chmod(0o755)
-    bridge = _bridge_gateway()
-    certificates(folder, bridge)
+    bridge = bridge_gateway()
+    standin_certificates(folder, [], [bridge])
     port = host_server(folder)
     entry = f"{bridge}:{port}"
     url = f"https://{bridge}:{port}"

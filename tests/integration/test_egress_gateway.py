@@ -14,7 +14,6 @@ from __future__ import annotations
 import http.server
 import ipaddress
 import socketserver
-import subprocess
 import threading
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from stigmer_sandbox import egress, engine, labels
 from stigmer_sandbox.runtime import egress_gateway
 from stigmer_sandbox.runtime.egress_gateway import EgressGateway
 
+from ..tls_standin import make_certificates
 from .conftest import SESSION_ID, TEST_LABELS, wait_for
 
 BASIC = "stigmer-sandbox-basic:local"
@@ -116,68 +116,6 @@ def _host_server(folder: Path, marker: str) -> _Server:
     return server
 
 
-def _certificates(folder: Path, names: list[str], addresses: list[str]) -> None:
-    """A test CA and a server certificate for the stand-in names (openssl)."""
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=egress test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    )
-    san = ",".join([*(f"DNS:{n}" for n in names), *(f"IP:{a}" for a in addresses)])
-    (folder / "ext.cnf").write_text(f"subjectAltName={san}\n")
-    openssl(
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-subj",
-        "/CN=stand-in",
-        "-keyout",
-        "srv.key",
-        "-out",
-        "srv.csr",
-    )
-    openssl(
-        "x509",
-        "-req",
-        "-in",
-        "srv.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "srv.pem",
-    )
-    (folder / "cert.pem").write_text(
-        (folder / "srv.pem").read_text() + (folder / "srv.key").read_text()
-    )
-    (folder / "cert.pem").chmod(0o644)
-
-
 def _inet(client) -> tuple[object, ipaddress.IPv4Network]:
     import docker.types
 
@@ -225,7 +163,7 @@ def world(docker_engine, tmp_path_factory, project_settings):
     bridge = egress_gateway.bridge_gateway()
     host_other = _other_host_address({bridge, str(subnet.network_address + 1)})
     names = ["allowed.test", "other.test", "*.wild.test", "rebind.test"]
-    _certificates(folder, names, [web10, web11])
+    make_certificates(folder, names, [web10, web11])
     (folder / "server.py").write_text(SERVER)
     for name, address in (("web10", web10), ("web11", web11)):
         www = folder / name
