@@ -41,16 +41,12 @@ def spec_hash(spec: dict[str, Any], image_id: str) -> str:
 
 
 def wanted_spec(
-    settings: Settings,
-    user: tuple[int, int],
-    prepared_image: bool,
-    backend: Backend,
-    network_options: dict[str, Any],
-) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+    settings: Settings, user: tuple[int, int], prepared_image: bool, backend: Backend
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The container a sandbox must have (`policy.container_spec` on the image for `user`,
-    on the network its egress policy chose, with the host's helper mounted), its identity
-    (`spec_hash`), and the folders it mounts."""
-    spec = network.merged(policy.container_spec(settings, settings.image, {}), network_options)
+    with the host's helper mounted; its folders checked) before its network is chosen, and
+    the folders it mounts."""
+    spec = policy.container_spec(settings, settings.image, {})
     image = settings.image
     if not prepared_image:  # a committed image already has the right user
         image = images.image_for_user(image, *user, ImageRecord.of(settings))
@@ -58,7 +54,13 @@ def wanted_spec(
     folders = list(spec["mounts"])
     # The helper every command runs through comes from the host, never the image.
     spec["mounts"].append(host_helper.mount(settings, image, backend))
-    return spec, spec_hash(spec, engine.image(image).id), folders
+    return spec, folders
+
+
+def placed(spec: dict[str, Any], network_options: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """`spec` on the network its egress policy chose, and its identity (`spec_hash`)."""
+    final = network.merged(spec, network_options)
+    return final, spec_hash(final, engine.image(final["image"]).id)
 
 
 def container_labels(

@@ -152,11 +152,12 @@ class Sandbox(CommandMethods, Forking):
     def _created(self) -> tuple[Any, bool, network.Placement]:
         """The container, created or recreated as the settings say, and started; whether it
         was (re)started now; where its network is being made ready."""
+        base, folders = containers.wanted_spec(
+            self.settings, self.sandbox_user, self.prepared_image, self.backend
+        )  # checks the folders: nothing is made for a sandbox that may not start
         owned = containers.owner_labels(self.ephemeral) | self.extra_labels
         placement = network.prepare(self.settings, self.name, owned, self.backend)
-        spec, wanted, folders = containers.wanted_spec(
-            self.settings, self.sandbox_user, self.prepared_image, self.backend, placement.options
-        )
+        spec, wanted = containers.placed(base, placement.options)
         container = self._reusable(self.find(), wanted)
         started = container is None or container.status != "running"
         if container is None:

@@ -73,16 +73,16 @@ def up(
     from ..images import BuildOptions
 
     current = settings(c)
-    if current.egress in ("public", "allowlist") and current.network != "none":
-        console.warning(
-            f"egress {current.egress} is not enforced for compose sandboxes yet: this one "
-            "reaches what the compose project's network reaches (`inv sandbox.up` enforces it)"
-        )
     if build:
         build_kind(current, "basic", BuildOptions(), "auto")
     choice = _choice(advanced, database, file)
     seconds = compose.up(current, choice, timeout, echo=console.echo_command)
     console.success(f"{current.container_name} is up and healthy ({seconds:.1f} s)")
+    if current.egress in ("public", "allowlist") and current.network != "none":
+        console.info(
+            f"note: egress {current.egress} is not enforced for compose sandboxes yet; this one "
+            "reaches what the compose project's network reaches (`inv sandbox.up` enforces it)"
+        )
 
 
 @task(
