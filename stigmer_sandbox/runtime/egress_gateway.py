@@ -53,6 +53,8 @@ DEFAULT_SUBNETS = "10.231.0.0/16"
 SUBNET_PREFIX = 29
 MAX_SUBNET_TRIES = 64
 PROXY_PORT = 3128  # the explicit proxy (HTTP_PROXY)
+# On a sandbox's /29: .1 is claimed by the gateway, .2 is the gateway, .3 the sandbox.
+GATEWAY_HOST, SANDBOX_HOST = 2, 3
 HTTP_INTERCEPT_PORT = 3129
 TLS_INTERCEPT_PORT = 3130
 CONFIG_DIR = "/etc/egress"  # in the gateway, read-only
@@ -117,7 +119,7 @@ class GatewayConfig:
 
     @property
     def gateway_ip(self) -> str:
-        return str(self.network.network_address + 2)
+        return str(self.network.network_address + GATEWAY_HOST)
 
 
 def refused_networks(host_addresses: Iterable[str]) -> list[egress.IPNetwork]:
@@ -582,18 +584,29 @@ class EgressGateway:
 
     def sandbox_options(self) -> dict[str, Any]:
         """What the sandbox's `containers.create` spec takes from the gateway: its
-        network (replaces `network_mode`), its resolver and the proxy variables (merged
-        into `environment`). Call after `up`."""
+        network and fixed address (they replace `network_mode`: an address left to the
+        engine could be the one the gateway takes when it starts), its resolver and the
+        proxy variables (merged into `environment`). Call after `up` or `begin`."""
         network = self._find_network()
         if network is None:
             raise SandboxError(f"the egress gateway of {self.sandbox_name} is not up")
-        claimed = str(ipaddress.IPv4Network(_subnet_of(network)).network_address + 1)
+        subnet = ipaddress.IPv4Network(_subnet_of(network))
+        claimed = str(subnet.network_address + 1)
+        with engine.engine_errors():
+            endpoint = engine.client().api.create_endpoint_config(
+                ipv4_address=str(subnet.network_address + SANDBOX_HOST)
+            )
         proxy = f"http://{claimed}:{PROXY_PORT}"
         environment = {}
         for name in ("HTTP_PROXY", "HTTPS_PROXY"):
             environment[name] = environment[name.lower()] = proxy
         environment["NO_PROXY"] = environment["no_proxy"] = NO_PROXY
-        return {"network_mode": self.network_name, "dns": [claimed], "environment": environment}
+        return {
+            "network": self.network_name,
+            "networking_config": {self.network_name: endpoint},
+            "dns": [claimed],
+            "environment": environment,
+        }
 
     def apply(self, policy: egress.EgressPolicy, timeout: float = DEFAULT_TIMEOUT) -> str:
         """Apply a changed policy to the gateway: new configuration, gateway restarted
@@ -796,7 +809,7 @@ class EgressGateway:
             ],
         }
         container = self.backend.create(spec)
-        gateway_ip = str(ipaddress.IPv4Network(_subnet_of(network)).network_address + 2)
+        gateway_ip = str(ipaddress.IPv4Network(_subnet_of(network)).network_address + GATEWAY_HOST)
         with engine.engine_errors():
             network.connect(container, ipv4_address=gateway_ip)
             for name in self.test_networks:

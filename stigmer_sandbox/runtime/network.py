@@ -90,8 +90,11 @@ def prepare(
 
 
 def merged(spec: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
-    """`spec` with the network options in (the environment is added to, not replaced)."""
+    """`spec` with the network options in (the environment is added to, not replaced; a
+    `network` replaces `network_mode`)."""
     result = dict(spec)
+    if "network" in options:
+        result.pop("network_mode", None)
     for key, value in options.items():
         if key == "environment":
             result["environment"] = {**spec.get("environment", {}), **value}

@@ -83,7 +83,10 @@ def test_network_none_and_read_only_root_change_the_evidence(
 ):
     by_item, _attrs = audited(tmp_path, network="none", read_only_root=True)
     default, _ = default_audit
-    assert "network on (bridge): interfaces eth0, lo" in detail(default, 13)
+    # The default egress policy (public) puts a sandbox on its own network, behind its gateway.
+    assert "-egress): interfaces eth0, lo" in detail(default, 13)
+    assert all(r.passed for r in default[33]), detail(default, 33)
+    assert "raw socket refused" in detail(default, 33)
     assert detail(by_item, 13).startswith("network none: interfaces lo, default route none")
     assert "/ mounted rw" in detail(default, 9) and "not required" in detail(default, 9)
     assert "/ mounted ro" in detail(by_item, 9) and "Read-only file system" in detail(by_item, 9)

@@ -47,9 +47,17 @@ def private_settings(project_settings, tmp: Path, **changes):
 
 
 def pool_containers(client, pool_id: str, status: str | None = None) -> list:
-    """Every container (any state) carrying the pool's label."""
+    """Every sandbox container (any state) carrying the pool's label (their egress
+    gateways carry it too, and go with them: see `pool_gateways`)."""
     found = client.containers.list(all=True, filters={"label": [f"{POOL_LABEL}={pool_id}"]})
-    return [c for c in found if status is None or c.status == status]
+    sandboxes = [c for c in found if c.labels.get(labels.KIND) == "sandbox"]
+    return [c for c in sandboxes if status is None or c.status == status]
+
+
+def pool_gateways(client, pool_id: str) -> list:
+    """The egress gateways of the pool's sandboxes."""
+    found = client.containers.list(all=True, filters={"label": [f"{POOL_LABEL}={pool_id}"]})
+    return [c for c in found if c.labels.get(labels.KIND) == labels.EGRESS_GATEWAY]
 
 
 def private_folders(settings) -> list[Path]:
@@ -298,9 +306,11 @@ def test_closing_removes_ready_and_acquired_sandboxes_and_their_folders(
     held = made.acquire()
     assert wait_for(lambda: made.ready == 2, 60)
     assert len(pool_containers(docker_engine, made.id)) == 3
+    assert len(pool_gateways(docker_engine, made.id)) == 3  # one egress gateway each
     assert len(private_folders(settings)) == 3
     made.close()
     assert pool_containers(docker_engine, made.id) == []
+    assert pool_gateways(docker_engine, made.id) == []
     assert private_folders(settings) == []
     assert not [note for note in made.notes if "could not remove" in note], made.notes
     with pytest.raises(SandboxNotReady):

@@ -32,9 +32,10 @@ def test_network_none_is_mode_none_whatever_egress_says(tmp_path):
 
 def test_network_options_replace_the_mode_and_add_to_the_environment():
     spec = {"network_mode": "bridge", "environment": {"A": "1"}}
-    options = {"network_mode": "box-egress", "dns": ["10.0.0.1"], "environment": {"B": "2"}}
+    options = {"network": "box-egress", "dns": ["10.0.0.1"], "environment": {"B": "2"}}
     merged = network.merged(spec, options)
-    assert merged["network_mode"] == "box-egress" and merged["dns"] == ["10.0.0.1"]
+    assert "network_mode" not in merged  # the SDK refuses both
+    assert merged["network"] == "box-egress" and merged["dns"] == ["10.0.0.1"]
     assert merged["environment"] == {"A": "1", "B": "2"}
     assert spec["environment"] == {"A": "1"}  # the original is left alone
 
