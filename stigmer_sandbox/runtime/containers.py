@@ -16,17 +16,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import engine, images, labels, policy
 from ..config import Settings
-from ..errors import SandboxError, SandboxNotReady
+from ..errors import SandboxError, SandboxNotReady, UsageError
 from ..images.record import ImageRecord
 from . import host_helper, network
 from .backends.base import Backend
 from .client.channel import AgentChannel
+
+if TYPE_CHECKING:
+    from .client.connection import Connection
 
 READY_TIMEOUT_S = 60.0
 EARLY_CHANNEL_WAIT_S = 30.0
@@ -185,3 +188,46 @@ def interactive_shell(name: str, user: tuple[int, int], root: bool = False) -> i
         argv += ["-e", f"PATH={policy.ROOT_PATH}"]
     argv += ["-u", f"{uid}:{gid}", name, "/bin/bash"]
     return subprocess.run(argv, check=False).returncode
+
+
+class ContainerViews:
+    """What one can see of a sandbox's container (mixed into `Sandbox`): its status, its
+    output, `docker inspect`, and an interactive shell in it."""
+
+    if TYPE_CHECKING:  # what the class it is mixed into provides
+        name: str
+        attached: bool
+        connection: Connection
+
+        @property
+        def sandbox_user(self) -> tuple[int, int]: ...
+        def find(self) -> Any: ...
+
+    def status(self) -> dict[str, Any]:
+        """State, health, image, limits and mounts, as `docker inspect` knows them."""
+        return describe(self.name, self.find(), self.connection.connected)
+
+    def _existing(self) -> Any:
+        container = self.find()
+        if container is None:
+            start = "`inv compose.up`" if self.attached else "`inv sandbox.up`"
+            raise SandboxNotReady(f"sandbox {self.name} does not exist", f"start it with {start}")
+        return container
+
+    def logs(self, follow: bool = False, tail: str | int = "all") -> Iterator[bytes]:
+        """The container's output (the keep-alive's and the engine's view of it)."""
+        if tail != "all" and not str(tail).isdigit():
+            raise UsageError(f"--tail must be a number of lines or all, got {tail!r}")
+        container = self._existing()
+        with engine.engine_errors():
+            yield from container.logs(
+                stream=True, follow=follow, tail=tail if tail == "all" else int(tail)
+            )
+
+    def inspect(self) -> dict[str, Any]:
+        """`docker inspect` of the container."""
+        return dict(self._existing().attrs)
+
+    def shell(self, root: bool = False) -> int:
+        """An interactive bash in the sandbox (as root with `root`); its exit status."""
+        return interactive_shell(self.name, self.sandbox_user, root)

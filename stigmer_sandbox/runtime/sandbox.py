@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,11 @@ from .backends.base import Backend
 from .backends.docker import DOCKER
 from .client.command_methods import CommandMethods
 from .client.connection import Connection
+from .containers import ContainerViews
 from .forking import Forking
 
 
-class Sandbox(CommandMethods, Forking):
+class Sandbox(CommandMethods, Forking, ContainerViews):
     """One sandbox container: create or find it, run commands in it, copy files."""
 
     def __init__(
@@ -257,35 +258,6 @@ class Sandbox(CommandMethods, Forking):
     def retire(self) -> None:
         """Refuse every later use of this object (a pool does this on release)."""
         self.connection.retire()
-
-    def status(self) -> dict[str, Any]:
-        """State, health, image, limits and mounts, as `docker inspect` knows them."""
-        return containers.describe(self.name, self.find(), self.connection.connected)
-
-    def _existing(self) -> Any:
-        container = self.find()
-        if container is None:
-            start = "`inv compose.up`" if self.attached else "`inv sandbox.up`"
-            raise SandboxNotReady(f"sandbox {self.name} does not exist", f"start it with {start}")
-        return container
-
-    def logs(self, follow: bool = False, tail: str | int = "all") -> Iterator[bytes]:
-        """The container's output (the keep-alive's and the engine's view of it)."""
-        if tail != "all" and not str(tail).isdigit():
-            raise UsageError(f"--tail must be a number of lines or all, got {tail!r}")
-        container = self._existing()
-        with engine.engine_errors():
-            yield from container.logs(
-                stream=True, follow=follow, tail=tail if tail == "all" else int(tail)
-            )
-
-    def inspect(self) -> dict[str, Any]:
-        """`docker inspect` of the container."""
-        return dict(self._existing().attrs)
-
-    def shell(self, root: bool = False) -> int:
-        """An interactive bash in the sandbox (as root with `root`); its exit status."""
-        return containers.interactive_shell(self.name, self.sandbox_user, root)
 
     def __enter__(self) -> Sandbox:
         return self.up()
