@@ -742,9 +742,11 @@ class EgressGateway:
         )
 
     def _container_hash(self, image: str, network: Any) -> str:
-        """What a gateway container is made from (image, networks): another one is
-        replaced by `up`. The policy is not in it: a new policy only restarts it."""
-        text = json.dumps([image, network.id, _subnet_of(network), self.test_networks])
+        """What a gateway container is made from (image, networks, the host folder its
+        configuration and logs are in): another one is replaced by `up`. The policy is not
+        in it: a new policy only restarts it."""
+        parts = [image, network.id, _subnet_of(network), self.test_networks, str(self.folder)]
+        text = json.dumps(parts)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _write_config(self, config: GatewayConfig) -> None:

@@ -177,15 +177,18 @@ def assert_only_orphans_and_ownerless(client, planned, state: Path) -> None:
         if resource["kind"] == "folder":
             assert Path(resource["id"]).is_relative_to(state), resource
             continue
-        found = (
-            client.containers.list(all=True, filters={"id": resource["id"]})
-            if resource["kind"] == "container"
-            else [client.images.get(resource["id"])]
-        )
+        if resource["kind"] == "container":
+            found = client.containers.list(all=True, filters={"id": resource["id"]})
+        elif resource["kind"] == "network":  # a sandbox's egress network
+            found = client.networks.list(filters={"id": resource["id"]})
+        else:
+            found = [client.images.get(resource["id"])]
         for item in found:
-            marks = item.labels or {}
+            marks = (
+                item.attrs.get("Labels") if resource["kind"] == "network" else item.labels
+            ) or {}
             pid = marks.get(labels.OWNER_PID) or marks.get(snapshots.FORKED_BY_PID) or ""
-            if resource["kind"] == "container" or marks.get(labels.KIND) == "fork":
+            if resource["kind"] in ("container", "network") or marks.get(labels.KIND) == "fork":
                 host = marks.get(labels.OWNER_HOST) or marks.get(snapshots.FORKED_BY_HOST)
                 alive = pid.isdigit() and not labels.owner_gone(int(pid), host)
                 assert not alive, (resource, "owned by a live process")

@@ -71,6 +71,8 @@ class HostHelperBackend(DockerBackend):
         self.settings = settings
 
     def create(self, spec: dict[str, Any]) -> Any:
+        if spec["labels"].get(labels.KIND) != "sandbox":  # e.g. its egress gateway
+            return super().create(spec)
         if not any(m.get("Target") == policy.EXEC_HELPER for m in spec["mounts"]):
             mount = host_helper.mount(self.settings, spec["image"])
             spec = {**spec, "mounts": [*spec["mounts"], mount]}
