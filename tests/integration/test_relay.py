@@ -209,13 +209,6 @@ def test_only_this_user_can_reach_the_relay(socket_path):
     assert attempt.returncode == 7
 
 
-def test_the_relay_ends_when_its_sandbox_goes(socket_path, env, box):
-    box.remove()
-    assert wait_for(lambda: not socket_path.exists(), 20)
-    cold = run_inv("run", "--json", "echo back", env=env)  # a new sandbox, the slow path
-    assert cold.returncode == 0 and "relay" not in json.loads(cold.stdout)
-
-
 CONSOLE_SCRIPT = Path(sys.executable).with_name("stigmer-sandbox")
 # The warm path of the console script, with what it loaded reported on stderr.
 WARM_PROBE = (
@@ -239,3 +232,11 @@ def test_the_console_scripts_warm_run_prints_and_exits_as_inv_run(socket_path, e
     assert (slow.returncode, slow.stdout, slow.stderr) == (4, "out\n", "err\n")
     timed = console([str(CONSOLE_SCRIPT), "run", "--timeout", "1", "sleep 5"], env)
     assert timed.returncode == 124 and "command ended by timeout (exit 124)" in timed.stderr
+
+
+# Last: it removes the module's sandbox, which ends its relay (the tests above need it warm).
+def test_the_relay_ends_when_its_sandbox_goes(socket_path, env, box):
+    box.remove()
+    assert wait_for(lambda: not socket_path.exists(), 20)
+    cold = run_inv("run", "--json", "echo back", env=env)  # a new sandbox, the slow path
+    assert cold.returncode == 0 and "relay" not in json.loads(cold.stdout)
