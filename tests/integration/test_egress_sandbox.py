@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from stigmer_sandbox import config, engine
-from stigmer_sandbox.runtime import Sandbox, network
+from stigmer_sandbox.runtime import Sandbox, SandboxPool, network
 from stigmer_sandbox.runtime.egress_gateway import bridge_gateway
 
 from ..conftest import ROOT, run_inv
@@ -204,3 +204,22 @@ def test_the_cli_takes_the_flags_and_prints_the_egress_audit(tmp_path, host, hos
         assert any(r["port"] == host_ports[7] and r["command_id"] for r in records)
     finally:
         run_inv("sandbox.down", env=env)
+
+
+def test_a_fork_and_a_pooled_sandbox_refuse_the_host_like_any_other(tmp_path, host, host_ports):
+    """Sandboxes started another way (fork, pool) get their own gateway and the same policy."""
+    port = host_ports[8]
+    with Sandbox.create_ephemeral(settings_in(tmp_path / "a"), extra_labels=TEST_LABELS) as box:
+        fork = box.fork()
+        try:
+            assert raw(fork, host, port).startswith("refused")
+            assert fetch(fork, f"http://{host}:{port}/", proxy=False).startswith("refused")
+        finally:
+            fork.remove()
+    with SandboxPool(
+        size=1, settings=settings_in(tmp_path / "b"), extra_labels=TEST_LABELS
+    ) as pool:
+        pooled = pool.acquire()
+        assert raw(pooled, host, port).startswith("refused")
+        unset = pooled.exec(f"env -u http_proxy curl -s -m 6 http://{host}:{port}/", timeout=30)
+        assert "host-server" not in unset.stdout
