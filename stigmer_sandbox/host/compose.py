@@ -11,18 +11,19 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import engine, labels, policy
 from ..config import Settings
 from ..errors import ConfigError, SandboxError, SandboxNotReady, UsageError
-from . import compose_check
+from . import compose_check, compose_egress
 
 if TYPE_CHECKING:
     from ..runtime import Sandbox
+    from ..runtime.egress_gateway import GatewayStart
 
 INSTALL_HINT = (
     "install the compose plugin (https://docs.docker.com/compose/install/) "
@@ -106,6 +107,9 @@ class ComposeProject:
     files: tuple[Path, ...]
     environment: dict[str, str]
     name: str = PROJECT
+    # What compose resolved from these files (the sandbox service's labels and ports).
+    resolved: dict[str, Any] = field(default_factory=dict, compare=False)
+    gated: bool = False  # the override puts the sandbox behind its egress gateway
 
     def argv(self, verb: str, *args: str) -> list[str]:
         """The full compose command line for `verb` (the one place that builds them)."""
@@ -169,11 +173,19 @@ def project(settings: Settings, choice: FileChoice = FileChoice()) -> ComposePro
         "STIGMER_GIT_NAME": settings.git_name,
         "STIGMER_GIT_EMAIL": settings.git_email,
     }
-    files = (*files, _enforced(settings))
+    placed = compose_egress.placement(settings)
+    override = Override(settings, placed, choice.advanced)
+    files = (*files, override.write())
     target = ComposeProject(tool, settings.root, files, environment, settings.container_name)
+    config = resolved_config(target)
+    if placed is not None and override.settle(config):
+        override.write()
+        config = resolved_config(target)  # the sandbox's other networks, made internal
     mounts = compose_check.MountContext(settings.root, policy.Protected.of(settings))
-    compose_check.refuse(resolved_config(target), target.files[:-1], mounts)
-    return target
+    compose_check.refuse(config, target.files[:-1], mounts)
+    if compose_egress.gated(settings):
+        compose_egress.refuse_bypasses(config, *compose_egress.gateway_names(settings))
+    return replace(target, resolved=config, gated=placed is not None)
 
 
 def resolved_config(target: ComposeProject) -> dict[str, Any]:
@@ -188,28 +200,63 @@ def resolved_config(target: ComposeProject) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def _enforced(settings: Settings) -> Path:
-    """A generated override, merged last, with the sandbox service's confinement from
-    `policy.container_spec`: no file of the user's can change it (scalars are replaced and
-    lists are merged, so nothing here can be removed)."""
-    import yaml
+@dataclass
+class Override:
+    """The generated override, merged last: the sandbox service's confinement from
+    `policy.container_spec` (no file of the user's can change it: scalars are replaced and
+    lists are merged, so nothing here can be removed) and, behind an egress gateway, its
+    network (`compose_egress`)."""
 
-    spec = policy.container_spec(settings, settings.image, {})
-    service = {key: spec[key] for key in ENFORCED_KEYS}
-    service["cpus"] = settings.cpus
-    # Compose keeps its service up (restart: unless-stopped): no lifetime wrapper.
-    service["command"] = [policy.KEEPALIVE]
-    service.update(_host_helper_volume(settings))
-    if settings.network == "none":
-        service["network_mode"] = "none"
-    path = settings.path("state_dir") / f"compose.{settings.container_name}.enforced.yml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "# Written by stigmer-sandbox from its settings and policy; do not edit.\n"
-        + yaml.safe_dump({"services": {SERVICE: service}}),
-        encoding="utf-8",
-    )
-    return path
+    settings: Settings
+    placed: compose_egress.GatewayPlacement | None = None
+    advanced: bool = False
+    networks: dict[str, Any] = field(default_factory=dict)
+    bypass: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.placed is not None:  # before compose resolved the files: no other network
+            self.settle({})
+
+    def settle(self, config: Mapping[str, Any]) -> bool:
+        """Take the sandbox's other networks and the names it reaches directly from what
+        compose resolved; whether they changed (the file must be written again)."""
+        assert self.placed is not None
+        before = (self.networks, self.bypass)
+        self.networks = compose_egress.network_keys(self.placed, config)
+        self.bypass = tuple(compose_egress.direct_names(config, self.advanced))
+        return (self.networks, self.bypass) != before
+
+    @property
+    def path(self) -> Path:
+        name = f"compose.{self.settings.container_name}.enforced.yml"
+        return self.settings.path("state_dir") / name
+
+    def document(self) -> dict[str, Any]:
+        settings = self.settings
+        spec = policy.container_spec(settings, settings.image, {})
+        service = {key: spec[key] for key in ENFORCED_KEYS}
+        service["cpus"] = settings.cpus
+        # Compose keeps its service up (restart: unless-stopped): no lifetime wrapper.
+        service["command"] = [policy.KEEPALIVE]
+        service.update(_host_helper_volume(settings))
+        if settings.network == "none":
+            service["network_mode"] = "none"
+        document: dict[str, Any] = {"services": {SERVICE: service}}
+        if self.placed is not None:
+            service.update(compose_egress.service_keys(self.placed, self.bypass))
+            document["networks"] = self.networks
+        return document
+
+    def write(self) -> Path:
+        import yaml
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(
+            "# Written by stigmer-sandbox from its settings and policy; do not edit.\n"
+            + yaml.safe_dump(self.document()),
+            encoding="utf-8",
+        )
+        return self.path
 
 
 def _host_helper_volume(settings: Settings) -> dict[str, list[str]]:
@@ -256,14 +303,57 @@ def run(
     )
 
 
+@dataclass(frozen=True)
+class Started:
+    """What `up` did: seconds until healthy, and lines to show (a policy applied live)."""
+
+    seconds: float
+    notes: tuple[str, ...] = ()
+
+
 def up(
     settings: Settings,
     choice: FileChoice = FileChoice(),
     timeout: float = 60.0,
     echo: Callable[[list[str]], None] | None = None,
-) -> float:
-    """Start the compose sandbox in the background and wait until it is healthy; returns
-    the seconds the wait took. Refuses a sandbox of the same name that `Sandbox.up` made."""
+) -> Started:
+    """Start the compose sandbox in the background behind its egress gateway (when its
+    policy has one) and wait until it is healthy. Refuses a sandbox of the same name that
+    `Sandbox.up` made."""
+    settings = compose_egress.with_policy_entries(settings, choice.advanced)
+    target, gateway = _prepared(settings, choice)
+    name = settings.container_name
+    # Pinned now and checked once started: a folder swapped for a symlink in between must
+    # not be what compose mounts.
+    pins = policy.pin_mounts(policy.folder_mounts(policy.prepare_folders(settings)))
+    done = run(target, "up", "-d", echo=echo)
+    container = engine.find_container(name)
+    if done.returncode or container is None:
+        if container is None:
+            release_gateway(settings)  # nothing is behind it
+        raise SandboxError(f"compose up failed (exit {done.returncode})")
+    from ..runtime import network
+    from ..runtime.backends.docker import DOCKER
+
+    notes = network.Placement({}, gateway).finish(name)
+    if gateway is None:
+        release_gateway(settings)  # one left from an earlier policy with a gateway
+    else:
+        notes += compose_egress.notes(settings, target.resolved, choice.advanced)
+    policy.verify_mounts(pins, DOCKER, container)
+    healthy, detail, seconds = engine.wait_healthy(container, timeout)
+    if not healthy:
+        raise SandboxNotReady(
+            f"{name} is not healthy: {detail}",
+            f"see `inv compose.logs`; `docker inspect {name}`",
+        )
+    return Started(seconds, tuple(notes))
+
+
+def _prepared(settings: Settings, choice: FileChoice) -> tuple[ComposeProject, GatewayStart | None]:
+    """The checked project and the sandbox's egress gateway being started (None without
+    one): refused when a sandbox of that name is not compose's, or when a network of the
+    project must be recreated first."""
     target = with_user_image(project(settings, choice), settings)
     existing = engine.find_container(settings.container_name)
     if existing is not None and existing.labels.get(labels.KIND) != "compose":
@@ -271,25 +361,40 @@ def up(
             f"{existing.name} was started by `inv sandbox.up`",
             "stop it with `inv sandbox.down` first",
         )
-    # Pinned now and checked once started: a folder swapped for a symlink in between must
-    # not be what compose mounts.
-    pins = policy.pin_mounts(policy.folder_mounts(policy.prepare_folders(settings)))
-    done = run(target, "up", "-d", echo=echo)
-    if done.returncode:
-        raise SandboxError(f"compose up failed (exit {done.returncode})")
-    container = engine.find_container(settings.container_name)
-    if container is None:
-        raise SandboxNotReady(f"compose did not create {settings.container_name}")
+    sandbox = (target.resolved.get("services") or {}).get(SERVICE) or {}
+    gateway = compose_egress.begin(settings, sandbox.get("labels") or {})
+    if gateway is not None and not target.gated:  # its network exists only now
+        target = with_user_image(project(settings, choice), settings)
+    stale = compose_egress.stale_networks(target.name, target.resolved)
+    if stale:
+        if gateway is not None:  # the running sandbox is not behind it
+            release_gateway(settings)
+        raise SandboxError(
+            f"network {stale[0]} was made for another egress mode and must be recreated",
+            "run `inv compose.down` first (the workspace and named volumes are kept)",
+        )
+    return target, gateway
+
+
+def down(
+    target: ComposeProject,
+    settings: Settings,
+    *args: str,
+    echo: Callable[[list[str]], None] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`compose down`, then the sandbox's egress gateway and network (the audit stays)."""
+    done = run(target, "down", *args, echo=echo)
+    if not done.returncode:
+        release_gateway(settings)
+    return done
+
+
+def release_gateway(settings: Settings) -> None:
+    """Remove the sandbox's egress gateway and its network, if it has them."""
+    from ..runtime import network
     from ..runtime.backends.docker import DOCKER
 
-    policy.verify_mounts(pins, DOCKER, container)
-    healthy, detail, seconds = engine.wait_healthy(container, timeout)
-    if not healthy:
-        raise SandboxNotReady(
-            f"{settings.container_name} is not healthy: {detail}",
-            f"see `inv compose.logs`; `docker inspect {settings.container_name}`",
-        )
-    return seconds
+    network.release(settings, settings.container_name, DOCKER)()
 
 
 def attach(settings: Settings) -> Sandbox:

@@ -514,6 +514,27 @@ def subnet_candidates(name: str, pool: str = DEFAULT_SUBNETS) -> Iterator[str]:
 # --------------------------------------------------------------------------- the gateway
 
 
+@dataclass(frozen=True)
+class GatewayPlacement:
+    """A sandbox's place behind its gateway: network, fixed address, resolver (the address
+    the gateway claims, which is also its proxy)."""
+
+    network: str
+    address: str
+    resolver: str
+
+    def environment(self, no_proxy: Sequence[str] = ()) -> dict[str, str]:
+        """The proxy variables, both spellings (tools read one or the other)."""
+        proxy = f"http://{self.resolver}:{PROXY_PORT}"
+        bypass = ",".join([NO_PROXY, *no_proxy])
+        found: dict[str, str] = {}
+        for name, value in (("HTTP_PROXY", proxy), ("HTTPS_PROXY", proxy), ("NO_PROXY", bypass)):
+            found[name] = found[name.lower()] = value
+        return found
+
+
+
+
 class EgressGateway:
     """The egress gateway of one sandbox: its network, its container, its audit."""
 
@@ -582,30 +603,34 @@ class EgressGateway:
         at once; `GatewayStart.result` waits for the gateway."""
         return GatewayStart(self._prepared(), timeout)
 
+    def placement(self) -> GatewayPlacement | None:
+        """Where a sandbox behind this gateway goes (None while the network does not exist):
+        compose's override and `sandbox_options` are both made from it."""
+        network = self._find_network()
+        if network is None:
+            return None
+        subnet = ipaddress.IPv4Network(_subnet_of(network))
+        return GatewayPlacement(
+            self.network_name,
+            str(subnet.network_address + SANDBOX_HOST),
+            str(subnet.network_address + 1),
+        )
+
     def sandbox_options(self) -> dict[str, Any]:
         """What the sandbox's `containers.create` spec takes from the gateway: its
         network and fixed address (they replace `network_mode`: an address left to the
         engine could be the one the gateway takes when it starts), its resolver and the
         proxy variables (merged into `environment`). Call after `up` or `begin`."""
-        network = self._find_network()
-        if network is None:
+        placed = self.placement()
+        if placed is None:
             raise SandboxError(f"the egress gateway of {self.sandbox_name} is not up")
-        subnet = ipaddress.IPv4Network(_subnet_of(network))
-        claimed = str(subnet.network_address + 1)
         with engine.engine_errors():
-            endpoint = engine.client().api.create_endpoint_config(
-                ipv4_address=str(subnet.network_address + SANDBOX_HOST)
-            )
-        proxy = f"http://{claimed}:{PROXY_PORT}"
-        environment = {}
-        for name in ("HTTP_PROXY", "HTTPS_PROXY"):
-            environment[name] = environment[name.lower()] = proxy
-        environment["NO_PROXY"] = environment["no_proxy"] = NO_PROXY
+            endpoint = engine.client().api.create_endpoint_config(ipv4_address=placed.address)
         return {
-            "network": self.network_name,
-            "networking_config": {self.network_name: endpoint},
-            "dns": [claimed],
-            "environment": environment,
+            "network": placed.network,
+            "networking_config": {placed.network: endpoint},
+            "dns": [placed.resolver],
+            "environment": placed.environment(),
         }
 
     def apply(self, policy: egress.EgressPolicy, timeout: float = DEFAULT_TIMEOUT) -> str:

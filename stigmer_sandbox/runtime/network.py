@@ -12,6 +12,7 @@ which, as for any other change of its container's configuration).
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 from .. import egress
 from ..config import Settings
 from .backends.base import Backend
+from .backends.docker import DOCKER
 from .client.history import AuditLog
 from .egress_gateway import (
     GATEWAY_MODES,
@@ -42,6 +44,23 @@ _NO_POLICY = egress.EgressPolicy("allowlist", (), (), ())
 def policy_of(settings: Settings) -> egress.EgressPolicy:
     """The egress policy the settings describe (`network: none` is mode none)."""
     return egress.EgressPolicy.from_settings(settings)
+
+
+def policy_in_force(settings: Settings, name: str, attrs: Mapping[str, Any]) -> egress.EgressPolicy:
+    """The egress policy running sandbox `name` is under, from what the engine and its
+    gateway say: today's settings may differ from those it was started with (and a compose
+    sandbox's policy came from `compose.up`'s flags)."""
+    if (attrs.get("HostConfig") or {}).get("NetworkMode") == "none":
+        return egress.EgressPolicy("none", (), (), ())
+    gateway = gateway_for(settings, name, _NO_POLICY, {}, DOCKER)
+    joined = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    if gateway.network_name not in joined:
+        return egress.EgressPolicy("open", (), (), ())
+    try:
+        written = json.loads((gateway.config_dir / "policy.json").read_text(encoding="utf-8"))
+        return egress.EgressPolicy.from_dict(written)
+    except (OSError, ValueError, AttributeError):
+        return policy_of(settings)  # behind a gateway whose configuration is not readable
 
 
 def gateway_for(

@@ -400,8 +400,8 @@ EGRESS_PROBE = (
 )
 
 
-def _egress(box: Sandbox, _attrs: dict[str, Any]) -> Verdict:
-    chosen = network.policy_of(box.settings)
+def _egress(box: Sandbox, attrs: dict[str, Any]) -> Verdict:
+    chosen = network.policy_in_force(box.settings, box.name, attrs)
     if chosen.mode in ("none", "open"):
         state = "no network at all" if chosen.mode == "none" else "everything is reachable"
         return verdict(chosen.mode == "none"), f"egress {chosen.mode}: {state}"
@@ -668,14 +668,4 @@ def audit(box: Sandbox) -> list[CheckResult]:
     if (attrs["Config"].get("Labels") or {}).get(labels.KIND) != "compose":
         return results
     noted = [_with_note(r, COMPOSE_NOTES.get(r.item or 0)) for r in results]
-    return [*(_compose_egress(r) if r.item == EGRESS_ITEM else r for r in noted), *COMPOSE_LIMITS]
-
-
-def _compose_egress(result: CheckResult) -> CheckResult:
-    """Compose sandboxes have no egress gateway yet (issue 22): what item 33 saw, as a
-    warning that says so, not as a pass."""
-    note = (
-        "compose: not enforced yet, a compose sandbox has no egress gateway and reaches what "
-        "the compose project's network reaches (`inv sandbox.up` sandboxes are behind one)"
-    )
-    return replace(_with_note(result, note), status="warn")
+    return [*noted, *COMPOSE_LIMITS]

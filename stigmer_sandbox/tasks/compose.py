@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from typing import TYPE_CHECKING
 
@@ -9,7 +10,7 @@ from invoke import Collection, Context, Exit
 
 from .. import console
 from ..console import stream_writer
-from ._common import report_result, settings, task
+from ._common import EGRESS_HELP, EGRESS_LISTS, egress_settings, report_result, settings, task
 from .sandbox import build_kind
 
 if TYPE_CHECKING:
@@ -45,7 +46,10 @@ def _project(
 def _run(target: compose.ComposeProject, verb: str, *args: str) -> None:
     from ..host import compose
 
-    done = compose.run(target, verb, *args, echo=console.echo_command)
+    _exit_on_failure(compose.run(target, verb, *args, echo=console.echo_command), verb)
+
+
+def _exit_on_failure(done: subprocess.CompletedProcess[str], verb: str) -> None:
     if done.returncode:
         raise Exit(
             console.error_line(f"compose {verb} failed (exit {done.returncode})"), done.returncode
@@ -57,8 +61,9 @@ def _run(target: compose.ComposeProject, verb: str, *args: str) -> None:
         **FILE_HELP,
         "build": "build the basic image first (default: off)",
         "timeout": "seconds to wait for the sandbox to be healthy (default: 60)",
+        **EGRESS_HELP,
     },
-    iterable=FILES,
+    iterable=[*FILES, *EGRESS_LISTS],
 )
 def up(
     c: Context,
@@ -67,22 +72,22 @@ def up(
     file: list[str] | None = None,
     build: bool = False,
     timeout: float = 60,
+    egress: str | None = None,
+    allow: list[str] | None = None,
+    deny: list[str] | None = None,
+    allow_preset: list[str] | None = None,
 ) -> None:
-    """Start the compose sandbox in the background and wait until it is healthy."""
+    """Start the compose sandbox behind its egress gateway and wait until it is healthy."""
     from ..host import compose
     from ..images import BuildOptions
 
-    current = settings(c)
+    current = egress_settings(c, egress, allow, deny, allow_preset)
     if build:
         build_kind(current, "basic", BuildOptions(), "auto")
-    choice = _choice(advanced, database, file)
-    seconds = compose.up(current, choice, timeout, echo=console.echo_command)
-    console.success(f"{current.container_name} is up and healthy ({seconds:.1f} s)")
-    if current.egress in ("public", "allowlist") and current.network != "none":
-        console.info(
-            f"note: egress {current.egress} is not enforced for compose sandboxes yet; this one "
-            "reaches what the compose project's network reaches (`inv sandbox.up` enforces it)"
-        )
+    started = compose.up(current, _choice(advanced, database, file), timeout, console.echo_command)
+    for note in started.notes:
+        console.info(note)
+    console.success(f"{current.container_name} is up and healthy ({started.seconds:.1f} s)")
 
 
 @task(
@@ -104,7 +109,14 @@ def down(
     """Stop and remove the compose services and network; the workspace is kept."""
     if volumes and not yes:
         console.confirm("Remove the project's named volumes too?")
-    _run(_project(c, advanced, database, file), "down", *(["--volumes"] if volumes else []))
+    from ..host import compose
+
+    current = settings(c)
+    target = compose.project(current, _choice(advanced, database, file))
+    done = compose.down(
+        target, current, *(["--volumes"] if volumes else []), echo=console.echo_command
+    )
+    _exit_on_failure(done, "down")
 
 
 @task(help=FILE_HELP, iterable=FILES)

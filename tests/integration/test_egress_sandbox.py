@@ -10,10 +10,7 @@ for the install test, to the package index pip is configured with.
 
 from __future__ import annotations
 
-import http.server
 import json
-import socketserver
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,43 +23,14 @@ from stigmer_sandbox.runtime.egress_gateway import bridge_gateway
 
 from ..conftest import ROOT, run_inv
 from .conftest import TEST_LABELS
-
-RAW_PROBE = (
-    "import socket, sys\n"
-    "s = socket.socket(); s.settimeout(4)\n"
-    "try:\n"
-    "    s.connect((sys.argv[1], int(sys.argv[2]))); s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
-    "    print(s.recv(200).decode(errors='replace'))\n"
-    "except OSError as e:\n"
-    "    print('refused', e)\n"
-)
-
-
-class Quiet(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = f"host-server-{self.server.server_address[1]}".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_args: object) -> None:
-        pass
-
-
-class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
+from .egress_support import RAW_PROBE, host_servers
 
 
 @pytest.fixture(scope="module")
 def host_ports() -> Iterator[list[int]]:
-    """Nine web servers on the host (0.0.0.0), each answering with its own port."""
-    servers = [Server(("0.0.0.0", 0), Quiet) for _ in range(9)]
-    for server in servers:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield [server.server_address[1] for server in servers]
-    for server in servers:
-        server.shutdown()
+    """Nine web servers on the host, each answering with its own port."""
+    with host_servers(9) as ports:
+        yield ports
 
 
 @pytest.fixture(scope="module")

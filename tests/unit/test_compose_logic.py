@@ -151,12 +151,12 @@ def test_the_base_file_and_the_enforced_override_confine_like_sandbox_up(tmp_pat
     assert tmpfs["/tmp"] == spec["tmpfs"]["/tmp"].replace(
         policy.tmpfs_size(settings.tmp_size), "${STIGMER_TMP_SIZE:-512m}"
     )
-    enforced = compose_check.load(compose._enforced(settings))["services"]["sandbox"]
+    enforced = compose_check.load(compose.Override(settings).write())["services"]["sandbox"]
     assert {key: enforced[key] for key in compose.ENFORCED_KEYS} == {
         key: spec[key] for key in compose.ENFORCED_KEYS
     }
     assert enforced["command"] == [policy.KEEPALIVE] and "network_mode" not in enforced
-    cut_off = compose._enforced(settings.replace(network="none"))
+    cut_off = compose.Override(settings.replace(network="none")).write()
     assert compose_check.load(cut_off)["services"]["sandbox"]["network_mode"] == "none"
 
 
@@ -165,6 +165,7 @@ def test_sizes_reach_compose_as_the_kernel_and_engine_read_them(tmp_path, monkey
         compose, "detect", lambda _flavour: compose.ComposeTool(("true",), "v2", "2")
     )
     monkeypatch.setattr(compose, "resolved_config", lambda _target: {})
+    monkeypatch.setattr(compose.compose_egress, "placement", lambda _settings: None)
     settings = config.Settings(
         project_dir=str(ROOT),
         workspace=str(tmp_path / "w"),
