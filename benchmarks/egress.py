@@ -11,6 +11,9 @@
 - Start: a container of the basic image started with its gateway (network, gateway,
   container) beside the same container on the default bridge; and started on a gateway
   that is already up (what a warm pool of gateways would give).
+- The library's start: `Sandbox.create_ephemeral(...).up()` and its first command, under
+  `public` with a fresh gateway, and with `egress_spares: 1` (a spare gateway ready, taken
+  by name), beside the same under `open`. Removal is not timed.
 
     python benchmarks/egress.py [--runs N]
 """
@@ -23,13 +26,16 @@ import ssl
 import statistics
 import tempfile
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from _common import ROOT, abba_ms, count_option, report, standin_certificates, timed
 
 from stigmer_sandbox import config, egress, engine
+from stigmer_sandbox.runtime import Sandbox, egress_spares
 from stigmer_sandbox.runtime.egress_gateway import EgressGateway, bridge_gateway
 
 BASIC = "stigmer-sandbox-basic:local"
@@ -154,6 +160,7 @@ def main() -> None:
                 goal=f"<= {1.2 * total['open']:.1f}",
             )
         start_figures(settings, folder, run_id, max(3, runs // 6))
+        library_start_figures(settings, folder, max(3, runs // 6))
     finally:
         for container in containers:
             container.remove(force=True)
@@ -213,6 +220,50 @@ def start_figures(settings: Any, folder: Path, run_id: str, runs: int) -> None:
         wanted = {"name": f"egress-bench-start-{run_id}-"}
         for container in engine.client().containers.list(all=True, filters=wanted):
             container.remove(force=True)
+
+
+def library_start_figures(settings: Any, folder: Path, runs: int) -> None:
+    """`Sandbox.create_ephemeral(...).up()` plus one command: fresh gateway, spare, open."""
+    state = {key: str(folder / f"lib-{key}") for key in ("workspace", "logs", "state_dir")}
+    chosen = {
+        "open": settings.replace(**state, egress="open"),
+        "fresh": settings.replace(**state, egress="public"),
+        "spare": settings.replace(**state, egress="public", egress_spares=1),
+    }
+
+    def started(name: str) -> Callable[[], float]:
+        def action() -> float:
+            if name == "spare":  # untimed: the spare the previous start asked for is ready
+                deadline = time.monotonic() + 60
+                while not egress_spares.spare_names() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            began = time.perf_counter()
+            box = Sandbox.create_ephemeral(chosen[name], extra_labels=LABEL)
+            try:
+                box.up()
+                box.exec("true")
+                return time.perf_counter() - began
+            finally:
+                box.remove()
+
+        return action
+
+    try:
+        times: dict[str, list[float]] = {name: [] for name in chosen}
+        for name in [*chosen, *reversed(chosen)] * max(1, runs // 2):
+            times[name].append(started(name)() * 1000)
+        base = statistics.median(times["open"])
+        for name, figure in (("fresh", "a fresh gateway"), ("spare", "a spare gateway")):
+            report(
+                f"egress Sandbox start + first command with {figure}",
+                statistics.median(times[name]),
+                "the same under open",
+                base,
+                "ms",
+                goal=f"<= {1.3 * base:.0f}",
+            )
+    finally:
+        egress_spares.discard_all()
 
 
 if __name__ == "__main__":

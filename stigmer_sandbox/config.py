@@ -228,6 +228,13 @@ class Settings:
         "10.231.0.0/16",
         kind="subnet-pool",
     )
+    egress_spares: int = _key(
+        "egress gateways a process keeps started for its next ephemeral sandbox or fork under "
+        "the same policy, so it starts like one without a gateway (0: none; each is a small "
+        "running container, removed when the process ends)",
+        0,
+        maximum=8,
+    )
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):

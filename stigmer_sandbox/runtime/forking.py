@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Self
 from .. import labels
 from ..config import Settings, load_settings
 from ..errors import SandboxError
-from . import snapshots, workspaces
+from . import egress_spares, snapshots, workspaces
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -70,7 +70,7 @@ class Forking:
         """A new started sandbox with this one's filesystem (packages installed, files under
         /) and a copy of its workspace, which then diverge. Running processes, /tmp and
         sessions are not carried. Remove it with `remove()` or a `with` block."""
-        name = snapshots.new_name(self.settings)
+        name = egress_spares.name_for(self.settings)
         image_ref = snapshots.fork_image(name)
         root = workspaces.sandboxes_root(self.settings)
         folder = snapshots.capture(self, image_ref, "fork", root / name)
@@ -88,7 +88,7 @@ class Forking:
         """A new started sandbox from snapshot `name`, with its own copy of the workspace."""
         settings = settings or load_settings()
         image_ref, source = snapshots.find(name)
-        new = snapshots.new_name(settings)
+        new = egress_spares.name_for(settings, options)
         folder = workspaces.create(workspaces.sandboxes_root(settings), new, source / "workspace")
         return cls._started(settings, new, image_ref, folder, **options)
 

@@ -15,7 +15,6 @@ processes and file transfers are built.
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 from .. import engine, labels, policy
 from ..config import Settings, load_settings
 from ..errors import SandboxError, SandboxNotReady, UsageError
-from . import bootstrap, containers, network, workspaces
+from . import bootstrap, containers, egress_spares, network, workspaces
 from .backends.base import Backend
 from .backends.docker import DOCKER
 from .client.command_methods import CommandMethods
@@ -93,7 +92,7 @@ class Sandbox(CommandMethods, Forking, ContainerViews):
     def create_ephemeral(cls, settings: Settings | None = None, **kwargs: Any) -> Sandbox:
         """A uniquely named sandbox, removed when its `with` block ends."""
         base = settings or load_settings()
-        name = f"{base.container_name}-{uuid.uuid4().hex[:8]}"
+        name = egress_spares.name_for(base, kwargs)  # a spare gateway's, when one is ready
         return cls(base, name=name, ephemeral=True, **kwargs)
 
     @classmethod
@@ -148,6 +147,9 @@ class Sandbox(CommandMethods, Forking, ContainerViews):
             if channel is not None:
                 self.connection.adopt(channel)
             self.notes.extend(bootstrap.on_start(self.connection, started))
+        if self.ephemeral and started:  # the next one like it may take a spare gateway
+            owned = containers.owner_labels(self.ephemeral) | self.extra_labels
+            egress_spares.refill(self.settings, owned, self.backend)
         return self
 
     def _created(self) -> tuple[Any, bool, network.Placement]:
