@@ -533,8 +533,6 @@ class GatewayPlacement:
         return found
 
 
-
-
 class EgressGateway:
     """The egress gateway of one sandbox: its network, its container, its audit."""
 
