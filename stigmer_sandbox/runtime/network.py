@@ -122,11 +122,19 @@ def merged(spec: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-def release(settings: Settings, name: str, backend: Backend) -> Callable[[], None]:
+def release(
+    settings: Settings, name: str, backend: Backend, container: Any = None
+) -> Callable[[], None]:
     """Start removing sandbox `name`'s gateway (if it has one) while its container goes;
     call the result once the container is gone: it waits, then removes the network (the
-    egress audit stays)."""
+    egress audit stays). A `container` (the sandbox's) not on a gateway's network has none
+    to remove: no engine call is made for it."""
     gateway = gateway_for(settings, name, _NO_POLICY, {}, backend)
+    joined = ((getattr(container, "attrs", None) or {}).get("NetworkSettings") or {}).get(
+        "Networks"
+    )
+    if isinstance(joined, Mapping) and joined and gateway.network_name not in joined:
+        return lambda: None
     worker = threading.Thread(target=gateway.remove_container, daemon=True)
     worker.start()
 

@@ -243,7 +243,7 @@ class Sandbox(CommandMethods, Forking, ContainerViews):
                 self.connection.retire()
             self.connection.close()
         container = self.find()
-        released = network.release(self.settings, self.name, self.backend)
+        released = network.release(self.settings, self.name, self.backend, container)
         try:
             if container is not None:
                 with engine.engine_errors():

@@ -4,6 +4,7 @@ container spec, and how an egress attempt is tied to the command that made it.""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 
@@ -58,3 +59,13 @@ def test_overlapping_commands_leave_the_attempt_unnamed():
 def test_a_subnet_pool_without_room_for_a_29_is_refused(pool):
     with pytest.raises(ConfigError, match="egress_subnets"):
         config.Settings(egress_subnets=pool)
+
+
+def test_a_sandbox_off_any_gateway_network_releases_without_an_engine_call(monkeypatch):
+    def refuse(*_args: object) -> None:
+        raise AssertionError("no gateway to look for")
+
+    monkeypatch.setattr(network.EgressGateway, "remove_container", refuse)
+    monkeypatch.setattr(network.EgressGateway, "down", refuse)
+    on_bridge = SimpleNamespace(attrs={"NetworkSettings": {"Networks": {"bridge": {}}}})
+    network.release(config.Settings(), "box", DOCKER, on_bridge)()
