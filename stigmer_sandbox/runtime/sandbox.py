@@ -161,7 +161,7 @@ class Sandbox(CommandMethods, Forking, ContainerViews):
         owned = containers.owner_labels(self.ephemeral) | self.extra_labels
         placement = network.prepare(self.settings, self.name, owned, self.backend)
         spec, wanted = containers.placed(base, placement.options)
-        container = self._reusable(self.find(), wanted)
+        container = self._reusable(self.find(), wanted, placement.gateway is not None)
         started = container is None or container.status != "running"
         if container is None:
             policy.prepare_folders(self.settings, self.host_user)
@@ -192,8 +192,9 @@ class Sandbox(CommandMethods, Forking, ContainerViews):
         containers.wait_ready(container, self.name, timeout)
         return self
 
-    def _reusable(self, container: Any, wanted: str) -> Any:
-        """The existing container if it can serve, else None (after removing it)."""
+    def _reusable(self, container: Any, wanted: str, gated: bool) -> Any:
+        """The existing container if it can serve, else None (after removing it, and its
+        gateway unless the new one is `gated` too)."""
         why = containers.stale_reason(container, wanted) if container is not None else None
         if why is None:
             return container
@@ -201,6 +202,8 @@ class Sandbox(CommandMethods, Forking, ContainerViews):
         self.connection.close()
         with engine.engine_errors():
             container.remove(force=True)
+        if not gated:  # moved off its gateway (to open or none): that gateway goes too
+            network.release(self.settings, self.name, self.backend, container)()
         return None
 
     def _running_id(self) -> str:

@@ -110,6 +110,26 @@ def test_a_changed_policy_is_applied_live_and_said(tmp_path, host, host_ports):
     assert engine.find_container(f"{name}-egress-gw") is None  # its gateway went with it
 
 
+def test_a_mode_change_recreates_the_sandbox_and_takes_its_gateway_away(tmp_path, host, host_ports):
+    name = f"stigmer-egress-mode-{tmp_path.name[-8:]}"
+    settings = settings_in(tmp_path)
+    box = Sandbox(settings, name=name, extra_labels=TEST_LABELS).up()
+    try:
+        assert engine.find_container(f"{name}-egress-gw") is not None
+        opened = Sandbox(settings, name=name, extra_labels=TEST_LABELS, egress="open").up()
+        assert any("recreating" in note for note in opened.notes), opened.notes
+        assert engine.find_container(f"{name}-egress-gw") is None
+        assert not engine.client().networks.list(names=[f"{name}-egress"])
+        assert fetch(opened, f"http://{host}:{host_ports[0]}/", proxy=False).startswith(
+            "host-server"
+        )
+        closed = Sandbox(settings, name=name, extra_labels=TEST_LABELS).up()
+        assert raw(closed, host, host_ports[0]).startswith("refused")
+    finally:
+        box.remove()
+    assert engine.find_container(f"{name}-egress-gw") is None
+
+
 def test_eight_sandboxes_with_eight_policies_never_leak(tmp_path, host, host_ports):
     ports = host_ports[:8]
 
