@@ -10,7 +10,12 @@ for the install test, to the package index pip is configured with.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
+import ssl
+import subprocess
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +27,7 @@ from stigmer_sandbox.runtime import Sandbox, SandboxPool, network
 from stigmer_sandbox.runtime.egress_gateway import bridge_gateway
 
 from ..conftest import ROOT, run_inv
+from ..tls_standin import make_certificates
 from .conftest import TEST_LABELS
 from .egress_support import RAW_PROBE, host_servers
 
@@ -154,12 +160,56 @@ def test_eight_sandboxes_with_eight_policies_never_leak(tmp_path, host, host_por
             list(pool.map(lambda box: box.remove(), boxes))
 
 
-def test_an_allowlist_with_the_python_preset_installs_a_real_package(tmp_path):
-    settings = settings_in(tmp_path).with_egress("allowlist", allow_presets=["python"])
+@pytest.fixture
+def git_server(tmp_path, host) -> Iterator[tuple[int, str]]:
+    """An HTTPS server on the host (0.0.0.0) serving a bare git repository over git's dumb
+    HTTP protocol, with a certificate from a throw-away CA: its port and that CA."""
+    certificates = tmp_path / "tls"
+    certificates.mkdir()
+    make_certificates(certificates, [], [host])
+    work, served = tmp_path / "work", tmp_path / "www" / "repo.git"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
+    subprocess.run([*git, "init", "-q", str(work)], check=True)
+    (work / "README").write_text("cloned through the gateway\n")
+    subprocess.run([*git, "-C", str(work), "add", "README"], check=True)
+    subprocess.run([*git, "-C", str(work), "commit", "-qm", "one"], check=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(served)], check=True)
+    subprocess.run(["git", "-C", str(served), "update-server-info"], check=True)
+    handler = functools.partial(QuietFiles, directory=str(tmp_path / "www"))
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificates / "cert.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], (certificates / "ca.pem").read_text()
+    server.shutdown()
+
+
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+def test_an_allowlist_with_presets_installs_real_packages_and_clones_an_allowed_host(
+    tmp_path, host, git_server
+):
+    port, ca = git_server
+    settings = settings_in(tmp_path).with_egress(
+        "allowlist", allow=[f"{host}:{port}"], allow_presets=["python", "node"]
+    )
     with Sandbox.create_ephemeral(settings, extra_labels=TEST_LABELS) as box:
         installed = box.exec("pip install -q --no-deps --target /tmp/t six", timeout=300)
         assert installed.exit_code == 0, installed.stderr[-500:]
         assert box.exec("ls /tmp/t", timeout=30).stdout.count("six") >= 1
+        npm = "cd /tmp && npm install --no-save --no-audit --no-fund is-number"
+        installed = box.exec(npm, timeout=300)
+        assert installed.exit_code == 0, installed.stderr[-500:]
+        assert box.exec("ls /tmp/node_modules", timeout=30).stdout.split() == ["is-number"]
+        box.put_file("ca.pem", ca.encode())
+        clone = f"GIT_SSL_CAINFO=/workspace/ca.pem git clone -q https://{host}:{port}/repo.git /tmp/r"
+        cloned = box.exec(clone, timeout=120)
+        assert cloned.exit_code == 0, cloned.stderr[-500:]
+        assert box.exec("cat /tmp/r/README", timeout=30).stdout == "cloned through the gateway\n"
 
 
 def test_mode_none_leaves_only_loopback(tmp_path):
