@@ -21,8 +21,10 @@ from stigmer_sandbox import engine
 from stigmer_sandbox.integrations.deepagents import StigmerSandbox
 from stigmer_sandbox.runtime import Sandbox
 from stigmer_sandbox.runtime.client.files import MAX_FILE_BYTES, PATHS_PER_TRIP, ROUND_TRIP_BYTES
+from stigmer_sandbox.runtime.egress_gateway import bridge_gateway
 
 from .conftest import TEST_LABEL, TEST_LABELS
+from .egress_support import RAW_PROBE, host_servers
 from .test_runtime import settings_in
 
 MEMORY = "256m"
@@ -408,3 +410,27 @@ def test_a_caller_owned_sandbox_keeps_running_after_close(tmp_path, docker_engin
         assert container.status == "running"
         assert owned.exec("echo still mine").stdout == "still mine\n"
     assert engine.find_container(owned.name) is None
+
+
+# -- egress: the backend takes the same policy keywords as `Sandbox` -----------------------
+
+
+def test_the_backend_takes_an_egress_policy_and_its_commands_are_held_to_it(tmp_path):
+    with host_servers(2) as [allowed, other]:
+        host = bridge_gateway()
+        with StigmerSandbox(
+            settings=settings_in(tmp_path),
+            extra_labels=TEST_LABELS,
+            egress="allowlist",
+            allow=[f"{host}:{allowed}"],
+        ) as backend:
+            fetch = "curl -s -m 6 -o /dev/null -w '%{{http_code}}' http://{}:{}/"
+            assert backend.execute(fetch.format(host, allowed)).output == "200"
+            refused = backend.execute(fetch.format(host, other)).output
+            assert refused in ("000", "403")
+            assert backend.execute(f"python3 -c '{RAW}' {host} {other}").output.startswith(
+                "refused"
+            )
+
+
+RAW = RAW_PROBE.replace("'", '"')
