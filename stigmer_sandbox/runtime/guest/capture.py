@@ -130,7 +130,8 @@ class Pump:
         return self.last_output + self.idle_s
 
     def _check_exit_and_deadline(self) -> None:
-        self.process.poll()
+        if self.exit_fd is None:  # else its pidfd says when it exits (`_handle` polls then)
+            self.process.poll()
         now = time.monotonic()
         idle_due = self._idle_due()
         if self.process.returncode is None and idle_due is not None and now >= idle_due:

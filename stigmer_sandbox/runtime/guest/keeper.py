@@ -562,6 +562,7 @@ def main() -> None:
         run_keeper(sys.argv[2])
         return
     uid, gid = (int(value) for value in sys.argv[1:3])
+    os.chdir("/")  # its warm helpers inherit it (see start_warm); each command names its own
     agent = Agent(sys.stdout.buffer, uid, gid)
     table = ProcessTable(agent, list(globals().get("STIGMER_SOURCES") or []))
     agent.operations.update(table.operations())
