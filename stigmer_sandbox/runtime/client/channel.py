@@ -175,7 +175,8 @@ def raw_result(request: Request, answer: dict[str, Any], received: Received, via
     )
 
 
-Inbox = queue.Queue[dict[str, Any] | None]
+# One per request: the C-implemented SimpleQueue wakes its waiter faster than Queue.
+Inbox = queue.SimpleQueue[dict[str, Any] | None]
 
 
 class LineSplitter:
@@ -254,7 +255,7 @@ class AgentChannel:
             threading.Thread(target=target, daemon=True, name=f"stigmer-agent-{name}").start()
 
     def _send(self, message: dict[str, Any]) -> Inbox:
-        inbox: Inbox = queue.Queue()
+        inbox: Inbox = queue.SimpleQueue()
         with self._pending_lock:
             if not self.alive:
                 raise AgentLost(self.lost_reason or "the sandbox agent is gone")
