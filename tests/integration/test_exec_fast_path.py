@@ -1,0 +1,70 @@
+"""The agent's command path kept lean without giving anything up: warm helpers started by
+`posix_spawn` leak no descriptor of the agent into a command (warm or started on demand,
+with or without stdin, merged output), a command's environment is exactly the agent's
+with the request's entries over it (the agent's own part encoded once), and a command
+still runs in the folder it names."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from stigmer_sandbox.config import load_settings
+from stigmer_sandbox.runtime import Sandbox
+
+from ..conftest import ROOT
+from .conftest import TEST_LABELS
+
+# bash's own descriptors (the `ls` it forks opens its own), one per line
+OWN_FDS = "ls /proc/$$/fd; true"
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fast-path")
+    settings = load_settings(ROOT).replace(
+        state_dir=str(folder / "state"), workspace=str(folder / "ws"), logs=str(folder / "logs")
+    )
+    sandbox = Sandbox.create_ephemeral(settings, extra_labels=TEST_LABELS, egress="open")
+    sandbox.up().connect()
+    yield sandbox
+    sandbox.remove()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"stdin": "x"}, {"merge_output": True}, {"env": {"FOO": "1"}}],
+    ids=["plain", "stdin", "merged", "env"],
+)
+def test_a_command_has_only_its_three_standard_descriptors(box, options):
+    for _ in range(3):  # each on a helper started while the previous command ran
+        result = box.exec(OWN_FDS, **options)
+        assert result.exit_code == 0, result
+        assert result.stdout.split() == ["0", "1", "2"]
+
+
+def test_commands_beyond_the_warm_helpers_have_no_extra_descriptor_either(box):
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda _: box.exec(f"sleep 0.3; {OWN_FDS}"), range(12)))
+    assert all(r.exit_code == 0 and r.stdout.split() == ["0", "1", "2"] for r in results)
+
+
+def test_the_environment_is_the_agents_with_the_requests_entries_over_it(box):
+    plain = box.exec("env -0").stdout.split("\0")
+    home = box.exec("echo $HOME").stdout.strip()
+    assert f"HOME={home}" in plain and not any(e.startswith("FOO=") for e in plain)
+    changed = box.exec("env -0", env={"HOME": "/tmp/elsewhere", "FOO": "a=b"}).stdout
+    entries = changed.split("\0")
+    assert [e for e in entries if e.startswith("HOME=")] == ["HOME=/tmp/elsewhere"]
+    assert "FOO=a=b" in entries
+    again = box.exec("env -0").stdout.split("\0")
+    assert [e for e in again if e.startswith("HOME=")] == [f"HOME={home}"]
+    assert not any(e.startswith("FOO=") for e in again)
+
+
+def test_a_command_starts_in_its_folder_and_the_default_one(box):
+    assert box.exec("pwd").stdout == "/workspace\n"
+    assert box.exec("pwd", cwd="/tmp").stdout == "/tmp\n"
+    missing = box.exec("pwd", cwd="/no/such/folder")
+    assert missing.exit_code == 126 and "cd: /no/such/folder" in (missing.error or "")
