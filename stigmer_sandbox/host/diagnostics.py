@@ -55,7 +55,7 @@ def _python_checks() -> Iterator[CheckResult]:
             f"{name} (Python)",
             verdict(good),
             version or "not installed",
-            "pip install -e '.[dev]'",
+            "inv deps.install (the locked versions), or pip install -e '.[dev]'",
         )
 
 

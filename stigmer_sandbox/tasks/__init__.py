@@ -8,7 +8,7 @@ from pathlib import Path
 from invoke import Collection
 
 from .. import config
-from . import compose, dev, engine, root, sandbox
+from . import compose, deps, dev, engine, root, sandbox
 from ._common import check_startup
 
 
@@ -21,7 +21,7 @@ def build_namespace(project_dir: Path | None = None) -> Collection:
     namespace = Collection()
     for item in (*root.TASKS, *dev.TASKS):
         namespace.add_task(item)
-    for sub in (sandbox.ns, compose.ns, engine.ns):
+    for sub in (sandbox.ns, compose.ns, engine.ns, deps.ns):
         namespace.add_collection(sub)
     namespace.configure({config.SECTION: defaults})
     return namespace

@@ -39,7 +39,7 @@ def _tool(name: str) -> str:
     local = Path(sys.executable).parent / name
     found = str(local) if local.exists() else shutil.which(name)
     if not found:
-        raise SandboxError(f"{name} is not installed", "pip install -e '.[dev]'")
+        raise SandboxError(f"{name} is not installed", "inv deps.install")
     return found
 
 

@@ -206,7 +206,9 @@ def test_an_allowlist_with_presets_installs_real_packages_and_clones_an_allowed_
         assert installed.exit_code == 0, installed.stderr[-500:]
         assert box.exec("ls /tmp/node_modules", timeout=30).stdout.split() == ["is-number"]
         box.put_file("ca.pem", ca.encode())
-        clone = f"GIT_SSL_CAINFO=/workspace/ca.pem git clone -q https://{host}:{port}/repo.git /tmp/r"
+        clone = (
+            f"GIT_SSL_CAINFO=/workspace/ca.pem git clone -q https://{host}:{port}/repo.git /tmp/r"
+        )
         cloned = box.exec(clone, timeout=120)
         assert cloned.exit_code == 0, cloned.stderr[-500:]
         assert box.exec("cat /tmp/r/README", timeout=30).stdout == "cloned through the gateway\n"
