@@ -5,7 +5,6 @@ A plain `run` on a warm relay is answered without loading Invoke (`warm_run`).""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from . import __version__, warm_run
 
@@ -15,6 +14,8 @@ def main() -> None:
     code = warm_run.try_run(sys.argv[1:])
     if code is not None:
         raise SystemExit(code)
+    from pathlib import Path
+
     from invoke import Program  # ~70 ms: only when the task tree is needed
 
     from .tasks import build_namespace

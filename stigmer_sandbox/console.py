@@ -324,16 +324,6 @@ class StepView:
 LOST_EXIT = 255
 
 
-def stream_writer(stream: Any) -> Callable[[bytes], None]:
-    """A command's output callback writing its bytes to `stream` as they come."""
-
-    def write(data: bytes) -> None:
-        stream.buffer.write(data)
-        stream.buffer.flush()
-
-    return write
-
-
 def command_result(result: dict[str, Any], json: bool) -> int:
     """The end of a command (`inv run`, `compose.exec`, the warm `stigmer-sandbox run`):
     the JSON result or a warning for an unusual end; the exit code to leave with."""

@@ -24,13 +24,15 @@ import json
 import os
 import socket
 import stat
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import Settings
 from .errors import SandboxError, UsageError
+
+if TYPE_CHECKING:  # the warm path imports this module before anything heavy
+    from pathlib import Path
+
+    from .config import Settings
 
 # Unix socket paths must fit in sun_path (108 bytes on Linux).
 MAX_SOCKET_PATH = 100
@@ -67,6 +69,9 @@ def fingerprint(settings: Settings) -> str:
 def socket_path(settings: Settings) -> Path:
     """Where the relay for these settings listens: the state folder, or a private folder
     in the system's temporary folder when that path would be too long for a socket."""
+    import tempfile
+    from pathlib import Path
+
     name = f"{fingerprint(settings)}.sock"
     folder = settings.path("state_dir") / "relay"
     if len(str(folder / name)) > MAX_SOCKET_PATH:
@@ -119,13 +124,28 @@ def run(
     if not path.exists() or not private_folder(path.parent):
         return None
     timeout = request.get("options", {}).get("timeout") or settings.timeout
+    return run_at(
+        str(path), fingerprint(settings), timeout, request, on_stdout=on_stdout, on_stderr=on_stderr
+    )
+
+
+def run_at(
+    path: str,
+    fingerprint: str,
+    timeout: float,
+    request: dict[str, Any],
+    *,
+    on_stdout: Callback | None = None,
+    on_stderr: Callback | None = None,
+) -> dict[str, Any] | None:
+    """`run` on the relay listening at `path` whose settings have `fingerprint`."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with sock:
         try:
             sock.settimeout(CONNECT_TIMEOUT_S)
-            sock.connect(str(path))
+            sock.connect(path)
             sock.settimeout(float(timeout) + ANSWER_GRACE_S)
-            send_line(sock, {**request, "fingerprint": fingerprint(settings)})
+            send_line(sock, {**request, "fingerprint": fingerprint})
         except (OSError, ValueError):
             return None
         return Answer(on_stdout, on_stderr).read(sock)

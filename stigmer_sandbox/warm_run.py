@@ -7,16 +7,24 @@ straight to it: same request, same streamed output, same result, warnings and ex
 as `inv run`. Anything else (another task, a short or unknown flag, `--help`,
 `--background`, `--network`, local mode, bad settings, no relay, a relay that refuses)
 returns None before anything ran, and the full task tree handles it as always.
+
+Loading the settings costs more than the command: a run goes first to the relay that
+`warm_index` noted for the same inputs, and only then through the settings (noting the
+relay it reached there for the next run). Imports stay inside the functions that need
+them, so the noted path loads little more than a socket and JSON.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import config, console, relay
-from .errors import ConfigError, SandboxError
+from . import warm_index
+from .errors import SandboxError, UsageError
+from .streams import stream_writer
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # `inv run`'s flags this path takes: name -> how its value is read (None: a switch).
 VALUED = {"timeout": float, "idle-timeout": float, "env": str, "workdir": str, "session": str}
@@ -65,6 +73,8 @@ def _take_value(found: dict[str, Any], name: str, text: str) -> bool:
 
 def request_of(flags: dict[str, Any]) -> dict[str, Any]:
     """The relay request `inv run` sends for these flags."""
+    from . import relay
+
     options = {
         "timeout": flags.get("timeout"),
         "idle_timeout": flags.get("idle-timeout"),
@@ -81,25 +91,71 @@ def try_run(argv: list[str], project_dir: Path | None = None) -> int | None:
     flags = parse(argv)
     if flags is None:
         return None
+    cwd = str(project_dir) if project_dir else None
+    noted = _run_noted(flags, cwd)
+    return noted if noted is not None else _run_through_settings(flags, cwd)
+
+
+def _run_noted(flags: dict[str, Any], cwd: str | None) -> int | None:
+    """Run on the relay noted for these inputs, if there is one and it takes the request."""
+    entry = warm_index.lookup(cwd)
+    if entry is None:
+        return None
+    from . import relay
+
     try:
-        settings = config.load_settings(project_dir or Path.cwd())
         request = request_of(flags)
-    except (ConfigError, SandboxError):
+    except UsageError:
+        return None  # the full path reports it exactly as always
+    timeout = request["options"]["timeout"] or entry["timeout"]
+    answer = _answer(lambda callbacks: relay.run_at(
+        str(entry["socket"]), str(entry["fingerprint"]), float(timeout), request, **callbacks
+    ), flags)  # fmt: skip
+    if answer is None:
+        warm_index.forget(cwd)
+    return answer
+
+
+def _run_through_settings(flags: dict[str, Any], cwd: str | None) -> int | None:
+    """Run on the relay the settings name; note it for the next run."""
+    from pathlib import Path
+
+    from . import config, relay
+
+    try:
+        settings = config.load_settings(Path(cwd) if cwd else Path.cwd())
+        request = request_of(flags)
+    except SandboxError:
         return None  # the full path reports it exactly as always
     if settings.relay_idle_s <= 0 or settings.execution_mode == "local":
         return None
+    code = _answer(lambda callbacks: relay.run(settings, request, **callbacks), flags)
+    if code is not None:
+        path, fingerprint = relay.socket_path(settings), relay.fingerprint(settings)
+        warm_index.remember(str(path), fingerprint, settings.timeout, cwd)
+    return code
+
+
+def _answer(send: Any, flags: dict[str, Any]) -> int | None:
+    """Send the request with output callbacks; the exit code, or None when nothing ran."""
     streaming = not flags.get("json")
     callbacks = {
-        "on_stdout": console.stream_writer(sys.stdout) if streaming else None,
-        "on_stderr": console.stream_writer(sys.stderr) if streaming else None,
+        "on_stdout": stream_writer(sys.stdout) if streaming else None,
+        "on_stderr": stream_writer(sys.stderr) if streaming else None,
     }
     try:
-        answer = relay.run(settings, request, **callbacks)
+        answer = send(callbacks)
     except SandboxError as exc:
+        from . import console
+
         print(console.error_line(exc.message, exc.hint), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # the relay sees the connection close and ends the command
         return 1
     if answer is None:
         return None
-    return console.command_result(answer, bool(flags.get("json")))
+    if flags.get("json") or answer.get("cause") != "exit" or answer.get("exit_code") is None:
+        from . import console  # a JSON result or a warning to print
+
+        return console.command_result(answer, bool(flags.get("json")))
+    return int(answer["exit_code"])

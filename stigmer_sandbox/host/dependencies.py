@@ -14,6 +14,9 @@ from pathlib import Path
 LOCK_FILE = Path("requirements") / "dev.lock"
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 LOCKER = "uv"  # a PyPI package: installed into this environment when missing
+# A plain path entry in site-packages rather than setuptools' import hook, which costs
+# every Python start (`inv`, the console script) about 20 ms.
+EDITABLE = ("--config-settings", "editable_mode=compat")
 
 
 def lock_command(upgrade: bool) -> list[str]:
@@ -41,7 +44,7 @@ def install_commands(root: Path) -> list[list[str]]:
     pip = [sys.executable, "-m", "pip", "install", "--quiet"]
     return [
         [*pip, "--require-hashes", "--requirement", str(root / LOCK_FILE)],
-        [*pip, "--no-deps", "--editable", str(root)],
+        [*pip, "--no-deps", "--editable", str(root), *EDITABLE],
     ]
 
 

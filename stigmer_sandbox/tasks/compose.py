@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from invoke import Collection, Context, Exit
 
 from .. import console
-from ..console import stream_writer
+from ..streams import stream_writer
 from ._common import EGRESS_HELP, EGRESS_LISTS, egress_settings, report_result, settings, task
 from .sandbox import build_kind
 

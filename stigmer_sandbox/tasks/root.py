@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .. import runtime
     from ..host import cleanup, workflow
 from .. import relay
-from ..console import stream_writer
+from ..streams import stream_writer
 from ._common import EGRESS_HELP, EGRESS_LISTS, egress_settings, report_result, settings, task
 
 

@@ -234,6 +234,37 @@ def test_the_console_scripts_warm_run_prints_and_exits_as_inv_run(socket_path, e
     assert timed.returncode == 124 and "command ended by timeout (exit 124)" in timed.stderr
 
 
+NOTE_PROBE = (
+    "import json, sys; from stigmer_sandbox import warm_index; "
+    "print(json.dumps(warm_index.lookup()))"
+)
+
+
+def test_a_noted_relay_is_reached_without_the_settings_and_a_stale_note_runs_once(
+    socket_path, env, settings
+):
+    marker = "relay-note-" + os.urandom(4).hex()
+    first = console([str(CONSOLE_SCRIPT), "run", "true"], env)
+    assert first.returncode == 0, first.stderr
+    note = json.loads(console([sys.executable, "-c", NOTE_PROBE], env).stdout)
+    assert note == {
+        "socket": str(socket_path),
+        "fingerprint": relay.fingerprint(settings),
+        "timeout": settings.timeout,
+    }
+    stale = {**note, "fingerprint": "0" * 20}  # a relay of other settings refuses it
+    write = (
+        "import json, sys; from stigmer_sandbox import warm_index; "
+        "n = json.loads(sys.argv[1]); warm_index.remember(n['socket'], n['fingerprint'], "
+        "n['timeout'])"
+    )
+    console([sys.executable, "-c", write, json.dumps(stale)], env)
+    command = f"echo {marker} >> /workspace/{marker}.txt; cat /workspace/{marker}.txt"
+    done = console([str(CONSOLE_SCRIPT), "run", command], env)
+    assert (done.returncode, done.stdout) == (0, f"{marker}\n")  # refused, then ran once
+    assert json.loads(console([sys.executable, "-c", NOTE_PROBE], env).stdout) == note
+
+
 # Last: it removes the module's sandbox, which ends its relay (the tests above need it warm).
 def test_the_relay_ends_when_its_sandbox_goes(socket_path, env, box):
     box.remove()
