@@ -183,8 +183,6 @@ def project(settings: Settings, choice: FileChoice = FileChoice()) -> ComposePro
         config = resolved_config(target)  # the sandbox's other networks, made internal
     mounts = compose_check.MountContext(settings.root, policy.Protected.of(settings))
     compose_check.refuse(config, target.files[:-1], mounts)
-    if compose_egress.gated(settings):
-        compose_egress.refuse_bypasses(config, *compose_egress.gateway_names(settings))
     return replace(target, resolved=config, gated=placed is not None)
 
 
@@ -361,6 +359,8 @@ def _prepared(settings: Settings, choice: FileChoice) -> tuple[ComposeProject, G
             f"{existing.name} was started by `inv sandbox.up`",
             "stop it with `inv sandbox.down` first",
         )
+    if compose_egress.gated(settings):  # checked on `up` only: `down` must always work
+        compose_egress.refuse_bypasses(target.resolved, *compose_egress.gateway_names(settings))
     sandbox = (target.resolved.get("services") or {}).get(SERVICE) or {}
     gateway = compose_egress.begin(settings, sandbox.get("labels") or {})
     if gateway is not None and not target.gated:  # its network exists only now
