@@ -3,6 +3,9 @@
 Figures, each beside its baseline from the same run:
 - p50/p95/p99 of `Sandbox.exec("true")` vs `docker exec` (CLI) and the SDK's `exec_run`,
   all on the same warm sandbox;
+- where that time goes, beside the same CLI baseline: the p50 of the agent channel's
+  `ping` round trip (the transport, no process started) and of `Sandbox.exec(["true"])`
+  (a process started, no bash);
 - inside that sandbox, one command through `stigmer-exec` (the root helper that switches
   to the sandbox user, reaps and kills the tree) vs the same command started directly,
   both from one shell loop: the price of privilege separation.
@@ -56,6 +59,11 @@ def main(runs: int) -> None:
         raise SystemExit("the docker CLI is needed for the baselines")
     with Sandbox.create_ephemeral(settings) as box:
         ours = sample(lambda: box.exec("true"), runs)
+        no_bash = sample(lambda: box.exec(["true"]), runs)
+        channel = box.connect().connection.channel
+        if channel is None:
+            raise SystemExit("the sandbox agent is not connected: no channel to ping")
+        transport = sample(channel.ping, runs)
         cli = sample(lambda: run([docker, "exec", box.name, "true"]), runs)
         container = box.find()
         sdk = sample(lambda: container.exec_run(["true"]), runs)
@@ -74,6 +82,12 @@ def main(runs: int) -> None:
                 "ms",
                 goal=goal,
             )
+    cli_p50 = percentiles(cli)[0]
+    for figure, samples in (
+        ("agent channel ping round trip p50 (transport only)", transport),
+        ("Sandbox.exec(['true']) p50 (a process, no bash)", no_bash),
+    ):
+        report(figure, percentiles(samples)[0], "docker exec (CLI)", cli_p50, "ms")
     report(
         "one command through stigmer-exec (privilege separation), in the sandbox",
         separated,
