@@ -70,8 +70,8 @@ def _private(path: str) -> bool:
     )
 
 
-def lookup(cwd: str | None = None) -> dict[str, object] | None:
-    """The relay noted for this key: {"socket", "fingerprint", "timeout"}, or None."""
+def lookup(cwd: str | None = None) -> tuple[str, str, float] | None:
+    """The relay noted for this key: (socket, fingerprint, default timeout), or None."""
     where = folder()
     if not _private(where):
         return None
@@ -80,11 +80,14 @@ def lookup(cwd: str | None = None) -> dict[str, object] | None:
             found = json.load(file)
     except (OSError, ValueError):
         return None
-    wanted = {"socket": str, "fingerprint": str, "timeout": (int, float)}
-    valid = isinstance(found, dict) and all(
-        isinstance(found.get(name), kind) for name, kind in wanted.items()
-    )
-    return found if valid else None
+    if not isinstance(found, dict):
+        return None
+    socket, fingerprint, timeout = (found.get(k) for k in ("socket", "fingerprint", "timeout"))
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        return None
+    if isinstance(socket, str) and isinstance(fingerprint, str):
+        return socket, fingerprint, float(timeout)
+    return None
 
 
 def remember(socket_path: str, fingerprint: str, timeout: float, cwd: str | None = None) -> None:

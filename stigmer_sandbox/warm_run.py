@@ -98,18 +98,19 @@ def try_run(argv: list[str], project_dir: Path | None = None) -> int | None:
 
 def _run_noted(flags: dict[str, Any], cwd: str | None) -> int | None:
     """Run on the relay noted for these inputs, if there is one and it takes the request."""
-    entry = warm_index.lookup(cwd)
-    if entry is None:
+    noted = warm_index.lookup(cwd)
+    if noted is None:
         return None
+    socket_path, fingerprint, default_timeout = noted
     from . import relay
 
     try:
         request = request_of(flags)
     except UsageError:
         return None  # the full path reports it exactly as always
-    timeout = request["options"]["timeout"] or entry["timeout"]
+    timeout = float(request["options"]["timeout"] or default_timeout)
     answer = _answer(lambda callbacks: relay.run_at(
-        str(entry["socket"]), str(entry["fingerprint"]), float(timeout), request, **callbacks
+        socket_path, fingerprint, timeout, request, **callbacks
     ), flags)  # fmt: skip
     if answer is None:
         warm_index.forget(cwd)

@@ -247,16 +247,11 @@ def test_a_noted_relay_is_reached_without_the_settings_and_a_stale_note_runs_onc
     first = console([str(CONSOLE_SCRIPT), "run", "true"], env)
     assert first.returncode == 0, first.stderr
     note = json.loads(console([sys.executable, "-c", NOTE_PROBE], env).stdout)
-    assert note == {
-        "socket": str(socket_path),
-        "fingerprint": relay.fingerprint(settings),
-        "timeout": settings.timeout,
-    }
-    stale = {**note, "fingerprint": "0" * 20}  # a relay of other settings refuses it
+    assert note == [str(socket_path), relay.fingerprint(settings), settings.timeout]
+    stale = [note[0], "0" * 20, note[2]]  # a relay of other settings refuses it
     write = (
         "import json, sys; from stigmer_sandbox import warm_index; "
-        "n = json.loads(sys.argv[1]); warm_index.remember(n['socket'], n['fingerprint'], "
-        "n['timeout'])"
+        "warm_index.remember(*json.loads(sys.argv[1]))"
     )
     console([sys.executable, "-c", write, json.dumps(stale)], env)
     command = f"echo {marker} >> /workspace/{marker}.txt; cat /workspace/{marker}.txt"

@@ -26,11 +26,7 @@ def test_a_note_is_found_for_the_same_inputs_and_forgotten(private_tmp):
     project = private_tmp / "project"
     project.mkdir()
     warm_index.remember("/s/relay.sock", "abc", 30.0, str(project))
-    assert warm_index.lookup(str(project)) == {
-        "socket": "/s/relay.sock",
-        "fingerprint": "abc",
-        "timeout": 30.0,
-    }
+    assert warm_index.lookup(str(project)) == ("/s/relay.sock", "abc", 30.0)
     assert oct(os.stat(warm_index.folder()).st_mode & 0o777) == "0o700"
     warm_index.forget(str(project))
     assert warm_index.lookup(str(project)) is None
