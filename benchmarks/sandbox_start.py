@@ -4,6 +4,7 @@
   with exactly that sandbox's configuration (its `docker inspect` Config and HostConfig:
   same image, limits, mounts, capabilities) through the Engine API, starting it, and
   waiting with the same readiness check. Alternating, A B B A, so neither goes first.
+  Both under egress `open` (the default bridge): what a gateway adds is `egress.py`'s.
 - `inv run 'true'` on a running sandbox beside `docker exec CONTAINER bash -c true`,
   the same command on the same running container.
 
@@ -121,7 +122,7 @@ def main(runs: int) -> None:
     with tempfile.TemporaryDirectory(prefix="stigmer-bench-") as scratch:
         folders = {key: str(Path(scratch) / key) for key in ("workspace", "logs", "state_dir")}
         settings = config.load_settings(ROOT).replace(**folders)
-        compare_starts(settings, runs)
+        compare_starts(settings.replace(egress="open"), runs)
         compare_run_and_exec(
             {f"INVOKE_STIGMER_{key.upper()}": value for key, value in folders.items()}, runs
         )
