@@ -367,13 +367,20 @@ class Bench:
         pool.wait_ready()
         # The waiting sandboxes (agents connected, idle), found by the pool's label: an
         # acquire() here would make the pool start replacements while memory is read.
-        waiting = docker(
-            "ps", "-q", "--no-trunc", "--filter", f"label={labels.PREFIX}.pool={pool.id}"
+        # Under the default egress policy each has its gateway (same pool label): what a
+        # sandbox costs is both.
+        pooled = ("ps", "-q", "--no-trunc", "--filter", f"label={labels.PREFIX}.pool={pool.id}")
+        everything = docker(*pooled).split()
+        gateways = docker(
+            *pooled, "--filter", f"label={labels.KIND}={labels.EGRESS_GATEWAY}"
         ).split()
+        waiting = [c for c in everything if c not in gateways]
         if len(waiting) != MEMORY_POOL:
-            raise SystemExit(f"expected {MEMORY_POOL} pooled containers, found {len(waiting)}")
+            raise SystemExit(f"expected {MEMORY_POOL} pooled sandboxes, found {len(waiting)}")
         time.sleep(1.0)
         ours = statistics.median(idle_bytes(container) for container in waiting) / MIB
+        if gateways:
+            ours += statistics.median(idle_bytes(container) for container in gateways) / MIB
         self.close_pool(pool)
         plain = f"{PREFIX}-plain"
         docker("run", "-d", "--name", plain, "--label", BENCH_LABEL, self.image, "sleep", "inf")
@@ -381,8 +388,8 @@ class Bench:
         baseline = idle_bytes(docker("inspect", "-f", "{{.Id}}", plain)) / MIB
         docker("rm", "-f", plain)
         report(
-            f"idle memory per pooled sandbox, agent connected (cgroup v1 usage_in_bytes - "
-            f"total_inactive_file, median of {MEMORY_POOL})",
+            f"idle memory per pooled sandbox and its egress gateway, agent connected (cgroup v1 "
+            f"usage_in_bytes - total_inactive_file, medians of {MEMORY_POOL})",
             ours,
             "docker run -d IMAGE sleep infinity, same reading",
             baseline,
