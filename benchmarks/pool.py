@@ -491,8 +491,10 @@ def main(runs: int) -> None:
             phase("fork", lambda: bench.fork(source))
             phase("snapshot", lambda: bench.from_snapshot(source))
             phase("stop/start", lambda: bench.stop_start(source))
-            bench.remove(source)
+            # The source stays up: the by-hand containers of the density phase copy its
+            # configuration, network included, and its egress gateway goes with it.
             phase("memory and density", bench.memory)
+            bench.remove(source)
         finally:
             bench.cleanup()
             shutil.rmtree(Path(scratch) / "by-hand", ignore_errors=True)
