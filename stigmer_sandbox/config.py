@@ -4,8 +4,9 @@ Precedence, lowest first: the defaults below → the `stigmer:` section of the
 project `invoke.yaml` (next to `tasks.py`) → `INVOKE_STIGMER_<KEY>` variables →
 the guide's own variables (`STIGMER_SANDBOX_IMAGE`, `STIGMER_EXECUTION_MODE`, and
 Stigmer's `STIGMER_BOOTSTRAP_NPM_PACKAGES` / `STIGMER_BOOTSTRAP_PIP_PACKAGES`) →
-command-line flags. Every key is a scalar so that the environment can set it
-(Invoke cannot set lists from the environment).
+command-line flags. Every key but `secrets` is a scalar so that the environment can
+set it (Invoke cannot set lists from the environment); `secrets` maps names to where
+their values come from, so it lives in a file (stigmer_sandbox/credentials.py).
 
 The library loads this without Invoke (`load_settings`); under Invoke, the
 collection carries the same defaults and `settings_from_invoke` validates what
@@ -58,7 +59,13 @@ MAX_PIDS = 4_194_304
 MAX_CPUS = 1024.0
 MAX_LIFETIME_HOURS = 365 * 24.0
 # How a wrong type is described: what the key wants, in words.
-_TYPE_NAMES = {"str": "text", "bool": "true or false", "int": "a whole number", "float": "a number"}
+_TYPE_NAMES = {
+    "str": "text",
+    "bool": "true or false",
+    "int": "a whole number",
+    "float": "a number",
+    "dict": "a mapping",
+}
 # Values longer than this are cut in error lines (one line, whatever was configured).
 SHOWN_VALUE = 80
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -92,7 +99,8 @@ def _key(
     maximum: float | None = None,
     above: float | None = None,
 ) -> Any:
-    """A setting: its help, default and what is allowed (`above`: the value must be more)."""
+    """A setting: its help, default and what is allowed (`above`: the value must be more;
+    a mapping default is copied for each Settings)."""
     metadata = {
         "help": help_text,
         "choices": choices,
@@ -100,6 +108,8 @@ def _key(
         "maximum": maximum,
         "above": above,
     }
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -235,10 +245,33 @@ class Settings:
         0,
         maximum=8,
     )
+    # Credentials (stigmer_sandbox/credentials.py, issue 26): definitions name sources,
+    # never values; a sandbox gets only the ones `use_secrets` names.
+    secrets: dict = _key(  # noqa: RUF009 (_key gives a mapping its default_factory)
+        "secrets a sandbox may use without reading them: NAME: {from_env | from_file | "
+        "from_command, hosts: [destinations], header: 'Name: ...{value}...'}",
+        {},
+        kind="secrets",
+    )
+    use_secrets: str = _key(
+        "the secrets a sandbox gets (placeholders in its environment), comma-separated "
+        "names from `secrets` (default: none)",
+        "",
+        kind="secret-names",
+    )
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):
             _validate(item, getattr(self, item.name), "settings")
+        if self.use_secrets:
+            from . import credentials
+
+            credentials.chosen(self.secrets, split_packages(self.use_secrets), "use_secrets")
+
+    def __hash__(self) -> int:  # `secrets` is a mapping; its canonical text stands in
+        import json
+
+        return hash(json.dumps(self.as_dict(), sort_keys=True, default=str))
 
     def replace(self, source: str = "flags", **changes: Any) -> Settings:
         """A copy with `changes` applied (None values ignored), validated."""
@@ -340,6 +373,12 @@ def _validate(item: dataclasses.Field, value: Any, source: str) -> None:
     if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
         wanted = _TYPE_NAMES[str(item.type)]
         raise ConfigError(f"{source}: key '{item.name}' must be {wanted}, got {_shown(value)}")
+    if isinstance(value, dict):  # `secrets`: its own errors name the secret and the fix
+        if value:
+            from . import credentials  # only when secrets are defined
+
+            credentials.parse_all(value, source)
+        return
     problem = _text_problem(item, value) if isinstance(value, str) else _number_problem(item, value)
     if problem:
         raise ConfigError(f"{source}: key '{item.name}' {problem}, got {_shown(value)}")
@@ -368,6 +407,11 @@ def _text_problem(item: dataclasses.Field, value: str) -> str | None:
         return _egress_problem(kind, value)
     if kind == "subnet-pool":
         return _subnet_pool_problem(value)
+    if kind == "secret-names":
+        from .credentials import NAME_RE
+
+        bad = next((n for n in split_packages(value) if not NAME_RE.match(n)), None)
+        return None if bad is None else f"has {bad!r}, which is not a secret name"
     return None
 
 
@@ -414,6 +458,7 @@ def _size_problem(value: str, above: float | None) -> str | None:
 def _number_problem(item: dataclasses.Field, value: Any) -> str | None:
     if isinstance(value, bool):
         return None  # a bool key: its type is all there is to check
+
     maximum, above = item.metadata["maximum"], item.metadata["above"]
     if not math.isfinite(value):
         return "must be a finite number"
@@ -432,7 +477,7 @@ def _figure(number: float) -> str:
     return str(int(number)) if float(number).is_integer() else f"{number:g}"
 
 
-_TYPES = {"str": str, "bool": bool, "int": int, "float": float}
+_TYPES = {"str": str, "bool": bool, "int": int, "float": float, "dict": dict}
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
@@ -500,6 +545,11 @@ def _env_overrides(environ: Mapping[str, str], with_invoke_vars: bool) -> dict[s
     if with_invoke_vars:
         for name, item in _FIELDS.items():
             var = ENV_PREFIX + name.upper()
+            if var in environ and _TYPES[str(item.type)] is dict:
+                raise ConfigError(
+                    f"{var}: key '{name}' cannot be set from the environment",
+                    f"write it under '{SECTION}:' in {PROJECT_FILE}",
+                )
             if var in environ:
                 found[name] = _from_env_string(name, environ[var], var)
                 _validate(item, found[name], var)

@@ -7,7 +7,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,12 +59,30 @@ def check_startup(project_dir: Path, argv: Sequence[str]) -> None:
     the command line has `--json`, and the error's exit code."""
     try:
         config.read_project_file(project_dir / config.PROJECT_FILE)
+        for path in runtime_config_files(argv, os.environ):
+            config.read_project_file(path)
         config.check_environment(os.environ)
     except ConfigError as exc:
         stop = failure(exc, console.wants_json(argv))
         if stop.message:
             print(stop.message, file=sys.stderr)
         raise SystemExit(stop.code) from None
+
+
+def runtime_config_files(argv: Sequence[str], environ: Mapping[str, str]) -> list[Path]:
+    """The YAML or JSON files Invoke will merge as its runtime configuration (`-f FILE`,
+    `--config FILE` before the first task, INVOKE_RUNTIME_CONFIG); a Python one is
+    Invoke's to load. A task's own `-f` (a compose file) comes after its name."""
+    found = [environ["INVOKE_RUNTIME_CONFIG"]] if environ.get("INVOKE_RUNTIME_CONFIG") else []
+    items = iter(argv)
+    for item in items:
+        if item in ("-f", "--config"):
+            found.append(next(items, ""))
+        elif item.startswith("--config="):
+            found.append(item.split("=", 1)[1])
+        elif not item.startswith("-"):
+            break  # a task name (or a core option's value: scanning stops short, safely)
+    return [Path(f) for f in found if Path(f).suffix in (".yaml", ".yml", ".json")]
 
 
 def optional_numbers(func: Callable[..., Any]) -> dict[str, type]:

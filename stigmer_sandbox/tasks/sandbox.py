@@ -459,6 +459,46 @@ def egress(c: Context, json: bool = False, denied: bool = False, name: str | Non
 
 
 @task(
+    name="secrets",
+    help={
+        "json": "print the list as JSON (default: off)",
+        "check": "read each secret's source now and say whether it gives a value; the value "
+        "is never shown (default: off)",
+    },
+)
+def list_secrets(c: Context, json: bool = False, check: bool = False) -> None:
+    """List the configured secrets: names, sources, destinations; never values."""
+    from .. import credentials
+    from ..config import split_packages
+
+    current = settings(c)
+    rows = credentials.listing(
+        current.secrets, split_packages(current.use_secrets), current.root, check
+    )
+    if json:
+        console.emit_json(rows)
+    elif not rows:
+        console.info("no secrets configured: define them under 'secrets' in invoke.yaml")
+    else:
+        headers = ["name", "source", "from", "hosts", "applied", "in use"]
+        shown = [
+            [
+                r["name"],
+                r["source"],
+                r["from"],
+                ", ".join(r["hosts"]),
+                r["applied"],
+                "yes" if r["in_use"] else "no",
+            ]
+            + ([r["problem"] or "readable"] if check else [])
+            for r in rows
+        ]
+        console.table([*headers, "check"] if check else headers, shown)
+    if check and not all(r["readable"] for r in rows):
+        raise Exit(code=1)
+
+
+@task(
     name="audit",
     help={
         "json": "print the report as one JSON object (default: off)",
@@ -499,6 +539,7 @@ ns = Collection(
     packages,
     history,
     egress,
+    list_secrets,
     audit_security,
     *processes.TASKS,
     *fleet.TASKS,

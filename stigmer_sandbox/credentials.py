@@ -1,0 +1,325 @@
+"""Secrets a sandbox may use but never read: their definitions, sources and placeholders.
+
+A secret is configured on the host (the `secrets` key of the `stigmer:` section) with a
+source (an environment variable, a file, or a command whose output is the value), the
+destinations it may be sent to (egress entries, docs/egress.md) and how a request
+carries it (a header template with `{value}`, or its placeholder substituted wherever
+it appears). A sandbox is given a random placeholder per secret, never the value; the
+broker on the egress path puts the value into requests to that secret's destinations
+only (issue 26).
+
+This module reads values only when asked (`read_value`) and never puts one in an error,
+a listing or a log: errors name the secret and its source, not what it holds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets as random_tokens
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+# The variable the sandbox sees: a shell-safe environment variable name.
+NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+# RFC 9110 field-name token characters.
+HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+SOURCES = {
+    "from_env": "environment variable",
+    "from_file": "file",
+    "from_command": "command",
+}
+KEYS = (*SOURCES, "hosts", "header")
+VALUE_MARK = "{value}"
+# Every placeholder starts so: the broker recognises one of any sandbox's in any request.
+PLACEHOLDER_PREFIX = "stigmer-secret-"
+MAX_VALUE = 64 * 1024  # far above any token or key; a file this big is not a credential
+COMMAND_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Secret:
+    """One configured secret: where its value comes from and where it may go."""
+
+    name: str
+    source: str  # a key of SOURCES
+    where: str  # the variable, the path or the command
+    hosts: tuple[str, ...]
+    header: str = ""  # "Name: template with {value}"; "" substitutes the placeholder
+
+    @property
+    def header_name(self) -> str:
+        return self.header.split(":", 1)[0].strip()
+
+    @property
+    def applied(self) -> str:
+        """How a request carries it, in words."""
+        if self.header:
+            return f"{self.header_name} header"
+        return "its placeholder replaced in request headers"
+
+    def described(self) -> dict[str, Any]:
+        """What may be shown of it: everything but the value."""
+        return {
+            "name": self.name,
+            "source": SOURCES[self.source],
+            "from": self.where,
+            "hosts": list(self.hosts),
+            "applied": self.applied,
+        }
+
+
+def _problem(where: str, name: str, problem: str, fix: str) -> ConfigError:
+    return ConfigError(f"{where}: secret {name!r} {problem}", fix)
+
+
+def parse_secret(name: object, spec: object, where: str) -> Secret:
+    """One definition, checked: a ConfigError naming the secret and what to fix."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(
+            f"{where}: secret name {name!r} is not a variable name",
+            "use letters, digits and '_', not starting with a digit (e.g. API_TOKEN)",
+        )
+    if not isinstance(spec, Mapping):
+        raise _problem(
+            where, name, "must be a mapping", "give from_env, from_file or from_command and hosts"
+        )
+    unknown = sorted(str(key) for key in spec if key not in KEYS)
+    if unknown:
+        raise _problem(
+            where, name, f"has an unknown key {unknown[0]!r}", f"keys are {', '.join(KEYS)}"
+        )
+    given = [key for key in SOURCES if key in spec]
+    if len(given) != 1:
+        what = "no source" if not given else f"two sources ({given[0]}, {given[1]})"
+        raise _problem(
+            where, name, f"has {what}", "give exactly one of from_env, from_file, from_command"
+        )
+    source = given[0]
+    origin = spec[source]
+    if not isinstance(origin, str) or not origin.strip() or "\0" in origin:
+        raise _problem(where, name, f"has an empty {source}", f"name the {SOURCES[source]} to read")
+    return Secret(
+        name,
+        source,
+        origin.strip(),
+        _hosts(spec.get("hosts"), where, name),
+        _header(spec.get("header", ""), where, name),
+    )
+
+
+def _hosts(value: object, where: str, name: str) -> tuple[str, ...]:
+    from . import egress
+
+    entries = egress.split_entries(value) if isinstance(value, str) else value
+    if not isinstance(entries, Sequence) or isinstance(entries, str) or not entries:
+        raise _problem(
+            where,
+            name,
+            "has no hosts",
+            "list the destinations it may be sent to, e.g. [api.example.com]",
+        )
+    checked = []
+    for entry in entries:
+        problem = (
+            egress.entry_problem(entry)
+            if isinstance(entry, str) and entry.strip()
+            else (f"empty or non-text entry {entry!r}")
+        )
+        if problem:
+            raise _problem(
+                where, name, f"has a bad host: {problem}", "hosts use the egress entry syntax"
+            )
+        checked.append(entry.strip())
+    return tuple(checked)
+
+
+def _header(value: object, where: str, name: str) -> str:
+    if value in ("", None):
+        return ""
+    fix = 'write it like "Authorization: Bearer {value}"'
+    if not isinstance(value, str) or ":" not in value:
+        raise _problem(where, name, "has a header that is not 'Name: template'", fix)
+    header_name, template = (part.strip() for part in value.split(":", 1))
+    if not HEADER_NAME_RE.match(header_name):
+        raise _problem(where, name, f"has a bad header name {header_name!r}", fix)
+    if VALUE_MARK not in template:
+        raise _problem(where, name, "has a header template without {value}", fix)
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in template):
+        raise _problem(where, name, "has a control character in its header template", fix)
+    return f"{header_name}: {template}"
+
+
+def parse_all(definitions: object, where: str) -> dict[str, Secret]:
+    """Every definition of the `secrets` key, checked."""
+    if not isinstance(definitions, Mapping):
+        raise ConfigError(
+            f"{where}: key 'secrets' must be a mapping of names to definitions",
+            "see docs/local-sandbox.md, Credentials",
+        )
+    return {str(name): parse_secret(name, spec, where) for name, spec in definitions.items()}
+
+
+def chosen(definitions: Mapping[str, Any], names: Sequence[str], where: str) -> list[Secret]:
+    """The secrets named (`--secret`, `use_secrets`), each defined: an unknown name is
+    one ConfigError listing the defined ones."""
+    known = parse_all(definitions, where)
+    picked: list[Secret] = []
+    for name in names:
+        if name not in known:
+            defined = ", ".join(sorted(known)) or "none"
+            raise ConfigError(
+                f"{where}: unknown secret {name!r} (defined: {defined})",
+                "define it under the 'secrets' key of invoke.yaml",
+            )
+        if known[name] not in picked:
+            picked.append(known[name])
+    return picked
+
+
+def read_value(secret: Secret, root: Path, environ: Mapping[str, str] | None = None) -> str:
+    """The secret's value, read now from its source (a trailing newline dropped); a
+    ConfigError naming the secret and its source when it cannot be had."""
+    environ = os.environ if environ is None else environ
+    readers = {"from_env": _from_env, "from_file": _from_file, "from_command": _from_command}
+    value = readers[secret.source](secret, root, environ)
+    value = value[:-1] if value.endswith("\n") else value
+    value = value[:-1] if value.endswith("\r") else value
+    if not value:
+        raise _problem("secrets", secret.name, f"is empty ({_origin(secret)})", "give it a value")
+    if len(value) > MAX_VALUE:
+        raise _problem(
+            "secrets",
+            secret.name,
+            f"is over {MAX_VALUE} bytes ({_origin(secret)})",
+            "point it at the credential only",
+        )
+    if any(ch in value for ch in "\r\n\0"):
+        raise _problem(
+            "secrets",
+            secret.name,
+            f"holds a line break or NUL ({_origin(secret)})",
+            "a request header cannot carry it: store the value on one line",
+        )
+    return value
+
+
+def _origin(secret: Secret) -> str:
+    return f"{SOURCES[secret.source]} {secret.where}"
+
+
+def _from_env(secret: Secret, _root: Path, environ: Mapping[str, str]) -> str:
+    if secret.where not in environ:
+        raise _problem(
+            "secrets",
+            secret.name,
+            f"reads {_origin(secret)}, which is not set",
+            f"export {secret.where}",
+        )
+    return environ[secret.where]
+
+
+def _from_file(secret: Secret, root: Path, _environ: Mapping[str, str]) -> str:
+    path = root / os.path.expanduser(secret.where)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_VALUE + 2)
+    except OSError as exc:
+        raise _problem(
+            "secrets",
+            secret.name,
+            f"reads {_origin(secret)}: {exc.strerror or exc}",
+            "check the path and its permissions",
+        ) from None
+    return _text(secret, data)
+
+
+def _from_command(secret: Secret, root: Path, environ: Mapping[str, str]) -> str:
+    try:
+        argv = shlex.split(secret.where)
+        done = subprocess.run(
+            argv,
+            cwd=root,
+            env=dict(environ),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT_S,
+            check=False,
+        )
+    except ValueError as exc:  # unbalanced quotes
+        raise _problem(
+            "secrets",
+            secret.name,
+            f"has a command that does not parse: {exc}",
+            "quote it like a shell line",
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise _problem(
+            "secrets",
+            secret.name,
+            f"{_origin(secret)} did not finish in {COMMAND_TIMEOUT_S:.0f} s",
+            "run it by hand to see why",
+        ) from None
+    except OSError as exc:
+        raise _problem(
+            "secrets",
+            secret.name,
+            f"{_origin(secret)} cannot start: {exc.strerror or exc}",
+            "check the command",
+        ) from None
+    if done.returncode != 0:
+        # Its output is not shown: a failing credential helper may still print secrets.
+        raise _problem(
+            "secrets",
+            secret.name,
+            f"{_origin(secret)} exited {done.returncode}",
+            "run it by hand to see why",
+        )
+    return _text(secret, done.stdout)
+
+
+def _text(secret: Secret, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _problem(
+            "secrets",
+            secret.name,
+            f"is not UTF-8 text ({_origin(secret)})",
+            "store the credential as text",
+        ) from None
+
+
+def new_placeholder() -> str:
+    """A fresh placeholder: the prefix the broker knows, then 128 random bits."""
+    return PLACEHOLDER_PREFIX + random_tokens.token_hex(16)
+
+
+def listing(
+    definitions: Mapping[str, Any],
+    in_use: Sequence[str],
+    root: Path,
+    check: bool = False,
+    environ: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per defined secret (what `described` shows, and whether sandboxes get it);
+    with `check`, each source is read now and the row says whether it gave a value,
+    never what."""
+    rows = []
+    for secret in parse_all(definitions, "secrets").values():
+        row = {**secret.described(), "in_use": secret.name in in_use}
+        if check:
+            try:
+                read_value(secret, root, environ)
+            except ConfigError as exc:
+                row["readable"], row["problem"] = False, exc.message.split(": ", 1)[-1]
+            else:
+                row["readable"], row["problem"] = True, ""
+        rows.append(row)
+    return rows

@@ -1,0 +1,166 @@
+"""Secret definitions, sources and placeholders (stigmer_sandbox/credentials.py): no value
+ever appears in an error, a listing or a row."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from stigmer_sandbox import config, credentials
+from stigmer_sandbox.errors import ConfigError
+from stigmer_sandbox.tasks._common import runtime_config_files
+
+VALUE = "s3cr3t-value-that-must-never-show"
+# The command prints VALUE without holding it: its text is configuration, shown in listings.
+PRINT_VALUE = "print('s3cr3t-' + 'value-that-must-never-show')"
+GOOD = {
+    "API_TOKEN": {
+        "from_env": "MY_API_TOKEN",
+        "hosts": ["api.example.com", "10.1.2.3:8443"],
+        "header": "Authorization: Bearer {value}",
+    },
+    "GIT_TOKEN": {"from_file": "token.txt", "hosts": "github.com, *.github.com"},
+    "HELPER": {"from_command": f'{sys.executable} -c "{PRINT_VALUE}"', "hosts": ["h.test"]},
+}
+
+
+def test_good_definitions_parse():
+    parsed = credentials.parse_all(GOOD, "invoke.yaml")
+    assert parsed["API_TOKEN"].hosts == ("api.example.com", "10.1.2.3:8443")
+    assert parsed["API_TOKEN"].header_name == "Authorization"
+    assert parsed["GIT_TOKEN"].hosts == ("github.com", "*.github.com")
+    assert parsed["GIT_TOKEN"].applied == "its placeholder replaced in request headers"
+
+
+@pytest.mark.parametrize(
+    ("definitions", "expected"),
+    [
+        ({"A": {"from_env": "X"}}, "secret 'A' has no hosts"),
+        ({"A": {"hosts": ["a.com"]}}, "secret 'A' has no source"),
+        ({"A": {"from_env": "X", "from_file": "y", "hosts": ["a.com"]}}, "has two sources"),
+        ({"A": {"from_env": " ", "hosts": ["a.com"]}}, "has an empty from_env"),
+        ({"A": {"from_env": "X", "hosts": ["*"]}}, "secret 'A' has a bad host"),
+        ({"A": {"from_env": "X", "hosts": ["a.com:70000"]}}, "secret 'A' has a bad host"),
+        ({"A": {"from_env": "X", "hosts": [""]}}, "secret 'A' has a bad host"),
+        (
+            {"A": {"from_env": "X", "hosts": ["a.com"], "header": "Authorization: x"}},
+            "without {value}",
+        ),
+        (
+            {"A": {"from_env": "X", "hosts": ["a.com"], "header": "no colon {value}"}},
+            "'Name: template'",
+        ),
+        (
+            {"A": {"from_env": "X", "hosts": ["a.com"], "header": "Bad Name: {value}"}},
+            "bad header name",
+        ),
+        (
+            {"A": {"from_env": "X", "hosts": ["a.com"], "header": "H: {value}\r\nX: y"}},
+            "control character",
+        ),
+        ({"A": {"from_env": "X", "hosts": ["a.com"], "colour": "red"}}, "unknown key 'colour'"),
+        ({"1A": {"from_env": "X", "hosts": ["a.com"]}}, "secret name '1A' is not a variable name"),
+        ({"A": "MY_TOKEN"}, "secret 'A' must be a mapping"),
+        (["A"], "key 'secrets' must be a mapping"),
+    ],
+)
+def test_bad_definitions_are_one_line_naming_the_secret(definitions, expected):
+    with pytest.raises(ConfigError) as caught:
+        credentials.parse_all(definitions, "invoke.yaml")
+    assert expected in caught.value.message
+    assert "\n" not in caught.value.message and caught.value.hint
+
+
+def test_values_are_read_from_each_source(tmp_path):
+    (tmp_path / "token.txt").write_text(VALUE + "\n")
+    parsed = credentials.parse_all(GOOD, "invoke.yaml")
+    environ = {"MY_API_TOKEN": VALUE}
+    for secret in parsed.values():
+        assert credentials.read_value(secret, tmp_path, environ) == VALUE
+
+
+@pytest.mark.parametrize(
+    ("spec", "prepare", "expected"),
+    [
+        ({"from_env": "MISSING"}, None, "environment variable MISSING, which is not set"),
+        ({"from_env": "EMPTY"}, None, "is empty (environment variable EMPTY)"),
+        ({"from_file": "nope.txt"}, None, "reads file nope.txt: No such file"),
+        ({"from_file": "t.txt"}, "two\nlines", "holds a line break or NUL"),
+        ({"from_file": "t.txt"}, b"\xff\xfe", "is not UTF-8 text"),
+        ({"from_command": "false"}, None, "command false exited 1"),
+        ({"from_command": "no-such-program-here"}, None, "cannot start"),
+        ({"from_command": "echo 'unbalanced"}, None, "does not parse"),
+    ],
+)
+def test_a_source_that_gives_no_value_is_one_line(tmp_path, spec, prepare, expected):
+    if isinstance(prepare, bytes):
+        (tmp_path / "t.txt").write_bytes(prepare)
+    elif prepare is not None:
+        (tmp_path / "t.txt").write_text(prepare)
+    secret = credentials.parse_secret("TOKEN", {**spec, "hosts": ["a.com"]}, "invoke.yaml")
+    with pytest.raises(ConfigError) as caught:
+        credentials.read_value(secret, tmp_path, {"EMPTY": ""})
+    assert expected in caught.value.message
+    assert "secret 'TOKEN'" in caught.value.message
+
+
+def test_a_failing_command_never_shows_what_it_printed(tmp_path):
+    command = f'{sys.executable} -c "{PRINT_VALUE}; raise SystemExit(3)"'
+    secret = credentials.parse_secret("T", {"from_command": command, "hosts": ["a.com"]}, "f")
+    with pytest.raises(ConfigError) as caught:
+        credentials.read_value(secret, tmp_path, {})
+    assert "exited 3" in caught.value.message
+    assert VALUE not in caught.value.message + str(caught.value.hint)
+
+
+def test_a_listing_never_holds_a_value_even_when_checked(tmp_path):
+    (tmp_path / "token.txt").write_text(VALUE)
+    rows = credentials.listing(
+        GOOD, ["API_TOKEN"], tmp_path, check=True, environ={"MY_API_TOKEN": VALUE}
+    )
+    assert VALUE not in json.dumps(rows)
+    assert [r["in_use"] for r in rows] == [True, False, False]
+    assert all(r["readable"] for r in rows)
+    missing = credentials.listing(GOOD, [], tmp_path, check=True, environ={})
+    assert missing[0]["readable"] is False and "MY_API_TOKEN" in missing[0]["problem"]
+
+
+def test_placeholders_are_random_and_recognisable():
+    made = {credentials.new_placeholder() for _ in range(100)}
+    assert len(made) == 100
+    assert all(p.startswith(credentials.PLACEHOLDER_PREFIX) and len(p) == 15 + 32 for p in made)
+
+
+def test_settings_carry_definitions_and_check_the_names_in_use(tmp_path):
+    settings = config.load_settings(tmp_path, environ={}, secrets=GOOD, use_secrets="API_TOKEN")
+    assert settings.secrets["API_TOKEN"]["from_env"] == "MY_API_TOKEN"
+    assert hash(settings) == hash(settings.replace())  # a mapping key, still hashable
+    with pytest.raises(ConfigError) as caught:
+        settings.replace(use_secrets="API_TOKEN,NOPE")
+    assert "unknown secret 'NOPE' (defined: API_TOKEN, GIT_TOKEN, HELPER)" in caught.value.message
+    with pytest.raises(ConfigError, match="not a secret name"):
+        settings.replace(use_secrets="bad-name")
+    assert (
+        config.Settings().secrets == {}
+        and config.Settings().secrets is not config.Settings().secrets
+    )
+
+
+def test_the_project_file_and_the_environment_are_checked(tmp_path):
+    (tmp_path / "invoke.yaml").write_text("stigmer:\n  secrets:\n    A: {from_env: X}\n")
+    with pytest.raises(ConfigError, match="secret 'A' has no hosts"):
+        config.load_settings(tmp_path, environ={})
+    with pytest.raises(ConfigError, match="INVOKE_STIGMER_SECRETS: key 'secrets' cannot be set"):
+        config.check_environment({"INVOKE_STIGMER_SECRETS": "x"})
+
+
+def test_runtime_config_files_are_found_before_the_first_task():
+    argv = ["-f", "a.yaml", "--config=b.yml", "-e", "compose.up", "-f", "compose.yml"]
+    assert [str(p) for p in runtime_config_files(argv, {"INVOKE_RUNTIME_CONFIG": "c.json"})] == [
+        "c.json",
+        "a.yaml",
+        "b.yml",
+    ]
+    assert runtime_config_files(["-f", "tasks.py"], {}) == []
