@@ -88,6 +88,7 @@ PACKAGE_SPECS = {
 MAX_PACKAGE_SPEC = 256
 # egress.MODES (a test keeps them equal); egress.py is imported only to check entries.
 EGRESS_MODES = ("public", "allowlist", "open", "none")
+GATEWAY_EGRESS = ("public", "allowlist")  # the modes with a gateway (and a broker)
 
 
 def _key(
@@ -264,9 +265,13 @@ class Settings:
         for item in dataclasses.fields(self):
             _validate(item, getattr(self, item.name), "settings")
         if self.use_secrets:
-            from . import credentials
-
-            credentials.chosen(self.secrets, split_packages(self.use_secrets), "use_secrets")
+            names = ", ".join(secret.name for secret in self.secrets_in_use)
+            if self.network == "none" or self.egress not in GATEWAY_EGRESS:
+                mode = "none" if self.network == "none" else self.egress
+                raise ConfigError(
+                    f"use_secrets: egress {mode} has no gateway to carry secrets ({names})",
+                    "use egress public or allowlist, or give the sandbox no secrets",
+                )
 
     def __hash__(self) -> int:  # `secrets` is a mapping; its canonical text stands in
         import json
@@ -298,6 +303,20 @@ class Settings:
             if extra:
                 changes[key] = ",".join([*split_packages(getattr(self, key)), *extra])
         return self.replace(source, **changes)
+
+    @property
+    def secrets_in_use(self) -> list[Any]:
+        """The `credentials.Secret`s that `use_secrets` names, checked."""
+        if not self.use_secrets:
+            return []
+        from . import credentials
+
+        return credentials.chosen(self.secrets, split_packages(self.use_secrets), "use_secrets")
+
+    @property
+    def secret_hosts(self) -> list[str]:
+        """Where the secrets in use may be sent: the egress policy allows them implicitly."""
+        return list(dict.fromkeys(host for s in self.secrets_in_use for host in s.hosts))
 
     def as_dict(self) -> dict[str, Any]:
         """All keys and values, as the `stigmer:` config section holds them."""

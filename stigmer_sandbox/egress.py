@@ -884,6 +884,8 @@ class EgressSettings(Protocol):
     @property
     def debian_mirror(self) -> str: ...
     @property
+    def secret_hosts(self) -> list[str]: ...
+    @property
     def root(self) -> Path: ...
 
 
@@ -933,9 +935,8 @@ class EgressPolicy:
             project_dir=settings.root, debian_mirror=settings.debian_mirror
         )
         mode = "none" if settings.network == "none" else settings.egress
-        return cls.from_options(
-            mode, settings.allow, settings.deny, settings.allow_presets, context
-        )
+        allow = [*_strings(settings.allow), *settings.secret_hosts]  # a secret's hosts too
+        return cls.from_options(mode, allow, settings.deny, settings.allow_presets, context)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EgressPolicy:

@@ -164,3 +164,24 @@ def test_runtime_config_files_are_found_before_the_first_task():
         "b.yml",
     ]
     assert runtime_config_files(["-f", "tasks.py"], {}) == []
+
+
+def test_the_hosts_of_secrets_in_use_are_allowed_and_need_a_gateway(tmp_path):
+    from stigmer_sandbox.egress import EgressPolicy
+
+    base = config.load_settings(tmp_path, environ={}, secrets=GOOD, egress="allowlist")
+    assert EgressPolicy.from_settings(base).allow == ()
+    used = base.replace(use_secrets="API_TOKEN,GIT_TOKEN", allow="pypi.example")
+    allowed = [str(entry) for entry in EgressPolicy.from_settings(used).allow]
+    assert sorted(allowed) == sorted(
+        [
+            "pypi.example",
+            "api.example.com",
+            "10.1.2.3:8443",
+            "github.com",
+            "*.github.com",
+        ]
+    )
+    for change in ({"egress": "open"}, {"egress": "none"}, {"network": "none"}):
+        with pytest.raises(ConfigError, match="has no gateway to carry secrets"):
+            used.replace(**change)
