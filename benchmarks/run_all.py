@@ -27,6 +27,7 @@ ORDER = (
     "sandbox_start.py",
     "pool.py",
     "egress.py",
+    "credentials.py",
     "cli_run.py",
     "rebuild.py",
     "startup.py",

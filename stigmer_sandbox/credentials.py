@@ -35,7 +35,7 @@ SOURCES = {
     "from_file": "file",
     "from_command": "command",
 }
-KEYS = (*SOURCES, "hosts", "header")
+KEYS = (*SOURCES, "hosts", "header", "ca")
 VALUE_MARK = "{value}"
 # Every placeholder starts so: the broker recognises one of any sandbox's in any request.
 PLACEHOLDER_PREFIX = "stigmer-secret-"
@@ -52,6 +52,7 @@ class Secret:
     where: str  # the variable, the path or the command
     hosts: tuple[str, ...]
     header: str = ""  # "Name: template with {value}"; "" substitutes the placeholder
+    ca: str = ""  # a CA bundle (PEM) the broker trusts for these hosts, besides the system's
 
     @property
     def header_name(self) -> str:
@@ -111,7 +112,38 @@ def parse_secret(name: object, spec: object, where: str) -> Secret:
         origin.strip(),
         _hosts(spec.get("hosts"), where, name),
         _header(spec.get("header", ""), where, name),
+        _ca(spec.get("ca", ""), where, name),
     )
+
+
+def _ca(value: object, where: str, name: str) -> str:
+    if value in ("", None):
+        return ""
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise _problem(where, name, "has a ca that is not a path", "name a PEM file")
+    return value.strip()
+
+
+def read_ca(secret: Secret, root: Path) -> bytes:
+    """The PEM bundle of a secret's `ca` (empty without one); a ConfigError naming the
+    secret when it is missing or holds no certificate."""
+    if not secret.ca:
+        return b""
+    path = root / os.path.expanduser(secret.ca)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _problem(
+            "secrets", secret.name, f"reads ca {secret.ca}: {exc.strerror or exc}", "check the path"
+        ) from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise _problem(
+            "secrets",
+            secret.name,
+            f"has a ca {secret.ca} with no PEM certificate",
+            "name a PEM bundle",
+        )
+    return data
 
 
 def _hosts(value: object, where: str, name: str) -> tuple[str, ...]:

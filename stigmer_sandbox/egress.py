@@ -13,6 +13,7 @@ check its keys, so the settings are read through the `EgressSettings` protocol).
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import functools
 import hashlib
 import ipaddress
@@ -898,12 +899,16 @@ class EgressPolicy:
     allow: tuple[Entry, ...] = ()
     deny: tuple[Entry, ...] = ()
     presets: tuple[str, ...] = ()
+    # The destinations of the secrets in use (also in `allow`): their connections go
+    # through the credentials broker (stigmer_sandbox/credentials.py).
+    brokered: tuple[Entry, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UsageError(f"unknown egress mode {self.mode!r}", f"one of {', '.join(MODES)}")
         object.__setattr__(self, "allow", _entries(self.allow))
         object.__setattr__(self, "deny", _entries(self.deny))
+        object.__setattr__(self, "brokered", _entries(self.brokered))
         object.__setattr__(self, "presets", tuple(sorted(set(self.presets))))
 
     @classmethod
@@ -936,7 +941,8 @@ class EgressPolicy:
         )
         mode = "none" if settings.network == "none" else settings.egress
         allow = [*_strings(settings.allow), *settings.secret_hosts]  # a secret's hosts too
-        return cls.from_options(mode, allow, settings.deny, settings.allow_presets, context)
+        chosen = cls.from_options(mode, allow, settings.deny, settings.allow_presets, context)
+        return dataclasses.replace(chosen, brokered=_entries(settings.secret_hosts))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EgressPolicy:
@@ -946,22 +952,29 @@ class EgressPolicy:
             _entries(_strings(data.get("allow", ()))),
             _entries(_strings(data.get("deny", ()))),
             tuple(_strings(data.get("presets", ()))),
+            _entries(_strings(data.get("brokered", ()))),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """Mode, entries (canonical text) and preset names, for JSON, audit and labels."""
-        return {
+        found = {
             "mode": self.mode,
             "allow": [str(e) for e in self.allow],
             "deny": [str(e) for e in self.deny],
             "presets": list(self.presets),
         }
+        if self.brokered:  # absent without secrets: earlier records read the same
+            found["brokered"] = [str(e) for e in self.brokered]
+        return found
 
     def effective(self) -> dict[str, Any]:
         """What decides connections: mode none ignores every entry, open ignores allow."""
         allow = [str(e) for e in self.allow] if self.mode in ("public", "allowlist") else []
         deny = [str(e) for e in self.deny] if self.mode != "none" else []
-        return {"mode": self.mode, "allow": allow, "deny": deny}
+        found: dict[str, Any] = {"mode": self.mode, "allow": allow, "deny": deny}
+        if self.brokered and self.mode in ("public", "allowlist"):
+            found["brokered"] = [str(e) for e in self.brokered]
+        return found
 
     def fingerprint(self) -> str:
         """A short stable hash of the effective policy: equal policies, equal prints,

@@ -7,6 +7,7 @@
 #                  sandbox a default route through it: it leads here)
 #   EGRESS_ROUTER  the default route out (the egress network's gateway)
 #   GENERATION     written to /var/log/egress/ready once every daemon listens
+#   BROKER_PORT    the credentials broker's port on 127.0.0.1 (empty: no secrets)
 # Logs go to /var/log/egress (a host folder): access.log (squid), packets.json (ulogd),
 # dns.log (dnsmasq). Exits non-zero, never announcing readiness, when a daemon fails.
 set -euo pipefail
@@ -35,16 +36,29 @@ fi
 ip addr replace "$VGW/32" dev "$internal_if"
 if [ -n "${EGRESS_ROUTER:-}" ]; then ip route replace default via "$EGRESS_ROUTER"; fi
 
-nft -f "$CONF/gw.nft"
-ulogd -d -c "$CONF/ulogd.conf"
-dnsmasq --conf-file="$CONF/dnsmasq.conf"
-squid -f "$CONF/squid.conf" -N &
-squid_pid=$!
-trap 'kill -TERM "$squid_pid" 2>/dev/null; wait "$squid_pid"; exit 0' TERM INT
-
 listening() {
   (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
+
+nft -f "$CONF/gw.nft"
+ulogd -d -c "$CONF/ulogd.conf"
+dnsmasq --conf-file="$CONF/dnsmasq.conf"
+# With secrets, the credentials broker (started by the host in this network namespace
+# once this container runs) listens before squid starts: squid would take a parent
+# that refused its first connection for dead.
+if [ -n "${BROKER_PORT:-}" ]; then
+  for _ in $(seq 1 3000); do
+    if listening "$BROKER_PORT"; then break; fi
+    sleep 0.01
+  done
+  if ! listening "$BROKER_PORT"; then
+    echo "egress-gateway: the credentials broker is not listening on $BROKER_PORT" >&2
+    exit 1
+  fi
+fi
+squid -f "$CONF/squid.conf" -N &
+squid_pid=$!
+trap 'kill -TERM "$squid_pid" 2>/dev/null; wait "$squid_pid"; exit 0' TERM INT
 for _ in $(seq 1 1000); do
   if listening 3128 && listening 3129 && listening 3130 && listening 53; then
     echo "$GENERATION" >"$LOG/ready.tmp"

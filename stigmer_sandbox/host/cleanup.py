@@ -44,7 +44,7 @@ STOPPED = ("created", "exited", "dead")
 # Containers and images inherit their image's labels, so a label alone does not make a
 # resource ours: a user's `docker run stigmer-sandbox-basic:local` or `FROM` it is theirs.
 OUR_CONTAINER_KINDS = {"sandbox", "probe", "helper", "compose"}
-OUR_IMAGE_KINDS = {"base", "basic", "full", "user", "snapshot", "fork", "egress"}
+OUR_IMAGE_KINDS = {"base", "basic", "full", "user", "snapshot", "fork", "egress", "broker"}
 OUR_IMAGE_PREFIX = "stigmer-sandbox"
 BUILD_STAGE_KIND = "build-stage"  # set in Dockerfile.sandbox.basic's first stage
 

@@ -319,6 +319,11 @@ def up(
     """Start the compose sandbox in the background behind its egress gateway (when its
     policy has one) and wait until it is healthy. Refuses a sandbox of the same name that
     `Sandbox.up` made."""
+    if settings.use_secrets:
+        raise UsageError(
+            f"compose sandboxes cannot use secrets yet ({settings.use_secrets})",
+            "clear use_secrets (and --secret) for compose.up, or use `inv sandbox.up`",
+        )
     settings = compose_egress.with_policy_entries(settings, choice.advanced)
     target, gateway = _prepared(settings, choice)
     name = settings.container_name

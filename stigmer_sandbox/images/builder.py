@@ -34,7 +34,10 @@ KINDS = ("basic", "full")
 # Images that are not sandboxes (kind -> folder under dockerfiles/, Dockerfile): built and
 # content-addressed like the others, each from its own folder, which the sandbox images'
 # context leaves out (dockerfiles/.dockerignore), so neither rebuilds the other.
-SERVICE_KINDS = {"egress": ("egress", "Dockerfile.egress-gateway")}
+SERVICE_KINDS = {
+    "egress": ("egress", "Dockerfile.egress-gateway"),
+    "broker": ("broker", "Dockerfile.broker"),
+}
 SOURCE_URL = "https://github.com/stigmer/stigmer-sandbox"
 CONTEXT_DIR = "dockerfiles"
 CA_CONTEXT_PATH = "certs/zz-stigmer-extra-ca.crt"

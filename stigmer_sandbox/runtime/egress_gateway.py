@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +41,8 @@ from typing import Any
 from .. import egress, engine, labels
 from ..config import Settings
 from ..errors import SandboxError, UsageError
-from ..images.gateway import ensure_gateway_image
+from ..images.services import ensure_gateway_image
+from . import broker
 from .backends.base import Backend
 from .backends.docker import DOCKER
 
@@ -52,6 +53,8 @@ GATEWAY_MODES = ("public", "allowlist")
 DEFAULT_SUBNETS = "10.231.0.0/16"
 SUBNET_PREFIX = 29
 MAX_SUBNET_TRIES = 64
+BROKER_PORT = 3180  # the credentials broker, on the gateway's loopback
+BROKER_PEER = "broker"
 PROXY_PORT = 3128  # the explicit proxy (HTTP_PROXY)
 # On a sandbox's /29: .1 is claimed by the gateway, .2 is the gateway, .3 the sandbox.
 GATEWAY_HOST, SANDBOX_HOST = 2, 3
@@ -107,6 +110,7 @@ class GatewayConfig:
     # Test-only: domain -> stand-in resolver (None: answered NXDOMAIN by the gateway).
     test_dns_routes: tuple[tuple[str, str | None], ...] = ()
     generation: str = ""  # written to the ready file once the gateway listens
+    broker_uid: int = 0  # the credentials broker's user (with brokered destinations)
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -233,6 +237,7 @@ def render_nft(config: GatewayConfig) -> str:
         f"    {proxy} . tcp dport @deny4 {logged('reject', 'refused deny')}",
         f"    {proxy} . tcp dport @unlock4 accept",
         f"    {proxy} @refused4 {logged('reject', 'refused refused-address')}",
+        *_broker_rules(config, logged),
         # dnsmasq only ever talks DNS.
         '    meta skuid "dnsmasq" meta l4proto { tcp, udp } th dport != 53 counter reject',
         "  }",
@@ -288,6 +293,39 @@ class _SquidAcls:
         return names, sni
 
 
+def _broker_rules(config: GatewayConfig, logged: Callable[[str, str], str]) -> list[str]:
+    """The broker's own connections (it shares the gateway's network namespace) get
+    squid's last word: whatever DNS said when it resolved a secret's host."""
+    if not config.policy.brokered:
+        return []
+    broker = f"meta skuid {config.broker_uid} ip daddr"
+    return [
+        f"    {broker} . tcp dport @deny4 {logged('reject', 'refused deny')}",
+        f"    {broker} . tcp dport @unlock4 accept",
+        f"    {broker} @refused4 {logged('reject', 'refused refused-address')}",
+    ]
+
+
+def _broker_routes(policy: egress.EgressPolicy, acls: _SquidAcls) -> list[str]:
+    """Connections to a secret's destinations (CONNECT or intercepted TLS, by name or
+    SNI) go to the broker, never straight out; squid's access rules decided first."""
+    if not policy.brokered:
+        return []
+    peer = (
+        f"cache_peer 127.0.0.1 parent {BROKER_PORT} 0 no-query no-digest "
+        f"no-netdb-exchange name={BROKER_PEER}"
+    )
+    lines = [peer]
+    for entry in policy.brokered:
+        match, sni = acls.entry(entry)
+        for chosen in filter(None, (" ".join(match), sni)):
+            lines += [
+                f"cache_peer_access {BROKER_PEER} allow {chosen}",
+                f"never_direct allow {chosen}",
+            ]
+    return [*lines, f"cache_peer_access {BROKER_PEER} deny all"]
+
+
 def render_squid(config: GatewayConfig) -> str:
     """Squid: the explicit proxy, intercepted HTTP, intercepted TLS (SNI peek, splice).
     Order: deny entries, allows that open refused addresses, refused addresses (by the
@@ -328,6 +366,7 @@ def render_squid(config: GatewayConfig) -> str:
         bump += [f"ssl_bump splice {match}" for match in splice]
         bump.append(f"ssl_bump terminate {acls.annotate('not-in-allowlist')}")
     access.append(f"http_access deny all {acls.annotate('not-in-allowlist')}")
+    routes = _broker_routes(policy, acls)
     refused_text = " ".join(str(n) for n in refused)
     head = [
         f"http_port {PROXY_PORT}",
@@ -355,7 +394,7 @@ def render_squid(config: GatewayConfig) -> str:
         *settings,
         *acls.lines,
     ]
-    return "\n".join(head + access + bump) + "\n"
+    return "\n".join(head + access + bump + routes) + "\n"
 
 
 def _under(name: str, domain: str) -> bool:
@@ -421,6 +460,7 @@ def render(config: GatewayConfig) -> dict[str, str]:
         "VGW": config.claimed,
         "EGRESS_ROUTER": config.egress_router,
         "GENERATION": config.generation,
+        "BROKER_PORT": str(BROKER_PORT) if config.policy.brokered else "",
     }
     for value in env.values():
         if not re.fullmatch(r"[A-Za-z0-9.:_-]*", value):
@@ -569,6 +609,9 @@ class EgressGateway:
         self.network_name = f"{sandbox_name}-egress"
         self.container_name = f"{sandbox_name}-egress-gw"
         self.folder = settings.path("state_dir") / STATE_FOLDER / sandbox_name
+        self.broker = broker.Broker(
+            settings, sandbox_name, self.folder, self.log_dir, self.extra_labels
+        )
 
     # ----------------------------------------------------------------- paths and labels
 
@@ -664,7 +707,10 @@ class EgressGateway:
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def remove_container(self) -> None:
-        """Remove the gateway container only (its sandbox may still be on the network)."""
+        """Remove the gateway container only (its sandbox may still be on the network),
+        and its credentials broker with the values it held."""
+        if self.broker.folder.exists():
+            self.broker.remove()
         container = engine.find_container(self.container_name)
         if container is not None and self._ours(container.labels):
             _remove_container(container)
@@ -762,6 +808,7 @@ class EgressGateway:
             egress_router=bridge_gateway(),
             test_dns_routes=self.test_dns_routes,
             generation=secrets.token_hex(6),
+            broker_uid=os.getuid(),
         )
 
     def _container_hash(self, image: str, network: Any) -> str:
@@ -841,11 +888,16 @@ class EgressGateway:
                 engine.client().networks.get(name).connect(container)
         return container
 
-    def _start_and_wait(self, container: Any, timeout: float) -> None:
-        """Start the gateway and wait for its ready file to name this configuration."""
+    def _start_and_wait(
+        self, container: Any, timeout: float, started: Callable[[], None] | None = None
+    ) -> None:
+        """Start the gateway (then call `started`) and wait for its ready file to name
+        this configuration."""
         generation = self._written_generation()
         with engine.engine_errors():
             container.start()
+        if started is not None:
+            started()
         deadline = time.monotonic() + timeout
         delay = 0.005
         while time.monotonic() < deadline:
@@ -884,13 +936,27 @@ class PreparedGateway:
             container.reload()
         running = container.status in ("running", "restarting", "paused")
         current = gateway._written_policy() == gateway.policy.fingerprint()
-        if running and gateway._is_ready() and current:
+        held, brokered = gateway.broker, bool(gateway.policy.brokered)
+        if brokered:  # today's values: a revoked or rotated secret holds from the next request
+            held.write_secrets()
+        elif held.folder.exists():
+            held.remove()
+        serving = not brokered or held.serving(container)
+        if running and gateway._is_ready() and current and serving:
             return "unchanged"
         gateway._write_config(gateway._config(self.network))
         if running:
             with engine.engine_errors():
                 container.kill()
-        gateway._start_and_wait(container, timeout)
+        # The broker joins the gateway's network namespace once it runs; the gateway
+        # announces readiness only once the broker listens.
+        start_broker = (lambda: held.start(container)) if brokered else None
+        try:
+            gateway._start_and_wait(container, timeout, start_broker)
+        except SandboxError:
+            if brokered:
+                held.raise_if_failed()
+            raise
         return "created" if self.created else "restarted" if running else "started"
 
 
@@ -1130,6 +1196,7 @@ def read_records(
         *_squid_records(log_dir / "access.log", claimed),
         *_packet_records(log_dir / "packets.json"),
         *dns_records,
+        *broker.records(_tail_lines(log_dir / broker.LOG_FILE)),
     ]
     names: dict[tuple[str, str], str] = {}
     answers.sort()

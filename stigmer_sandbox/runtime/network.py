@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import egress
 from ..config import Settings
+from . import broker
 from .backends.base import Backend
 from .backends.docker import DOCKER
 from .client.history import AuditLog
@@ -94,10 +95,15 @@ class Placement:
 
 
 def prepare(
-    settings: Settings, name: str, extra_labels: Mapping[str, str], backend: Backend
+    settings: Settings,
+    name: str,
+    extra_labels: Mapping[str, str],
+    backend: Backend,
+    image: str,
 ) -> Placement:
     """Make the network side of sandbox `name` ready for its policy: its gateway's network
-    at once, the gateway itself in the background (`Placement.finish` waits for it)."""
+    at once, the gateway itself in the background (`Placement.finish` waits for it). With
+    secrets, `image` (the sandbox's) gets the placeholders and the broker CA."""
     chosen = policy_of(settings)
     if chosen.mode == "none":
         return Placement({"network_mode": "none"})
@@ -105,7 +111,10 @@ def prepare(
         return Placement({})
     gateway = gateway_for(settings, name, chosen, extra_labels, backend)
     started = gateway.begin()
-    return Placement(gateway.sandbox_options(), started)
+    options = gateway.sandbox_options()
+    if settings.use_secrets:
+        options = merged(options, broker.sandbox_options(settings, name, image))
+    return Placement(options, started)
 
 
 def merged(spec: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
@@ -117,6 +126,8 @@ def merged(spec: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in options.items():
         if key == "environment":
             result["environment"] = {**spec.get("environment", {}), **value}
+        elif key == "mounts":
+            result["mounts"] = [*spec.get("mounts", []), *value]
         else:
             result[key] = value
     return result

@@ -159,7 +159,7 @@ class Sandbox(CommandMethods, Forking, ContainerViews):
             self.settings, self.sandbox_user, self.prepared_image, self.backend
         )  # checks the folders: nothing is made for a sandbox that may not start
         owned = containers.owner_labels(self.ephemeral) | self.extra_labels
-        placement = network.prepare(self.settings, self.name, owned, self.backend)
+        placement = network.prepare(self.settings, self.name, owned, self.backend, base["image"])
         spec, wanted = containers.placed(base, placement.options)
         container = self._reusable(self.find(), wanted, placement.gateway is not None)
         started = container is None or container.status != "running"

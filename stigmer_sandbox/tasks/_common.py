@@ -127,8 +127,11 @@ EGRESS_HELP = {
     "(default: none)",
     "allow_preset": "a named set of allow entries: python (pip's index hosts), node (npm's "
     "registry), debian (the Debian mirror); repeatable (default: none)",
+    "secret": "a secret from the `secrets` config the sandbox may use (it sees a placeholder, "
+    "the broker puts the value into requests to the secret's hosts); repeatable, added to "
+    "config use_secrets (default: none)",
 }
-EGRESS_LISTS = ["allow", "deny", "allow_preset"]
+EGRESS_LISTS = ["allow", "deny", "allow_preset", "secret"]
 
 
 def egress_settings(
@@ -137,10 +140,15 @@ def egress_settings(
     allow: list[str] | None,
     deny: list[str] | None,
     allow_preset: list[str] | None,
+    secret: list[str] | None = None,
     **flags: Any,
 ) -> config.Settings:
-    """`settings` with the egress flags applied (entries added to the configured ones)."""
+    """`settings` with the egress flags applied (entries and secrets added to the
+    configured ones)."""
     chosen = settings(c, **flags)
+    if secret:
+        given = [*config.split_packages(chosen.use_secrets), *secret]
+        chosen = chosen.replace("flags", use_secrets=",".join(dict.fromkeys(given)))
     return chosen.with_egress(egress, allow or (), deny or (), allow_preset or (), "flags")
 
 

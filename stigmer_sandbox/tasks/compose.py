@@ -76,12 +76,13 @@ def up(
     allow: list[str] | None = None,
     deny: list[str] | None = None,
     allow_preset: list[str] | None = None,
+    secret: list[str] | None = None,
 ) -> None:
     """Start the compose sandbox behind its egress gateway and wait until it is healthy."""
     from ..host import compose
     from ..images import BuildOptions
 
-    current = egress_settings(c, egress, allow, deny, allow_preset)
+    current = egress_settings(c, egress, allow, deny, allow_preset, secret)
     if build:
         build_kind(current, "basic", BuildOptions(), "auto")
     started = compose.up(current, _choice(advanced, database, file), timeout, console.echo_command)

@@ -66,11 +66,12 @@ def run(
     allow: list[str] | None = None,
     deny: list[str] | None = None,
     allow_preset: list[str] | None = None,
+    secret: list[str] | None = None,
 ) -> None:
     """Run a command in the sandbox (or on the host with STIGMER_EXECUTION_MODE=local)."""
     if session and background:
         raise UsageError("--background runs outside any session; drop one of the two")
-    current = egress_settings(c, egress, allow, deny, allow_preset)
+    current = egress_settings(c, egress, allow, deny, allow_preset, secret)
     callbacks = {
         "on_stdout": None if json else stream_writer(sys.stdout),
         "on_stderr": None if json else stream_writer(sys.stderr),

@@ -284,11 +284,14 @@ def up(
     allow: list[str] | None = None,
     deny: list[str] | None = None,
     allow_preset: list[str] | None = None,
+    secret: list[str] | None = None,
 ) -> None:
     """Start the sandbox container (idempotent) and wait until it is healthy."""
     from .. import runtime
 
-    chosen = egress_settings(c, egress, allow, deny, allow_preset, image=image, network=network)
+    chosen = egress_settings(
+        c, egress, allow, deny, allow_preset, secret, image=image, network=network
+    )
     sandbox = runtime.Sandbox(chosen)
     started = time.monotonic()
     sandbox.up(timeout=timeout)

@@ -185,3 +185,17 @@ def test_the_hosts_of_secrets_in_use_are_allowed_and_need_a_gateway(tmp_path):
     for change in ({"egress": "open"}, {"egress": "none"}, {"network": "none"}):
         with pytest.raises(ConfigError, match="has no gateway to carry secrets"):
             used.replace(**change)
+
+
+def test_the_secret_flag_adds_to_the_configured_secrets(tmp_path):
+    from invoke import Context
+
+    from stigmer_sandbox.tasks._common import egress_settings
+
+    (tmp_path / "invoke.yaml").write_text("")
+    defaults = config.load_settings(tmp_path, environ={}, secrets=GOOD, use_secrets="API_TOKEN")
+    context = Context({config.SECTION: defaults.as_dict()})
+    chosen = egress_settings(context, None, None, None, None, ["GIT_TOKEN", "API_TOKEN"])
+    assert chosen.use_secrets == "API_TOKEN,GIT_TOKEN"
+    with pytest.raises(ConfigError, match="unknown secret 'NOPE'"):
+        egress_settings(context, None, None, None, None, ["NOPE"])

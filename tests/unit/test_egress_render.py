@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import re
@@ -16,8 +17,8 @@ from stigmer_sandbox.runtime import egress_gateway as eg
 HOSTS = ("127.0.0.1", "172.17.0.1", "192.0.2.2", "198.51.100.1", "fd00::2")
 
 
-def config(mode: str = "allowlist", allow=(), deny=(), **extra) -> eg.GatewayConfig:
-    policy = egress.EgressPolicy.from_options(mode, allow=list(allow), deny=list(deny))
+def config(mode: str = "allowlist", allow=(), deny=(), policy=None, **extra) -> eg.GatewayConfig:
+    policy = policy or egress.EgressPolicy.from_options(mode, allow=list(allow), deny=list(deny))
     fields = {
         "subnet": "10.231.9.0/29",
         "host_addresses": HOSTS,
@@ -42,6 +43,7 @@ def test_every_file_is_rendered_and_env_names_the_addresses():
         "VGW": "10.231.9.1",
         "EGRESS_ROUTER": "172.17.0.1",
         "GENERATION": "abc123",
+        "BROKER_PORT": "",
     }
 
 
@@ -288,3 +290,19 @@ def test_records_read_only_the_newest_part_of_a_big_log(tmp_path, monkeypatch):
 
 def test_records_of_missing_logs_are_empty(tmp_path):
     assert eg.read_records(tmp_path / "nothing", "sb") == []
+
+
+def test_a_secrets_destinations_go_through_the_broker_and_nothing_else_does():
+    policy = egress.EgressPolicy.from_options("public", allow=["api.example.com", "10.9.0.1:8443"])
+    policy = dataclasses.replace(policy, brokered=("api.example.com", "10.9.0.1:8443"))
+    files = eg.render(config(policy=policy, broker_uid=1000))
+    squid = files["squid.conf"].splitlines()
+    assert f"cache_peer 127.0.0.1 parent {eg.BROKER_PORT} 0" in squid[index(squid, "cache_peer ")]
+    routed = [line for line in squid if line.startswith(("cache_peer_access", "never_direct"))]
+    assert len(routed) == 2 * 3 + 1  # a name: destination and SNI; an address: destination
+    assert routed[-1] == "cache_peer_access broker deny all"
+    nft = files["gw.nft"]
+    assert 'meta skuid 1000 ip daddr @refused4 counter log prefix "refused refused-address' in nft
+    assert "BROKER_PORT=3180" in files["env"]
+    without = eg.render(config(mode="public"))
+    assert "cache_peer" not in without["squid.conf"] and "skuid 1000" not in without["gw.nft"]

@@ -21,7 +21,7 @@ def at(seconds: float) -> str:
 @pytest.mark.parametrize(("mode", "options"), [("none", {"network_mode": "none"}), ("open", {})])
 def test_modes_without_a_gateway_need_no_engine(tmp_path, mode, options):
     settings = config.Settings(project_dir=str(tmp_path), egress=mode)
-    placement = network.prepare(settings, "box", {}, DOCKER)
+    placement = network.prepare(settings, "box", {}, DOCKER, settings.image)
     assert placement.options == options and placement.gateway is None
     assert placement.finish("box") == []
 

@@ -1,0 +1,266 @@
+"""The credentials broker: a mitmproxy addon that puts secrets into requests (issue 26).
+
+Squid (the sandbox's egress gateway) sends only connections to a secret's destinations
+here, after its policy allowed them; mitmproxy terminates their TLS with the
+installation's broker CA and verifies the upstream certificate itself. For each request:
+
+- a placeholder (`stigmer-secret-` and 32 hex digits) anywhere in the URL, a header, the
+  credentials of `Authorization: Basic`, or a body that is not streamed, must belong to a
+  secret whose destinations include this connection's target; otherwise the request is
+  answered 403 here, never forwarded, and one JSON line records the attempt (destination,
+  secret name, where; never a value);
+- the placeholders of the secrets for this destination are replaced by their values, and
+  a secret's header template (`Authorization: Bearer {value}`) is set.
+
+The host writes SECRETS_FILE (JSON, replaced by rename) and may rewrite it at any time:
+it is re-read when its inode, size or mtime change, so a revoked or rotated secret holds
+from the next request. A missing or unreadable file means no secrets: every placeholder
+is refused (fail closed). The host's side: stigmer_sandbox/runtime/broker.py.
+
+Stdlib only at import (unit-tested on the host); mitmproxy is imported when it runs.
+"""
+
+import base64
+import binascii
+import ipaddress
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "stigmer-secret-"
+# No '-' or '_' after the digits: a placeholder ends where a word such as "-post" starts.
+PLACEHOLDER = re.compile(re.escape(PREFIX) + r"[0-9a-f]{32}(?![0-9A-Za-z])")
+PLACEHOLDER_BYTES = re.compile(PLACEHOLDER.pattern.encode())
+SECRETS_FILE = os.environ.get("BROKER_SECRETS", "/run/broker/secrets.json")
+LOG_FILE = os.environ.get("BROKER_LOG", "")  # JSON lines; empty: stderr
+READY_FILE = os.environ.get("BROKER_READY", "")  # written once the proxy listens
+REFUSED_HEADER = "X-Stigmer-Broker"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One of a secret's destinations, as the host's egress entries describe it: a name,
+    a wildcard (names under it, not itself) or a network, with an optional port."""
+
+    kind: str  # "name", "wildcard" or "network"
+    host: str
+    port: int | None = None
+
+    def matches(self, host: str, port: int) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        host = host.lower().rstrip(".")
+        if self.kind == "network":
+            try:
+                return ipaddress.ip_address(host.strip("[]")) in ipaddress.ip_network(self.host)
+            except ValueError:
+                return False
+        if self.kind == "wildcard":
+            return host.endswith("." + self.host)
+        return host == self.host
+
+
+@dataclass(frozen=True)
+class Secret:
+    name: str
+    placeholder: str
+    value: str
+    destinations: tuple[Destination, ...]
+    header: str = ""  # "Name: template with {value}"
+
+    def goes_to(self, host: str, port: int) -> bool:
+        return any(d.matches(host, port) for d in self.destinations)
+
+
+def parse_secrets(data: Any) -> dict[str, Secret]:
+    """The secrets file's content, by placeholder."""
+    found = {}
+    for item in data.get("secrets", []):
+        secret = Secret(
+            name=str(item["name"]),
+            placeholder=str(item["placeholder"]),
+            value=str(item["value"]),
+            destinations=tuple(
+                Destination(str(d["kind"]), str(d["host"]), d.get("port"))
+                for d in item["destinations"]
+            ),
+            header=str(item.get("header") or ""),
+        )
+        found[secret.placeholder] = secret
+    return found
+
+
+class Table:
+    """The secrets file, re-read when it changes (one stat per request)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.key: tuple[int, int, int] | None = None
+        self.by_placeholder: dict[str, Secret] = {}
+
+    def current(self) -> dict[str, Secret]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self.key, self.by_placeholder = None, {}
+            return self.by_placeholder
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if key != self.key:
+            self.by_placeholder = self._load()
+            self.key = key
+        return self.by_placeholder
+
+    def _load(self) -> dict[str, Secret]:
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                return parse_secrets(json.load(handle))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log({"event": "secrets-unreadable", "error": type(exc).__name__})
+            return {}
+
+
+def log(record: dict[str, Any]) -> None:
+    line = json.dumps({"time": round(time.time(), 3), **record}, sort_keys=True) + "\n"
+    if LOG_FILE:
+        with open(LOG_FILE, "a", encoding="utf-8") as handle:
+            handle.write(line)
+    else:
+        sys.stderr.write(line)
+
+
+def basic_credentials(value: str) -> str | None:
+    """The decoded `user:password` of an `Authorization: Basic` value, or None."""
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "basic" or not token.strip():
+        return None
+    try:
+        return base64.b64decode(token.strip(), validate=True).decode("utf-8", "replace")
+    except (binascii.Error, ValueError):
+        return None
+
+
+def placeholders_in(
+    path: str, headers: Iterable[tuple[str, str]], body: bytes | None
+) -> list[tuple[str, str]]:
+    """Every (placeholder, where) in a request."""
+    found = [(p, "url") for p in PLACEHOLDER.findall(path)]
+    for name, value in headers:
+        found += [(p, f"header:{name}") for p in PLACEHOLDER.findall(f"{name}: {value}")]
+        decoded = basic_credentials(value)
+        if decoded:
+            found += [(p, f"basic:{name}") for p in PLACEHOLDER.findall(decoded)]
+    if body and PREFIX.encode() in body:
+        found += [(p.decode(), "body") for p in PLACEHOLDER_BYTES.findall(body)]
+    return found
+
+
+def refusal(
+    table: dict[str, Secret], host: str, port: int, found: list[tuple[str, str]]
+) -> tuple[str, str] | None:
+    """(secret name or "unknown", where) of the first placeholder that may not go to
+    host:port, or None."""
+    for placeholder, where in found:
+        secret = table.get(placeholder)
+        if secret is None or not secret.goes_to(host, port):
+            return (secret.name if secret else "unknown"), where
+    return None
+
+
+def substituted(text: str, secrets: list[Secret]) -> str:
+    for secret in secrets:
+        text = text.replace(secret.placeholder, secret.value)
+    return text
+
+
+def header_value(value: str, secrets: list[Secret]) -> str:
+    """A header value with placeholders replaced, inside Basic credentials too."""
+    decoded = basic_credentials(value)
+    if decoded and any(s.placeholder in decoded for s in secrets):
+        return "Basic " + base64.b64encode(substituted(decoded, secrets).encode()).decode()
+    return substituted(value, secrets)
+
+
+class Broker:
+    """The addon."""
+
+    def __init__(self) -> None:
+        self.table = Table(SECRETS_FILE)
+
+    def running(self) -> None:
+        if READY_FILE:
+            with open(READY_FILE + ".tmp", "w", encoding="utf-8") as handle:
+                handle.write(str(os.getpid()))
+            os.replace(READY_FILE + ".tmp", READY_FILE)
+
+    def request(self, flow: Any) -> None:
+        table = self.table.current()
+        request = flow.request
+        # The destination is where this connection goes (the target squid forwarded,
+        # whose certificate mitmproxy verifies), never what the Host header claims.
+        host, port = request.host, request.port
+        claimed = (request.host_header or "").lower()
+        if claimed and claimed.rsplit(":", 1)[0].strip("[]") != host.lower().strip("[]"):
+            self.refuse(flow, host, port, "unknown", "host-mismatch")
+            return
+        body = None if request.stream else request.raw_content
+        found = placeholders_in(request.path, request.headers.items(multi=True), body)
+        refused = refusal(table, host, port, found)
+        if refused:
+            self.refuse(flow, host, port, *refused)
+            return
+        here = [s for s in table.values() if s.goes_to(host, port)]
+        if not here:
+            return
+        request.path = substituted(request.path, here)
+        for name in list(request.headers.keys()):
+            values = request.headers.get_all(name)
+            replaced = [header_value(value, here) for value in values]
+            if replaced != values:
+                request.headers.set_all(name, replaced)
+        if body and any(s.placeholder.encode() in body for s in here):
+            for secret in here:
+                body = body.replace(secret.placeholder.encode(), secret.value.encode())
+            request.raw_content = body
+        for secret in here:
+            if secret.header:
+                name, _, template = secret.header.partition(":")
+                request.headers[name.strip()] = template.strip().replace("{value}", secret.value)
+        log(
+            {
+                "event": "brokered",
+                "destination": f"{host}:{port}",
+                "secrets": sorted(s.name for s in here),
+                "client": flow.client_conn.peername[0],
+            }
+        )
+
+    def responseheaders(self, flow: Any) -> None:
+        # Responses are never inspected: streamed, not buffered (large downloads).
+        if flow.response is not None:
+            flow.response.stream = True
+
+    def refuse(self, flow: Any, host: str, port: int, name: str, where: str) -> None:
+        from mitmproxy import http
+
+        log(
+            {
+                "event": "refused",
+                "destination": f"{host}:{port}",
+                "secret": name,
+                "where": where,
+                "client": flow.client_conn.peername[0],
+            }
+        )
+        flow.response = http.Response.make(
+            403,
+            f"stigmer broker: a secret placeholder ({name}) may not be sent to {host}:{port}\n",
+            {"Content-Type": "text/plain", REFUSED_HEADER: "refused"},
+        )
+
+
+addons = [Broker()]

@@ -1,0 +1,135 @@
+"""The broker addon's decisions (dockerfiles/broker/stigmer_broker.py), without mitmproxy:
+where placeholders are found, which destinations a secret may go to, what is replaced."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from stigmer_sandbox import egress
+from stigmer_sandbox.credentials import new_placeholder
+from stigmer_sandbox.runtime import broker as host_broker
+
+ADDON = Path(__file__).resolve().parents[2] / "dockerfiles" / "broker" / "stigmer_broker.py"
+spec = importlib.util.spec_from_file_location("stigmer_broker", ADDON)
+addon = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(addon)  # type: ignore[union-attr]
+
+API = new_placeholder()
+GIT = new_placeholder()
+
+
+def table(tmp_path: Path) -> dict:
+    document = {
+        "secrets": [
+            {
+                "name": "API_TOKEN",
+                "placeholder": API,
+                "value": "api-value",
+                "destinations": [
+                    host_broker._destination(egress.parse_entry(e))
+                    for e in ("api.example.com", "*.corp.example:8443", "10.1.0.0/16")
+                ],
+                "header": "Authorization: Bearer {value}",
+            },
+            {
+                "name": "GIT_TOKEN",
+                "placeholder": GIT,
+                "value": "git-value",
+                "destinations": [host_broker._destination(egress.parse_entry("git.example.com"))],
+            },
+        ]
+    }
+    path = tmp_path / "secrets.json"
+    path.write_text(json.dumps(document))
+    return addon.Table(str(path)).current()
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "goes"),
+    [
+        ("api.example.com", 443, True),
+        ("API.example.com.", 8080, True),
+        ("evil-api.example.com", 443, False),
+        ("x.corp.example", 8443, True),
+        ("corp.example", 8443, False),  # a wildcard covers names under it, not itself
+        ("x.corp.example", 443, False),
+        ("10.1.200.3", 443, True),
+        ("10.2.0.1", 443, False),
+    ],
+)
+def test_destinations_match_as_egress_entries_do(tmp_path, host, port, goes):
+    assert table(tmp_path)[API].goes_to(host, port) is goes
+
+
+def test_placeholders_are_found_in_the_url_headers_basic_credentials_and_body():
+    basic = "Basic " + base64.b64encode(f"x-access-token:{GIT}".encode()).decode()
+    found = addon.placeholders_in(
+        f"/a?t={API}",
+        [("X-Token", f"pre-{API}-post"), ("Authorization", basic)],
+        f"data={GIT}".encode(),
+    )
+    assert found == [
+        (API, "url"),
+        (API, "header:X-Token"),
+        (GIT, "basic:Authorization"),
+        (GIT, "body"),
+    ]
+    assert addon.placeholders_in(f"/{API}x", [], None) == []  # not one: longer
+    assert addon.placeholders_in("/stigmer-secret-123", [], None) == []
+
+
+def test_a_placeholder_may_go_only_to_its_destinations(tmp_path):
+    secrets = table(tmp_path)
+    assert addon.refusal(secrets, "api.example.com", 443, [(API, "url")]) is None
+    assert addon.refusal(secrets, "git.example.com", 443, [(API, "header:X")]) == (
+        "API_TOKEN",
+        "header:X",
+    )
+    stranger = new_placeholder()  # another sandbox's, or a revoked one
+    assert addon.refusal(secrets, "api.example.com", 443, [(stranger, "url")]) == (
+        "unknown",
+        "url",
+    )
+
+
+def test_values_replace_placeholders_inside_basic_credentials(tmp_path):
+    here = [table(tmp_path)[GIT]]
+    basic = "Basic " + base64.b64encode(f"x-access-token:{GIT}".encode()).decode()
+    replaced = addon.header_value(basic, here)
+    assert base64.b64decode(replaced.split(" ", 1)[1]) == b"x-access-token:git-value"
+    assert addon.header_value(f"token {GIT}", here) == "token git-value"
+
+
+def test_a_missing_or_broken_file_means_no_secrets(tmp_path):
+    assert addon.Table(str(tmp_path / "absent.json")).current() == {}
+    (tmp_path / "bad.json").write_text("{not json")
+    assert addon.Table(str(tmp_path / "bad.json")).current() == {}
+
+
+def test_a_rewritten_file_is_read_again(tmp_path):
+    secrets = table(tmp_path)
+    loaded = addon.Table(str(tmp_path / "secrets.json"))
+    assert set(loaded.current()) == set(secrets)
+    (tmp_path / "secrets.json").write_text(json.dumps({"secrets": []}))
+    assert loaded.current() == {}
+
+
+def test_broker_log_lines_become_egress_records():
+    lines = [
+        json.dumps(
+            {"event": "refused", "destination": "h.example:443", "secret": "A", "where": "url"}
+        ),
+        json.dumps({"event": "brokered", "destination": "10.0.0.1:8443", "secrets": ["A", "B"]}),
+        "not json",
+        json.dumps({"event": "secrets-unreadable"}),
+    ]
+    records = host_broker.records(lines)
+    assert [(r["decision"], r["rule"], r["name"], r["port"]) for r in records] == [
+        ("refused", "secret-placeholder:A:url", "h.example", 443),
+        ("allowed", "secrets:A,B", "10.0.0.1", 8443),
+    ]
