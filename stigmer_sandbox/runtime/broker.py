@@ -268,6 +268,7 @@ class Broker:
         self.log_dir = log_dir
         self.owner = dict(owner)
         self.container_name = f"{sandbox}-egress-broker"
+        self.values_written = False  # by this object: each `up` reads the sources once
 
     def write_secrets(self) -> None:
         """Values read now from their sources, for the broker's next request; the CAs
@@ -279,6 +280,7 @@ class Broker:
         _private_folder(self.folder)
         _write_private(self.folder / "secrets.json", json.dumps(document))
         _write_private(self.folder / "trust.pem", trusted.decode("utf-8", "replace"), 0o644)
+        self.values_written = True
 
     def serving(self, gateway: Any) -> bool:
         """Whether a broker made for this image and `gateway` runs and listens."""

@@ -937,10 +937,10 @@ class PreparedGateway:
         running = container.status in ("running", "restarting", "paused")
         current = gateway._written_policy() == gateway.policy.fingerprint()
         held, brokered = gateway.broker, bool(gateway.policy.brokered)
-        if brokered:  # today's values: a revoked or rotated secret holds from the next request
-            held.write_secrets()
-        elif held.folder.exists():
+        if not brokered and held.folder.exists():
             held.remove()
+        elif brokered and not held.values_written:  # today's values: a revoked or
+            held.write_secrets()  # rotated secret holds from the next request
         serving = not brokered or held.serving(container)
         if running and gateway._is_ready() and current and serving:
             return "unchanged"

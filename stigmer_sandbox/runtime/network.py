@@ -110,6 +110,8 @@ def prepare(
     if chosen.mode not in GATEWAY_MODES:
         return Placement({})
     gateway = gateway_for(settings, name, chosen, extra_labels, backend)
+    if chosen.brokered:  # a source that gives no value stops the start before anything
+        gateway.broker.write_secrets()
     started = gateway.begin()
     options = gateway.sandbox_options()
     if settings.use_secrets:

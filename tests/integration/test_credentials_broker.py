@@ -14,10 +14,13 @@ see SECURITY.md).
 
 from __future__ import annotations
 
+import base64
+import functools
 import hashlib
 import http.server
 import json
 import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from stigmer_sandbox import config, engine
+from stigmer_sandbox.errors import ConfigError
 from stigmer_sandbox.runtime import Sandbox, network
 from stigmer_sandbox.runtime.egress_gateway import bridge_gateway
 
@@ -67,6 +71,28 @@ class Api(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class GitFiles(http.server.SimpleHTTPRequestHandler):
+    """A bare repository over git's dumb HTTP, only to `Basic <any user>:<VALUE>` (git
+    asks without credentials first, then sends those of the URL)."""
+
+    def do_GET(self) -> None:
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        try:
+            password = base64.b64decode(token).decode().partition(":")[2]
+        except ValueError:
+            password = ""
+        if scheme != "Basic" or password != VALUE:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="stand-in"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
 def host() -> str:
     return bridge_gateway()
@@ -81,9 +107,18 @@ def standins(tmp_path_factory, host) -> Iterator[dict[str, object]]:
     (folder / "bad").mkdir()
     make_certificates(folder / "good", ["localhost"], [host])
     make_certificates(folder / "bad", ["localhost"], [host])
+    work, served = folder / "work", folder / "www" / "repo.git"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
+    subprocess.run([*git, "init", "-q", str(work)], check=True)
+    (work / "README").write_text("cloned through the broker\n")
+    subprocess.run([*git, "-C", str(work), "add", "README"], check=True)
+    subprocess.run([*git, "-C", str(work), "commit", "-qm", "one"], check=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(served)], check=True)
+    subprocess.run(["git", "-C", str(served), "update-server-info"], check=True)
     servers = []
-    for cert in ("good", "good", "bad"):
-        server = Server(("0.0.0.0", 0), Api)
+    handlers = (Api, Api, Api, functools.partial(GitFiles, directory=str(folder / "www")))
+    for cert, handler in zip(("good", "good", "bad", "good"), handlers, strict=True):
+        server = Server(("0.0.0.0", 0), handler)
         server.requests = []  # type: ignore[attr-defined]
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(folder / cert / "cert.pem")
@@ -96,6 +131,7 @@ def standins(tmp_path_factory, host) -> Iterator[dict[str, object]]:
             "api": servers[0],
             "other": servers[1],
             "untrusted": servers[2],
+            "git": servers[3],
         }
     finally:
         for server in servers:
@@ -123,9 +159,15 @@ def settings_for(tmp: Path, host: str, standins: dict[str, object], **changes: o
             "hosts": [f"{host}:{port_of(standins['other'])}"],
             "ca": standins["ca"],
         },
+        "GIT_TOKEN": {  # no header: git puts the placeholder in Basic credentials itself
+            "from_env": "STIGMER_TEST_API_TOKEN",
+            "hosts": [f"{host}:{port_of(standins['git'])}"],
+            "ca": standins["ca"],
+        },
     }
     base = config.load_settings(ROOT, environ={})
-    return base.replace(**folders, secrets=secrets, use_secrets="API_TOKEN,OTHER_TOKEN", **changes)
+    chosen = {"use_secrets": "API_TOKEN,OTHER_TOKEN,GIT_TOKEN", **changes}
+    return base.replace(**folders, secrets=secrets, **chosen)
 
 
 def get(box: Sandbox, url: str, *headers: str) -> tuple[int, dict]:
@@ -246,3 +288,49 @@ def test_a_rotated_value_holds_from_the_next_up(tmp_path, host, standins, monkey
         assert box.exec('printf %s "$API_TOKEN"').stdout == placeholder
         status, body = get(box, f"{api}/api")
         assert (status, body["authorized"]) == (200, True)
+
+
+def test_git_clones_over_https_with_a_token_it_never_holds(tmp_path, host, standins, environment):
+    settings = settings_for(tmp_path, host, standins)
+    url = f"https://x-access-token:$GIT_TOKEN@{host}:{port_of(standins['git'])}/repo.git"
+    with Sandbox.create_ephemeral(settings, extra_labels=TEST_LABELS) as box:
+        cloned = box.exec(f"git clone -q {url} /workspace/repo && cat /workspace/repo/README")
+        assert cloned.stdout == "cloned through the broker\n", cloned.stderr
+        remote = box.exec("git -C /workspace/repo remote get-url origin").stdout
+        assert "stigmer-secret-" in remote
+        assert value_anywhere(box, VALUE) == []
+
+
+def test_a_source_that_gives_no_value_starts_nothing(tmp_path, host, standins, monkeypatch):
+    monkeypatch.delenv("STIGMER_TEST_API_TOKEN", raising=False)
+    monkeypatch.setenv("STIGMER_TEST_OTHER_TOKEN", OTHER_VALUE)
+    settings = settings_for(tmp_path, host, standins)
+    box = Sandbox.create_ephemeral(settings, extra_labels=TEST_LABELS)
+    with pytest.raises(ConfigError) as caught:
+        box.up()
+    assert "secret 'API_TOKEN'" in caught.value.message
+    assert "STIGMER_TEST_API_TOKEN, which is not set" in caught.value.message
+    client = engine.client()
+    assert client.containers.list(all=True, filters={"name": box.name}) == []
+    assert client.networks.list(names=[f"{box.name}-egress"]) == []
+
+
+def test_a_fork_holds_no_value_and_brokers_with_its_own_placeholders(
+    tmp_path, host, standins, environment
+):
+    settings = settings_for(tmp_path, host, standins)
+    api = f"https://{host}:{port_of(standins['api'])}"
+    with Sandbox.create_ephemeral(settings, extra_labels=TEST_LABELS) as box:
+        box.exec("echo work > /workspace/notes")
+        with box.fork() as fork:
+            mine = box.exec('printf %s "$API_TOKEN"').stdout
+            theirs = fork.exec('printf %s "$API_TOKEN"').stdout
+            assert theirs.startswith("stigmer-secret-") and theirs != mine
+            status, body = get(fork, f"{api}/api")
+            assert (status, body["authorized"]) == (200, True)
+            # The source's placeholder is not the fork's: its broker refuses it.
+            status, _body = get(fork, f"{api}/x", f"X-Token: {mine}")
+            assert status == 403
+            assert value_anywhere(fork, VALUE) == []
+            image = engine.client().images.get(engine.client().containers.get(fork.name).image.id)
+            assert VALUE not in json.dumps(image.attrs)
