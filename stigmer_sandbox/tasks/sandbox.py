@@ -434,13 +434,30 @@ def history(c: Context, n: int = 20, json: bool = False) -> None:
         "denied": "only the refused attempts (default: all)",
         "name": "only this sandbox's attempts (default: the configured sandbox; all for "
         "--name all)",
+        "policy": "show the policy the configuration gives instead (mode, allow and deny "
+        "entries, presets, and the secrets' hosts, which go through the credentials broker) "
+        "(default: off)",
     }
 )
-def egress(c: Context, json: bool = False, denied: bool = False, name: str | None = None) -> None:
+def egress(
+    c: Context,
+    json: bool = False,
+    denied: bool = False,
+    name: str | None = None,
+    policy: bool = False,
+) -> None:
     """Show the egress audit: every connection a sandbox tried, allowed or refused, and why."""
     from ..runtime import network
 
     current = settings(c)
+    if policy:
+        described = network.policy_of(current).to_dict()
+        if json:
+            console.emit_json(described)
+        else:
+            shown = [(k, ", ".join(v) if isinstance(v, list) else v) for k, v in described.items()]
+            console.table(("key", "value"), [(k, v or "-") for k, v in shown])
+        return
     chosen = None if name == "all" else name or current.container_name
     records = network.egress_records(current, chosen, denied_only=denied)
     if json:

@@ -334,3 +334,20 @@ def test_a_fork_holds_no_value_and_brokers_with_its_own_placeholders(
             assert value_anywhere(fork, VALUE) == []
             image = engine.client().images.get(engine.client().containers.get(fork.name).image.id)
             assert VALUE not in json.dumps(image.attrs)
+
+
+def test_a_pooled_sandbox_brokers_its_secret_holds_no_value_and_passes_the_audit(
+    tmp_path, host, standins, environment
+):
+    from stigmer_sandbox.runtime import SandboxPool, security_audit
+
+    settings = settings_for(tmp_path, host, standins)
+    api = f"https://{host}:{port_of(standins['api'])}"
+    with SandboxPool(1, settings=settings, extra_labels=TEST_LABELS) as pool:
+        box = pool.acquire()
+        status, body = get(box, f"{api}/api")
+        assert (status, body["authorized"]) == (200, True)
+        assert value_anywhere(box, VALUE) == []
+        failed = [(r.name, r.detail) for r in security_audit.audit(box) if r.failed]
+        assert failed == []
+        pool.release(box)

@@ -12,6 +12,8 @@ from stigmer_sandbox import config, credentials
 from stigmer_sandbox.errors import ConfigError
 from stigmer_sandbox.tasks._common import runtime_config_files
 
+from ..conftest import run_inv
+
 VALUE = "s3cr3t-value-that-must-never-show"
 # The command prints VALUE without holding it: its text is configuration, shown in listings.
 PRINT_VALUE = "print('s3cr3t-' + 'value-that-must-never-show')"
@@ -199,3 +201,15 @@ def test_the_secret_flag_adds_to_the_configured_secrets(tmp_path):
     assert chosen.use_secrets == "API_TOKEN,GIT_TOKEN"
     with pytest.raises(ConfigError, match="unknown secret 'NOPE'"):
         egress_settings(context, None, None, None, None, ["NOPE"])
+
+
+def test_the_egress_task_shows_the_secrets_hosts_in_the_policy(tmp_path):
+    runtime = tmp_path / "runtime.yaml"
+    runtime.write_text(
+        "stigmer:\n  use_secrets: API_TOKEN\n  secrets:\n    API_TOKEN:\n"
+        "      from_env: MY_API_TOKEN\n      hosts: [api.example.com]\n"
+    )
+    done = run_inv("-f", str(runtime), "sandbox.egress", "--policy", "--json")
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["brokered"] == ["api.example.com"] and "api.example.com" in shown["allow"]
