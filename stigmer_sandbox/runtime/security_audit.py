@@ -453,6 +453,9 @@ def _socket_and_credentials(box: Sandbox, _attrs: dict[str, Any]) -> Verdict:
         f"Docker socket mounts: {', '.join(sockets) or 'none'}; credentials: {seen}; "
         f"writable by a command: {', '.join(writable) or 'none'}"
     )
+    if credentials and not sockets and not writable:
+        # Opted in, read-only, yet every command can read (and send) what they hold.
+        return "warn", f"{evidence}; readable by every command: use `secrets` instead"
     return verdict(not sockets and not writable), evidence
 
 

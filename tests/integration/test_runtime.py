@@ -182,6 +182,10 @@ def test_credentials_are_opt_in_and_read_only(tmp_path, monkeypatch, docker_engi
         assert write.exit_code != 0 and "Read-only file system" in write.stderr
         aws = [m for m in box.inspect()["Mounts"] if m["Destination"].endswith("/.aws")]
         assert aws and aws[0]["RW"] is False
+        from stigmer_sandbox.runtime import security_audit
+
+        flagged = [r for r in security_audit.audit(box) if r.item == 14]
+        assert flagged[0].status == "warn" and "use `secrets` instead" in flagged[0].detail
     with pytest.raises(ConfigError, match=r"mount_kube is on but .*\.kube does not exist"):
         make_sandbox(tmp_path, mount_kube=True).up()
 
