@@ -22,6 +22,7 @@ EXPIRES = f"{PREFIX}.expires"
 OWNER = f"{PREFIX}.owner"
 EGRESS_GATEWAY = "egress-gateway"  # kind of a sandbox's egress gateway container
 EGRESS_NETWORK = "egress-network"  # kind of a sandbox's own network behind that gateway
+CREDENTIALS_BROKER = "credentials-broker"  # kind of the broker beside a gateway
 
 
 def project_labels(kind: str, **extra: str) -> dict[str, str]:

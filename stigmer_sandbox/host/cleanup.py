@@ -15,9 +15,11 @@ An untagged image of one of our image kinds is ours only when the image record
 says this tool built it: a user's image built FROM ours inherits our labels (see
 images/record.py). Build stages need no record: no image a user builds FROM ours
 can carry their kind.
-A sandbox's egress gateway and its network (labelled with the sandbox's name as owner) go
-when that sandbox is gone or goes in the same cleanup; with `all`, every one. Their logs
-(`<state_dir>/egress/<sandbox>`, the egress audit) stay, like the command audit.
+A sandbox's egress gateway, its credentials broker and its network (labelled with the
+sandbox's name as owner) go when that sandbox is gone or goes in the same cleanup; with
+`all`, every one. The values the broker held (`<state_dir>/egress/<sandbox>/broker`) go
+with it; the logs (`<state_dir>/egress/<sandbox>`, the egress audit) stay, like the
+command audit.
 Files on the host, the workspace above all, are never deleted, with one exception: the
 private folders this tool made for pooled, forked and snapshot-born sandboxes
 (`<state_dir>/sandboxes/<name>`, marked by `owner.json`) go with their sandbox, or
@@ -38,7 +40,8 @@ from .. import engine, labels
 from ..config import Settings
 from ..errors import SandboxError
 from ..images.record import ImageRecord, short_id
-from ..runtime import host_helper, snapshots, workspaces
+from ..runtime import broker, host_helper, snapshots, workspaces
+from ..runtime.egress_gateway import STATE_FOLDER
 
 STOPPED = ("created", "exited", "dead")
 # Containers and images inherit their image's labels, so a label alone does not make a
@@ -75,16 +78,36 @@ def _containers(containers: list[Any], everything: bool) -> Iterable[Resource]:
                 yield Resource("folder", str(folder), container.name, "its private workspace")
 
 
-def _gateways(containers: list[Any], staying: set[str], everything: bool) -> Iterable[Resource]:
-    """Egress gateways whose sandbox is gone or leaving (every one with `all`)."""
+def _gateways(
+    settings: Settings, containers: list[Any], staying: set[str], everything: bool
+) -> Iterable[Resource]:
+    """Egress gateways and credentials brokers whose sandbox is gone or leaving (every one
+    with `all`); with a broker, the folder of the values it held."""
+    beside = (labels.EGRESS_GATEWAY, labels.CREDENTIALS_BROKER)
     for container in containers:
         marks = container.labels
-        if marks.get(labels.KIND) != labels.EGRESS_GATEWAY:
+        if marks.get(labels.KIND) not in beside:
             continue
         if everything:
-            yield Resource("container", container.id, container.name, "project container")
+            reason = "project container"
         elif marks.get(labels.OWNER) not in staying and not _maker_lives(marks):
-            yield Resource("container", container.id, container.name, "its sandbox is gone")
+            reason = "its sandbox is gone"
+        else:
+            continue
+        yield Resource("container", container.id, container.name, reason)
+        values = _broker_values(settings, marks)
+        if marks.get(labels.KIND) == labels.CREDENTIALS_BROKER and values is not None:
+            yield Resource("folder", str(values), container.name, "the secret values it held")
+
+
+def _broker_values(settings: Settings, marks: dict[str, str]) -> Path | None:
+    """A broker's values folder, found from its sandbox's name under this project's state
+    folder (never from a label's path), if it exists."""
+    owner = marks.get(labels.OWNER, "")
+    if not owner or "/" in owner or owner.startswith("."):
+        return None
+    folder = settings.path("state_dir") / STATE_FOLDER / owner / broker.STATE_FOLDER
+    return folder if folder.is_dir() and not folder.is_symlink() else None
 
 
 def _maker_lives(marks: dict[str, str]) -> bool:
@@ -244,7 +267,7 @@ def plan(settings: Settings, everything: bool = False, volumes: bool = False) ->
         found = list(_containers(containers, everything))
         removed = {r.name for r in found if r.kind == "container"}
         staying = {c.name for c in containers} - removed
-        found.extend(_gateways(containers, staying, everything))
+        found.extend(_gateways(settings, containers, staying, everything))
         found.extend(_leftover_folders(settings, {c.name for c in containers}, everything))
         found.extend(_images(everything, recorded, staying))
         found = list({(r.kind, r.id): r for r in found}.values())

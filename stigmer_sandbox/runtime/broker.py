@@ -60,7 +60,7 @@ MEMORY = "256m"
 PIDS = 64
 READY_FILE = "broker-ready"
 LOG_FILE = "broker.jsonl"
-KIND = "credentials-broker"
+KIND = labels.CREDENTIALS_BROKER
 CONFIG_LABEL = f"{labels.PREFIX}.config"
 # In the broker container.
 SECRETS_MOUNT = "/run/broker"

@@ -750,3 +750,33 @@ def test_a_freeze_refused_under_load_is_tried_again(monkeypatch):
     with pytest.raises(SandboxError, match="not running"), backend.DOCKER.frozen(other):
         pass
     assert other.pauses == 1  # only a refused freeze is tried again
+
+
+def test_clean_takes_an_orphaned_broker_and_the_values_it_held(tmp_path):
+    from stigmer_sandbox.host import cleanup
+
+    settings = load_settings(ROOT).replace(state_dir=str(tmp_path / "state"))
+    values = tmp_path / "state" / "egress" / "box-gone" / "broker"
+    values.mkdir(parents=True)
+    (values / "secrets.json").write_text("{}")
+    gone = {labels.OWNER: "box-gone"}
+    made = [
+        SimpleNamespace(
+            id=f"id-{kind}",
+            name=f"box-gone-{kind}",
+            status="running",
+            labels={**labels.project_labels(kind), **gone},
+        )
+        for kind in (labels.EGRESS_GATEWAY, labels.CREDENTIALS_BROKER)
+    ]
+    planned = list(cleanup._gateways(settings, made, staying=set(), everything=False))
+    assert [(r.kind, r.name) for r in planned] == [
+        ("container", "box-gone-egress-gateway"),
+        ("container", "box-gone-credentials-broker"),
+        ("folder", "box-gone-credentials-broker"),
+    ]
+    assert planned[-1].id == str(values)
+    assert list(cleanup._gateways(settings, made, staying={"box-gone"}, everything=False)) == []
+    # A label never names a folder: an owner with a path in it finds none.
+    made[1].labels[labels.OWNER] = "../../elsewhere"
+    assert [r.kind for r in cleanup._gateways(settings, made[1:], set(), False)] == ["container"]
