@@ -20,13 +20,17 @@ NO_TESTS_COLLECTED = 5
     help={
         "unit": "run only the fast unit tests, no Docker needed (default: off)",
         "k": "only tests matching this pytest -k expression (default: all)",
+        "all": "also the long stress runs (marked `stress`), whose properties shorter tests "
+        "of the default run check too (default: off, CI's run)",
     }
 )
-def test(c: Context, unit: bool = False, k: str | None = None) -> None:
+def test(c: Context, unit: bool = False, k: str | None = None, all: bool = False) -> None:
     """Run the test suite (unit + integration against the real engine)."""
     argv = [sys.executable, "-m", "pytest", "tests/unit" if unit else "tests"]
     if k:
         argv += ["-k", k]
+    if not all:
+        argv += ["-m", "not stress"]
     code = subprocess.run(argv, cwd=settings(c).root, check=False).returncode
     if code not in (0, NO_TESTS_COLLECTED):
         raise Exit(code=code)
