@@ -29,13 +29,13 @@ import pytest
 
 from stigmer_sandbox import config, engine
 from stigmer_sandbox.errors import ConfigError
-from stigmer_sandbox.runtime import Sandbox, network
+from stigmer_sandbox.runtime import Sandbox, broker, network
 from stigmer_sandbox.runtime.egress_gateway import bridge_gateway
 
 from ..conftest import ROOT
 from ..tls_standin import make_certificates
 from .conftest import TEST_LABELS
-from .egress_support import Server
+from .egress_support import RAW_PROBE, Server
 
 VALUE = "live-credential-" + hashlib.sha256(b"stigmer-broker-test").hexdigest()[:24]
 OTHER_VALUE = "other-credential-" + hashlib.sha256(b"stigmer-broker-other").hexdigest()[:24]
@@ -256,12 +256,24 @@ def test_a_placeholder_sent_to_another_destination_is_refused_and_audited(
         # Its own secret still goes there, substituted.
         status, body = get(box, f"{other}/fine", "X-Token: $OTHER_TOKEN")
         assert (status, body["x-token"]) == (200, digest(OTHER_VALUE))
+        # Fronting: a Host header that is not where the connection goes.
+        status, _body = get(box, f"{other}/front", "Host: evil.example", "X-Token: $OTHER_TOKEN")
+        assert status == 403
+        # Around the broker: straight to the server (routed, not proxied) carries only
+        # the placeholder, and the broker's own port is not the sandbox's to reach.
+        api_port = port_of(standins["api"])
+        status, body = get(box, f"--noproxy '*' -k https://{host}:{api_port}/api")
+        assert (status, body.get("authorized")) == (401, False)
+        gateway = box.exec('printf %s "$HTTPS_PROXY"').stdout.split("//")[1].split(":")[0]
+        probe = box.exec(["python3", "-c", RAW_PROBE, gateway, str(broker.PORT)], timeout=30)
+        assert probe.stdout.startswith("refused"), probe.stdout
     assert standins["other"].requests[len(before) :] == ["/fine"]  # type: ignore[attr-defined]
     refused = [r for r in network.egress_records(settings, None, denied_only=True)]
     leaks = [r for r in refused if r["via"] == "broker"]
     assert {r["rule"] for r in leaks} == {
         "secret-placeholder:API_TOKEN:header:X-Token",
         "secret-placeholder:API_TOKEN:url",
+        "secret-placeholder:unknown:host-mismatch",
     }
     assert all(r["port"] == port_of(standins["other"]) for r in leaks)
 
