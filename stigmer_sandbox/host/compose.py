@@ -151,13 +151,15 @@ def compose_files(directory: Path, choice: FileChoice) -> tuple[Path, ...]:
     return files
 
 
-def project(settings: Settings, choice: FileChoice = FileChoice()) -> ComposeProject:
+def project(
+    settings: Settings, choice: FileChoice = FileChoice(), starting: bool = False
+) -> ComposeProject:
     """The compose project for these settings: folders checked against the policy, tool
     found, the merged configuration of these exact files checked (`compose_check`), values
-    filled in. Before that check only the generated override in the state folder is written."""
+    filled in. Before that check only the generated override in the state folder is written;
+    when `starting`, it gives the sandbox the placeholders of the secrets it uses."""
     folders = policy.sandbox_folders(settings)
-    if choice.advanced:  # the advanced file mounts ~/.aws and ~/.kube read-only
-        policy.credential_folders(settings.replace(mount_aws=True, mount_kube=True))
+    policy.credential_folders(settings)  # the opt-in mounts: a missing folder is an error
     if choice.database and settings.network == "none":
         raise UsageError("--database needs a network, but network is none")
     tool = detect(settings.compose)
@@ -175,7 +177,8 @@ def project(settings: Settings, choice: FileChoice = FileChoice()) -> ComposePro
         "STIGMER_GIT_EMAIL": settings.git_email,
     }
     placed = compose_egress.placement(settings)
-    override = Override(settings, placed, choice.advanced)
+    brokered = compose_egress.secret_keys(settings, settings.image) if starting else {}
+    override = Override(settings, placed, choice.advanced, brokered=brokered)
     files = (*files, override.write())
     target = ComposeProject(tool, settings.root, files, environment, settings.container_name)
     config = resolved_config(target)
@@ -211,6 +214,7 @@ class Override:
     advanced: bool = False
     networks: dict[str, Any] = field(default_factory=dict)
     bypass: tuple[str, ...] = ()
+    brokered: dict[str, Any] = field(default_factory=dict)  # `compose_egress.secret_keys`
 
     def __post_init__(self) -> None:
         if self.placed is not None:  # before compose resolved the files: no other network
@@ -238,12 +242,17 @@ class Override:
         # Compose keeps its service up (restart: unless-stopped): no lifetime wrapper.
         service["command"] = [policy.KEEPALIVE]
         service.update(_host_helper_volume(settings))
+        service["volumes"] = [*service.get("volumes", []), *_credential_volumes(settings)]
         if settings.network == "none":
             service["network_mode"] = "none"
         document: dict[str, Any] = {"services": {SERVICE: service}}
         if self.placed is not None:
             service.update(compose_egress.service_keys(self.placed, self.bypass))
             document["networks"] = self.networks
+        if self.brokered:
+            environment = {**service.get("environment", {}), **self.brokered["environment"]}
+            service["environment"] = environment
+            service["volumes"] = [*service.get("volumes", []), *self.brokered["volumes"]]
         return document
 
     def write(self) -> Path:
@@ -256,6 +265,13 @@ class Override:
             encoding="utf-8",
         )
         return self.path
+
+
+def _credential_volumes(settings: Settings) -> list[str]:
+    """The credential folders opted into (`mount_aws`, `mount_kube`), read-only, where
+    `Sandbox.up` mounts them."""
+    found = policy.credential_folders(settings)
+    return [f"{path}:{policy.SANDBOX_HOME}/{name}:ro" for name, path in found.items()]
 
 
 def _host_helper_volume(settings: Settings) -> dict[str, list[str]]:
@@ -319,11 +335,6 @@ def up(
     """Start the compose sandbox in the background behind its egress gateway (when its
     policy has one) and wait until it is healthy. Refuses a sandbox of the same name that
     `Sandbox.up` made."""
-    if settings.use_secrets:
-        raise UsageError(
-            f"compose sandboxes cannot use secrets yet ({settings.use_secrets})",
-            "clear use_secrets (and --secret) for compose.up, or use `inv sandbox.up`",
-        )
     settings = compose_egress.with_policy_entries(settings, choice.advanced)
     target, gateway = _prepared(settings, choice)
     name = settings.container_name
@@ -356,7 +367,7 @@ def _prepared(settings: Settings, choice: FileChoice) -> tuple[ComposeProject, G
     """The checked project and the sandbox's egress gateway being started (None without
     one): refused when a sandbox of that name is not compose's, or when a network of the
     project must be recreated first."""
-    target = with_user_image(project(settings, choice), settings)
+    target = with_user_image(project(settings, choice, starting=True), settings)
     existing = engine.find_container(settings.container_name)
     if existing is not None and existing.labels.get(labels.KIND) != "compose":
         raise SandboxError(
@@ -368,7 +379,7 @@ def _prepared(settings: Settings, choice: FileChoice) -> tuple[ComposeProject, G
     sandbox = (target.resolved.get("services") or {}).get(SERVICE) or {}
     gateway = compose_egress.begin(settings, sandbox.get("labels") or {})
     if gateway is not None and not target.gated:  # its network exists only now
-        target = with_user_image(project(settings, choice), settings)
+        target = with_user_image(project(settings, choice, starting=True), settings)
     stale = compose_egress.stale_networks(target.name, target.resolved)
     if stale:
         if gateway is not None:  # the running sandbox is not behind it

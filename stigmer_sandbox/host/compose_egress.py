@@ -18,7 +18,7 @@ from typing import Any
 from .. import engine, labels
 from ..config import Settings
 from ..errors import ConfigError
-from ..runtime import network
+from ..runtime import broker, network
 from ..runtime.backends.docker import DOCKER
 from ..runtime.egress_gateway import (
     GATEWAY_MODES,
@@ -68,7 +68,27 @@ def begin(settings: Settings, service_labels: Mapping[str, str]) -> GatewayStart
     extra = {k: v for k, v in service_labels.items() if not k.startswith(labels.PREFIX)}
     chosen = network.policy_of(settings)
     gateway = network.gateway_for(settings, settings.container_name, chosen, extra, DOCKER)
+    if chosen.brokered:  # a source that gives no value stops the start before anything
+        gateway.broker.write_secrets()
     return gateway.begin()
+
+
+def secret_keys(settings: Settings, image: str) -> dict[str, Any]:
+    """The sandbox service's keys for the secrets it uses (none without): each secret's
+    placeholder and the trust variables in its environment, the bundle that trusts the
+    broker CA mounted read-only over the image's (what `Sandbox.up` gives, as compose
+    writes it)."""
+    if not settings.use_secrets:
+        return {}
+    options = broker.sandbox_options(settings, settings.container_name, image)
+    volumes = [_volume(mount) for mount in options["mounts"]]
+    return {"environment": options["environment"], "volumes": volumes}
+
+
+def _volume(mount: Mapping[str, Any]) -> str:
+    """A bind mount of the SDK's (`docker.types.Mount`) as compose's short syntax."""
+    mode = "ro" if mount.get("ReadOnly") else "rw"
+    return f"{mount['Source']}:{mount['Target']}:{mode}"
 
 
 def service_keys(placed: GatewayPlacement, bypass: Sequence[str]) -> dict[str, Any]:

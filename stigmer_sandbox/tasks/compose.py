@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..host import compose
 
 FILE_HELP = {
-    "advanced": "add the guide's advanced options: read-only credentials, NODE_ENV, port 3000, "
+    "advanced": "add the guide's advanced options: NODE_ENV, port 3000, "
     "limits and reservations, host.docker.internal (default: off)",
     "database": "add the container-to-container example: a database on a shared network "
     "(default: off)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -71,20 +72,35 @@ def test_database_answers_by_service_name(inv, compose_env):
     assert exec_in(inv, compose_env, probe, "--database").returncode == 0
 
 
-def test_advanced_mounts_credentials_read_only_and_maps_the_host(inv, compose_env):
+def test_advanced_maps_the_host_and_mounts_no_credentials(inv, compose_env):
     up = compose_up(inv, compose_env, "--advanced")
     assert up.returncode == 0, up.stdout + up.stderr
-    write = exec_in(inv, compose_env, "touch /home/sandbox/.aws/stolen", "--advanced")
-    assert write.returncode != 0 and "Read-only file system" in write.stderr + write.stdout
     hosts = exec_in(inv, compose_env, "getent hosts host.docker.internal", "--advanced")
     assert hosts.returncode == 0 and hosts.stdout.strip()
     env = exec_in(inv, compose_env, "echo $NODE_ENV", "--advanced")
     assert env.stdout.strip().endswith("development")
+    # The guide's credential mounts became the broker (`--secret`): nothing of ~/.aws here.
+    aws = exec_in(inv, compose_env, "ls -A /home/sandbox/.aws 2>&1; echo end", "--advanced")
+    assert aws.stdout.strip().splitlines()[-1] == "end"
+    assert "No such file" in aws.stdout
 
 
-def test_advanced_without_credentials_folder_is_one_clear_line(inv, compose_env, tmp_path):
+def test_opted_in_credentials_are_read_only_and_the_audit_flags_them(inv, compose_env):
+    env = {**compose_env, "INVOKE_STIGMER_MOUNT_AWS": "true"}
+    (Path(env["HOME"]) / ".aws" / "credentials").write_text("[default]\n")
+    up = compose_up(inv, env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    write = exec_in(inv, env, "touch /home/sandbox/.aws/stolen")
+    assert write.returncode != 0 and "Read-only file system" in write.stderr + write.stdout
+    assert exec_in(inv, env, "cat /home/sandbox/.aws/credentials").stdout == "[default]\n"
+    audit = inv("sandbox.audit", "--compose", "--json", env=env)
+    item = next(r for r in json.loads(audit.stdout)["checks"] if r["item"] == 14)
+    assert item["status"] == "warn" and "use `secrets` instead" in item["detail"]
+
+
+def test_a_missing_credentials_folder_opted_in_is_one_clear_line(inv, compose_env, tmp_path):
     shutil.rmtree(tmp_path / "home" / ".kube")
-    done = inv("compose.up", "--advanced", env=compose_env)
+    done = inv("compose.up", env={**compose_env, "INVOKE_STIGMER_MOUNT_KUBE": "true"})
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert ".kube" in done.stderr and "Traceback" not in done.stderr
