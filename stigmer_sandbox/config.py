@@ -289,19 +289,28 @@ class Settings:
         allow: Sequence[str] = (),
         deny: Sequence[str] = (),
         allow_presets: Sequence[str] = (),
+        *,
         source: str = "arguments",
+        secrets: Sequence[str] = (),
     ) -> Settings:
-        """A copy with the egress mode replaced and entries or presets added to the
-        configured ones (a deny in the configuration is never dropped by a caller), checked:
-        a bad entry is one ConfigError naming it."""
-        added = {"allow": allow, "deny": deny, "allow_presets": allow_presets}
+        """A copy with the egress mode replaced and entries, presets or secrets (names the
+        `secrets` key defines) added to the configured ones (a deny in the configuration is
+        never dropped by a caller), checked: a bad entry or an unknown secret is one
+        ConfigError naming it."""
+        added = {
+            "allow": allow,
+            "deny": deny,
+            "allow_presets": allow_presets,
+            "use_secrets": secrets,
+        }
         changes: dict[str, Any] = {"egress": egress}
         for key, given in added.items():
             extra = [given] if isinstance(given, str) else list(given)  # one entry given bare
             if any(not str(item).strip() for item in extra):
                 raise ConfigError(f"{source}: key {key!r} has an empty entry")
             if extra:
-                changes[key] = ",".join([*split_packages(getattr(self, key)), *extra])
+                joined = [*split_packages(getattr(self, key)), *extra]
+                changes[key] = ",".join(dict.fromkeys(joined))
         return self.replace(source, **changes)
 
     @property

@@ -27,7 +27,7 @@ from .egress_gateway import GATEWAY_MODES
 
 # Seconds the exit waits for spares still starting, so none is left half made.
 EXIT_WAIT_S = 10.0
-EGRESS_OPTIONS = ("egress", "allow", "deny", "allow_presets")
+EGRESS_OPTIONS = ("egress", "allow", "deny", "allow_presets", "secrets")
 
 _lock = threading.Condition()
 _ready: dict[tuple[str, ...], list[str]] = {}
@@ -57,7 +57,8 @@ def name_for(settings: Settings, options: Mapping[str, Any] | None = None) -> st
     options = options or {}
     chosen = settings
     if any(options.get(key) for key in EGRESS_OPTIONS):
-        chosen = settings.with_egress(*(_option(options, key) for key in EGRESS_OPTIONS))
+        egress, allow, deny, presets, secrets = (_option(options, k) for k in EGRESS_OPTIONS)
+        chosen = settings.with_egress(egress, allow, deny, presets, secrets=secrets)
     taken = take(chosen)
     return taken or snapshots.new_name(settings)
 

@@ -58,9 +58,12 @@ class SandboxPool:
         allow: Sequence[str] = (),
         deny: Sequence[str] = (),
         allow_presets: Sequence[str] = (),
+        secrets: Sequence[str] = (),
     ) -> None:
         self.backend = backend
-        chosen = (settings or load_settings()).with_egress(egress, allow, deny, allow_presets)
+        chosen = (settings or load_settings()).with_egress(
+            egress, allow, deny, allow_presets, secrets=secrets
+        )
         self.settings = chosen.replace(source="arguments", image=image)
         self.max_size = self.settings.pool_max_size
         if not isinstance(size, int) or not 0 <= size <= self.max_size:

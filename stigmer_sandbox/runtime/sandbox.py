@@ -53,8 +53,11 @@ class Sandbox(CommandMethods, Forking, ContainerViews):
         allow: Sequence[str] = (),
         deny: Sequence[str] = (),
         allow_presets: Sequence[str] = (),
+        secrets: Sequence[str] = (),
     ) -> None:
-        base = (settings or load_settings()).with_egress(egress, allow, deny, allow_presets)
+        base = (settings or load_settings()).with_egress(
+            egress, allow, deny, allow_presets, secrets=secrets
+        )
         if name is None and network and network != base.network:
             name = f"{base.container_name}-{network}"  # a sandbox per network setting
         self.settings = base.replace(

@@ -146,10 +146,8 @@ def egress_settings(
     """`settings` with the egress flags applied (entries and secrets added to the
     configured ones)."""
     chosen = settings(c, **flags)
-    if secret:
-        given = [*config.split_packages(chosen.use_secrets), *secret]
-        chosen = chosen.replace("flags", use_secrets=",".join(dict.fromkeys(given)))
-    return chosen.with_egress(egress, allow or (), deny or (), allow_preset or (), "flags")
+    lists = (allow or (), deny or (), allow_preset or ())
+    return chosen.with_egress(egress, *lists, source="flags", secrets=secret or ())
 
 
 def sandbox_for(c: Context, **flags: Any) -> runtime.Sandbox:
