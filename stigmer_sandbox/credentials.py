@@ -8,12 +8,19 @@ it appears). A sandbox is given a random placeholder per secret, never the value
 broker on the egress path puts the value into requests to that secret's destinations
 only (issue 26).
 
+An AWS secret (`sign: aws-sigv4`) is a key pair instead: its value is the JSON of an AWS
+`credential_process` (`aws configure export-credentials --format process`), or it comes
+from a profile of the shared credentials file (`from_aws_profile`). The sandbox holds a
+placeholder key id and secret key; the broker re-signs the requests signed with them.
+
 This module reads values only when asked (`read_value`) and never puts one in an error,
 a listing or a log: errors name the secret and its source, not what it holds.
 """
 
 from __future__ import annotations
 
+import configparser
+import json
 import os
 import re
 import secrets as random_tokens
@@ -34,8 +41,19 @@ SOURCES = {
     "from_env": "environment variable",
     "from_file": "file",
     "from_command": "command",
+    "from_aws_profile": "AWS profile",
 }
-KEYS = (*SOURCES, "hosts", "header", "ca")
+KEYS = (*SOURCES, "hosts", "header", "ca", "sign")
+# How the broker signs requests for a secret: AWS Signature Version 4, re-signed with the
+# real key (the sandbox signs with placeholder keys).
+AWS_SIGV4 = "aws-sigv4"
+SIGNERS = (AWS_SIGV4,)
+# The variables a sandbox holds for an AWS secret: what every AWS SDK and CLI reads.
+AWS_KEY_ID_VARIABLE = "AWS_ACCESS_KEY_ID"
+AWS_SECRET_KEY_VARIABLE = "AWS_SECRET_ACCESS_KEY"
+# The shared credentials file, and the variable that moves it (as the AWS tools read it).
+AWS_CREDENTIALS_FILE = "~/.aws/credentials"
+AWS_CREDENTIALS_VARIABLE = "AWS_SHARED_CREDENTIALS_FILE"
 VALUE_MARK = "{value}"
 # Every placeholder starts so: the broker recognises one of any sandbox's in any request.
 PLACEHOLDER_PREFIX = "stigmer-secret-"
@@ -53,6 +71,7 @@ class Secret:
     hosts: tuple[str, ...]
     header: str = ""  # "Name: template with {value}"; "" substitutes the placeholder
     ca: str = ""  # a CA bundle (PEM) the broker trusts for these hosts, besides the system's
+    sign: str = ""  # a key of SIGNERS: the broker signs requests with the value
 
     @property
     def header_name(self) -> str:
@@ -61,6 +80,8 @@ class Secret:
     @property
     def applied(self) -> str:
         """How a request carries it, in words."""
+        if self.sign == AWS_SIGV4:
+            return "AWS requests re-signed (SigV4)"
         if self.header:
             return f"{self.header_name} header"
         return "its placeholder replaced in request headers"
@@ -106,14 +127,33 @@ def parse_secret(name: object, spec: object, where: str) -> Secret:
     origin = spec[source]
     if not isinstance(origin, str) or not origin.strip() or "\0" in origin:
         raise _problem(where, name, f"has an empty {source}", f"name the {SOURCES[source]} to read")
+    sign = _sign(spec.get("sign", ""), where, name)
+    header = _header(spec.get("header", ""), where, name)
+    if sign and header:
+        raise _problem(
+            where, name, "has both sign and header", "a signed secret sets no header: drop one"
+        )
+    if source == "from_aws_profile" and not sign:
+        raise _problem(where, name, "reads an AWS profile without sign", f"add sign: {AWS_SIGV4}")
     return Secret(
         name,
         source,
         origin.strip(),
         _hosts(spec.get("hosts"), where, name),
-        _header(spec.get("header", ""), where, name),
+        header,
         _ca(spec.get("ca", ""), where, name),
+        sign,
     )
+
+
+def _sign(value: object, where: str, name: str) -> str:
+    if value in ("", None):
+        return ""
+    if value not in SIGNERS:
+        raise _problem(
+            where, name, f"has an unknown sign {value!r}", f"sign may be {', '.join(SIGNERS)}"
+        )
+    return str(value)
 
 
 def _ca(value: object, where: str, name: str) -> str:
@@ -212,6 +252,12 @@ def chosen(definitions: Mapping[str, Any], names: Sequence[str], where: str) -> 
             )
         if known[name] not in picked:
             picked.append(known[name])
+    signers = [secret.name for secret in picked if secret.sign]
+    if len(signers) > 1:
+        raise ConfigError(
+            f"{where}: secrets {signers[0]!r} and {signers[1]!r} both sign AWS requests",
+            f"a sandbox holds one AWS key pair ({AWS_KEY_ID_VARIABLE}): give it one of them",
+        )
     return picked
 
 
@@ -219,8 +265,15 @@ def read_value(secret: Secret, root: Path, environ: Mapping[str, str] | None = N
     """The secret's value, read now from its source (a trailing newline dropped); a
     ConfigError naming the secret and its source when it cannot be had."""
     environ = os.environ if environ is None else environ
-    readers = {"from_env": _from_env, "from_file": _from_file, "from_command": _from_command}
+    readers = {
+        "from_env": _from_env,
+        "from_file": _from_file,
+        "from_command": _from_command,
+        "from_aws_profile": _from_aws_profile,
+    }
     value = readers[secret.source](secret, root, environ)
+    if secret.sign == AWS_SIGV4:
+        return json.dumps(aws_credentials(secret, value), sort_keys=True)
     value = value[:-1] if value.endswith("\n") else value
     value = value[:-1] if value.endswith("\r") else value
     if not value:
@@ -244,6 +297,51 @@ def read_value(secret: Secret, root: Path, environ: Mapping[str, str] | None = N
 
 def _origin(secret: Secret) -> str:
     return f"{SOURCES[secret.source]} {secret.where}"
+
+
+def aws_credentials(secret: Secret, value: str) -> dict[str, str]:
+    """An AWS secret's value (credential_process JSON) as `AccessKeyId`, `SecretAccessKey`
+    and, for temporary credentials, `SessionToken`; a ConfigError naming the secret and
+    what is wrong, never the value."""
+    document = _aws_document(secret, value)
+    found: dict[str, str] = {}
+    for key in ("AccessKeyId", "SecretAccessKey", "SessionToken"):
+        item = document.get(key)
+        if item in (None, "") and key == "SessionToken":
+            continue
+        if not isinstance(item, str) or not item:
+            raise _bad_aws(secret, f"has no {key}")
+        # Each goes into a request header or its signature: no line breaks, no controls.
+        if any(ord(ch) < 33 or ord(ch) == 127 for ch in item):
+            raise _bad_aws(secret, f"has a space or control character in {key}")
+        found[key] = item
+    if "/" in found["AccessKeyId"]:
+        raise _bad_aws(secret, "has a '/' in AccessKeyId (it is part of the signature's scope)")
+    return found
+
+
+def _aws_document(secret: Secret, value: str) -> dict[str, Any]:
+    if not value.strip():
+        raise _problem("secrets", secret.name, f"is empty ({_origin(secret)})", "give it a value")
+    if len(value) > MAX_VALUE:
+        raise _bad_aws(secret, f"is over {MAX_VALUE} bytes")
+    try:
+        document = json.loads(value)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise _bad_aws(secret, "is not AWS credentials JSON")
+    return document
+
+
+def _bad_aws(secret: Secret, problem: str) -> ConfigError:
+    return _problem(
+        "secrets",
+        secret.name,
+        f"{problem} ({_origin(secret)})",
+        'give {"AccessKeyId": ..., "SecretAccessKey": ...} as '
+        "`aws configure export-credentials --format process` prints it",
+    )
 
 
 def _from_env(secret: Secret, _root: Path, environ: Mapping[str, str]) -> str:
@@ -314,6 +412,48 @@ def _from_command(secret: Secret, root: Path, environ: Mapping[str, str]) -> str
             "run it by hand to see why",
         )
     return _text(secret, done.stdout)
+
+
+def _from_aws_profile(secret: Secret, root: Path, environ: Mapping[str, str]) -> str:
+    """The static keys of a profile of the shared credentials file, as credential_process
+    JSON (profiles that get keys some other way, SSO or a role, go through
+    `from_command: aws configure export-credentials --profile NAME --format process`)."""
+    where = environ.get(AWS_CREDENTIALS_VARIABLE) or AWS_CREDENTIALS_FILE
+    path = root / os.path.expanduser(where)
+    parser = configparser.RawConfigParser()
+    try:
+        with path.open(encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) else "it does not parse"
+        raise _problem(
+            "secrets",
+            secret.name,
+            f"reads AWS profile {secret.where} from {where}: {problem or exc}",
+            f"check the file, or set {AWS_CREDENTIALS_VARIABLE}",
+        ) from None
+    if not parser.has_section(secret.where):
+        raise _problem(
+            "secrets",
+            secret.name,
+            f"reads AWS profile {secret.where}, which {where} does not have",
+            "name a profile of that file",
+        )
+    profile = parser[secret.where]
+    keys = {
+        "AccessKeyId": profile.get("aws_access_key_id", "").strip(),
+        "SecretAccessKey": profile.get("aws_secret_access_key", "").strip(),
+        "SessionToken": profile.get("aws_session_token", "").strip(),
+    }
+    if not keys["AccessKeyId"] or not keys["SecretAccessKey"]:
+        raise _problem(
+            "secrets",
+            secret.name,
+            f"reads AWS profile {secret.where}, which holds no static keys",
+            "use from_command: aws configure export-credentials "
+            f"--profile {secret.where} --format process",
+        )
+    return json.dumps({k: v for k, v in keys.items() if v})
 
 
 def _text(secret: Secret, data: bytes) -> str:

@@ -147,21 +147,40 @@ def ensure_ca(settings: Settings) -> Path:
 
 
 def placeholders(settings: Settings, sandbox: str) -> dict[str, str]:
-    """Sandbox `sandbox`'s placeholder for each secret in use (kept across `up`s; new
-    ones made for secrets it did not have)."""
+    """Sandbox `sandbox`'s placeholder for each secret in use, and for an AWS secret a
+    second one (its secret key, under `<name>/secret-key`): kept across `up`s, new ones
+    made for secrets it did not have."""
     path = _private_folder(state_folder(settings) / "placeholders") / f"{sandbox}.json"
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
         known = known if isinstance(known, dict) else {}
     except (OSError, ValueError):
         known = {}
-    wanted = {
-        s.name: str(known.get(s.name) or credentials.new_placeholder())
-        for s in settings.secrets_in_use
-    }
-    if wanted != known:
+    names = [s.name for s in settings.secrets_in_use]
+    names += [_secret_key(s.name) for s in settings.secrets_in_use if s.sign]
+    wanted = {name: str(known.get(name) or credentials.new_placeholder()) for name in names}
+    if any(known.get(name) != value for name, value in wanted.items()):
         _write_private(path, json.dumps({**known, **wanted}, indent=1, sort_keys=True))
     return wanted
+
+
+def _secret_key(name: str) -> str:
+    return f"{name}/secret-key"  # "/" is in no secret's name: no clash
+
+
+def sandbox_environment(settings: Settings, sandbox: str) -> dict[str, str]:
+    """The placeholders as the sandbox holds them: `NAME=<placeholder>`; for an AWS
+    secret, the two variables AWS tools read (a key id and a secret key that sign
+    nothing anywhere but through the broker), and no session token."""
+    placed = placeholders(settings, sandbox)
+    environment = {}
+    for secret in settings.secrets_in_use:
+        if secret.sign:
+            environment[credentials.AWS_KEY_ID_VARIABLE] = placed[secret.name]
+            environment[credentials.AWS_SECRET_KEY_VARIABLE] = placed[_secret_key(secret.name)]
+        else:
+            environment[secret.name] = placed[secret.name]
+    return environment
 
 
 def trust_bundle(settings: Settings, image: str) -> Path:
@@ -216,7 +235,7 @@ def sandbox_options(settings: Settings, sandbox: str, image: str) -> dict[str, A
 
     bundle = trust_bundle(settings, image)
     environment = {
-        **placeholders(settings, sandbox),
+        **sandbox_environment(settings, sandbox),
         **dict.fromkeys(TRUST_VARIABLES, SYSTEM_BUNDLE),
     }
     mount = Mount(target=SYSTEM_BUNDLE, source=str(bundle), type="bind", read_only=True)
@@ -228,21 +247,23 @@ def sandbox_options(settings: Settings, sandbox: str, image: str) -> dict[str, A
 
 def secrets_document(settings: Settings, sandbox: str) -> dict[str, Any]:
     """What the broker reads: each secret in use with its placeholder, value (read now)
-    and destinations."""
+    and destinations; an AWS secret also with how it signs and the placeholder of its
+    secret key (which no request may carry)."""
     placed = placeholders(settings, sandbox)
     items = []
     for secret in settings.secrets_in_use:
         value = credentials.read_value(secret, settings.root)
         destinations = [_destination(egress.parse_entry(host)) for host in secret.hosts]
-        items.append(
-            {
-                "name": secret.name,
-                "placeholder": placed[secret.name],
-                "value": value,
-                "destinations": destinations,
-                "header": secret.header,
-            }
-        )
+        item = {
+            "name": secret.name,
+            "placeholder": placed[secret.name],
+            "value": value,
+            "destinations": destinations,
+            "header": secret.header,
+        }
+        if secret.sign:
+            item |= {"sign": secret.sign, "unsendable": [placed[_secret_key(secret.name)]]}
+        items.append(item)
     return {"secrets": items}
 
 

@@ -213,3 +213,128 @@ def test_the_egress_task_shows_the_secrets_hosts_in_the_policy(tmp_path):
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)
     assert shown["brokered"] == ["api.example.com"] and "api.example.com" in shown["allow"]
+
+
+# -- AWS secrets: `sign: aws-sigv4` ------------------------------------------------------
+
+AWS_KEYS = {"AccessKeyId": "AKIAEXAMPLEKEY", "SecretAccessKey": "wJalr/EXAMPLE+KEY"}
+AWS = {"from_env": "MY_AWS", "sign": "aws-sigv4", "hosts": ["*.amazonaws.com"]}
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({**AWS, "header": "Authorization: {value}"}, "secret 'A' has both sign and header"),
+        ({**AWS, "sign": "aws-sigv2"}, "secret 'A' has an unknown sign 'aws-sigv2'"),
+        (
+            {"from_aws_profile": "default", "hosts": ["s3.amazonaws.com"]},
+            "secret 'A' reads an AWS profile without sign",
+        ),
+        ({**AWS, "hosts": []}, "secret 'A' has no hosts"),
+    ],
+)
+def test_bad_aws_definitions_are_one_line_naming_the_secret(spec, expected):
+    with pytest.raises(ConfigError) as caught:
+        credentials.parse_secret("A", spec, "invoke.yaml")
+    assert expected in caught.value.message
+    assert "\n" not in caught.value.message and caught.value.hint
+
+
+def test_an_aws_value_is_credential_process_json_made_compact(tmp_path):
+    secret = credentials.parse_secret("AWS", AWS, "invoke.yaml")
+    assert secret.applied == "AWS requests re-signed (SigV4)"
+    printed = json.dumps({"Version": 1, **AWS_KEYS, "Expiration": "2026-12-07T13:00:00Z"}, indent=2)
+    assert json.loads(credentials.read_value(secret, tmp_path, {"MY_AWS": printed})) == AWS_KEYS
+    temporary = {**AWS_KEYS, "SessionToken": "FwoGZXIvYXdzEXAMPLE"}
+    value = credentials.read_value(secret, tmp_path, {"MY_AWS": json.dumps(temporary)})
+    assert json.loads(value) == temporary
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("AKIAEXAMPLEKEY:wJalr/EXAMPLE+KEY", "is not AWS credentials JSON"),
+        ('["AKIAEXAMPLEKEY"]', "is not AWS credentials JSON"),
+        ('{"AccessKeyId": "AKIAEXAMPLEKEY"}', "has no SecretAccessKey"),
+        ('{"AccessKeyId": 7, "SecretAccessKey": "wJalr/EXAMPLE+KEY"}', "has no AccessKeyId"),
+        ('{"AccessKeyId": "AKIA/EXAMPLE", "SecretAccessKey": "wJalr/EXAMPLE+KEY"}', "a '/'"),
+        (
+            '{"AccessKeyId": "AKIAEXAMPLEKEY", "SecretAccessKey": "wJalr/EXAMPLE+KEY", '
+            '"SessionToken": "line\\nbreak"}',
+            "control character in SessionToken",
+        ),
+        ("  ", "is empty"),
+    ],
+)
+def test_a_bad_aws_value_is_one_line_that_never_shows_it(tmp_path, value, expected):
+    secret = credentials.parse_secret("AWS", AWS, "invoke.yaml")
+    with pytest.raises(ConfigError) as caught:
+        credentials.read_value(secret, tmp_path, {"MY_AWS": value})
+    shown = caught.value.message + str(caught.value.hint)
+    assert expected in caught.value.message and "secret 'AWS'" in caught.value.message
+    assert "\n" not in caught.value.message
+    assert "EXAMPLE+KEY" not in shown and "AKIA/EXAMPLE" not in shown
+
+
+def test_an_aws_profile_gives_its_static_keys(tmp_path):
+    (tmp_path / "creds").write_text(
+        "[default]\naws_access_key_id = AKIADEFAULT\naws_secret_access_key = d/efault\n"
+        "[work]\naws_access_key_id = AKIAWORK\naws_secret_access_key = w+ork\n"
+        "aws_session_token = tok\n[sso]\nsso_session = corp\n"
+    )
+    environ = {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "creds")}
+
+    def read(profile: str) -> dict:
+        spec = {"from_aws_profile": profile, "sign": "aws-sigv4", "hosts": ["s3.amazonaws.com"]}
+        secret = credentials.parse_secret("AWS", spec, "invoke.yaml")
+        return json.loads(credentials.read_value(secret, tmp_path, environ))
+
+    assert read("default") == {"AccessKeyId": "AKIADEFAULT", "SecretAccessKey": "d/efault"}
+    assert read("work")["SessionToken"] == "tok"
+    for profile, expected in [
+        ("nope", "reads AWS profile nope, which"),
+        ("sso", "holds no static keys"),
+    ]:
+        with pytest.raises(ConfigError, match=expected) as caught:
+            read(profile)
+        assert "export-credentials --profile" in str(caught.value.hint) or "name a" in str(
+            caught.value.hint
+        )
+    environ["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "absent")
+    with pytest.raises(ConfigError, match="No such file"):
+        read("default")
+
+
+def test_a_sandbox_holds_one_aws_key_pair(tmp_path):
+    two = {"AWS": AWS, "AWS_OTHER": {**AWS, "from_env": "OTHER"}}
+    with pytest.raises(ConfigError) as caught:
+        credentials.chosen(two, ["AWS", "AWS_OTHER"], "use_secrets")
+    assert "secrets 'AWS' and 'AWS_OTHER' both sign AWS requests" in caught.value.message
+
+
+def test_an_aws_secret_gives_the_sandbox_placeholder_keys_and_the_broker_the_value(tmp_path):
+    from stigmer_sandbox.runtime import broker
+
+    settings = config.load_settings(
+        tmp_path,
+        environ={},
+        secrets={**GOOD, "AWS": AWS},
+        use_secrets="AWS,API_TOKEN",
+        egress="allowlist",
+        state_dir=str(tmp_path / "state"),
+    )
+    environment = broker.sandbox_environment(settings, "box")
+    key_id, secret_key = environment["AWS_ACCESS_KEY_ID"], environment["AWS_SECRET_ACCESS_KEY"]
+    assert key_id.startswith("stigmer-secret-") and secret_key.startswith("stigmer-secret-")
+    assert (
+        key_id != secret_key and "AWS" not in environment and "AWS_SESSION_TOKEN" not in environment
+    )
+    assert environment["API_TOKEN"].startswith("stigmer-secret-")
+    assert broker.sandbox_environment(settings, "box") == environment  # stable across ups
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MY_AWS", json.dumps(AWS_KEYS))
+        patch.setenv("MY_API_TOKEN", VALUE)
+        document = broker.secrets_document(settings, "box")
+    aws = next(item for item in document["secrets"] if item["name"] == "AWS")
+    assert aws["placeholder"] == key_id and aws["unsendable"] == [secret_key]
+    assert aws["sign"] == "aws-sigv4" and json.loads(aws["value"]) == AWS_KEYS
