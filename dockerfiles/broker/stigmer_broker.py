@@ -10,14 +10,24 @@ installation's broker CA and verifies the upstream certificate itself. For each 
   answered 403 here, never forwarded, and one JSON line records the attempt (destination,
   secret name, where; never a value);
 - the placeholders of the secrets for this destination are replaced by their values, and
-  a secret's header template (`Authorization: Bearer {value}`) is set.
+  a secret's header template (`Authorization: Bearer {value}`) is set;
+- an AWS secret (`sign: aws-sigv4`) is never substituted: its placeholder is the key id
+  the sandbox signs with, allowed only in a SigV4 Authorization header, and the request
+  is signed again with the real key (stigmer_broker_aws.py, beside this file). A request
+  whose payload hash is in a header (every S3 request) is re-signed as soon as its
+  headers arrive, and its body streams through unread.
+
+The URL and headers are checked when the headers arrive (`requestheaders`), before any
+part of a request is forwarded, even one whose body streams; a body that is read (up to
+`stream_large_bodies`) is checked and substituted once it is complete (`request`).
 
 The host writes SECRETS_FILE (JSON, replaced by rename) and may rewrite it at any time:
 it is re-read when its inode, size or mtime change, so a revoked or rotated secret holds
 from the next request. A missing or unreadable file means no secrets: every placeholder
 is refused (fail closed). The host's side: stigmer_sandbox/runtime/broker.py.
 
-Stdlib only at import (unit-tested on the host); mitmproxy is imported when it runs.
+Stdlib only at import, besides the AWS signer (botocore), which is left out when missing
+(unit tests on the host); mitmproxy is imported when it runs.
 """
 
 import base64
@@ -32,6 +42,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+try:  # the image has it; a host without botocore tests the rest
+    import stigmer_broker_aws as aws
+except ImportError:  # pragma: no cover - depends on the environment
+    aws = None  # type: ignore[assignment]
+
 PREFIX = "stigmer-secret-"
 # No '-' or '_' after the digits: a placeholder ends where a word such as "-post" starts.
 PLACEHOLDER = re.compile(re.escape(PREFIX) + r"[0-9a-f]{32}(?![0-9A-Za-z])")
@@ -40,6 +55,8 @@ SECRETS_FILE = os.environ.get("BROKER_SECRETS", "/run/broker/secrets.json")
 LOG_FILE = os.environ.get("BROKER_LOG", "")  # JSON lines; empty: stderr
 READY_FILE = os.environ.get("BROKER_READY", "")  # written once the proxy listens
 REFUSED_HEADER = "X-Stigmer-Broker"
+AWS_SIGV4 = "aws-sigv4"
+DONE = "stigmer-broker-done"  # flow.metadata: headers already brokered (a streamed body)
 
 
 @dataclass(frozen=True)
@@ -72,6 +89,7 @@ class Secret:
     value: str
     destinations: tuple[Destination, ...]
     header: str = ""  # "Name: template with {value}"
+    sign: str = ""  # AWS_SIGV4: re-sign requests signed with the placeholder key id
 
     def goes_to(self, host: str, port: int) -> bool:
         return any(d.matches(host, port) for d in self.destinations)
@@ -90,8 +108,13 @@ def parse_secrets(data: Any) -> dict[str, Secret]:
                 for d in item["destinations"]
             ),
             header=str(item.get("header") or ""),
+            sign=str(item.get("sign") or ""),
         )
         found[secret.placeholder] = secret
+        # Placeholders no request may carry (an AWS secret key: it only signs in the
+        # sandbox): bound to no destination, refused everywhere under the secret's name.
+        for other in item.get("unsendable", []):
+            found[str(other)] = Secret(secret.name, str(other), "", ())
     return found
 
 
@@ -171,6 +194,18 @@ def refusal(
     return None
 
 
+def signing_refusal(
+    table: dict[str, Secret], found: list[tuple[str, str]]
+) -> tuple[str, str] | None:
+    """(secret name, where) of a signing secret's placeholder found anywhere but in the
+    Authorization header it signs: a presigned URL (`presigned-url`), a header, a body."""
+    for placeholder, where in found:
+        secret = table.get(placeholder)
+        if secret is not None and secret.sign and where != "header:Authorization":
+            return secret.name, "presigned-url" if where == "url" else where
+    return None
+
+
 def substituted(text: str, secrets: list[Secret]) -> str:
     for secret in secrets:
         text = text.replace(secret.placeholder, secret.value)
@@ -197,39 +232,73 @@ class Broker:
                 handle.write(str(os.getpid()))
             os.replace(READY_FILE + ".tmp", READY_FILE)
 
-    def request(self, flow: Any) -> None:
+    def requestheaders(self, flow: Any) -> None:
+        """The URL and headers judged before anything is forwarded; a request whose body
+        streams (an S3 upload, or one over `stream_large_bodies`) is brokered now."""
+        request = flow.request
         table = self.table.current()
+        if not self.allowed(flow, table, None):
+            return
+        signer = signing_secret(table, request.headers.get("authorization", ""))
+        if signer is not None and aws is not None and aws.streams(_lower(request.headers)):
+            request.stream = True
+        if request.stream:
+            flow.metadata[DONE] = True
+            self.broker(flow, table, None)
+
+    def request(self, flow: Any) -> None:
+        """A request whose body was read: judged with its body, then brokered."""
+        if flow.response is not None or flow.metadata.get(DONE):
+            return
+        table = self.table.current()
+        body = flow.request.raw_content
+        if self.allowed(flow, table, body):
+            self.broker(flow, table, body)
+
+    def allowed(self, flow: Any, table: dict[str, Secret], body: bytes | None) -> bool:
+        """Whether every placeholder in the request may go where it goes; if not, the
+        request is answered 403 here."""
         request = flow.request
         # The destination is where this connection goes (the target squid forwarded,
         # whose certificate mitmproxy verifies), never what the Host header claims.
         host, port = request.host, request.port
         claimed = (request.host_header or "").lower()
         if claimed and claimed.rsplit(":", 1)[0].strip("[]") != host.lower().strip("[]"):
-            self.refuse(flow, host, port, "unknown", "host-mismatch")
-            return
-        body = None if request.stream else request.raw_content
+            self.refuse(flow, "unknown", "host-mismatch")
+            return False
         found = placeholders_in(request.path, request.headers.items(multi=True), body)
-        refused = refusal(table, host, port, found)
+        refused = refusal(table, host, port, found) or signing_refusal(table, found)
         if refused:
-            self.refuse(flow, host, port, *refused)
-            return
+            self.refuse(flow, *refused)
+            return False
+        return True
+
+    def broker(self, flow: Any, table: dict[str, Secret], body: bytes | None) -> None:
+        """Put the values of this destination's secrets into the request (`body`: None
+        when it streams), then re-sign it for an AWS secret."""
+        request = flow.request
+        host, port = request.host, request.port
         here = [s for s in table.values() if s.goes_to(host, port)]
         if not here:
             return
-        request.path = substituted(request.path, here)
+        plain = [s for s in here if not s.sign]
+        request.path = substituted(request.path, plain)
         for name in list(request.headers.keys()):
             values = request.headers.get_all(name)
-            replaced = [header_value(value, here) for value in values]
+            replaced = [header_value(value, plain) for value in values]
             if replaced != values:
                 request.headers.set_all(name, replaced)
-        if body and any(s.placeholder.encode() in body for s in here):
-            for secret in here:
+        if body and any(s.placeholder.encode() in body for s in plain):
+            for secret in plain:
                 body = body.replace(secret.placeholder.encode(), secret.value.encode())
             request.raw_content = body
-        for secret in here:
+        for secret in plain:
             if secret.header:
                 name, _, template = secret.header.partition(":")
                 request.headers[name.strip()] = template.strip().replace("{value}", secret.value)
+        signer = signing_secret(here, request.headers.get("authorization", ""))
+        if signer is not None and not self.resigned(flow, signer, body):
+            return
         log(
             {
                 "event": "brokered",
@@ -239,14 +308,41 @@ class Broker:
             }
         )
 
+    def resigned(self, flow: Any, secret: Secret, body: bytes | None) -> bool:
+        """Re-sign the request with the secret's real key (True), or refuse it (False)."""
+        request = flow.request
+        try:
+            if aws is None:
+                raise RuntimeError("the AWS signer (botocore) is not installed")
+            changes = aws.resign(
+                request.method,
+                request.url,
+                _lower(request.headers),
+                body,
+                placeholder=secret.placeholder,
+                keys=aws.keys_of(secret.value),
+            )
+        except Exception as exc:  # a refusal, or a value the signer cannot use
+            where = getattr(exc, "where", "signer-error")
+            self.refuse(flow, secret.name, where, str(exc) if hasattr(exc, "where") else "")
+            return False
+        for name, value in changes.items():
+            if value is None:
+                request.headers.pop(name, None)
+            else:
+                request.headers[name] = value
+        return True
+
     def responseheaders(self, flow: Any) -> None:
         # Responses are never inspected: streamed, not buffered (large downloads).
         if flow.response is not None:
             flow.response.stream = True
 
-    def refuse(self, flow: Any, host: str, port: int, name: str, where: str) -> None:
+    def refuse(self, flow: Any, name: str, where: str, why: str = "") -> None:
         from mitmproxy import http
 
+        host, port = flow.request.host, flow.request.port
+        flow.request.stream = False  # an answer from here and a streamed body exclude each other
         log(
             {
                 "event": "refused",
@@ -256,11 +352,28 @@ class Broker:
                 "client": flow.client_conn.peername[0],
             }
         )
+        reason = why or f"a secret placeholder ({name}) may not be sent to {host}:{port}"
         flow.response = http.Response.make(
             403,
-            f"stigmer broker: a secret placeholder ({name}) may not be sent to {host}:{port}\n",
+            f"stigmer broker: {reason}\n",
             {"Content-Type": "text/plain", REFUSED_HEADER: "refused"},
         )
+
+
+def signing_secret(secrets: Iterable[Secret], authorization: str) -> Secret | None:
+    """The signing secret whose placeholder key id signed this Authorization header."""
+    for secret in secrets:
+        if secret.sign and secret.placeholder in authorization:
+            return secret
+    return None
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    """Headers by lower-case name (repeated ones joined as SigV4 canonicalises them)."""
+    joined: dict[str, list[str]] = {}
+    for name, value in headers.items(multi=True):
+        joined.setdefault(name.lower(), []).append(value)
+    return {name: ",".join(values) for name, values in joined.items()}
 
 
 addons = [Broker()]
