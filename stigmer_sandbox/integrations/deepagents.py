@@ -48,6 +48,8 @@ from ..errors import SandboxError
 from ..runtime import ExecResult, LocalSandbox, Sandbox, open_sandbox
 from ..runtime.client.commands import from_bytes
 from ..runtime.client.files import checked_upload, listed, shown_path
+from . import adapter
+from .adapter import TIMEOUT_EXIT
 
 if TYPE_CHECKING:  # deepagents 0.7's results; Graphton's deepagents 0.4 lacks most of them
     from deepagents.backends.protocol import (
@@ -61,8 +63,6 @@ if TYPE_CHECKING:  # deepagents 0.7's results; Graphton's deepagents 0.4 lacks m
     )
 
 logger = logging.getLogger(__name__)
-
-TIMEOUT_EXIT = 124
 
 
 def timeout_message(seconds: float, custom: bool) -> str:
@@ -129,18 +129,17 @@ def to_response(
     stdout then stderr), the exit code, `truncated`."""
     if output is None:
         output = result.stdout + result.stderr  # stderr is empty when streams were merged
-    truncated = any(result.truncated.values())
-    notice = None
     exit_code = result.exit_code
+    notice: str | None
     if result.timed_out:
         exit_code, notice = TIMEOUT_EXIT, timeout_message(timeout, custom)
-    elif result.oom_killed:
-        notice = "Error: the command was killed because the sandbox ran out of memory."
-    elif result.exit_code is None:
-        notice = f"Error: the command's result was lost: {result.error}"
-    if notice:
-        output = f"{output.rstrip()}\n\n{notice}" if output.strip() else notice
-    return ExecuteResponse(output=output, exit_code=exit_code, truncated=truncated)
+    else:
+        notice = adapter.ended_notice(result)
+    return ExecuteResponse(
+        output=adapter.with_notice(output, notice),
+        exit_code=exit_code,
+        truncated=adapter.truncated(result),
+    )
 
 
 def _entries(items: object) -> list[object]:
@@ -191,8 +190,7 @@ class StigmerSandbox(BaseSandbox):
         """Run a shell command; stdout and stderr combined. Never raises: a failure to run
         is an `Error: ...` output with exit code 1. (A deepagents helper's command and
         output keep undecodable bytes as surrogates; see the module docstring.)"""
-        custom = bool(timeout)
-        seconds = float(timeout) if timeout else self.sandbox.settings.timeout
+        seconds, custom = adapter.command_timeout(timeout, self.sandbox.settings)
         helper = IN_HELPER.get()
         output = bytearray()
         try:
