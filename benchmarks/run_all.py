@@ -26,6 +26,7 @@ ORDER = (
     "deepagents_backend.py",
     "sandbox_start.py",
     "pool.py",
+    "pause.py",
     "egress.py",
     "credentials.py",
     "cli_run.py",

@@ -16,7 +16,8 @@ touching the engine; `release()` destroys it in the background and starts a
 replacement. A sandbox is never handed out twice. The pool never runs more than
 `pool_max_size` sandboxes, and says so when their memory limits add up to more than the
 host has. A pool can start its sandboxes from a snapshot, so work done once (packages,
-MCP servers) is not paid at every start.
+MCP servers) is not paid at every start. With `pause_idle`, waiting sandboxes are paused
+(`runtime.suspend`: no CPU, memory kept) and `acquire()` resumes the one it hands out.
 """
 
 from __future__ import annotations
@@ -59,8 +60,11 @@ class SandboxPool:
         deny: Sequence[str] = (),
         allow_presets: Sequence[str] = (),
         secrets: Sequence[str] = (),
+        pause_idle: bool = False,
     ) -> None:
         self.backend = backend
+        # Waiting sandboxes paused (no CPU, memory kept), resumed by `acquire`.
+        self.pause_idle = pause_idle
         chosen = (settings or load_settings()).with_egress(
             egress, allow, deny, allow_presets, secrets=secrets
         )
@@ -177,6 +181,8 @@ class SandboxPool:
                 self._cond.wait(remaining)
         if sandbox is None:
             sandbox = self._start_now()
+        elif self.pause_idle:
+            sandbox.resume()
         self._refill()
         return sandbox
 
@@ -310,6 +316,8 @@ class SandboxPool:
     def _fill_one(self) -> None:
         try:
             sandbox = self._start_sandbox() if not self._closed else None
+            if sandbox is not None and self.pause_idle:
+                self._pause_waiting(sandbox)
         except Exception as exc:
             if not isinstance(exc, SandboxError):
                 exc = SandboxError(f"starting a pooled sandbox failed: {exc}")
@@ -334,6 +342,15 @@ class SandboxPool:
             self._cond.notify_all()
         if sandbox is not None and not keep:
             self._destroy(sandbox)
+
+    @staticmethod
+    def _pause_waiting(sandbox: Sandbox) -> None:
+        """Pause a sandbox that is to wait; one that cannot be paused is removed."""
+        try:
+            sandbox.pause()
+        except BaseException:
+            sandbox.remove()
+            raise
 
     def _submit(self, job: object, *args: object) -> None:
         """Run a removal in the background (here, when the workers are shut down)."""

@@ -29,9 +29,10 @@ from .client.command_methods import CommandMethods
 from .client.connection import Connection
 from .containers import ContainerViews
 from .forking import Forking
+from .suspend import Suspending
 
 
-class Sandbox(CommandMethods, Forking, ContainerViews):
+class Sandbox(CommandMethods, Forking, Suspending, ContainerViews):
     """One sandbox container: create or find it, run commands in it, copy files."""
 
     def __init__(
@@ -165,6 +166,11 @@ class Sandbox(CommandMethods, Forking, ContainerViews):
         placement = network.prepare(self.settings, self.name, owned, self.backend, base["image"])
         spec, wanted = containers.placed(base, placement.options)
         container = self._reusable(self.find(), wanted, placement.gateway is not None)
+        if container is not None and container.status == "paused":
+            self.backend.unpause(container)  # its processes go on where they were
+            with engine.engine_errors():
+                container.reload()
+            self.notes.append(f"sandbox {self.name} was paused; resumed")
         started = container is None or container.status != "running"
         if container is None:
             policy.prepare_folders(self.settings, self.host_user)

@@ -315,6 +315,26 @@ def down(c: Context) -> None:
         console.info(f"{sandbox.name} is not running; nothing to do")
 
 
+@task
+def pause(c: Context) -> None:
+    """Freeze the sandbox with its memory (processes, shells, servers) until resume."""
+    sandbox = sandbox_for(c)
+    if sandbox.pause():
+        console.success(f"paused {sandbox.name}; `inv sandbox.resume` lets it run on")
+    else:
+        console.info(f"{sandbox.name} is paused already")
+
+
+@task
+def resume(c: Context) -> None:
+    """Let a paused sandbox run on where it was."""
+    sandbox = sandbox_for(c)
+    if sandbox.resume():
+        console.success(f"resumed {sandbox.name}")
+    else:
+        console.info(f"{sandbox.name} is not paused; nothing to do")
+
+
 @task(help={"json": "print the status as one JSON object (default: off)"})
 def status(c: Context, json: bool = False) -> None:
     """Show the sandbox's state, health, image, limits and mounts."""
@@ -551,6 +571,8 @@ ns = Collection(
     report,
     up,
     down,
+    pause,
+    resume,
     status,
     shell,
     logs,

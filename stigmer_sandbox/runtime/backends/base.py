@@ -54,6 +54,12 @@ class Backend(Protocol):
     def frozen(self, handle: Any) -> Any:
         """A context in which the sandbox's processes are frozen (consistent captures)."""
 
+    def pause(self, handle: Any) -> None:
+        """Freeze every process of the sandbox, memory kept, until `unpause`."""
+
+    def unpause(self, handle: Any) -> None:
+        """Let a frozen sandbox's processes run again, where they were."""
+
     def commit(self, handle: Any, image_ref: str, changes: list[str]) -> str:
         """Capture the sandbox's root filesystem as image `image_ref`; the image id."""
 

@@ -97,12 +97,18 @@ class DockerBackend:
 
     @contextmanager
     def frozen(self, handle: Any) -> Iterator[None]:
-        _pause(handle)
+        self.pause(handle)
         try:
             yield
         finally:
-            with engine.engine_errors():
-                handle.unpause()
+            self.unpause(handle)
+
+    def pause(self, handle: Any) -> None:
+        _pause(handle)  # the cgroup freezer: nothing runs, memory stays where it is
+
+    def unpause(self, handle: Any) -> None:
+        with engine.engine_errors():
+            handle.unpause()
 
     def commit(self, handle: Any, image_ref: str, changes: list[str]) -> str:
         repository, tag = image_ref.rsplit(":", 1)
