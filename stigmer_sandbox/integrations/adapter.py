@@ -103,8 +103,8 @@ def sandbox_path(path: str, home: str = WORKSPACE) -> str:
 
 
 def names_a_directory(path: str) -> bool:
-    """Whether a path can only name a folder (`.`, `..`, or ending in `/`)."""
-    return path.endswith("/") or posixpath.basename(path) in (".", "..")
+    """Whether a path can only name a folder: it ends in `.` or `..`."""
+    return posixpath.basename(path.rstrip("/")) in (".", "..")
 
 
 # -- errors ----------------------------------------------------------------------------------
