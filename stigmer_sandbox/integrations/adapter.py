@@ -12,18 +12,20 @@ relative path lands and which exception a failure becomes are decided here, once
   `file_error` and `sandbox_error` pick one for a transfer's error code or a
   `SandboxError`;
 - async frameworks: `run_request` runs a command in a worker thread and, when the
-  awaiting task is cancelled, ends the command in the sandbox instead of abandoning it.
+  awaiting task is cancelled, ends the command in the sandbox instead of abandoning it;
+  `in_thread` runs any other blocking call (file transfers) the same way.
 
 Nothing here carries commands, applies policy or cleans up: that stays in the runtime.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import policy
 from ..config import Settings
@@ -41,6 +43,7 @@ TIMEOUT_EXIT = 124
 OOM_NOTICE = "Error: the command was killed because the sandbox ran out of memory."
 # Exit codes bash gives a command that could not start (not executable / not found).
 START_FAILURES = (126, 127)
+T = TypeVar("T")
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -175,6 +178,19 @@ def sandbox_error(exc: SandboxError, errors: ErrorTypes) -> Exception:
 # -- async frameworks ------------------------------------------------------------------------
 
 
+async def in_thread(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a worker thread, awaited; cancelling the await abandons the
+    thread (the caller ends what it started). asyncio's own executor under asyncio (about
+    0.1 ms a call here, anyio's worker threads 0.4 ms), anyio's under any other loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio (trio, which inspect can run on)
+        import anyio
+
+        return await anyio.to_thread.run_sync(function, *args, abandon_on_cancel=True)
+    return await asyncio.to_thread(function, *args)
+
+
 async def run_request(
     sandbox: Sandbox, command: str | Sequence[str], options: ExecOptions
 ) -> ExecResult:
@@ -187,7 +203,7 @@ async def run_request(
     request = Request.build(sandbox.settings, command, options)
     connection = sandbox.connection
     try:
-        return await anyio.to_thread.run_sync(connection.execute, request, abandon_on_cancel=True)
+        return await in_thread(connection.execute, request)
     except anyio.get_cancelled_exc_class():
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(connection.cancel, request.cid)

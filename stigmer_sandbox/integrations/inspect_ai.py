@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
-import anyio
 from inspect_ai._util.error import PrerequisiteError
 from inspect_ai.util import (
     ExecResult,
@@ -326,7 +325,7 @@ class StigmerSandboxEnvironment(SandboxEnvironment):
         """Start the configuration's pool (its sandboxes come up in the background)."""
         try:
             resolved = resolved_config(config)
-            await anyio.to_thread.run_sync(pool_for, resolved, True)
+            await adapter.in_thread(pool_for, resolved, True)
         except SandboxError as exc:
             raise _prerequisite(exc) from None
 
@@ -340,8 +339,8 @@ class StigmerSandboxEnvironment(SandboxEnvironment):
         """A started sandbox from the pool (started now when none waits)."""
         try:
             resolved = resolved_config(config)
-            pool = await anyio.to_thread.run_sync(pool_for, resolved, False)
-            sandbox = await anyio.to_thread.run_sync(pool.acquire)
+            pool = await adapter.in_thread(pool_for, resolved, False)
+            sandbox = await adapter.in_thread(pool.acquire)
         except SandboxError as exc:
             raise _prerequisite(exc) from None
         return {"default": cls(sandbox, pool)}
@@ -357,7 +356,7 @@ class StigmerSandboxEnvironment(SandboxEnvironment):
         """Give each sandbox back: it is destroyed in the background and replaced."""
         for environment in environments.values():
             if isinstance(environment, StigmerSandboxEnvironment):
-                await anyio.to_thread.run_sync(environment.release)
+                await adapter.in_thread(environment.release)
 
     @classmethod
     async def task_cleanup(
@@ -371,13 +370,13 @@ class StigmerSandboxEnvironment(SandboxEnvironment):
             return  # task_init refused it: no pool was started
         pool = end_task(resolved)
         if pool is not None:
-            await anyio.to_thread.run_sync(pool.close)
+            await adapter.in_thread(pool.close)
 
     @classmethod
     async def cli_cleanup(cls, id: str | None) -> None:
         """Remove this provider's leftover sandboxes (owner gone), or the one named."""
         try:
-            removed = await anyio.to_thread.run_sync(remove_leftovers, id)
+            removed = await adapter.in_thread(remove_leftovers, id)
         except SandboxError as exc:
             print(f"stigmer sandbox cleanup: {exc}")
             return
@@ -482,7 +481,7 @@ class StigmerSandboxEnvironment(SandboxEnvironment):
         self, method: Callable[[Any], T], argument: Sequence[Any], errors: adapter.ErrorTypes
     ) -> T:
         try:
-            return await anyio.to_thread.run_sync(method, argument)
+            return await adapter.in_thread(method, argument)
         except SandboxError as exc:
             raise adapter.sandbox_error(exc, errors) from None
 

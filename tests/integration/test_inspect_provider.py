@@ -129,6 +129,23 @@ async def test_root_is_refused_the_way_inspect_expects_and_the_sandbox_user_is_a
     assert named.stdout.strip() == uid
 
 
+async def test_a_cancelled_exec_ends_its_command_in_the_sandbox(sample_sandbox):
+    """A sample cancelled mid-command (a time limit) leaves nothing running behind it."""
+    marker = f"cancelled_{SESSION_ID}"
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(sample_sandbox.exec(["sh", "-c", f"sleep 60 # {marker}\n:"]), 1)
+
+    async def running() -> str:
+        found = await sample_sandbox.exec(["sh", "-c", f"ps ax | grep {marker} | grep -v grep"])
+        return found.stdout.strip()
+
+    for _ in range(50):  # the cancel is sent as the await ends; allow it to land
+        if not await running():
+            break
+        await asyncio.sleep(0.1)
+    assert await running() == ""
+
+
 def test_samples_get_their_own_sandboxes_and_cleanup_removes_every_one(tmp_path, docker_engine):
     config = provider_config(tmp_path, pool_size=1)
     env = StigmerSandboxEnvironment
