@@ -24,6 +24,7 @@ ORDER = (
     "throughput.py",
     "big_outputs.py",
     "deepagents_backend.py",
+    "adapters.py",
     "sandbox_start.py",
     "pool.py",
     "pause.py",
