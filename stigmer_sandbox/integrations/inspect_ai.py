@@ -362,15 +362,16 @@ class StigmerSandboxEnvironment(SandboxEnvironment):
     async def task_cleanup(
         cls, task_name: str, config: SandboxEnvironmentConfigType | None, cleanup: bool
     ) -> None:
-        """Close the pool when the last task using it ends: every sandbox it made goes.
-        (`--no-sandbox-cleanup` cannot keep them yet: a pool removes what it hands out.)"""
+        """Close the pool when the last task using it ends: every sandbox it made goes,
+        but with `--no-sandbox-cleanup` the samples' ones stay (`inspect sandbox cleanup
+        stigmer` removes them once this process is gone)."""
         try:
             resolved = resolved_config(config)
         except SandboxError:
             return  # task_init refused it: no pool was started
         pool = end_task(resolved)
         if pool is not None:
-            await adapter.in_thread(pool.close)
+            await adapter.in_thread(pool.close, not cleanup)
 
     @classmethod
     async def cli_cleanup(cls, id: str | None) -> None:

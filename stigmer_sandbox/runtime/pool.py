@@ -202,14 +202,16 @@ class SandboxPool:
         self._submit(self._destroy_released, sandbox)
         self._refill()
 
-    def close(self) -> None:
-        """Remove every sandbox of this pool, waiting and acquired alike (idempotent)."""
+    def close(self, keep_acquired: bool = False) -> None:
+        """Remove every sandbox of this pool, waiting and acquired alike (idempotent); with
+        `keep_acquired`, the acquired ones stay running for a look (`inv clean` removes
+        them once this process is gone)."""
         atexit.unregister(self.close)
         with self._cond:
             if self._closed:
                 return
             self._closed = True
-            held = [*self._ready, *self._out.values()]
+            held = [*self._ready, *([] if keep_acquired else self._out.values())]
             self._ready.clear()
             self._out.clear()
             self._cond.notify_all()

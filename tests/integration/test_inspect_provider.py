@@ -169,6 +169,28 @@ def test_samples_get_their_own_sandboxes_and_cleanup_removes_every_one(tmp_path,
     assert containers_of(docker_engine, config) == []
 
 
+def test_no_sandbox_cleanup_keeps_the_samples_sandboxes_for_a_look(tmp_path, docker_engine):
+    config = provider_config(tmp_path, pool_size=1)
+    env = StigmerSandboxEnvironment
+
+    async def kept() -> str:
+        await env.task_init("startup", config)
+        environments = await env.sample_init("kept", config, {})
+        await environments["default"].write_file("notes.txt", "look at me")
+        # `--no-sandbox-cleanup`: inspect skips sample_cleanup, and says so to task_cleanup.
+        await env.task_cleanup("shutdown", config, False)
+        return environments["default"].sandbox.name
+
+    name = asyncio.run(kept())
+    left = [c.name for c in containers_of(docker_engine, config)]
+    # The sample's, running (with its egress gateway); the pool's waiting one went.
+    assert name in left and all(other.startswith(f"{name}-") for other in set(left) - {name})
+    found = docker_engine.containers.get(name).exec_run(["cat", "/workspace/notes.txt"])
+    assert found.output == b"look at me"
+    asyncio.run(env.cli_cleanup(name))
+    assert containers_of(docker_engine, config) == []
+
+
 def test_cli_cleanup_removes_the_named_sandbox_and_leaves_live_owners_alone(
     tmp_path, docker_engine
 ):
