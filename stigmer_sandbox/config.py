@@ -250,7 +250,8 @@ class Settings:
     # never values; a sandbox gets only the ones `use_secrets` names.
     secrets: dict = _key(  # noqa: RUF009 (_key gives a mapping its default_factory)
         "secrets a sandbox may use without reading them: NAME: {from_env | from_file | "
-        "from_command, hosts: [destinations], header: 'Name: ...{value}...'}",
+        "from_command | from_aws_profile, hosts: [destinations], header: 'Name: ...{value}...' "
+        "| sign: aws-sigv4}",
         {},
         kind="secrets",
     )
