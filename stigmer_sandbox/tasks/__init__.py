@@ -8,7 +8,7 @@ from pathlib import Path
 from invoke import Collection
 
 from .. import config
-from . import compose, deps, dev, engine, root, sandbox
+from . import compose, deps, dev, engine, mcp, root, sandbox
 from ._common import check_startup
 
 
@@ -19,7 +19,7 @@ def build_namespace(project_dir: Path | None = None) -> Collection:
         defaults["project_dir"] = str(project_dir)
         check_startup(project_dir, sys.argv[1:])
     namespace = Collection()
-    for item in (*root.TASKS, *dev.TASKS):
+    for item in (*root.TASKS, *dev.TASKS, *mcp.TASKS):
         namespace.add_task(item)
     for sub in (sandbox.ns, compose.ns, engine.ns, deps.ns):
         namespace.add_collection(sub)
