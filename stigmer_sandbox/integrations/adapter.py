@@ -6,6 +6,7 @@ relative path lands and which exception a failure becomes are decided here, once
 
 - results: `ended_notice` (an OOM kill, a lost result), `start_failure_text`, `truncated`
   and `with_notice` read an `ExecResult` the same way for every framework;
+- settings: `configured_settings` (the project's, then an adapter config's keys);
 - timeouts: `command_timeout` (the framework's, else the sandbox's default);
 - paths: `sandbox_path` (relative to /workspace) and `names_a_directory`;
 - errors: `ErrorTypes` holds a framework's exception types as small callables;
@@ -23,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import posixpath
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import policy
-from ..config import Settings
-from ..errors import SandboxError, UsageError
+from ..config import Settings, load_settings
+from ..errors import ConfigError, SandboxError, UsageError
 from ..runtime import ExecOptions, ExecResult
 from ..runtime.client.commands import Request
 from ..runtime.client.files import EXPLAINED
@@ -82,6 +83,27 @@ def start_failure_text(result: ExecResult) -> str | None:
 def refused_execution(result: ExecResult) -> bool:
     """Whether the kernel refused to execute the command itself (exit 126, EACCES)."""
     return result.exit_code == 126 and "permission denied" in (result.error or "").lower()
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+def configured_settings(
+    project_dir: str | None,
+    own: dict[str, Any],
+    others: dict[str, Any],
+    reserved: Iterable[str],
+    source: str,
+) -> Settings:
+    """The settings an adapter's config gives: the project's (`project_dir`'s invoke.yaml
+    and INVOKE_STIGMER_*), then `others` (any setting by name), then the config's own keys
+    (`own`; None is unset). A key in `others` that `own` or `reserved` names is one
+    ConfigError line: each setting is set in one place."""
+    given = {key: value for key, value in own.items() if value is not None}
+    twice = sorted(set(others) & {*own, *reserved})
+    if twice:
+        raise ConfigError(f"{source}: set {twice[0]!r} as its own key, not under settings")
+    return load_settings(project_dir).replace(source, **others, **given)
 
 
 # -- timeouts --------------------------------------------------------------------------------
