@@ -239,7 +239,7 @@ class Broker:
         table = self.table.current()
         if not self.allowed(flow, table, None):
             return
-        signer = signing_secret(table, request.headers.get("authorization", ""))
+        signer = signing_secret(table.values(), request.headers.get("authorization", ""))
         if signer is not None and aws is not None and aws.streams(_lower(request.headers)):
             request.stream = True
         if request.stream:

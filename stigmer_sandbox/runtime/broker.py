@@ -69,6 +69,7 @@ CA_MOUNT = "/etc/broker-ca"
 RESOLV_MOUNT = "/etc/resolv.conf"
 MITMDUMP = "/opt/broker/bin/mitmdump"
 ADDON = "/opt/broker/addon/stigmer_broker.py"
+READS = "/opt/broker/addon/stigmer_broker_io.py"  # bigger socket reads, loaded first
 _MAKE_CA = (
     "import sys; from mitmproxy.certs import CertStore; "
     f"CertStore.from_store(sys.argv[1], {CA_BASENAME!r}, 2048)"
@@ -361,7 +362,7 @@ class Broker:
         command = (
             f"cat {SYSTEM_BUNDLE} {SECRETS_MOUNT}/trust.pem > /tmp/trust.pem && "
             f"exec {MITMDUMP} --mode regular --listen-host 127.0.0.1 --listen-port {PORT} "
-            f"-s {ADDON} --set confdir={CA_MOUNT} "
+            f"-s {READS} -s {ADDON} --set confdir={CA_MOUNT} "
             "--set ssl_verify_upstream_trusted_ca=/tmp/trust.pem --set termlog_verbosity=warn "
             "--set flow_detail=0 --set stream_large_bodies=10m"
         )

@@ -133,3 +133,54 @@ def test_broker_log_lines_become_egress_records():
         ("refused", "secret-placeholder:A:url", "h.example", 443),
         ("allowed", "secrets:A,B", "10.0.0.1", 8443),
     ]
+
+
+class FakeHeaders:
+    """The part of mitmproxy's `Headers` the addon uses (case-insensitive, multi-valued)."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self.pairs = list(pairs)
+
+    def get(self, name: str, default: str = "") -> str:
+        found = self.get_all(name)
+        return found[0] if found else default
+
+    def get_all(self, name: str) -> list[str]:
+        return [v for k, v in self.pairs if k.lower() == name.lower()]
+
+    def set_all(self, name: str, values: list[str]) -> None:
+        self.pairs = [(k, v) for k, v in self.pairs if k.lower() != name.lower()]
+        self.pairs += [(name, v) for v in values]
+
+    def keys(self) -> list[str]:
+        return list(dict.fromkeys(k for k, _ in self.pairs))
+
+    def items(self, multi: bool = False) -> list[tuple[str, str]]:
+        return list(self.pairs)
+
+    def __setitem__(self, name: str, value: str) -> None:
+        self.set_all(name, [value])
+
+
+class FakeFlow:
+    def __init__(self, host: str, headers: list[tuple[str, str]], stream: bool) -> None:
+        self.request = type(
+            "Request",
+            (),
+            {"host": host, "port": 443, "path": "/upload", "host_header": host,
+             "headers": FakeHeaders(headers), "stream": stream},
+        )()  # fmt: skip
+        self.metadata: dict = {}
+        self.response = None
+        self.client_conn = type("Client", (), {"peername": ("10.231.0.3", 40000)})()
+
+
+def test_a_streamed_request_is_brokered_from_its_headers_alone(tmp_path):
+    """A body that streams (over `stream_large_bodies`, or an S3 upload) leaves before the
+    `request` hook runs: its headers are substituted in `requestheaders`."""
+    broker = addon.Broker()
+    broker.table = type("Fixed", (), {"current": staticmethod(lambda: table(tmp_path))})()
+    flow = FakeFlow("git.example.com", [("X-Token", GIT)], stream=True)
+    broker.requestheaders(flow)
+    assert flow.request.headers.get("X-Token") == "git-value"
+    assert flow.metadata.get(addon.DONE) is True and flow.response is None
