@@ -1,9 +1,15 @@
-"""The framework adapters' overhead (issue 24): the inspect_ai provider beside `Sandbox`.
+"""The framework adapters' overhead (issue 24): the inspect_ai provider and the
+mini-swe-agent environment beside `Sandbox`.
 
 - One `echo hi` (argv, no shell) through the provider's `exec` beside `Sandbox.exec` on
   the same sandbox, p50 and p95, in blocks of calls A B B A (see `abba_ms`); the
   provider's path adds a worker thread, the request built for cancellation and the
   mapping to inspect's `ExecResult`. Goal: within 1.2x.
+- One `echo hi` through the mini-swe-agent environment's `execute` (its default config:
+  `bash -lc`, merged output, the result as mini-swe-agent's dict) beside `Sandbox.exec` of
+  the same argv on the same sandbox (the adapter's cost; goal: within 1.2x), and beside
+  `Sandbox.exec("echo hi")` (what the docker environment's login-shell default adds).
+  Skipped, with a line saying so, when mini-swe-agent is not installed.
 - inspect's sample start and teardown through the provider (`sample_init` from a warm
   pool, `sample_cleanup` releasing to it; the pool refilled before each start) beside
   the same done without a pool: a cold ephemeral `Sandbox.up()` + `connect()`, and its
@@ -18,6 +24,8 @@ Everything runs under a scratch state folder and workspace, with the label
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import os
 import statistics
 import tempfile
 import uuid
@@ -25,7 +33,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from _common import ROOT, abba_ms, count_option, report, report_latency, timed
+from _common import ROOT, abba_ms, count_option, percentiles, report, report_latency, timed
 
 from stigmer_sandbox import config
 from stigmer_sandbox.integrations import inspect_ai as provider
@@ -76,6 +84,44 @@ def echo_overhead(loop: Loop, environment: StigmerSandboxEnvironment) -> None:
         samples["Sandbox.exec"],
         goals=("ratio <= 1.2", ""),
     )
+
+
+def swe_echo_overhead(sandbox: Sandbox) -> None:
+    """One `echo` through the mini-swe-agent environment beside `Sandbox.exec`, on `sandbox`."""
+    if importlib.util.find_spec("minisweagent") is None:
+        print("mini-swe-agent environment: skipped (mini-swe-agent is not installed)")
+        return
+    os.environ.setdefault("MSWEA_SILENT_STARTUP", "1")  # its banner, printed on import
+    from stigmer_sandbox.integrations.minisweagent import StigmerEnvironment
+
+    environment = StigmerEnvironment(sandbox=sandbox)  # the caller's sandbox: left running
+    argv = [*environment.config.interpreter, "echo hi"]
+
+    def through_environment() -> None:
+        done = environment.execute({"command": "echo hi"})
+        assert done["output"] == "hi\n", done
+
+    def same_argv() -> None:
+        done = sandbox.exec(argv, merge_output=True)
+        assert done.stdout == "hi\n", done
+
+    def plain() -> None:
+        done = sandbox.exec("echo hi")
+        assert done.stdout == "hi\n", done
+
+    name = "mini-swe-agent environment execute({'command': 'echo hi'})"
+    actions = {name: through_environment, "same argv": same_argv, "plain": plain}
+    samples = abba_ms(actions, ECHO_CALLS)
+    p50 = {key: percentiles(values)[0] for key, values in samples.items()}
+    report(
+        f"{name} p50",
+        p50[name],
+        f"Sandbox.exec({argv!r}) same sandbox",
+        p50["same argv"],
+        "ms",
+        goal="ratio <= 1.2",
+    )
+    report(f"{name} p50", p50[name], "Sandbox.exec('echo hi') (bash -c)", p50["plain"], "ms")
 
 
 def sample_lifecycle(loop: Loop, bench_config: StigmerSandboxConfig, runs: int) -> None:
@@ -137,6 +183,7 @@ def main(runs: int) -> None:
             environments = loop.run(env.sample_init("bench", bench_config, {}))
             try:
                 echo_overhead(loop, environments["default"])
+                swe_echo_overhead(environments["default"].sandbox)
             finally:
                 loop.run(env.sample_cleanup("bench", bench_config, environments, False))
             sample_lifecycle(loop, bench_config, runs)

@@ -240,8 +240,10 @@ class StigmerEnvironment:
         self._uname: dict[str, str] | None = None
         self.sandbox: Sandbox | None = None  # set first: cleanup() may run on a failed init
         self.config = parse_config(kwargs, config_class)
-        self.sandbox = sandbox if sandbox is not None else start_sandbox(self.config)
-        self.logger.info(f"Started stigmer sandbox {self.sandbox.name}")
+        if sandbox is None:
+            sandbox = start_sandbox(self.config)
+            self.logger.info(f"Started stigmer sandbox {sandbox.name}")
+        self.sandbox = sandbox
 
     def execute(self, action: dict, cwd: str = "", *, timeout: int | None = None) -> dict[str, Any]:
         """Run `action["command"]` through the interpreter in the sandbox; the output dict."""
