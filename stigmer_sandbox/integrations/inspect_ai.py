@@ -152,12 +152,10 @@ def as_config(config: SandboxEnvironmentConfigType | dict[str, Any] | None) -> S
 
 def settings_for(config: StigmerSandboxConfig) -> Settings:
     """The sandbox settings a config gives: the project's, then the config's own keys."""
-    given = {key: getattr(config, key) for key in LIMIT_KEYS if getattr(config, key) is not None}
-    twice = sorted(set(config.settings) & {*given, *OWN_KEYS})
-    if twice:
-        raise ConfigError(f"sandbox config: set {twice[0]!r} as its own key, not under settings")
-    base = load_settings(config.project_dir)
-    return base.replace("sandbox config", **config.settings, **given)
+    own = {key: getattr(config, key) for key in LIMIT_KEYS}
+    return adapter.configured_settings(
+        config.project_dir, own, config.settings, OWN_KEYS, "sandbox config"
+    )
 
 
 def pool_options(config: StigmerSandboxConfig) -> dict[str, Any]:
