@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # the SDK's dependency; no stubs
 from mcp import types
 from mcp.server.lowlevel import Server
 
@@ -833,10 +833,10 @@ class Tools:
         argv = python_argv(GLOB_SOURCE, path, arguments["pattern"], str(GLOB_LIMIT))
         answer = helper_json(await adapter.run_request(sandbox, argv, helper_options()))
         matches = list(answer.get("matches") or [])
-        data = {"sandbox": sandbox.name, "path": path, "matches": matches}
-        data["truncated"] = bool(answer.get("truncated"))
+        truncated = bool(answer.get("truncated"))
+        data = {"sandbox": sandbox.name, "path": path, "matches": matches, "truncated": truncated}
         more = [f"[more than {GLOB_LIMIT} matches; the first {GLOB_LIMIT} shown]"]
-        lines = matches + (more if data["truncated"] else [])
+        lines = matches + (more if truncated else [])
         return Reply("\n".join(lines) or "no matches", data)
 
     async def grep(self, arguments: dict[str, Any]) -> Reply:
@@ -1009,7 +1009,7 @@ async def unless_client_leaves(work: Callable[[], Awaitable[Reply]], request: An
 # -- transports ------------------------------------------------------------------------------
 
 
-async def serve_stdio(server: Server[Any, Any], protocol_out: io.BufferedIOBase) -> None:
+async def serve_stdio(server: Server[Any, Any], protocol_out: io.BufferedWriter) -> None:
     """Serve one client over stdin and `protocol_out` until stdin closes."""
     from mcp.server.stdio import stdio_server
 
@@ -1152,18 +1152,18 @@ def parse_labels(items: Sequence[str]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def protocol_stdout() -> Iterator[io.BufferedIOBase]:
+def protocol_stdout() -> Iterator[io.BufferedWriter]:
     """The real stdout for the protocol alone: whatever else writes to fd 1 or sys.stdout
     meanwhile (a library's print, a child process) goes to stderr instead of corrupting
     the stream."""
     sys.stdout.flush()
     saved = os.dup(1)
-    protocol_out = os.fdopen(os.dup(1), "wb", buffering=0)
+    protocol_out = os.fdopen(os.dup(1), "wb")  # the SDK flushes after each message
     os.dup2(2, 1)
     previous = sys.stdout
     sys.stdout = sys.stderr
     try:
-        yield protocol_out  # type: ignore[misc]
+        yield protocol_out
     finally:
         sys.stdout = previous
         os.dup2(saved, 1)
