@@ -29,7 +29,6 @@ session manager behind a bearer-token check, without FastMCP's OAuth machinery. 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hmac
 import io
 import json
@@ -698,10 +697,9 @@ FILE_ERRORS = adapter.ErrorTypes(
 
 
 async def blocking(function: Callable[..., T], *args: Any) -> T:
-    """`function(*args)` in a worker thread; a cancelled caller stops waiting for it."""
-    return await anyio.to_thread.run_sync(
-        functools.partial(function, *args), abandon_on_cancel=True
-    )
+    """`function(*args)` in a worker thread (`adapter.in_thread`: asyncio's executor, a
+    quarter of anyio's cost a hop); a cancelled caller stops waiting for it."""
+    return await adapter.in_thread(function, *args)
 
 
 async def run_command(
