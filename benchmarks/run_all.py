@@ -25,6 +25,7 @@ ORDER = (
     "big_outputs.py",
     "deepagents_backend.py",
     "adapters.py",
+    "mcp_server.py",
     "sandbox_start.py",
     "pool.py",
     "pause.py",

@@ -214,15 +214,19 @@ async def in_thread(function: Callable[..., T], *args: Any) -> T:
 
 
 async def run_request(
-    sandbox: Sandbox, command: str | Sequence[str], options: ExecOptions
+    sandbox: Sandbox,
+    command: str | Sequence[str],
+    options: ExecOptions,
+    session: str | None = None,
 ) -> ExecResult:
-    """`sandbox.exec(command, **options)` from async code, in a worker thread. When the
-    awaiting task is cancelled (a time limit, an interrupted sample) the command is ended
-    in the sandbox, its whole tree, rather than left running behind an abandoned thread.
-    Bad input raises the UsageError `Request.build` makes, before anything runs."""
+    """`sandbox.exec(command, **options)` (in shell session `session`, when given) from
+    async code, in a worker thread. When the awaiting task is cancelled (a time limit, an
+    interrupted sample) the command is ended in the sandbox, its whole tree, rather than
+    left running behind an abandoned thread. Bad input raises the UsageError
+    `Request.build` makes, before anything runs."""
     import anyio  # only async frameworks need it
 
-    request = Request.build(sandbox.settings, command, options)
+    request = Request.build(sandbox.settings, command, options, session=session)
     connection = sandbox.connection
     try:
         return await in_thread(connection.execute, request)

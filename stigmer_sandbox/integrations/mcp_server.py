@@ -53,7 +53,7 @@ from .. import __version__, labels, policy
 from ..config import Settings
 from ..errors import SandboxError, SandboxNotReady, UsageError
 from ..runtime import ExecOptions, ExecResult, Sandbox, egress_spares
-from ..runtime.client.commands import Request, to_bytes
+from ..runtime.client.commands import to_bytes
 from ..runtime.client.files import MAX_FILE_BYTES, SYSTEM_PATH
 from ..runtime.guest import protocol
 from . import adapter
@@ -484,7 +484,8 @@ class Sandboxes:
     def fork(self, name: str | None) -> Sandbox:
         """A started copy of sandbox `name` (or the default)."""
         source = self.get(name)
-        return self._add(self._checked(source.fork), f"fork of {source.name}")
+        forked = self._checked(lambda: source.fork(extra_labels=self.labels))
+        return self._add(forked, f"fork of {source.name}")
 
     def destroy(self, name: str | None) -> str:
         """Remove sandbox `name` (or the default one); its name."""
@@ -705,20 +706,9 @@ async def blocking(function: Callable[..., T], *args: Any) -> T:
 async def run_command(
     sandbox: Sandbox, command: str, options: ExecOptions, session: str | None
 ) -> ExecResult:
-    """`command` through `adapter.run_request` (in `session`, when given): ended in the
-    sandbox, its whole tree, if the call is cancelled."""
-    if session is None:
-        return await adapter.run_request(sandbox, command, options)
-    # adapter.run_request builds a request outside any session; this is the same path for
-    # a session's request (see the report: a `session=` keyword there would replace it).
-    request = Request.build(sandbox.settings, command, options, session=session)
-    connection = sandbox.connection
-    try:
-        return await blocking(connection.execute, request)
-    except anyio.get_cancelled_exc_class():
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(connection.cancel, request.cid)
-        raise
+    """`command` (in `session`, when given), ended in the sandbox, its whole tree, if the
+    call is cancelled."""
+    return await adapter.run_request(sandbox, command, options, session)
 
 
 def sandbox_path(arguments: dict[str, Any], key: str = "path", default: str = ".") -> str:

@@ -66,17 +66,19 @@ class Forking:
         with self.connection.frozen(), self.backend.frozen(container):
             yield container
 
-    def fork(self) -> Self:
+    def fork(self, extra_labels: dict[str, str] | None = None) -> Self:
         """A new started sandbox with this one's filesystem (packages installed, files under
-        /) and a copy of its workspace, which then diverge. Running processes, /tmp and
-        sessions are not carried. Remove it with `remove()` or a `with` block."""
+        /) and a copy of its workspace, which then diverge; `extra_labels` on its container.
+        Running processes, /tmp and sessions are not carried. Remove it with `remove()` or
+        a `with` block."""
         name = egress_spares.name_for(self.settings)
         image_ref = snapshots.fork_image(name)
         root = workspaces.sandboxes_root(self.settings)
         folder = snapshots.capture(self, image_ref, "fork", root / name)
         return type(self)._started(
-            self.settings, name, image_ref, folder, owned_image=True, backend=self.backend
-        )
+            self.settings, name, image_ref, folder, owned_image=True, backend=self.backend,
+            extra_labels=dict(extra_labels or {}),
+        )  # fmt: skip
 
     def snapshot(self, name: str, replace: bool = False) -> dict[str, Any]:
         """Keep this sandbox's filesystem and workspace as snapshot `name` (processes, /tmp

@@ -20,6 +20,7 @@ DEFAULT_PORT = 8765  # the integration's own default; not imported here (start-u
         **EGRESS_HELP,
     },
     iterable=["label", *EGRESS_LISTS],
+    auto_shortflags=False,  # `-h` would be --http; after a task name users mean help
 )
 def mcp(
     c: Context,

@@ -245,6 +245,9 @@ def test_fork_snapshot_and_destroy(stdio, docker_engine):
     assert stdio.ok("read_file", path="forked.txt")["content"] == "from the parent\n"
     listed = {s["name"]: s for s in stdio.ok("sandbox_list")["sandboxes"]}
     assert listed[fork]["origin"].startswith("fork of") and not listed[fork]["default"]
+    # The server's labels (the session's test label among them) are on the fork too.
+    held = docker_engine.containers.get(fork).labels
+    assert held.get(f"{labels.PREFIX}.mcp") == "true" and held.get(TEST_LABEL) == SESSION_ID
     name = f"mcp-test-{uuid.uuid4().hex[:8]}"
     try:
         stdio.ok("sandbox_snapshot", name=name, sandbox=fork)
