@@ -37,16 +37,16 @@ def mcp(
     if port is not None and not http:
         raise UsageError("--port is for --http; stdio needs no port")
     try:
-        from ..integrations import mcp_server  # the SDK loads only when the server starts
+        from ..integrations import mcp as server  # the SDK loads only when it starts
     except ImportError as exc:
         raise UsageError(
             f"the MCP server needs the mcp package ({exc.name} is missing)",
             "pip install 'stigmer-sandbox[mcp]'",
         ) from None
     current = egress_settings(c, egress, allow, deny, allow_preset, secret)
-    chosen = mcp_server.DEFAULT_PORT if port is None else port
-    extra = mcp_server.parse_labels(label or [])
-    removed = mcp_server.serve(current, http=http, port=chosen, extra_labels=extra)
+    chosen = server.DEFAULT_PORT if port is None else port
+    extra = server.parse_labels(label or [])
+    removed = server.serve(current, http=http, port=chosen, extra_labels=extra)
     if any(error for _name, error in removed):
         raise UsageError("some sandboxes could not be removed; `inv clean` removes them")
 

@@ -22,18 +22,16 @@ from mcp.shared.memory import create_connected_server_and_client_session
 
 from stigmer_sandbox.config import load_settings
 from stigmer_sandbox.errors import UsageError
-from stigmer_sandbox.integrations import mcp_server
-from stigmer_sandbox.integrations.mcp_server import (
-    TOOLS,
+from stigmer_sandbox.integrations.mcp import parse_labels
+from stigmer_sandbox.integrations.mcp.results import Reply, command_reply, process_state
+from stigmer_sandbox.integrations.mcp.schemas import TOOLS, ToolFailure, check_arguments
+from stigmer_sandbox.integrations.mcp.server import (
     BearerAuth,
-    ToolFailure,
-    check_arguments,
-    command_reply,
-    grep_matches,
-    parse_labels,
-    process_state,
+    build_server,
     token_from,
+    unless_client_leaves,
 )
+from stigmer_sandbox.integrations.mcp.tools import Tools, grep_matches
 from stigmer_sandbox.runtime import ExecResult
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,25 +227,25 @@ class DroppedRequest:
 async def test_a_dropped_connection_cancels_the_call():
     cancelled: list[bool] = []
 
-    async def work() -> mcp_server.Reply:
+    async def work() -> Reply:
         try:
             await anyio.sleep(60)
         except anyio.get_cancelled_exc_class():
             cancelled.append(True)
             raise
-        return mcp_server.Reply("never")
+        return Reply("never")
 
     with anyio.fail_after(10):
-        reply = await mcp_server.unless_client_leaves(work, DroppedRequest(1))
+        reply = await unless_client_leaves(work, DroppedRequest(1))
     assert reply.error and cancelled == [True]
 
 
 async def test_a_call_that_ends_first_is_answered():
-    async def work() -> mcp_server.Reply:
-        return mcp_server.Reply("done")
+    async def work() -> Reply:
+        return Reply("done")
 
-    assert (await mcp_server.unless_client_leaves(work, DroppedRequest(100))).text == "done"
-    assert (await mcp_server.unless_client_leaves(work, None)).text == "done"
+    assert (await unless_client_leaves(work, DroppedRequest(100))).text == "done"
+    assert (await unless_client_leaves(work, None)).text == "done"
 
 
 # -- the server over a stand-in sandbox ------------------------------------------------------
@@ -282,8 +280,8 @@ class StandInSandboxes:
 
 
 async def test_the_server_answers_bad_calls_with_error_results_and_goes_on():
-    tools = mcp_server.Tools(StandInSandboxes())  # type: ignore[arg-type]
-    server = mcp_server.build_server(tools)
+    tools = Tools(StandInSandboxes())  # type: ignore[arg-type]
+    server = build_server(tools)
     async with create_connected_server_and_client_session(server) as client:
         listed = await client.list_tools()
         assert [tool.name for tool in listed.tools] == list(TOOLS)
@@ -326,7 +324,7 @@ def test_the_task_tree_does_not_load_the_sdk():
         "import sys\n"
         "from stigmer_sandbox.tasks import build_namespace\n"
         "build_namespace()\n"
-        "print([m for m in ('mcp', 'stigmer_sandbox.integrations.mcp_server') "
+        "print([m for m in ('mcp', 'stigmer_sandbox.integrations.mcp') "
         "if m in sys.modules])\n"
     )
     done = subprocess.run(
