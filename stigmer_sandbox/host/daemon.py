@@ -24,6 +24,8 @@ MANUAL_STEPS = (
     "install Docker Engine for your OS (https://docs.docker.com/engine/install/), "
     "the compose plugin, and debootstrap; then run `inv engine.start`"
 )
+# Where dockerd notes its own pid (its default --pidfile), for an engine we did not start.
+SYSTEM_PID_FILE = Path("/var/run/docker.pid")
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,8 @@ class EngineState:
         return self.state_dir / "dockerd.log"
 
 
-def _is_debian_like() -> bool:
+def is_debian_like() -> bool:
+    """Whether this is a Linux whose packages come from Debian's or Ubuntu's archive."""
     try:
         text = Path("/etc/os-release").read_text(encoding="utf-8")
     except OSError:
@@ -69,25 +72,29 @@ def missing_packages() -> list[str]:
 
 def install() -> list[str]:
     """Install the engine packages from the distribution; returns what was installed."""
-    if platform.system() != "Linux" or not _is_debian_like():
+    if platform.system() != "Linux" or not is_debian_like():
         raise SandboxError("automatic install supports Debian and Ubuntu only", MANUAL_STEPS)
     missing = missing_packages()
-    if not missing:
-        return []
+    if missing:
+        apt_install(missing)
+    return missing
+
+
+def apt_install(names: list[str]) -> None:
+    """Install Debian packages with apt-get as root; one clear error otherwise."""
     if os.geteuid() != 0:
         raise SandboxError(
-            f"installing {', '.join(missing)} needs root",
-            f"run: sudo apt-get update && sudo apt-get install -y {' '.join(missing)}",
+            f"installing {', '.join(names)} needs root",
+            f"run: sudo apt-get update && sudo apt-get install -y {' '.join(names)}",
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for argv in (
         ["apt-get", "update"],
-        ["apt-get", "install", "-y", "--no-install-recommends", *missing],
+        ["apt-get", "install", "-y", "--no-install-recommends", *names],
     ):
         console.echo_command(argv)
         if subprocess.run(argv, env=env, check=False).returncode != 0:
             raise SandboxError(f"`{' '.join(argv)}` failed", "see the apt output above")
-    return missing
 
 
 def engine_answers() -> bool:
@@ -161,14 +168,49 @@ def _last_line(state: EngineState) -> str:
 
 
 def _started_pid(state: EngineState) -> int | None:
+    return _dockerd_pid(state.pid_file)
+
+
+def _dockerd_pid(pid_file: Path) -> int | None:
+    """The pid in `pid_file` when that process is alive and is a dockerd."""
     try:
-        pid = int(state.pid_file.read_text(encoding="utf-8").strip())
+        pid = int(pid_file.read_text(encoding="utf-8").strip())
         os.kill(pid, 0)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    if "dockerd" not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
-        return None
-    return pid
+    return pid if b"dockerd" in cmdline else None
+
+
+def reload(state: EngineState, system_pid_file: Path = SYSTEM_PID_FILE) -> str:
+    """Make the running dockerd re-read its daemon.json (SIGHUP; never a restart).
+
+    The engine `start` started comes first; then one run by systemd (`systemctl
+    reload`); then the dockerd named by its own pid file. Returns what was done.
+    """
+    pid = _started_pid(state)
+    if pid is None and _service_manager_running():
+        argv = ["systemctl", "reload", "docker"]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise EngineError(
+                f"`{' '.join(argv)}` failed: {(done.stderr or done.stdout).strip()[:160]}",
+                "run it as root: sudo systemctl reload docker",
+            )
+        return "reloaded the engine (systemctl reload docker)"
+    pid = pid or _dockerd_pid(system_pid_file)
+    if pid is None:
+        raise EngineError(
+            "cannot find the running dockerd to reload",
+            "reload it yourself (no restart needed): sudo kill -HUP <pid of dockerd>",
+        )
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except PermissionError:
+        raise EngineError(
+            f"reloading dockerd (pid {pid}) needs root", "run it again with sudo"
+        ) from None
+    return f"reloaded dockerd (pid {pid}, SIGHUP; running containers untouched)"
 
 
 def stop(state: EngineState, timeout_s: float = 30) -> str:
