@@ -19,9 +19,15 @@ def _state(c: Context) -> daemon.EngineState:
     return daemon.EngineState(settings(c).path("state_dir"))
 
 
-@task
-def install(c: Context) -> None:
-    """Install Docker Engine, docker-compose and debootstrap from Debian/Ubuntu packages."""
+@task(
+    help={
+        "gvisor": "also install gVisor's runsc and register it with the engine as the runtime "
+        "stigmer-gvisor (merged into /etc/docker/daemon.json; a running engine is reloaded, "
+        "never restarted; default: off)",
+    }
+)
+def install(c: Context, gvisor: bool = False) -> None:
+    """Install Docker Engine, docker-compose, debootstrap (Debian/Ubuntu); --gvisor adds runsc."""
     from ..host import daemon
 
     installed = daemon.install()
@@ -29,6 +35,13 @@ def install(c: Context) -> None:
         console.success(f"installed {', '.join(installed)}")
     else:
         console.success(f"already installed: {', '.join(daemon.PACKAGES)}")
+    if gvisor:
+        from ..host import gvisor as gvisor_host
+
+        current = settings(c)
+        state = daemon.EngineState(current.path("state_dir"))
+        for line in gvisor_host.install(state, current.image):
+            console.success(line)
 
 
 @task(
