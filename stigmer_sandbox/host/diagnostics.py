@@ -20,7 +20,7 @@ from ..checks import CheckResult, Status, verdict
 from ..config import Settings
 from ..errors import SandboxError
 from ..images import ca
-from . import compose
+from . import compose, gvisor
 
 MIN_FREE_DISK = 5 * 1000**3
 CRITICAL_FREE_DISK = 1 * 1000**3
@@ -92,6 +92,7 @@ def _engine_checks(settings: Settings) -> Iterator[CheckResult]:
         f"{report.get('Os')}/{report.get('Arch')}) at {engine.engine_url()}",
     )
     yield from _disk_check()
+    yield _gvisor_check()
     yield _registry_check(settings)
     yield from _image_checks(settings)
     yield _disk_usage_check()
@@ -115,6 +116,13 @@ def _disk_check() -> Iterator[CheckResult]:
         "free space: `inv clean --all`, see `docker system df`",
         required=False,
     )
+
+
+def _gvisor_check() -> CheckResult:
+    """Whether sandboxes can run under gVisor here (optional: a warning at worst)."""
+    with engine.engine_errors():
+        info = engine.client().info()
+    return gvisor.check(info)
 
 
 def _registry_check(settings: Settings) -> CheckResult:
