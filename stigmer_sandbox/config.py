@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import ConfigError
+from .isolation import CHOICES as ISOLATIONS
 
 SECTION = "stigmer"
 PROJECT_FILE = "invoke.yaml"
@@ -88,6 +89,7 @@ PACKAGE_SPECS = {
 MAX_PACKAGE_SPEC = 256
 # egress.MODES (a test keeps them equal); egress.py is imported only to check entries.
 EGRESS_MODES = ("public", "allowlist", "open", "none")
+
 GATEWAY_EGRESS = ("public", "allowlist")  # the modes with a gateway (and a broker)
 
 
@@ -211,6 +213,12 @@ class Settings:
     # The egress policy (stigmer_sandbox/egress.py, docs/egress.md): parsed and checked
     # here; list keys are comma-separated text like the bootstrap packages, so that an
     # INVOKE_STIGMER_ALLOW variable can set them (Invoke cannot set a list from one).
+    isolation: str = _key(
+        "how the sandbox is kept from the host's kernel: container (the engine's runc) or "
+        "gvisor (gVisor's user-space kernel; `inv engine.install --gvisor`)",
+        "container",
+        choices=ISOLATIONS,
+    )
     egress: str = _key(
         "egress policy: public (public addresses; private, local and metadata ones refused), "
         "allowlist (only `allow`), open (everything), none (no network; `network: none` too)",

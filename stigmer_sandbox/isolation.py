@@ -12,10 +12,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, SandboxError
+from .errors import SandboxError
 
 CHOICES = ("container", "gvisor")
 RUNTIME = "stigmer-gvisor"  # the engine's name for runsc as this project registers it
@@ -24,15 +27,6 @@ RUNTIME_ARGS = ("--network=host",)
 INSTALL_HINT = (
     "run `inv engine.install --gvisor` (Debian's runsc package, registered with the engine)"
 )
-
-
-def checked(value: object, source: str = "isolation") -> str:
-    """The isolation named, or one ConfigError naming the choices."""
-    if value not in CHOICES:
-        raise ConfigError(
-            f"{source}: unknown isolation {value!r}", f"choose one of {', '.join(CHOICES)}"
-        )
-    return str(value)
 
 
 def runtime_for(isolation: str) -> str | None:
@@ -58,3 +52,36 @@ def require_usable(info: Mapping[str, Any]) -> None:
     why = unusable_reason(info)
     if why:
         raise SandboxError(f"isolation gvisor is not available: {why}", INSTALL_HINT)
+
+
+def of_container(container: Any) -> str:
+    """The isolation a created container runs under, from its engine runtime."""
+    runtime = ((getattr(container, "attrs", None) or {}).get("HostConfig") or {}).get("Runtime")
+    return "gvisor" if runtime == RUNTIME else "container"
+
+
+# Where runsc (run through the engine's runc shim) keeps each container's state.
+STATE_FOLDERS = ("/var/run/docker/runtime-runc/moby", "/run/docker/runtime-runc/moby")
+
+
+def host_identities(container_id: str, targets: Sequence[str]) -> tuple[int, bytes]:
+    """`device:inode` of each mount target as the host sees it, one a line, read through
+    the sandbox's gVisor gofer (the host process that serves its files: its root is the
+    container's, mounts included) — what `stat` inside prints under runc, where gVisor's
+    own `stat` shows its numbers. (status, output) like a command's: 1 and the reason when
+    the gofer is not found (an engine on another machine, or runsc's layout changed)."""
+    for folder in STATE_FOLDERS:
+        state = Path(folder) / f"{container_id}_sandbox:{container_id}.state"
+        try:
+            gofer = int(json.loads(state.read_text(encoding="utf-8"))["goferPid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        lines = []
+        for target in targets:
+            try:
+                found = os.lstat(f"/proc/{gofer}/root{target}")
+            except OSError as exc:
+                return 1, f"{target}: {exc.strerror}".encode()
+            lines.append(f"{found.st_dev}:{found.st_ino}")
+        return 0, ("\n".join(lines) + "\n").encode()
+    return 1, b"the gVisor gofer of this sandbox was not found on this host"

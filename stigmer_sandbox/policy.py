@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import isolation
 from .config import parse_size
 from .errors import ConfigError, SandboxError
 
@@ -389,9 +390,15 @@ def verify_mounts(pins: tuple[PinnedMount, ...], backend: Any, container: Any) -
     container before any command runs and raise one error naming the key."""
     if not pins:
         return
-    status, output = backend.run_root(
-        container.id, mount_identities_command(pins), user="0:0", environment={"PATH": ROOT_PATH}
-    )
+    if isolation.of_container(container) == "gvisor":  # gVisor's stat shows its own numbers
+        status, output = isolation.host_identities(container.id, [pin.target for pin in pins])
+    else:
+        status, output = backend.run_root(
+            container.id,
+            mount_identities_command(pins),
+            user="0:0",
+            environment={"PATH": ROOT_PATH},
+        )
     changed = changed_mount(pins, output)
     if status == 0 and changed is None:
         return
@@ -472,4 +479,6 @@ def container_spec(settings: Settings, image: str, labels: dict[str, str]) -> di
         "healthcheck": HEALTHCHECK,
         "restart_policy": {"Name": "no"},
         "labels": labels,
+        # Only when chosen: a default sandbox's configuration hash stays what it was.
+        **({"runtime": runtime} if (runtime := isolation.runtime_for(settings.isolation)) else {}),
     }

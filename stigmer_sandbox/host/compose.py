@@ -239,6 +239,8 @@ class Override:
         spec = policy.container_spec(settings, settings.image, {})
         service = {key: spec[key] for key in ENFORCED_KEYS}
         service["cpus"] = settings.cpus
+        if "runtime" in spec:  # isolation gvisor
+            service["runtime"] = spec["runtime"]
         # Compose keeps its service up (restart: unless-stopped): no lifetime wrapper.
         service["command"] = [policy.KEEPALIVE]
         service.update(_host_helper_volume(settings))
@@ -336,6 +338,9 @@ def up(
     policy has one) and wait until it is healthy. Refuses a sandbox of the same name that
     `Sandbox.up` made."""
     settings = compose_egress.with_policy_entries(settings, choice.advanced)
+    from ..runtime import containers
+
+    containers.check_runtime(settings)
     target, gateway = _prepared(settings, choice)
     name = settings.container_name
     # Pinned now and checked once started: a folder swapped for a symlink in between must
@@ -347,7 +352,7 @@ def up(
         if container is None:
             release_gateway(settings)  # nothing is behind it
         raise SandboxError(f"compose up failed (exit {done.returncode})")
-    from ..runtime import containers, network
+    from ..runtime import network
     from ..runtime.backends.docker import DOCKER
 
     notes = network.Placement({}, gateway).finish(name)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
-from .. import engine, images, labels, policy
+from .. import engine, images, isolation, labels, policy
 from ..config import Settings
 from ..errors import SandboxError, SandboxNotReady, UsageError
 from ..images.record import ImageRecord
@@ -58,6 +58,15 @@ def wanted_spec(
     # The helper every command runs through comes from the host, never the image.
     spec["mounts"].append(host_helper.mount(settings, image, backend))
     return spec, folders
+
+
+def check_runtime(settings: Settings) -> None:
+    """Refuse, in one line with the fix, an isolation this engine cannot give (asked of
+    the engine only when a sandbox is to be made under gVisor)."""
+    if settings.isolation == "gvisor":
+        with engine.engine_errors():
+            info = engine.client().info()
+        isolation.require_usable(info)
 
 
 def placed(spec: dict[str, Any], network_options: dict[str, Any]) -> tuple[dict[str, Any], str]:

@@ -61,6 +61,7 @@ class SandboxPool:
         allow_presets: Sequence[str] = (),
         secrets: Sequence[str] = (),
         pause_idle: bool = False,
+        isolation: str | None = None,
     ) -> None:
         self.backend = backend
         # Waiting sandboxes paused (no CPU, memory kept), resumed by `acquire`.
@@ -68,7 +69,7 @@ class SandboxPool:
         chosen = (settings or load_settings()).with_egress(
             egress, allow, deny, allow_presets, secrets=secrets
         )
-        self.settings = chosen.replace(source="arguments", image=image)
+        self.settings = chosen.replace(source="arguments", image=image, isolation=isolation)
         self.max_size = self.settings.pool_max_size
         if not isinstance(size, int) or not 0 <= size <= self.max_size:
             raise UsageError(

@@ -55,6 +55,7 @@ class Sandbox(CommandMethods, Forking, Suspending, ContainerViews):
         deny: Sequence[str] = (),
         allow_presets: Sequence[str] = (),
         secrets: Sequence[str] = (),
+        isolation: str | None = None,
     ) -> None:
         base = (settings or load_settings()).with_egress(
             egress, allow, deny, allow_presets, secrets=secrets
@@ -62,7 +63,11 @@ class Sandbox(CommandMethods, Forking, Suspending, ContainerViews):
         if name is None and network and network != base.network:
             name = f"{base.container_name}-{network}"  # a sandbox per network setting
         self.settings = base.replace(
-            source="arguments", container_name=name, image=image, network=network
+            source="arguments",
+            container_name=name,
+            image=image,
+            network=network,
+            isolation=isolation,
         )
         self.name = self.settings.container_name
         self.host_user = host_user or policy.host_user()
@@ -162,6 +167,7 @@ class Sandbox(CommandMethods, Forking, Suspending, ContainerViews):
         base, folders = containers.wanted_spec(
             self.settings, self.sandbox_user, self.prepared_image, self.backend
         )  # checks the folders: nothing is made for a sandbox that may not start
+        containers.check_runtime(self.settings)  # nor for one the engine cannot run
         owned = containers.owner_labels(self.ephemeral) | self.extra_labels
         placement = network.prepare(self.settings, self.name, owned, self.backend, base["image"])
         spec, wanted = containers.placed(base, placement.options)

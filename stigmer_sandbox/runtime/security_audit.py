@@ -16,13 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .. import egress, engine, labels, policy
+from .. import egress, engine, isolation, labels, policy
 from ..checks import CheckResult, Status, verdict
 from . import egress_gateway, network
 from .client.commands import ExecResult
 from .sandbox import Sandbox
 
 EGRESS_ITEM = 33  # SECURITY.md's egress property
+KERNEL_ITEM = 43  # SECURITY.md's kernel isolation property (isolation: gvisor)
 SETUID_ALLOWLIST = "/usr/local/share/stigmer-sandbox/setuid-allowlist.txt"
 COMMAND_TIMEOUT_S = 60.0
 # Long enough for the sandbox health check (every 5 s) to report at least once.
@@ -443,6 +444,14 @@ def _allowed_probe(chosen: egress.EgressPolicy) -> str:
     return hosts[0] if hosts else ""
 
 
+def _kernel(box: Sandbox, attrs: dict[str, Any]) -> Verdict:
+    runtime = attrs["HostConfig"].get("Runtime") or "runc"
+    kernel = _output(box, ["uname", "-r"]).strip()
+    if isolation.of_container(box.find()) == "gvisor":
+        return "pass", f"runtime {runtime}: gVisor's kernel ({kernel}) answers every system call"
+    return "pass", f"runtime {runtime}: the host's kernel ({kernel}), behind the properties above"
+
+
 def _socket_and_credentials(box: Sandbox, _attrs: dict[str, Any]) -> Verdict:
     mounts = _mounts(box)
     sockets = [m.point for m in mounts if "docker.sock" in m.point or "docker.sock" in m.root]
@@ -625,6 +634,7 @@ PROPERTIES = (
     Property(17, "no setuid/setgid binaries beyond the allowlist", _setuid),
     Property(18, "workspace files owned by the expected user", _ownership),
     Property(25, "privilege separation: commands cannot touch the agent", _privilege_separation),
+    Property(KERNEL_ITEM, "kernel: the runtime and the kernel commands see", _kernel),
 )
 
 

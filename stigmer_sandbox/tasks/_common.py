@@ -132,6 +132,13 @@ EGRESS_HELP = {
     "config use_secrets (default: none)",
 }
 EGRESS_LISTS = ["allow", "deny", "allow_preset", "secret"]
+# The flags of every task that makes a sandbox: the egress ones and the isolation.
+SANDBOX_HELP = {
+    **EGRESS_HELP,
+    "isolation": "container (the engine's runc) or gvisor (gVisor's user-space kernel between "
+    "commands and the host's; `inv engine.install --gvisor`) (default: config isolation, "
+    "container)",
+}
 
 
 def egress_settings(

@@ -10,7 +10,7 @@ from invoke import Collection, Context, Exit
 
 from .. import console
 from ..streams import stream_writer
-from ._common import EGRESS_HELP, EGRESS_LISTS, egress_settings, report_result, settings, task
+from ._common import EGRESS_LISTS, SANDBOX_HELP, egress_settings, report_result, settings, task
 from .sandbox import build_kind
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def _exit_on_failure(done: subprocess.CompletedProcess[str], verb: str) -> None:
         **FILE_HELP,
         "build": "build the basic image first (default: off)",
         "timeout": "seconds to wait for the sandbox to be healthy (default: 60)",
-        **EGRESS_HELP,
+        **SANDBOX_HELP,
     },
     iterable=[*FILES, *EGRESS_LISTS],
 )
@@ -77,12 +77,13 @@ def up(
     deny: list[str] | None = None,
     allow_preset: list[str] | None = None,
     secret: list[str] | None = None,
+    isolation: str | None = None,
 ) -> None:
     """Start the compose sandbox behind its egress gateway and wait until it is healthy."""
     from ..host import compose
     from ..images import BuildOptions
 
-    current = egress_settings(c, egress, allow, deny, allow_preset, secret)
+    current = egress_settings(c, egress, allow, deny, allow_preset, secret, isolation=isolation)
     if build:
         build_kind(current, "basic", BuildOptions(), "auto")
     started = compose.up(current, _choice(advanced, database, file), timeout, console.echo_command)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from invoke import Context
 
 from ..errors import UsageError
-from ._common import EGRESS_HELP, EGRESS_LISTS, egress_settings, task
+from ._common import EGRESS_LISTS, SANDBOX_HELP, egress_settings, task
 
 DEFAULT_PORT = 8765  # the integration's own default; not imported here (start-up time)
 
@@ -17,7 +17,7 @@ DEFAULT_PORT = 8765  # the integration's own default; not imported here (start-u
         "port": f"the HTTP port on 127.0.0.1, 0 for a free one; needs --http "
         f"(default: {DEFAULT_PORT})",
         "label": "KEY=VALUE label on every sandbox the server starts, repeatable (default: none)",
-        **EGRESS_HELP,
+        **SANDBOX_HELP,
     },
     iterable=["label", *EGRESS_LISTS],
     auto_shortflags=False,  # `-h` would be --http; after a task name users mean help
@@ -32,6 +32,7 @@ def mcp(
     deny: list[str] | None = None,
     allow_preset: list[str] | None = None,
     secret: list[str] | None = None,
+    isolation: str | None = None,
 ) -> None:
     """Serve the sandbox to MCP clients: run, files, processes, sandboxes (stdio or HTTP)."""
     if port is not None and not http:
@@ -43,7 +44,7 @@ def mcp(
             f"the MCP server needs the mcp package ({exc.name} is missing)",
             "pip install 'stigmer-sandbox[mcp]'",
         ) from None
-    current = egress_settings(c, egress, allow, deny, allow_preset, secret)
+    current = egress_settings(c, egress, allow, deny, allow_preset, secret, isolation=isolation)
     chosen = server.DEFAULT_PORT if port is None else port
     extra = server.parse_labels(label or [])
     removed = server.serve(current, http=http, port=chosen, extra_labels=extra)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ..host import cleanup, workflow
 from .. import relay
 from ..streams import stream_writer
-from ._common import EGRESS_HELP, EGRESS_LISTS, egress_settings, report_result, settings, task
+from ._common import EGRESS_LISTS, SANDBOX_HELP, egress_settings, report_result, settings, task
 
 
 @task(help={"json": "print the report as one JSON object (default: off)"})
@@ -46,7 +46,7 @@ def doctor(c: Context, json: bool = False) -> None:
         "carry over to the next --session run (default: none, a fresh shell)",
         "background": "start it in the background and print its id; see inv sandbox.ps, "
         "sandbox.output, sandbox.kill (default: off)",
-        **EGRESS_HELP,
+        **SANDBOX_HELP,
     },
     iterable=["env", *EGRESS_LISTS],
 )
@@ -67,11 +67,12 @@ def run(
     deny: list[str] | None = None,
     allow_preset: list[str] | None = None,
     secret: list[str] | None = None,
+    isolation: str | None = None,
 ) -> None:
     """Run a command in the sandbox (or on the host with STIGMER_EXECUTION_MODE=local)."""
     if session and background:
         raise UsageError("--background runs outside any session; drop one of the two")
-    current = egress_settings(c, egress, allow, deny, allow_preset, secret)
+    current = egress_settings(c, egress, allow, deny, allow_preset, secret, isolation=isolation)
     callbacks = {
         "on_stdout": None if json else stream_writer(sys.stdout),
         "on_stderr": None if json else stream_writer(sys.stderr),

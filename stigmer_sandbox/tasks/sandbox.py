@@ -11,7 +11,14 @@ from invoke import Collection, Context, Exit
 from .. import console
 from ..errors import UsageError
 from . import fleet, processes
-from ._common import EGRESS_HELP, EGRESS_LISTS, egress_settings, sandbox_for, settings, task
+from ._common import (
+    EGRESS_LISTS,
+    SANDBOX_HELP,
+    egress_settings,
+    sandbox_for,
+    settings,
+    task,
+)
 
 if TYPE_CHECKING:
     from .. import images, runtime
@@ -271,7 +278,7 @@ def _notes(sandbox: runtime.Sandbox) -> None:
         "stigmer-sandbox-basic:local)",
         "network": "bridge, or none to cut the sandbox off (default: config network, bridge)",
         "timeout": "seconds to wait until the sandbox is healthy (default: 60)",
-        **EGRESS_HELP,
+        **SANDBOX_HELP,
     },
     iterable=EGRESS_LISTS,
 )
@@ -285,12 +292,21 @@ def up(
     deny: list[str] | None = None,
     allow_preset: list[str] | None = None,
     secret: list[str] | None = None,
+    isolation: str | None = None,
 ) -> None:
     """Start the sandbox container (idempotent) and wait until it is healthy."""
     from .. import runtime
 
     chosen = egress_settings(
-        c, egress, allow, deny, allow_preset, secret, image=image, network=network
+        c,
+        egress,
+        allow,
+        deny,
+        allow_preset,
+        secret,
+        image=image,
+        network=network,
+        isolation=isolation,
     )
     sandbox = runtime.Sandbox(chosen)
     started = time.monotonic()

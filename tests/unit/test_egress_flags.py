@@ -78,13 +78,10 @@ def test_every_task_that_makes_a_sandbox_has_the_egress_flags_in_its_help(task):
     assert "python" in done.stdout and "node" in done.stdout
 
 
-def test_the_sandbox_and_the_pool_take_secrets_by_name(tmp_path):
-    from stigmer_sandbox.runtime import SandboxPool
-
+def test_the_sandbox_takes_secrets_by_name(tmp_path):
     defined = {"API_TOKEN": {"from_env": "MY_TOKEN", "hosts": ["api.example.com"]}}
     base = config.Settings(project_dir=str(tmp_path), secrets=defined)
     assert Sandbox(base, secrets=["API_TOKEN"]).settings.use_secrets == "API_TOKEN"
-    assert SandboxPool(1, settings=base, secrets=["API_TOKEN"]).settings.use_secrets == "API_TOKEN"
     twice = base.with_egress(secrets=["API_TOKEN"]).with_egress(secrets=["API_TOKEN"])
     assert twice.use_secrets == "API_TOKEN"
     with pytest.raises(ConfigError, match=r"unknown secret 'NOPE' \(defined: API_TOKEN\)"):
