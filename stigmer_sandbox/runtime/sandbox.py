@@ -14,6 +14,7 @@ processes and file transfers are built.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +22,9 @@ from typing import Any
 
 from .. import engine, labels, policy
 from ..config import Settings, load_settings
-from ..errors import SandboxError, SandboxNotReady, UsageError
+from ..errors import SandboxError, SandboxNotReady
 from . import bootstrap, containers, egress_spares, network, workspaces
+from .attached import Attaching
 from .backends.base import Backend
 from .backends.docker import DOCKER
 from .client.command_methods import CommandMethods
@@ -32,7 +34,7 @@ from .forking import Forking
 from .suspend import Suspending
 
 
-class Sandbox(CommandMethods, Forking, Suspending, ContainerViews):
+class Sandbox(CommandMethods, Forking, Suspending, Attaching, ContainerViews):
     """One sandbox container: create or find it, run commands in it, copy files."""
 
     def __init__(
@@ -104,14 +106,6 @@ class Sandbox(CommandMethods, Forking, Suspending, ContainerViews):
         name = egress_spares.name_for(base, kwargs)  # a spare gateway's, when one is ready
         return cls(base, name=name, ephemeral=True, **kwargs)
 
-    @classmethod
-    def attach(cls, name: str, settings: Settings | None = None, **kwargs: Any) -> Sandbox:
-        """A running container this project started another way (compose), reached through
-        the same agent, helper and audit trail; it is never created, recreated or removed here."""
-        sandbox = cls(settings, name=name, **kwargs)
-        sandbox.attached = True
-        return sandbox
-
     @property
     def sandbox_user(self) -> tuple[int, int]:
         """The uid/gid commands run as (see `policy.sandbox_user`)."""
@@ -144,22 +138,41 @@ class Sandbox(CommandMethods, Forking, Suspending, ContainerViews):
                 )
             if self.attached:
                 return self._attach_running(timeout)
-            container, started, placement = self._created()
-            self._container = container
-            use_agent = started and self.connection.use_agent
-            early = containers.EarlyChannel(self._open_early) if use_agent else None
             try:
-                containers.wait_ready(container, self.name, timeout)
-                self.notes.extend(placement.finish(self.name))
-            finally:
-                channel = early.result() if early else None
-            if channel is not None:
-                self.connection.adopt(channel)
+                started = self._start_and_connect(timeout)
+            except BaseException:
+                self._after_failed_start()
+                raise
             self.notes.extend(bootstrap.on_start(self.connection, started))
         if self.ephemeral and started:  # the next one like it may take a spare gateway
             owned = containers.owner_labels(self.ephemeral) | self.extra_labels
             egress_spares.refill(self.settings, owned, self.backend)
         return self
+
+    def _start_and_connect(self, timeout: float) -> bool:
+        """The container created or found, started, ready and connected; whether it was
+        (re)started now."""
+        container, started, placement = self._created()
+        self._container = container
+        use_agent = started and self.connection.use_agent
+        early = containers.EarlyChannel(self._open_early) if use_agent else None
+        try:
+            containers.wait_ready(container, self.name, timeout)
+            self.notes.extend(placement.finish(self.name))
+        finally:
+            channel = early.result() if early else None
+        if channel is not None:
+            self.connection.adopt(channel)
+        return started
+
+    def _after_failed_start(self) -> None:
+        """Nothing left by a start that failed: an ephemeral sandbox goes whole (its caller
+        never got it), any other keeps no gateway without a container."""
+        with contextlib.suppress(Exception):  # the start's own error is the one to raise
+            if self.ephemeral:
+                self.remove()
+            elif self.find() is None:
+                network.release(self.settings, self.name, self.backend)()
 
     def _created(self) -> tuple[Any, bool, network.Placement]:
         """The container, created or recreated as the settings say, and started; whether it
@@ -171,12 +184,9 @@ class Sandbox(CommandMethods, Forking, Suspending, ContainerViews):
         owned = containers.owner_labels(self.ephemeral) | self.extra_labels
         placement = network.prepare(self.settings, self.name, owned, self.backend, base["image"])
         spec, wanted = containers.placed(base, placement.options)
-        container = self._reusable(self.find(), wanted, placement.gateway is not None)
-        if container is not None and container.status == "paused":
-            self.backend.unpause(container)  # its processes go on where they were
-            with engine.engine_errors():
-                container.reload()
-            self.notes.append(f"sandbox {self.name} was paused; resumed")
+        container = self._resumed(
+            self._reusable(self.find(), wanted, placement.gateway is not None)
+        )
         started = container is None or container.status != "running"
         if container is None:
             policy.prepare_folders(self.settings, self.host_user)
@@ -196,16 +206,6 @@ class Sandbox(CommandMethods, Forking, Suspending, ContainerViews):
 
     def _open_early(self) -> Any:
         return self.connection.open_channel(self._container.id)
-
-    def _attach_running(self, timeout: float) -> Sandbox:
-        container = self._existing()
-        if container.status != "running":
-            raise SandboxNotReady(
-                f"sandbox {self.name} is {container.status}", "start it (e.g. `inv compose.up`)"
-            )
-        self._container = container
-        containers.wait_ready(container, self.name, timeout)
-        return self
 
     def _reusable(self, container: Any, wanted: str, gated: bool) -> Any:
         """The existing container if it can serve, else None (after removing it, and its
@@ -235,13 +235,6 @@ class Sandbox(CommandMethods, Forking, Suspending, ContainerViews):
             self.notes.append(f"sandbox {self.name} was not running; starting it again")
         self.up()
         return str(self._container.id)
-
-    def _refuse_if_attached(self, action: str) -> None:
-        if self.attached:
-            raise UsageError(
-                f"sandbox {self.name} was started by compose; {action} it there "
-                "(`inv compose.down`)"
-            )
 
     def stop(self) -> None:
         """Stop the container (the keep-alive exits at once on SIGTERM)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .. import engine
 from ..errors import SandboxNotReady
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ class Suspending:
     if TYPE_CHECKING:  # what the class it is mixed into provides
         name: str
         backend: Backend
+        notes: list[str]
 
         def _existing(self) -> Any: ...
 
@@ -47,6 +49,15 @@ class Suspending:
             return False
         self.backend.unpause(container)
         return True
+
+    def _resumed(self, container: Any) -> Any:
+        """`container` running again if it was paused (`up` on a paused sandbox)."""
+        if container is not None and container.status == "paused":
+            self.backend.unpause(container)  # its processes go on where they were
+            with engine.engine_errors():
+                container.reload()
+            self.notes.append(f"sandbox {self.name} was paused; resumed")
+        return container
 
     @property
     def is_paused(self) -> bool:

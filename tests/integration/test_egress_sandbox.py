@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 
 from stigmer_sandbox import config, engine
+from stigmer_sandbox.errors import SandboxError
 from stigmer_sandbox.runtime import Sandbox, SandboxPool, network
+from stigmer_sandbox.runtime.backends.docker import DockerBackend
 from stigmer_sandbox.runtime.egress_gateway import bridge_gateway
 
 from ..conftest import ROOT, run_inv
@@ -263,3 +265,35 @@ def test_a_fork_and_a_pooled_sandbox_refuse_the_host_like_any_other(tmp_path, ho
         assert raw(pooled, host, port).startswith("refused")
         unset = pooled.exec(f"env -u http_proxy curl -s -m 6 http://{host}:{port}/", timeout=30)
         assert "host-server" not in unset.stdout
+
+
+class RefusingBackend(DockerBackend):
+    """The engine, but the sandbox's own container cannot be created (its gateway can)."""
+
+    def __init__(self, refused: str) -> None:
+        self.refused = refused
+
+    def create(self, spec):  # type: ignore[no-untyped-def]
+        if spec.get("name") == self.refused:
+            raise SandboxError("created nothing, for the test")
+        return super().create(spec)
+
+
+@pytest.mark.parametrize("ephemeral", [True, False])
+def test_a_start_that_fails_leaves_no_gateway_or_network(tmp_path, ephemeral):
+    """The gateway is made before the sandbox (it fails closed meanwhile); when the
+    sandbox's own container then cannot be made, nothing of it may stay behind."""
+    settings = settings_in(tmp_path)
+    name = f"stigmer-failed-start-{'eph' if ephemeral else 'named'}-{tmp_path.name[-8:]}"
+    box = Sandbox(
+        settings,
+        name=name,
+        ephemeral=ephemeral,
+        extra_labels=TEST_LABELS,
+        backend=RefusingBackend(name),
+    )
+    with pytest.raises(SandboxError, match="created nothing"):
+        box.up()
+    client = engine.client()
+    assert client.containers.list(all=True, filters={"name": name}) == []
+    assert client.networks.list(names=[f"{name}-egress"]) == []
