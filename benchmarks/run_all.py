@@ -29,6 +29,7 @@ ORDER = (
     "sandbox_start.py",
     "pool.py",
     "pause.py",
+    "gvisor.py",
     "egress.py",
     "credentials.py",
     "cli_run.py",
