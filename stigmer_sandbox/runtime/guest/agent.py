@@ -137,14 +137,12 @@ class OomCounter:
 
 
 class SessionPipes(NamedTuple):
-    """A session command's extra pipes: its state comes back on one, the prelude it
-    sources goes in on the other."""
+    """A session command's extra descriptors: its state comes back on a pipe, the prelude
+    it sources is read from a file (`readable_file`)."""
 
     state_read: int
     state_write: int
-    prelude_read: int
-    prelude_write: int
-    prelude: str
+    prelude: int
 
 
 class Outbox:
@@ -400,6 +398,20 @@ def env_spec(env: dict[str, str]) -> bytes:
     return spec_bytes([part for item in env.items() for part in ("--env", "=".join(item))])
 
 
+def readable_file() -> int:
+    """A file only in memory that the command's bash, as the sandbox user, may open again
+    as /dev/fd/N (to source a session's prelude or read a long script): a memfd is
+    readable by anyone from birth, where a root's pipe needs fchmod, which gVisor refuses.
+    It holds what `fill` wrote, whatever the command does (no writer to wait for)."""
+    return os.memfd_create("stigmer-script")
+
+
+def fill(fd: int, data: bytes) -> None:
+    """Write all of `data` to a `readable_file` and rewind it for its reader."""
+    write_all(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+
+
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -540,16 +552,16 @@ class Agent:
             waited = time.monotonic() - asked
             request = {**request, "timeout": max(timeout - waited, 0.001)}
             state_read, state_write = os.pipe()
-            prelude_read, prelude_write = os.pipe()
-            fds = (state_read, state_write, prelude_read, prelude_write)
+            prelude = readable_file()
+            fds = (state_read, state_write, prelude)
             try:
-                os.fchmod(prelude_read, 0o444)  # bash sources /dev/fd/N as the sandbox user
-                argv, env, text = session.command(request, self.base_env, state_write, prelude_read)
+                argv, env, text = session.command(request, self.base_env, state_write, prelude)
+                fill(prelude, text.encode(errors="surrogateescape"))
             except BaseException:
                 for fd in fds:
                     os.close(fd)
                 raise
-            message = self._run(request, argv, env, "/", SessionPipes(*fds, text))
+            message = self._run(request, argv, env, "/", SessionPipes(*fds))
             session.save(message.pop("state", None))
             return message
 
@@ -593,17 +605,16 @@ class Agent:
             if started is not None:
                 return started
         status_read, status_write = os.pipe()
-        script_read, script_write = os.pipe() if script is not None else (-1, -1)
+        passed = [status_write]
         if script is not None:
-            os.fchmod(script_read, 0o444)  # bash reopens /dev/fd/N as the sandbox user
-            argv = [argv[0], f"/dev/fd/{script_read}", *argv[1:]]
-        feeds = [(script_write, script)] if script is not None else []
-        passed = [fd for fd in (status_write, script_read) if fd >= 0]
-        kept = [status_read, *(fd for fd, _data in feeds)]
+            script_file = readable_file()
+            passed.append(script_file)
+            fill(script_file, script)
+            argv = [argv[0], f"/dev/fd/{script_file}", *argv[1:]]
+        kept = [status_read]
         if session is not None:
-            passed += [session.state_write, session.prelude_read]
-            kept += [session.state_read, session.prelude_write]
-            feeds.append((session.prelude_write, session.prelude.encode(errors="surrogateescape")))
+            passed += [session.state_write, session.prelude]
+            kept.append(session.state_read)
         try:
             process = subprocess.Popen(
                 self._helper_argv(request, status_write, cwd, argv),
@@ -621,8 +632,6 @@ class Agent:
         finally:
             for fd in passed:
                 os.close(fd)
-        for fd, data in feeds:
-            feed(os.fdopen(fd, "wb"), data)
         extra: dict[str, IO[bytes]] = {}
         if session is not None:
             extra["state"] = os.fdopen(session.state_read, "rb", buffering=0)
