@@ -69,7 +69,7 @@ PRIVATE_LABEL = f"{labels.PREFIX}.private"
 CONFIG_FILES = ["stigmer-sandbox.yaml", "stigmer-sandbox.yml"]
 # Settings that have a field of their own in the config; `settings` may not set them too.
 LIMIT_KEYS = ("memory", "cpus", "pids_limit", "tmp_size", "timeout")
-OWN_KEYS = (*LIMIT_KEYS, "image", "egress", "allow", "deny", "allow_presets")
+OWN_KEYS = (*LIMIT_KEYS, "image", "egress", "isolation", "allow", "deny", "allow_presets")
 T = TypeVar("T")
 
 
@@ -87,6 +87,9 @@ class StigmerSandboxConfig(BaseModel):
         default=None, description="seconds a command may run when inspect gives no timeout"
     )
     egress: Literal["public", "allowlist", "open", "none"] | None = None
+    isolation: Literal["container", "gvisor"] | None = Field(
+        default=None, description="container (runc) or gvisor (`inv engine.install --gvisor`)"
+    )
     allow: tuple[str, ...] = Field(default=(), description="destinations added to the allowlist")
     deny: tuple[str, ...] = Field(default=(), description="destinations never reached")
     allow_presets: tuple[str, ...] = Field(
@@ -159,8 +162,7 @@ def settings_for(config: StigmerSandboxConfig) -> Settings:
 
 
 def pool_options(config: StigmerSandboxConfig) -> dict[str, Any]:
-    """The `SandboxPool` arguments a config gives. (Isolation, a runtime choice such as
-    gVisor, joins here as a config field and a pool argument once the runtime offers it.)"""
+    """The `SandboxPool` arguments a config gives."""
     return {
         "size": config.pool_size,
         "image": config.image,
@@ -170,6 +172,7 @@ def pool_options(config: StigmerSandboxConfig) -> dict[str, Any]:
         "allow": config.allow,
         "deny": config.deny,
         "allow_presets": config.allow_presets,
+        "isolation": config.isolation,
     }
 
 

@@ -140,12 +140,14 @@ def test_pool_options_carry_the_image_egress_and_labels():
         image="stigmer-sandbox-basic:local",
         egress="allowlist",
         allow=("pypi.org",),
+        isolation="gvisor",
         pool_size=4,
         labels={"team": "evals"},
         project_dir=str(ROOT),
     )
     options = provider.pool_options(config)
     assert options["size"] == 4 and options["image"] == "stigmer-sandbox-basic:local"
+    assert options["isolation"] == "gvisor"
     assert (options["egress"], options["allow"]) == ("allowlist", ("pypi.org",))
     assert options["extra_labels"] == {"team": "evals", INSPECT_LABEL: "true"}
 
