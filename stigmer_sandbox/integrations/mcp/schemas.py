@@ -167,6 +167,11 @@ TOOLS: dict[str, ToolSpec] = {
             allow=_list("destinations it may reach: name, *.name, address or CIDR, optional :port"),
             deny=_list("destinations it may never reach (deny wins)"),
             allow_presets=_list("named allow sets: python, node, debian"),
+            isolation=_text(
+                "container (the engine's runc) or gvisor (gVisor's kernel between its commands "
+                "and the host's; needs `inv engine.install --gvisor`) (default: the project's)",
+                enum=["container", "gvisor"],
+            ),
             image=_text("the image to run (default: the project's)"),
             snapshot=_text("start from this snapshot (see sandbox_snapshot) instead of an image"),
         ),

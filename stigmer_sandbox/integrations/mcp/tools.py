@@ -355,6 +355,7 @@ class Tools:
             "allow": tuple(arguments.get("allow") or ()),
             "deny": tuple(arguments.get("deny") or ()),
             "allow_presets": tuple(arguments.get("allow_presets") or ()),
+            "isolation": arguments.get("isolation"),
         }
         image, snapshot = arguments.get("image"), arguments.get("snapshot")
         sandbox = await blocking(lambda: self.sandboxes.create(image, snapshot, **egress))
