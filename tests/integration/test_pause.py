@@ -36,7 +36,7 @@ while True:
     conn.sendall(str(count).encode()); conn.close()
 """
 ASK = (
-    "python3 -c \"import socket; "
+    'python3 -c "import socket; '
     "print(socket.create_connection(('127.0.0.1', 7070)).recv(9).decode())\""
 )
 
