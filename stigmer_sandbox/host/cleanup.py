@@ -73,7 +73,7 @@ def _containers(containers: list[Any], everything: bool) -> Iterable[Resource]:
             reason = reason or "stopped"
         if reason:
             yield Resource("container", container.id, container.name, reason)
-            folder = _private_folder(container)
+            folder = workspaces.private_folder_of(container)
             if folder is not None:
                 yield Resource("folder", str(folder), container.name, "its private workspace")
 
@@ -124,17 +124,6 @@ def _egress_networks(staying: set[str]) -> Iterable[Resource]:
         marks = network.attrs.get("Labels") or {}
         if marks.get(labels.OWNER) not in staying and not _maker_lives(marks):
             yield Resource("network", network.id, network.name, "its sandbox is gone")
-
-
-def _private_folder(container: Any) -> Path | None:
-    """The private folder a container's label names, if it is one of ours for it."""
-    named = container.labels.get(f"{labels.PREFIX}.private", "")
-    folder = Path(named) if named.startswith("/") else None
-    if folder is None or folder.name != container.name:
-        return None
-    if folder.parent.name != workspaces.SANDBOXES:
-        return None
-    return folder if workspaces.is_private(folder, folder.parent) else None
 
 
 def _leftover_folders(

@@ -65,7 +65,6 @@ from . import adapter
 # Marks every sandbox this provider starts (beside the pool's own labels).
 INSPECT_LABEL = f"{labels.PREFIX}.inspect"
 POOL_LABEL = f"{labels.PREFIX}.pool"
-PRIVATE_LABEL = f"{labels.PREFIX}.private"
 CONFIG_FILES = ["stigmer-sandbox.yaml", "stigmer-sandbox.yml"]
 # Settings that have a field of their own in the config; `settings` may not set them too.
 LIMIT_KEYS = ("memory", "cpus", "pids_limit", "tmp_size", "timeout")
@@ -506,17 +505,6 @@ class StigmerSandboxEnvironment(SandboxEnvironment):
 # -- cleanup from the command line -----------------------------------------------------------
 
 
-def _private_folder(container: Any) -> Path | None:
-    """The private folder a pooled sandbox's label names, if it really is its own."""
-    named = container.labels.get(PRIVATE_LABEL, "")
-    folder = Path(named) if named.startswith("/") else None
-    if folder is None or folder.name != container.name:
-        return None
-    if folder.parent.name != workspaces.SANDBOXES:
-        return None
-    return folder if workspaces.is_private(folder, folder.parent) else None
-
-
 def remove_leftovers(name: str | None, settings: Settings | None = None) -> list[tuple[str, str]]:
     """Remove this provider's sandboxes (found by `INSPECT_LABEL` only) whose owner process
     is gone, or, given a `name` (a sandbox or a pool id), those it names; what went, and why.
@@ -536,7 +524,7 @@ def remove_leftovers(name: str | None, settings: Settings | None = None) -> list
             why = labels.orphan_reason(marks, stopped=container.status in STOPPED)
         if why is None:
             continue
-        folder = _private_folder(container)
+        folder = workspaces.private_folder_of(container)
         if folder is not None:
             Sandbox.private(settings, container.name, None, folder).remove()
         else:

@@ -14,6 +14,7 @@ from typing import Any
 from .. import labels, policy
 from .backends.base import Backend
 from .backends.docker import DOCKER
+from .workspaces import PRIVATE_LABEL
 
 
 def listing(backend: Backend = DOCKER, now: float | None = None) -> list[dict[str, Any]]:
@@ -38,7 +39,7 @@ def _entry(container: Any, now: float) -> dict[str, Any]:
         "age_s": round(max(now - created, 0.0), 1) if created else 0.0,
         "owner": _owner(marks, container.status),
         "pool": marks.get(f"{labels.PREFIX}.pool", ""),
-        "private": bool(marks.get(f"{labels.PREFIX}.private")),
+        "private": bool(marks.get(PRIVATE_LABEL)),
         "workspace": workspace,
     }
 

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from .. import labels
 from ..config import Settings, load_settings
 from ..errors import SandboxError
 from . import egress_spares, snapshots, workspaces
@@ -45,7 +44,7 @@ class Forking:
         private = settings.replace(
             workspace=str(folder / "workspace"), logs=str(folder / "logs"), image=image
         )
-        extra = {f"{labels.PREFIX}.private": str(folder), **(options.pop("extra_labels", {}))}
+        extra = {workspaces.PRIVATE_LABEL: str(folder), **(options.pop("extra_labels", {}))}
         owned = image if options.pop("owned_image", False) else None
         return cls(
             private, name=name, ephemeral=True, extra_labels=extra, private_folder=folder,

@@ -26,6 +26,8 @@ SANDBOXES = "sandboxes"
 SNAPSHOTS = "snapshots"
 MARKER = "owner.json"
 MOUNTED = ("workspace", "logs")
+# On a pooled, forked or snapshot-born sandbox: the private folder that goes with it.
+PRIVATE_LABEL = f"{labels.PREFIX}.private"
 
 
 def sandboxes_root(settings: Settings) -> Path:
@@ -101,6 +103,16 @@ def is_private(folder: Path, root: Path) -> bool:
         and folder.is_dir()
         and marker(folder) is not None
     )
+
+
+def private_folder_of(container: Any) -> Path | None:
+    """The private folder a sandbox container's `PRIVATE_LABEL` names, if it really is its
+    own (named after it, directly in a sandboxes root, with our marker)."""
+    named = container.labels.get(PRIVATE_LABEL, "")
+    folder = Path(named) if named.startswith("/") else None
+    if folder is None or folder.name != container.name or folder.parent.name != SANDBOXES:
+        return None
+    return folder if is_private(folder, folder.parent) else None
 
 
 def remove(folder: Path) -> None:
