@@ -88,6 +88,19 @@ def refused_execution(result: ExecResult) -> bool:
 # -- settings --------------------------------------------------------------------------------
 
 
+def validated(model: Any, values: dict[str, Any], source: str) -> Any:
+    """An adapter's config (a pydantic model class) built from `values`, or one
+    ConfigError naming the first bad key."""
+    from pydantic import ValidationError  # the frameworks that have configs bring it
+
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "config"
+        raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+
+
 def configured_settings(
     project_dir: str | None,
     own: dict[str, Any],

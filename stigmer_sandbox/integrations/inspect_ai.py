@@ -49,7 +49,7 @@ from inspect_ai.util import (
     SandboxUserUnsupportedError,
     sandboxenv,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import override
 
 from .. import config as config_module
@@ -128,12 +128,8 @@ def load_config(path: str | Path) -> StigmerSandboxConfig:
 
 def parse_config(values: dict[str, Any], source: str) -> StigmerSandboxConfig:
     """A config from a mapping, checked: a ConfigError naming the first bad key."""
-    try:
-        return StigmerSandboxConfig.model_validate(values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "config"
-        raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+    config: StigmerSandboxConfig = adapter.validated(StigmerSandboxConfig, values, source)
+    return config
 
 
 def as_config(config: SandboxEnvironmentConfigType | dict[str, Any] | None) -> StigmerSandboxConfig:

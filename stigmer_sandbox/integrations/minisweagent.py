@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 from minisweagent.exceptions import Submitted
 from minisweagent.utils.serialize import recursive_merge
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import labels, policy
 from ..config import Settings
@@ -122,12 +122,8 @@ def parse_config(
             f"{source}: {docker_only[0]}: a docker environment key that means nothing here "
             "(the sandbox's image, limits and egress have keys of their own)"
         )
-    try:
-        return config_class.model_validate(values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "config"
-        raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+    config: StigmerEnvironmentConfig = adapter.validated(config_class, values, source)
+    return config
 
 
 def settings_for(config: StigmerEnvironmentConfig) -> Settings:
