@@ -129,17 +129,20 @@ def _egress_networks(staying: set[str]) -> Iterable[Resource]:
 def _leftover_folders(
     settings: Settings, containers: set[str], everything: bool
 ) -> Iterable[Resource]:
-    """Private folders no container uses: left by a crash, or every one with `all`; with
-    `all`, the snapshots' workspaces too."""
-    roots = [workspaces.sandboxes_root(settings)]
-    if everything:
-        roots.append(workspaces.snapshots_root(settings))
-    for root in roots:
+    """Private folders no container uses: left by a crash, or every one with `all`; folders
+    a killed process left half made; with `all`, the snapshots' workspaces too."""
+    for root in (workspaces.sandboxes_root(settings), workspaces.snapshots_root(settings)):
         for folder in sorted(root.iterdir()) if root.is_dir() else []:
+            maker = workspaces.half_made_owner(folder, root)
+            if maker is not None:
+                if everything or workspaces.owner_gone(maker):
+                    yield Resource("folder", str(folder), folder.name, "half made, its maker gone")
+                continue
             if not workspaces.is_private(folder, root) or folder.name in containers:
                 continue
             if root.name == workspaces.SNAPSHOTS:
-                yield Resource("folder", str(folder), folder.name, "snapshot workspace")
+                if everything:
+                    yield Resource("folder", str(folder), folder.name, "snapshot workspace")
                 continue
             owner = workspaces.marker(folder) or {}
             if everything or workspaces.owner_gone(owner):

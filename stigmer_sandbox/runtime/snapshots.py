@@ -200,8 +200,10 @@ def take(sandbox: Source, name: str, replace: bool = False) -> dict[str, Any]:
 
 
 def _replace(sandbox: Source, name: str, root: Path) -> Path:
-    staging_root = root / f".staging-{uuid.uuid4().hex[:8]}"
-    staging_ref = f"{SNAPSHOT_REPOSITORY}:{name}.staging-{staging_root.name[-8:]}"
+    token = uuid.uuid4().hex[:8]
+    # Named as `workspaces.create` names its staging folders: a kill leaves one `inv clean` removes.
+    staging_root = root / f"{workspaces.STAGING}{name}-{token}.{os.getpid()}"
+    staging_ref = f"{SNAPSHOT_REPOSITORY}:{name}.staging-{token}"
     try:
         staged = capture(sandbox, staging_ref, "snapshot", staging_root / name, root / name)
         delete(sandbox.settings, name)

@@ -25,6 +25,8 @@ from ..errors import SandboxError
 SANDBOXES = "sandboxes"
 SNAPSHOTS = "snapshots"
 MARKER = "owner.json"
+# `create` makes a folder under this prefix, its name and its maker's pid, then renames it.
+STAGING = ".making-"
 MOUNTED = ("workspace", "logs")
 # On a pooled, forked or snapshot-born sandbox: the private folder that goes with it.
 PRIVATE_LABEL = f"{labels.PREFIX}.private"
@@ -43,23 +45,41 @@ def snapshots_root(settings: Settings) -> Path:
 def create(root: Path, name: str, copy_from: Path | None = None) -> Path:
     """A new private folder `root/name` with its marker and empty `workspace` and `logs`,
     the workspace a copy of `copy_from` when given (symlinks copied as links, never
-    followed). A half-made folder is removed before the error goes up."""
+    followed). It is made whole under a staging name and then renamed, so `root/name`
+    never exists without its marker, even when the process is killed midway (a kill
+    while the marker was written once left a folder cleanup could not call ours); a
+    half-made folder is removed before the error goes up."""
     folder = root / name
     root.mkdir(parents=True, exist_ok=True)
+    if folder.exists() or folder.is_symlink():
+        raise SandboxError(f"{folder} already exists", "pick another name")
+    staging = root / f"{STAGING}{name}.{os.getpid()}"
+    staging.mkdir(mode=0o755)
     try:
-        folder.mkdir(mode=0o755)
-    except FileExistsError:
-        raise SandboxError(f"{folder} already exists", "pick another name") from None
-    try:
-        _write_marker(folder, name)
+        _write_marker(staging, name)
         for mounted in MOUNTED:
-            (folder / mounted).mkdir()
+            (staging / mounted).mkdir()
         if copy_from is not None:
-            copy_tree(copy_from, folder / "workspace")
+            copy_tree(copy_from, staging / "workspace")
+        try:  # onto a folder made meanwhile (never empty: it has a marker) it fails
+            os.rename(staging, folder)
+        except OSError:
+            raise SandboxError(f"{folder} already exists", "pick another name") from None
     except BaseException:
-        remove(folder)
+        remove(staging)
         raise
     return folder
+
+
+def half_made_owner(folder: Path, root: Path) -> dict[str, Any] | None:
+    """The maker (pid, this host) of a folder `create` was killed while making, from its
+    staging name; None for any other folder."""
+    if folder.parent != root or folder.is_symlink() or not folder.is_dir():
+        return None
+    if not folder.name.startswith(STAGING):
+        return None
+    _, _, pid = folder.name.rpartition(".")
+    return {"pid": int(pid), "host": os.uname().nodename} if pid.isdigit() else None
 
 
 def _write_marker(folder: Path, name: str) -> None:

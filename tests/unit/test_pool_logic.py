@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -780,3 +781,55 @@ def test_clean_takes_an_orphaned_broker_and_the_values_it_held(tmp_path):
     # A label never names a folder: an owner with a path in it finds none.
     made[1].labels[labels.OWNER] = "../../elsewhere"
     assert [r.kind for r in cleanup._gateways(settings, made[1:], set(), False)] == ["container"]
+
+
+MAKER = """
+import sys
+from pathlib import Path
+from stigmer_sandbox.runtime import workspaces
+workspaces.create(Path(sys.argv[1]), "stigmer-sandbox-killed", Path(sys.argv[2]))
+"""
+
+
+def test_a_folder_whose_maker_is_killed_midway_is_never_unmarked_and_clean_removes_it(tmp_path):
+    """The attack: SIGKILL while a private folder is made (a pool's owner killed mid-fork
+    once left a folder with an empty marker that `inv clean` could not call ours)."""
+    from stigmer_sandbox.host import cleanup
+
+    settings = load_settings(ROOT, environ={}).replace(state_dir=str(tmp_path / "state"))
+    root = workspaces.sandboxes_root(settings)
+    source = tmp_path / "big"
+    for index in range(40):  # enough to copy that the kill can land midway
+        (source / str(index)).mkdir(parents=True)
+        for name in range(50):
+            (source / str(index) / str(name)).write_bytes(b"x")
+    maker = subprocess.Popen(
+        [sys.executable, "-c", MAKER, str(root), str(source)], cwd=ROOT, start_new_session=True
+    )
+    assert wait_for(lambda: root.is_dir() and any(root.iterdir()), 20)
+    os.killpg(maker.pid, signal.SIGKILL)  # the maker and its `cp`, as a killed job
+    maker.wait()
+    left = list(root.iterdir())
+    assert [f.name for f in left if not f.name.startswith(workspaces.STAGING)] == []
+    planned = list(cleanup._leftover_folders(settings, set(), everything=False))
+    assert [Path(r.id) for r in planned] == left
+    cleanup.remove(planned)
+    assert list(root.iterdir()) == []
+
+
+def test_a_folder_being_made_by_a_live_process_is_left_alone(tmp_path):
+    from stigmer_sandbox.host import cleanup
+
+    settings = load_settings(ROOT, environ={}).replace(state_dir=str(tmp_path / "state"))
+    root = workspaces.sandboxes_root(settings)
+    making = root / f"{workspaces.STAGING}stigmer-sandbox-live.{os.getpid()}"
+    making.mkdir(parents=True)
+    assert list(cleanup._leftover_folders(settings, set(), everything=False)) == []
+    assert [r.id for r in cleanup._leftover_folders(settings, set(), everything=True)] == [
+        str(making)
+    ]
+    made = workspaces.create(root, "stigmer-sandbox-made")
+    assert workspaces.is_private(made, root)
+    assert sorted(f.name for f in root.iterdir()) == [making.name, "stigmer-sandbox-made"]
+    with pytest.raises(SandboxError, match="already exists"):
+        workspaces.create(root, "stigmer-sandbox-made")
