@@ -6,8 +6,8 @@ virtualenv of its own with what `pip install 'stigmer-sandbox[graphton]'` would 
 `graphton_driver.py` in it. The package itself comes from this checkout through
 PYTHONPATH, so editing it never makes the venv stale; the venv is keyed by the
 requirements and the interpreter and kept under the project's state folder
-(`.state/test-venvs/`), reused while they are unchanged. Its first creation takes about
-a minute (pip's progress is shown); later runs take seconds.
+(`.state/test-venvs/`), reused while they are unchanged. uv (a dev dependency) makes it:
+its first creation takes about ten seconds (pip took a minute); later runs reuse it.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ from ..conftest import ROOT
 from .conftest import TEST_LABELS
 
 DRIVER = Path(__file__).with_name("graphton_driver.py")
-PIP_TIMEOUT_S = 900
+INSTALL_TIMEOUT_S = 900
 DRIVER_TIMEOUT_S = 300
-# pip's lines worth showing while the venv is made (the rest is kept for a failure).
-PROGRESS = ("Collecting ", "Installing collected", "Successfully installed", "ERROR")
+UV = Path(sys.executable).with_name("uv")
+# uv's lines worth showing while the venv is made (the rest is kept for a failure).
+PROGRESS = ("Resolved ", "Prepared ", "Installed ", "error")
 
 
 def requirements() -> list[str]:
@@ -59,29 +60,27 @@ def announce(request: pytest.FixtureRequest, text: str) -> None:
         sys.stderr.flush()
 
 
-def pip_install(request: pytest.FixtureRequest, python: Path, wanted: list[str]) -> None:
-    command = [str(python), "-m", "pip", "install", "--progress-bar", "off", *wanted]
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+def uv(request: pytest.FixtureRequest, *arguments: str) -> None:
     lines: list[str] = []
     with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    ) as pip:
-        assert pip.stdout is not None
-        for line in pip.stdout:
+        [str(UV), *arguments], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as running:
+        assert running.stdout is not None
+        for line in running.stdout:
             lines.append(line.rstrip())
-            if line.startswith(PROGRESS):
-                announce(request, line.rstrip()[:120])
-        code = pip.wait(timeout=PIP_TIMEOUT_S)
-    assert code == 0, "pip install failed:\n" + "\n".join(lines[-40:])
+            if line.lstrip().startswith(PROGRESS):
+                announce(request, line.strip()[:120])
+        code = running.wait(timeout=INSTALL_TIMEOUT_S)
+    assert code == 0, f"uv {arguments[0]} failed:\n" + "\n".join(lines[-40:])
 
 
 def create_venv(request: pytest.FixtureRequest, target: Path, wanted: list[str]) -> None:
     """A fresh venv at `target`, marked complete only once everything is installed."""
     started = time.monotonic()
-    announce(request, f"creating {target} (about a minute; reused while unchanged)")
+    announce(request, f"creating {target} (reused while unchanged)")
     shutil.rmtree(target, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(target)], check=True)
-    pip_install(request, target / "bin" / "python", wanted)
+    uv(request, "venv", "--quiet", "--python", sys.executable, str(target))
+    uv(request, "pip", "install", "--python", str(target / "bin" / "python"), *wanted)
     (target / "complete").write_text(json.dumps(wanted), encoding="utf-8")
     for stale in target.parent.glob("graphton-*"):  # venvs of older requirements
         if stale != target and stale.is_dir():
