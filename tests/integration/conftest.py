@@ -14,19 +14,24 @@ suite passes again right after it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from stigmer_sandbox import engine, images
 from stigmer_sandbox.config import Settings, load_settings
 from stigmer_sandbox.errors import SandboxError
+from stigmer_sandbox.host import cleanup
 from stigmer_sandbox.images import debian_base
 from stigmer_sandbox.images.builder import SilentWatcher
 from stigmer_sandbox.images.record import ImageRecord
 
-from ..conftest import ROOT
+from ..conftest import ROOT, run_inv
+from .images_support import build_full_from_mirror, project_copy
 
 TEST_LABEL = "dev.stigmer.sandbox.test"
 SESSION_ID = uuid.uuid4().hex[:12]
@@ -83,6 +88,25 @@ def basic_image(base_image, project_settings):
     watcher = SilentWatcher()
     planned = images.plan(project_settings, "basic", images.BuildOptions(), watcher)
     return engine.image(images.build(planned, watcher).image_id)
+
+
+@pytest.fixture(scope="session")
+def full_image_from_mirror(basic_image, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """The full image, built once per session (its smoke test and the AWS broker test share
+    it) from a project copy: its downloads come from a loopback mirror of fake artifacts,
+    the AWS CLI from Debian and PyPI for real, Azure's 900 MB CLI skipped (its real install
+    is `inv test --all`'s). Yields its tag and the project copy; removed at the end."""
+    project = project_copy(tmp_path_factory.mktemp("full-image"))
+    tag = f"stigmer-sandbox-test-full:{SESSION_ID}"
+    done = build_full_from_mirror(run_inv, project, tag, skip=("azure-cli",))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    yield tag, project
+    with contextlib.suppress(SandboxError), engine.engine_errors():
+        found = engine.image_id(tag)
+        if found:  # by id: also drops the sha- tag the build added
+            engine.client().images.remove(found, force=True)
+    leftovers = cleanup.plan(load_settings(project, environ={}))
+    cleanup.remove([found for found in leftovers if found.kind == "image"])
 
 
 def remove_test_resources(client) -> None:

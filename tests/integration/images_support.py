@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from stigmer_sandbox.images import debian_base
+
 from ..conftest import ROOT
 
 
@@ -108,3 +110,26 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def download_tools(project: Path) -> list[str]:
     document = yaml.safe_load((project / "dockerfiles" / "tools.yaml").read_text())
     return [n for n, s in document["tools"].items() if s["source"] == "download"]
+
+
+def build_full_from_mirror(
+    inv, project: Path, tag: str, corrupt: str | None = None, skip: tuple[str, ...] = ()
+):
+    """`inv sandbox.build-full` of a project copy whose downloads come from a loopback
+    mirror of fake artifacts; the PyPI and Debian tools install for real unless skipped."""
+    mirror = project.parent / "mirror"
+    write_fake_tools(project, mirror, debian_base.architecture(), corrupt=corrupt)
+    skip = [arg for name in skip for arg in ("--skip-tool", name)]
+    with serve(mirror) as url:
+        done = inv(
+            "sandbox.build-full",
+            "--network",
+            "host",
+            "--tools-mirror",
+            url,
+            "--tag",
+            tag,
+            *skip,
+            env={"INVOKE_STIGMER_PROJECT_DIR": str(project)},
+        )
+    return done

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from stigmer_sandbox import config, engine, images
-from stigmer_sandbox.images.builder import CONTEXT_DIR, SilentWatcher, load_tools
+from stigmer_sandbox import config, engine
 from stigmer_sandbox.runtime import Sandbox, network
 from stigmer_sandbox.runtime.egress_gateway import bridge_gateway
 
@@ -37,27 +36,20 @@ from .egress_support import Quiet, Server
 from .test_credentials_broker import value_anywhere
 
 FULL_IMAGE = "stigmer-sandbox-full:local"
-AWS_ONLY_IMAGE = "stigmer-sandbox-full:aws-only"
 STANDIN = Path(__file__).with_name("aws_standin.py")
 BUCKET = "stigmer-broker-test"
 ENV = "STIGMER_TEST_AWS_CREDENTIALS"
 
 
 @pytest.fixture(scope="module")
-def aws_image(basic_image) -> str:
+def aws_image(request: pytest.FixtureRequest) -> str:
     """The full image, whose AWS CLI the guide uses; where it was never built (CI builds
-    the basic image only), the full image's Dockerfile with every tool but `aws` skipped
-    (built once per machine: its hash tag finds it next time)."""
+    the basic image only), the session's full image from the loopback mirror, whose AWS
+    CLI is the real one."""
     if engine.image_id(FULL_IMAGE):
         return FULL_IMAGE
-    settings = config.load_settings(ROOT)
-    skipped = sorted(set(load_tools(settings.root / CONTEXT_DIR)) - {"aws"})
-    basic = next(tag for tag in basic_image.tags if ":sha-" in tag)
-    extra = {"BASIC_IMAGE": basic, "SKIP_TOOLS": ",".join(skipped), "TOOLS_MIRROR": ""}
-    options = images.BuildOptions(tags=(AWS_ONLY_IMAGE,))
-    planned = images.plan(settings, "full", options, SilentWatcher(), extra)
-    images.build(planned, SilentWatcher())
-    return AWS_ONLY_IMAGE
+    tag, _ = request.getfixturevalue("full_image_from_mirror")
+    return str(tag)
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,15 @@ import os
 import re
 import subprocess
 import uuid
-from pathlib import Path
 
 import pytest
 
 from stigmer_sandbox import labels
 from stigmer_sandbox.config import load_settings
 from stigmer_sandbox.host import cleanup
-from stigmer_sandbox.images import debian_base
 
 from ..conftest import ROOT
-from .images_support import download_tools, project_copy, serve, write_fake_tools
+from .images_support import build_full_from_mirror, download_tools, project_copy
 
 BASIC = "stigmer-sandbox-basic:local"
 
@@ -154,38 +152,32 @@ def test_build_without_network_names_the_network_and_tags_nothing(
     assert not docker_engine.images.list(name=tag)
 
 
-def build_full_from_mirror(
-    inv, project: Path, tag: str, corrupt: str | None = None, skip: tuple[str, ...] = ()
+def loopback_tools(inv, tag: str) -> set[str]:
+    """The `tool ...` checks of the smoke tests of `tag`, all passed."""
+    report = json.loads(inv("sandbox.test", "--image", tag, "--json").stdout)
+    assert report["ok"], [c for c in report["checks"] if c["status"] != "pass"]
+    return {c["name"] for c in report["checks"] if c["name"].startswith("tool ")}
+
+
+def test_full_image_with_loopback_tools_passes_smoke_tests(inv, full_image_from_mirror):
+    tag, project = full_image_from_mirror
+    tools = loopback_tools(inv, tag)
+    assert tools == {"tool aws"} | {f"tool {name}" for name in download_tools(project)}
+
+
+@pytest.mark.stress
+def test_full_image_with_the_real_azure_cli_passes_smoke_tests(
+    inv, project, basic_image, scratch_tags
 ):
-    """`inv sandbox.build-full` of a project copy whose downloads come from a loopback
-    mirror of fake artifacts; the PyPI and Debian tools install for real unless skipped."""
-    mirror = project.parent / "mirror"
-    write_fake_tools(project, mirror, debian_base.architecture(), corrupt=corrupt)
-    skip = [arg for name in skip for arg in ("--skip-tool", name)]
-    with serve(mirror) as url:
-        done = inv(
-            "sandbox.build-full",
-            "--network",
-            "host",
-            "--tools-mirror",
-            url,
-            "--tag",
-            tag,
-            *skip,
-            env={"INVOKE_STIGMER_PROJECT_DIR": str(project)},
-        )
-    return done
-
-
-def test_full_image_with_loopback_tools_passes_smoke_tests(inv, project, basic_image, scratch_tags):
+    """The whole full image: Azure's CLI (900 MB from PyPI) too, which CI's shared build
+    skips."""
     tag = scratch_tags("full")
     done = build_full_from_mirror(inv, project, tag)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
-    report = json.loads(inv("sandbox.test", "--image", tag, "--json").stdout)
-    tools = {c["name"] for c in report["checks"] if c["name"].startswith("tool ")}
-    real = {"tool aws", "tool azure-cli"}  # from Debian and PyPI, for real
-    assert tools == real | {f"tool {name}" for name in download_tools(project)}
-    assert report["ok"], [c for c in report["checks"] if c["status"] != "pass"]
+    tools = loopback_tools(inv, tag)
+    assert tools == {"tool aws", "tool azure-cli"} | {
+        f"tool {name}" for name in download_tools(project)
+    }
 
 
 def test_full_image_bad_checksum_fails_naming_tool_and_both_sums(
