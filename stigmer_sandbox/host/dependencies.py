@@ -40,10 +40,17 @@ def lock_command(upgrade: bool) -> list[str]:
 
 
 def install_commands(root: Path) -> list[list[str]]:
-    """Install the locked packages (hashes checked), then this project without its deps."""
+    """Install the locked packages (hashes checked; by uv where this environment has it,
+    as `scripts/setup-env` does), then this project without its deps."""
     pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+    locker = Path(sys.executable).parent / LOCKER
+    installer = (
+        [str(locker), "pip", "install", "--quiet", "--python", sys.executable]
+        if locker.exists()
+        else pip
+    )
     return [
-        [*pip, "--require-hashes", "--requirement", str(root / LOCK_FILE)],
+        [*installer, "--require-hashes", "--requirement", str(root / LOCK_FILE)],
         [*pip, "--no-deps", "--editable", str(root), *EDITABLE],
     ]
 
