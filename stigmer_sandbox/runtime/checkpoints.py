@@ -329,19 +329,20 @@ def _last_probe_end(container: Any) -> float | None:
     log = ((container.attrs.get("State") or {}).get("Health") or {}).get("Log") or []
     if not log or not log[-1].get("End"):
         return None
-    return parse_engine_time(str(log[-1]["End"]))
+    try:
+        return parse_engine_time(str(log[-1]["End"]))
+    except ValueError:  # an engine that writes its times otherwise: no probe is awaited
+        return None
 
 
 def parse_engine_time(text: str) -> float:
-    """Epoch seconds of the engine's RFC 3339 time with nanoseconds."""
-    head, _, rest = text.partition(".")
-    digits = re.match(r"\d*", rest)
-    fraction = digits.group(0) if digits else ""
-    zone = rest[len(fraction) :] or "Z"
-    stamp = datetime.fromisoformat(
-        head + (f".{fraction[:6]}" if fraction else "") + zone.replace("Z", "+00:00")
-    )
-    return stamp.timestamp()
+    """Epoch seconds of the engine's RFC 3339 time (nanoseconds cut to microseconds)."""
+    found = re.fullmatch(r"([^.Z+]+?)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text.strip())
+    if found is None:
+        raise ValueError(f"not an RFC 3339 time: {text!r}")
+    head, fraction, zone = found.groups()
+    fraction = f".{fraction[:6]}" if fraction else ""
+    return datetime.fromisoformat(head + fraction + zone.replace("Z", "+00:00")).timestamp()
 
 
 def _wait_for_probe_gap(container: Any, deadline: float) -> None:
