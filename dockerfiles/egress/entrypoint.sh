@@ -6,7 +6,9 @@
 #   VGW            that network's IPAM gateway address, which we claim (Docker gives the
 #                  sandbox a default route through it: it leads here)
 #   EGRESS_ROUTER  the default route out (the egress network's gateway)
-#   GENERATION     written to /var/log/egress/ready once every daemon listens
+#   GENERATION     written to /var/log/egress/filtering once the rules are loaded (the host
+#                  connects the sandbox's network only then, and writes it to `connected`
+#                  when done) and to /var/log/egress/ready once every daemon listens
 #   BROKER_PORT    the credentials broker's port on 127.0.0.1 (empty: no secrets)
 # Logs go to /var/log/egress (a host folder): access.log (squid), packets.json (ulogd),
 # dns.log (dnsmasq). Exits non-zero, never announcing readiness, when a daemon fails.
@@ -16,33 +18,31 @@ LOG=/var/log/egress
 started=$(date +%s%N)
 # shellcheck source=/dev/null
 . "$CONF/env"
-rm -f "$LOG/ready"
+rm -f "$LOG/ready" "$LOG/filtering" "$LOG/connected"
+# The rules first: the container forwards (ip_forward is on from its start), so nothing may
+# reach the sandbox's network before they hold. The host connects that network only once
+# this file names our generation, so no packet of the sandbox is ever forwarded unfiltered
+# (a live policy change restarts the gateway with its sandbox running).
+nft -f "$CONF/gw.nft"
+echo "$GENERATION" >"$LOG/filtering.tmp"
+mv -f "$LOG/filtering.tmp" "$LOG/filtering"
+
 umask 022
 # A restarted container keeps its files: a stale pid file stops squid from starting.
 rm -f /run/squid/squid.pid /run/dnsmasq/dnsmasq.pid /run/ulog/ulogd.pid
 mkdir -p /run/squid
-chown proxy:proxy /run/squid
 # The log folder stays the host user's: files made here, each owned by its daemon.
-for file in access.log cache.log; do touch "$LOG/$file"; chown proxy:proxy "$LOG/$file"; done
-touch "$LOG/dns.log" "$LOG/packets.json" "$LOG/ulogd.log"
+touch "$LOG/access.log" "$LOG/cache.log" "$LOG/dns.log" "$LOG/packets.json" "$LOG/ulogd.log"
+chown proxy:proxy /run/squid "$LOG/access.log" "$LOG/cache.log"
 chown dnsmasq "$LOG/dns.log"
 chmod 0644 "$LOG/access.log" "$LOG/cache.log" "$LOG/dns.log" "$LOG/packets.json" "$LOG/ulogd.log"
-
-internal_if=$(ip -o -4 addr show | awk -v a="$GW_INT_IP/" 'index($4, a) == 1 {print $2; exit}')
-if [ -z "$internal_if" ]; then
-  echo "egress-gateway: no interface holds $GW_INT_IP" >&2
-  exit 1
-fi
-ip addr replace "$VGW/32" dev "$internal_if"
-if [ -n "${EGRESS_ROUTER:-}" ]; then ip route replace default via "$EGRESS_ROUTER"; fi
 
 listening() {
   (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-nft -f "$CONF/gw.nft"
 ulogd -d -c "$CONF/ulogd.conf"
-dnsmasq --conf-file="$CONF/dnsmasq.conf"
+dnsmasq --conf-file="$CONF/dnsmasq.conf" # bind-dynamic: it takes the sandbox's side later
 # With secrets, the credentials broker (started by the host in this network namespace
 # once this container runs) listens before squid starts: squid would take a parent
 # that refused its first connection for dead.
@@ -56,9 +56,30 @@ if [ -n "${BROKER_PORT:-}" ]; then
     exit 1
   fi
 fi
+# squid listens on every address: it starts while the host connects the sandbox's network.
 squid -f "$CONF/squid.conf" -N &
 squid_pid=$!
 trap 'kill -TERM "$squid_pid" 2>/dev/null; wait "$squid_pid"; exit 0' TERM INT
+
+# The host writes our generation to `connected` once the sandbox's network is connected
+# (the engine has set this container's routes by then: ours below replace them).
+connected() {
+  local said=""
+  read -r said 2>/dev/null <"$LOG/connected" || true
+  [ "$said" = "$GENERATION" ]
+}
+for _ in $(seq 1 3000); do
+  if connected; then break; fi
+  sleep 0.01
+done
+internal_if=$(ip -o -4 addr show | awk -v a="$GW_INT_IP/" 'index($4, a) == 1 {print $2; exit}')
+if [ -z "$internal_if" ]; then
+  echo "egress-gateway: no interface holds $GW_INT_IP (the sandbox's network is not connected)" >&2
+  exit 1
+fi
+ip addr replace "$VGW/32" dev "$internal_if"
+if [ -n "${EGRESS_ROUTER:-}" ]; then ip route replace default via "$EGRESS_ROUTER"; fi
+
 for _ in $(seq 1 1000); do
   if listening 3128 && listening 3129 && listening 3130 && listening 53; then
     echo "$GENERATION" >"$LOG/ready.tmp"

@@ -64,6 +64,10 @@ CONFIG_DIR = "/etc/egress"  # in the gateway, read-only
 LOG_DIR = "/var/log/egress"  # in the gateway; a host folder
 STATE_FOLDER = "egress"  # <state_dir>/egress/<sandbox>/{config,logs}
 READY_FILE = "ready"
+# The gateway writes its generation here once its rules are loaded; the host writes it to
+# CONNECTED_FILE once the sandbox's network is connected (see entrypoint.sh).
+FILTERING_FILE = "filtering"
+CONNECTED_FILE = "connected"
 CONFIG_LABEL = f"{labels.PREFIX}.config"
 BUMP_CERT = "/etc/squid/bump.pem"  # made in the image; never shown to a spliced client
 INHIBIT_IPV4 = "com.docker.network.bridge.inhibit_ipv4"
@@ -847,15 +851,16 @@ class EgressGateway:
         found = re.search(r"^GENERATION=(\S*)$", text, re.M)
         return found.group(1) if found else ""
 
-    def _ready_generation(self) -> str:
+    def _log_file(self, name: str) -> str:
+        """What the gateway wrote to its file `name` (a generation), or ""."""
         try:
-            return (self.log_dir / READY_FILE).read_text(encoding="utf-8").strip()
+            return (self.log_dir / name).read_text(encoding="utf-8").strip()
         except OSError:
             return ""
 
     def _is_ready(self) -> bool:
         """Whether the gateway announced readiness for the configuration written now."""
-        ready = self._ready_generation()
+        ready = self._log_file(READY_FILE)
         return bool(ready) and ready == self._written_generation()
 
     def _create_container(self, network: Any, image: str, config_hash: str) -> Any:
@@ -881,34 +886,57 @@ class EgressGateway:
             ],
         }
         container = self.backend.create(spec)
-        gateway_ip = str(ipaddress.IPv4Network(_subnet_of(network)).network_address + GATEWAY_HOST)
-        with engine.engine_errors():
-            network.connect(container, ipv4_address=gateway_ip)
+        with engine.engine_errors():  # the sandbox's network only once the rules hold
             for name in self.test_networks:
                 engine.client().networks.get(name).connect(container)
         return container
 
     def _start_and_wait(
-        self, container: Any, timeout: float, started: Callable[[], None] | None = None
+        self,
+        container: Any,
+        network: Any,
+        timeout: float,
+        started: Callable[[], None] | None = None,
     ) -> None:
-        """Start the gateway (then call `started`) and wait for its ready file to name
-        this configuration."""
+        """Start the gateway (then call `started`), connect it to the sandbox's network once
+        its rules are loaded, and wait for its ready file to name this configuration. The
+        network is disconnected first: a gateway restarted under a running sandbox must not
+        forward one packet before its rules are back."""
         generation = self._written_generation()
         with engine.engine_errors():
+            container.reload()
+            if network.name in container.attrs["NetworkSettings"]["Networks"]:
+                network.disconnect(container, force=True)
             container.start()
         if started is not None:
             started()
         deadline = time.monotonic() + timeout
-        delay = 0.005
+        self._await(container, FILTERING_FILE, generation, deadline, timeout)
+        gateway_ip = str(ipaddress.IPv4Network(_subnet_of(network)).network_address + GATEWAY_HOST)
+        with engine.engine_errors():
+            network.connect(container, ipv4_address=gateway_ip)
+        marker = self.log_dir / CONNECTED_FILE
+        marker.with_suffix(".tmp").write_text(generation, encoding="utf-8")
+        marker.with_suffix(".tmp").replace(marker)
+        self._await(container, READY_FILE, generation, deadline, timeout)
+
+    def _await(
+        self, container: Any, name: str, generation: str, deadline: float, timeout: float
+    ) -> None:
+        """Wait for the gateway's file `name` to hold `generation`; an error with its log's
+        last lines when it exits or the deadline passes. The file is read every 5 ms (a
+        stat); the engine is asked whether the gateway still runs every 100 ms."""
+        asked = 0.0
         while time.monotonic() < deadline:
-            if self._ready_generation() == generation:
+            if self._log_file(name) == generation:
                 return
-            with engine.engine_errors():
-                container.reload()
-            if container.status in ("exited", "dead"):
-                break
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.1)
+            if time.monotonic() - asked >= 0.1:
+                asked = time.monotonic()
+                with engine.engine_errors():
+                    container.reload()
+                if container.status in ("exited", "dead"):
+                    break
+            time.sleep(0.005)
         with engine.engine_errors():
             tail = container.logs(tail=15).decode("utf-8", "replace").strip().splitlines()
         why = "exited" if container.status in ("exited", "dead") else f"not ready in {timeout} s"
@@ -952,7 +980,7 @@ class PreparedGateway:
         # announces readiness only once the broker listens.
         start_broker = (lambda: held.start(container)) if brokered else None
         try:
-            gateway._start_and_wait(container, timeout, start_broker)
+            gateway._start_and_wait(container, self.network, timeout, start_broker)
         except SandboxError:
             if brokered:
                 held.raise_if_failed()

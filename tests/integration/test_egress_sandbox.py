@@ -10,9 +10,11 @@ for the install test, to the package index pip is configured with.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
+import socket
 import ssl
 import subprocess
 import threading
@@ -297,3 +299,55 @@ def test_a_start_that_fails_leaves_no_gateway_or_network(tmp_path, ephemeral):
     client = engine.client()
     assert client.containers.list(all=True, filters={"name": name}) == []
     assert client.networks.list(names=[f"{name}-egress"]) == []
+
+
+UDP_FLOOD = (
+    "import socket, sys, time\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "end = time.monotonic() + float(sys.argv[3])\n"
+    "while time.monotonic() < end:\n"
+    "    try:\n"
+    "        s.sendto(b'leak', (sys.argv[1], int(sys.argv[2])))\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "    time.sleep(0.0005)\n"
+)
+
+
+def test_a_gateway_restarted_under_a_flood_forwards_nothing_before_its_rules(tmp_path, host):
+    """The attack: a command floods a refused host address with UDP (nothing to proxy,
+    only the rules stop it) while the policy changes live three times, each a gateway
+    restart. Not one datagram may reach the host: the gateway loads its rules before the
+    sandbox's network is connected to it again."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("0.0.0.0", 0))
+    receiver.settimeout(0.2)
+    port = receiver.getsockname()[1]
+    got: list[bytes] = []
+    done = threading.Event()
+
+    def listen() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                got.append(receiver.recv(64))
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    settings = settings_in(tmp_path)
+    name = f"stigmer-egress-flood-{tmp_path.name[-8:]}"
+    box = Sandbox(settings, name=name, extra_labels=TEST_LABELS).up()
+    try:
+        flood = box.start(["python3", "-c", UDP_FLOOD, host, str(port), "30"])
+        for allowed in range(3):  # each a new policy: the gateway restarts
+            changed = Sandbox(
+                settings, name=name, extra_labels=TEST_LABELS, allow=[f"10.9.9.{allowed}"]
+            ).up()
+            assert any("applied live" in note for note in changed.notes), changed.notes
+        assert flood.status()["running"], "the flood ended before the restarts did"
+        flood.kill()
+    finally:
+        box.remove()
+        done.set()
+        listener.join()
+        receiver.close()
+    assert got == []
