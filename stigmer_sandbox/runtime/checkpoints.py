@@ -90,7 +90,13 @@ DETACH_WAIT_S = 10.0
 # A health probe starts this long after the last one ended (policy.HEALTHCHECK's interval);
 # a checkpoint (under a second) starts only while the next probe is this margin away.
 PROBE_INTERVAL_S = policy.HEALTHCHECK["interval"] / 1e9
-PROBE_MARGIN_S = 2.0
+PROBE_MARGIN_S = (
+    4.0  # go only within 1 s of a probe's end: a probe may start before the last ends (measured)
+)
+# On a container started from a checkpoint (restored, or its source run on): checkpointing
+# it again leaves its task stuck in containerd 1.6 ("id already in use" on every later
+# start; measured), so it is refused.
+RESTORED_LABEL = f"{labels.PREFIX}.restored-from"
 
 
 class Source(Protocol):
@@ -272,6 +278,14 @@ def create(sandbox: Source, name: str) -> dict[str, Any]:
     )
     if why:
         raise SandboxError(f"sandbox {sandbox.name} cannot be checkpointed: {why}")
+    ran_on = [e["name"] for e in listing(sandbox.settings) if e.get("container") == container.id]
+    if container.labels.get(RESTORED_LABEL) or ran_on:
+        raise SandboxError(
+            f"sandbox {sandbox.name} was started from a checkpoint "
+            f"({container.labels.get(RESTORED_LABEL) or ran_on[0]}); this engine cannot "
+            "checkpoint it again (its containerd task would be left stuck)",
+            "checkpoint a sandbox started normally",
+        )
     info = require_engine(str(container.attrs["HostConfig"].get("Runtime")))
     folder = root(sandbox.settings) / name
     if engine.find_image(image_ref(name)) is not None or folder.exists():
@@ -364,19 +378,54 @@ def _checkpoint(container: Any, name: str) -> float:
             data={"CheckpointID": name, "Exit": True},
         )
         api._raise_for_status(response)
-    return time.monotonic() - started
+    seconds = time.monotonic() - started
+    _wait_exited(container)
+    return seconds
+
+
+def _wait_exited(container: Any, wait_s: float = 60.0) -> None:
+    """Wait until the engine has handled the checkpointed container's exit. Its answer
+    comes first; a start meanwhile races the engine's own clean-up and leaves a task
+    that no later start can replace ("id already in use"; seen with 100 MB resident)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        with engine.engine_errors():
+            container.reload()
+        state = container.attrs.get("State") or {}
+        if state.get("Status") == "exited" and not state.get("Paused"):
+            return
+        time.sleep(0.1)
+    raise SandboxError(
+        f"the engine did not stop {container.name} within {wait_s:.0f} s of its checkpoint",
+        "see the engine's log",
+    )
 
 
 def _resume(container: Any, name: str) -> None:
     """Start `container` again from its checkpoint `name`, then drop the engine's copy."""
     api = engine.client().api
+    _start_from(container, name)
     with engine.engine_errors():
-        api._raise_for_status(
-            api._post(api._url("/containers/{0}/start", container.id), params={"checkpoint": name})
-        )
         api._raise_for_status(
             api._delete(api._url("/containers/{0}/checkpoints/{1}", container.id, name))
         )
+
+
+def _start_from(container: Any, name: str, wait_s: float = 10.0) -> None:
+    """Start `container` from checkpoint `name`. Right after a checkpoint the old gVisor
+    sandbox may still be going (the engine answers "id already in use"): tried again."""
+    api = engine.client().api
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with engine.engine_errors():
+                url = api._url("/containers/{0}/start", container.id)
+                api._raise_for_status(api._post(url, params={"checkpoint": name}))
+            return
+        except SandboxError as exc:
+            if "already in use" not in exc.message or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _keep(sandbox: Source, container: Any, name: str, source: Path, folder: Path) -> dict[str, Any]:
@@ -405,6 +454,7 @@ def _keep(sandbox: Source, container: Any, name: str, source: Path, folder: Path
             "image": image_ref(name),
             "folder": str(made),
             "source": sandbox.name,
+            "container": container.id,
             "created": time.time(),
             "bytes": workspaces.size_bytes(made / MEMORY),
             "workspace_bytes": workspaces.size_bytes(made / "workspace"),
@@ -450,6 +500,7 @@ def restore(
         sandbox = sandbox_class.private(  # type: ignore[attr-defined]
             settings, new, record["image"], private, prepared_image=True, **options
         )
+        sandbox.extra_labels[RESTORED_LABEL] = name
     except BaseException:
         workspaces.remove(private)
         raise
@@ -476,11 +527,8 @@ def _restored(sandbox: Any, name: str, memory: Path, data_root: Path) -> None:
     _make_mount_points(container, spec, backend)
     target = data_root / "containers" / container.id / "checkpoints" / name
     shutil.copytree(memory, target, symlinks=True)
-    api = engine.client().api
+    _start_from(container, name)
     with engine.engine_errors():
-        api._raise_for_status(
-            api._post(api._url("/containers/{0}/start", container.id), params={"checkpoint": name})
-        )
         container.reload()
     policy.verify_mounts(pins, backend, container)
     placement.finish(sandbox.name)
