@@ -89,12 +89,13 @@ def test_a_restored_sandbox_answers_with_the_counter_it_held(counter_box, settin
 
 
 @needs_checkpoints
-def test_an_existing_name_is_refused_before_anything_is_made(counter_box, settings):
+def test_a_sandbox_run_on_from_a_checkpoint_is_not_checkpointed_again(counter_box, settings):
+    """A second checkpoint of it leaves its containerd task stuck ("id already in use")."""
     name = checkpoints.unique_name()
     checkpoints.create(counter_box, name)
     try:
-        with pytest.raises(UsageError, match="already exists"):
-            checkpoints.create(counter_box, name)
+        with pytest.raises(SandboxError, match="started from a checkpoint"):
+            checkpoints.create(counter_box, checkpoints.unique_name())
     finally:
         checkpoints.delete(settings, name)
 
