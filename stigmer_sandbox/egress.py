@@ -890,6 +890,11 @@ class EgressSettings(Protocol):
     def root(self) -> Path: ...
 
 
+def mode_of(settings: EgressSettings) -> str:
+    """The egress mode the settings choose (`network: none` is mode none)."""
+    return "none" if settings.network == "none" else settings.egress
+
+
 @dataclass(frozen=True)
 class EgressPolicy:
     """A sandbox's egress policy: its mode and its allow and deny entries (strings are
@@ -939,7 +944,7 @@ class EgressPolicy:
         context = context or PresetContext(
             project_dir=settings.root, debian_mirror=settings.debian_mirror
         )
-        mode = "none" if settings.network == "none" else settings.egress
+        mode = mode_of(settings)
         allow = [*_strings(settings.allow), *settings.secret_hosts]  # a secret's hosts too
         chosen = cls.from_options(mode, allow, settings.deny, settings.allow_presets, context)
         return dataclasses.replace(chosen, brokered=_entries(settings.secret_hosts))

@@ -311,3 +311,12 @@ def _health_verdict(state: dict[str, Any]) -> tuple[bool, str] | None:
         log = health.get("Log") or [{}]
         return False, f"unhealthy: {str(log[-1].get('Output', '')).strip()[:100]}"
     return None
+
+
+def experimental() -> bool:
+    """Whether the engine's API is in experimental mode (its ping header, what checkpoints
+    need: `docker info` can say so after a reload while the API still refuses)."""
+    api = client().api
+    with engine_errors():
+        response = api.get(api._url("/_ping"))
+    return response.headers.get("Docker-Experimental", "").lower() == "true"

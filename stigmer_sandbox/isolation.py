@@ -8,6 +8,8 @@
   --gvisor` (Debian's `runsc` package; gVisor passes network calls to the host's stack
   inside the container's own network namespace, `--network=host`, because its own stack
   refuses to start on these kernels). What holds under gVisor and what does not: SECURITY.md.
+  A gVisor sandbox without network (egress none) runs under `OFFLINE_RUNTIME`
+  (`--network=none`): the only kind gVisor can checkpoint with its memory.
 """
 
 from __future__ import annotations
@@ -22,34 +24,38 @@ from .errors import SandboxError
 
 CHOICES = ("container", "gvisor")
 RUNTIME = "stigmer-gvisor"  # the engine's name for runsc as this project registers it
+OFFLINE_RUNTIME = "stigmer-gvisor-nonet"  # the same without any network: checkpointable
 RUNSC = "/usr/bin/runsc"
-RUNTIME_ARGS = ("--network=host",)
+RUNTIME_ARGS = {RUNTIME: ("--network=host",), OFFLINE_RUNTIME: ("--network=none",)}
 INSTALL_HINT = (
     "run `inv engine.install --gvisor` (Debian's runsc package, registered with the engine)"
 )
 
 
-def runtime_for(isolation: str) -> str | None:
-    """The engine runtime a sandbox of this isolation is created with (None: the default)."""
-    return RUNTIME if isolation == "gvisor" else None
+def runtime_for(isolation: str, egress_mode: str = "public") -> str | None:
+    """The engine runtime a sandbox of this isolation and egress mode is created with
+    (None: the default)."""
+    if isolation != "gvisor":
+        return None
+    return OFFLINE_RUNTIME if egress_mode == "none" else RUNTIME
 
 
-def runtime_entry() -> dict[str, Any]:
+def runtime_entries() -> dict[str, dict[str, Any]]:
     """What `inv engine.install --gvisor` writes under daemon.json's `runtimes`."""
-    return {"path": RUNSC, "runtimeArgs": list(RUNTIME_ARGS)}
+    return {name: {"path": RUNSC, "runtimeArgs": list(args)} for name, args in RUNTIME_ARGS.items()}
 
 
-def unusable_reason(info: Mapping[str, Any]) -> str | None:
-    """Why gVisor sandboxes cannot start on the engine whose `docker info` this is (None
-    when they can)."""
-    if RUNTIME not in (info.get("Runtimes") or {}):
-        return f"the engine has no {RUNTIME} runtime"
+def unusable_reason(info: Mapping[str, Any], runtime: str = RUNTIME) -> str | None:
+    """Why gVisor sandboxes (of the engine `runtime`) cannot start on the engine whose
+    `docker info` this is (None when they can)."""
+    if runtime not in (info.get("Runtimes") or {}):
+        return f"the engine has no {runtime} runtime"
     return None
 
 
-def require_usable(info: Mapping[str, Any]) -> None:
+def require_usable(info: Mapping[str, Any], runtime: str = RUNTIME) -> None:
     """Raise one SandboxError with the fix when gVisor cannot be used here."""
-    why = unusable_reason(info)
+    why = unusable_reason(info, runtime)
     if why:
         raise SandboxError(f"isolation gvisor is not available: {why}", INSTALL_HINT)
 
@@ -57,7 +63,7 @@ def require_usable(info: Mapping[str, Any]) -> None:
 def of_container(container: Any) -> str:
     """The isolation a created container runs under, from its engine runtime."""
     runtime = ((getattr(container, "attrs", None) or {}).get("HostConfig") or {}).get("Runtime")
-    return "gvisor" if runtime == RUNTIME else "container"
+    return "gvisor" if runtime in RUNTIME_ARGS else "container"
 
 
 # Where runsc (run through the engine's runc shim) keeps each container's state.

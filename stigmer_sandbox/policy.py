@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import isolation
+from . import egress, isolation
 from .config import parse_size
 from .errors import ConfigError, SandboxError
 
@@ -429,6 +429,11 @@ def _bind(source: Path, target: str, read_only: bool = False) -> Any:
     return Mount(target, str(source), type="bind", read_only=read_only, propagation="rprivate")
 
 
+def _runtime(settings: Settings) -> str | None:
+    """The engine runtime a sandbox runs under (None: the engine's default)."""
+    return isolation.runtime_for(settings.isolation, egress.mode_of(settings))
+
+
 def container_spec(settings: Settings, image: str, labels: dict[str, str]) -> dict[str, Any]:
     """Everything `containers.create` gets: the confinement, limits and mounts."""
     folders = sandbox_folders(settings)
@@ -480,5 +485,5 @@ def container_spec(settings: Settings, image: str, labels: dict[str, str]) -> di
         "restart_policy": {"Name": "no"},
         "labels": labels,
         # Only when chosen: a default sandbox's configuration hash stays what it was.
-        **({"runtime": runtime} if (runtime := isolation.runtime_for(settings.isolation)) else {}),
+        **({"runtime": runtime} if (runtime := _runtime(settings)) else {}),
     }

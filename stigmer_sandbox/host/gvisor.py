@@ -1,10 +1,10 @@
 """gVisor on this host: install `runsc`, register it with the engine, tell whether it works.
 
-`inv engine.install --gvisor` installs Debian's `runsc` package and merges the runtime
-`isolation.RUNTIME` into dockerd's daemon.json (every other key and runtime kept; the
-file replaced atomically), then makes a running engine re-read it with SIGHUP. It never
-restarts the engine: running containers keep running. Where no engine runs yet, dockerd
-reads the file when it starts (`inv engine.start` runs it with its default
+`inv engine.install --gvisor` installs Debian's `runsc` package and merges the runtimes
+`isolation.RUNTIME` and `isolation.OFFLINE_RUNTIME` into dockerd's daemon.json (every other
+key and runtime kept; the file replaced atomically), then makes a running engine re-read
+it with SIGHUP. It never restarts the engine: running containers keep running. Where no
+engine runs yet, dockerd reads the file when it starts (`inv engine.start` runs it with its default
 `--config-file`, /etc/docker/daemon.json).
 
 Never registered here: gVisor's own network stack (its start fails on these kernels and
@@ -150,24 +150,30 @@ def write_config(path: Path, config: Mapping[str, Any]) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def register(path: Path = DAEMON_JSON) -> bool:
-    """Merge the gVisor runtime into daemon.json at `path`; True when the file changed."""
-    config = merged(read_config(path), isolation.RUNTIME, isolation.runtime_entry(), path)
-    if config is None:
+def register(path: Path = DAEMON_JSON, checkpoints: bool = False) -> bool:
+    """Merge the gVisor runtimes into daemon.json at `path` (with `checkpoints`, also
+    `"experimental": true`, which checkpoints need); True when the file changed."""
+    config = original = read_config(path)
+    for name, entry in isolation.runtime_entries().items():
+        config = merged(config, name, entry, path) or config
+    if checkpoints and config.get("experimental") is not True:
+        config = {**config, "experimental": True}
+    if config == original:
         return False
     write_config(path, config)
     return True
 
 
 def registered_in(path: Path = DAEMON_JSON) -> bool:
-    """Whether daemon.json at `path` holds this project's runtime entry (False when unreadable)."""
+    """Whether daemon.json at `path` holds this project's runtime entries (False when
+    unreadable)."""
     try:
         config = read_config(path)
     except SandboxError:
         return False
     runtimes = config.get("runtimes")
-    return isinstance(runtimes, dict) and runtimes.get(isolation.RUNTIME) == (
-        isolation.runtime_entry()
+    return isinstance(runtimes, dict) and all(
+        runtimes.get(name) == entry for name, entry in isolation.runtime_entries().items()
     )
 
 
@@ -175,10 +181,10 @@ def registered_in(path: Path = DAEMON_JSON) -> bool:
 
 
 def engine_lists_runtime() -> bool:
-    """Whether the engine's `docker info` lists the gVisor runtime."""
+    """Whether the engine's `docker info` lists the gVisor runtimes."""
     with engine.engine_errors():
         info = engine.client().info()
-    return isolation.unusable_reason(info) is None
+    return all(isolation.unusable_reason(info, name) is None for name in isolation.RUNTIME_ARGS)
 
 
 def wait_listed(timeout_s: float = 20) -> None:
@@ -187,8 +193,8 @@ def wait_listed(timeout_s: float = 20) -> None:
     while not engine_lists_runtime():
         if time.monotonic() > deadline:
             raise EngineError(
-                f"the engine did not list the runtime {isolation.RUNTIME} within "
-                f"{timeout_s:.0f} s of the reload",
+                f"the engine did not list the runtimes {' and '.join(isolation.RUNTIME_ARGS)} "
+                f"within {timeout_s:.0f} s of the reload",
                 "see the engine's log: dockerd keeps its old settings when it cannot read "
                 "daemon.json",
             )
@@ -245,30 +251,42 @@ def smoke(
 
 
 def install(
-    state: daemon.EngineState, image: str, config_path: Path = DAEMON_JSON
+    state: daemon.EngineState,
+    image: str,
+    config_path: Path = DAEMON_JSON,
+    checkpoints: bool = False,
 ) -> Iterator[str]:
     """Install runsc, register it, reload a running engine and smoke-test it; yields a
-    line for each step as it is done. Running it again changes nothing."""
+    line for each step as it is done. Running it again changes nothing. `checkpoints`
+    also turns on the engine's experimental mode, which takes effect at its next start
+    (a reload does not apply it, and this never restarts an engine)."""
     yield (
         f"installed {PACKAGE} ({runsc_version()})"
         if install_runsc()
         else f"{PACKAGE} already installed ({runsc_version()})"
     )
-    written = register(config_path)
+    names = " and ".join(isolation.RUNTIME_ARGS)
+    written = register(config_path, checkpoints)
     yield (
-        f"registered the runtime {isolation.RUNTIME} in {config_path}"
+        f"registered the runtimes {names} in {config_path}"
+        + (" with experimental mode (checkpoints)" if checkpoints else "")
         if written
-        else f"{isolation.RUNTIME} already registered in {config_path}"
+        else f"{names} already registered in {config_path}"
     )
     if not daemon.engine_answers():
-        yield "no engine runs: dockerd reads the runtime when it starts (`inv engine.start`)"
+        yield "no engine runs: dockerd reads the runtimes when it starts (`inv engine.start`)"
         return
+    if checkpoints and not engine.experimental():
+        yield (
+            "checkpoints need the engine restarted to enter experimental mode (this never "
+            "restarts it): `inv engine.stop && inv engine.start` if this project started it"
+        )
     if engine_lists_runtime():
-        yield f"the engine already lists {isolation.RUNTIME}"
+        yield f"the engine already lists {names}"
     else:
         yield daemon.reload(state)
         wait_listed()
-        yield f"the engine lists {isolation.RUNTIME}"
+        yield f"the engine lists {names}"
     if engine.find_image(image) is None:
         yield f"smoke test skipped: {image} is not built (`inv sandbox.build-basic`)"
         return

@@ -149,7 +149,8 @@ def record_of(settings: Settings, name: str) -> dict[str, Any]:
     if not isinstance(entry, dict) or engine.find_image(image_ref(name)) is None:
         raise UsageError(
             f"no checkpoint named {name} in {root(settings)}",
-            "see `listing()` for the ones there are; take one with `create(sandbox, name)`",
+            "list them: `inv sandbox.checkpoints` (`listing()` in Python); take one: "
+            "`inv sandbox.checkpoint NAME` (`create(sandbox, name)`)",
         )
     return entry
 
@@ -238,15 +239,6 @@ def sandbox_refusal(isolation_name: str, network_mode: str) -> str | None:
     return None
 
 
-def _experimental() -> bool:
-    """Whether the engine's API is experimental (its ping header: what checkpoint needs;
-    `docker info` can say true after a reload while the API still refuses)."""
-    api = engine.client().api
-    with engine.engine_errors():
-        response = api.get(api._url("/_ping"))
-    return response.headers.get("Docker-Experimental", "").lower() == "true"
-
-
 def require_engine(runtime: str) -> dict[str, Any]:
     """`docker info`, after one SandboxError when this engine cannot checkpoint `runtime`."""
     with engine.engine_errors():
@@ -254,7 +246,7 @@ def require_engine(runtime: str) -> dict[str, Any]:
     entry = (info.get("Runtimes") or {}).get(runtime) or {}
     path = str(entry.get("path") or isolation.RUNSC)
     runsc = runsc_version(path) if os.access(path, os.X_OK) else None
-    why = engine_refusal(_experimental(), info, runtime, runsc)
+    why = engine_refusal(engine.experimental(), info, runtime, runsc)
     if why:
         raise SandboxError(f"checkpoints are not available: {why}")
     return dict(info)
@@ -491,7 +483,7 @@ def restore(
     options.update(isolation="gvisor", egress="none")
     kept = {k: v for k, v in (record.get("settings") or {}).items() if k in KEPT_SETTINGS}
     settings = settings.replace(**kept)
-    runtime = isolation.runtime_for("gvisor") or isolation.RUNTIME
+    runtime = isolation.OFFLINE_RUNTIME
     info = require_engine(runtime)
     folder = Path(record["folder"])
     new = snapshots.new_name(settings)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
-from .. import engine, images, isolation, labels, policy
+from .. import egress, engine, images, isolation, labels, policy
 from ..config import Settings
 from ..errors import SandboxError, SandboxNotReady, UsageError
 from ..images.record import ImageRecord
@@ -63,10 +63,11 @@ def wanted_spec(
 def check_runtime(settings: Settings) -> None:
     """Refuse, in one line with the fix, an isolation this engine cannot give (asked of
     the engine only when a sandbox is to be made under gVisor)."""
-    if settings.isolation == "gvisor":
+    runtime = isolation.runtime_for(settings.isolation, egress.mode_of(settings))
+    if runtime is not None:
         with engine.engine_errors():
             info = engine.client().info()
-        isolation.require_usable(info)
+        isolation.require_usable(info, runtime)
 
 
 def placed(spec: dict[str, Any], network_options: dict[str, Any]) -> tuple[dict[str, Any], str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from invoke import Collection, Context
+from invoke import Collection, Context, Exit
 
 from .. import console
 from ._common import settings, task
@@ -21,15 +21,19 @@ def _state(c: Context) -> daemon.EngineState:
 
 @task(
     help={
-        "gvisor": "also install gVisor's runsc and register it with the engine as the runtime "
-        "stigmer-gvisor (merged into /etc/docker/daemon.json; a running engine is reloaded, "
-        "never restarted; default: off)",
+        "gvisor": "also install gVisor's runsc and register it with the engine as the runtimes "
+        "stigmer-gvisor and stigmer-gvisor-nonet (merged into /etc/docker/daemon.json; a "
+        "running engine is reloaded, never restarted; default: off)",
+        "checkpoints": "with --gvisor: also set the engine's experimental mode, which "
+        "checkpoints with memory need; it applies at the engine's next start (default: off)",
     }
 )
-def install(c: Context, gvisor: bool = False) -> None:
+def install(c: Context, gvisor: bool = False, checkpoints: bool = False) -> None:
     """Install Docker Engine, docker-compose, debootstrap (Debian/Ubuntu); --gvisor adds runsc."""
     from ..host import daemon
 
+    if checkpoints and not gvisor:
+        raise Exit(console.error_line("--checkpoints goes with --gvisor"), 2)
     installed = daemon.install()
     if installed:
         console.success(f"installed {', '.join(installed)}")
@@ -40,7 +44,7 @@ def install(c: Context, gvisor: bool = False) -> None:
 
         current = settings(c)
         state = daemon.EngineState(current.path("state_dir"))
-        for line in gvisor_host.install(state, current.image):
+        for line in gvisor_host.install(state, current.image, checkpoints=checkpoints):
             console.success(line)
 
 

@@ -15,7 +15,7 @@ from stigmer_sandbox import isolation
 from stigmer_sandbox.errors import SandboxError
 from stigmer_sandbox.host import daemon, gvisor
 
-OURS = isolation.runtime_entry()
+OURS = isolation.runtime_entries()
 EARLIER = {
     "runsc": {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=host"]},
     "runsc-nonet": {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none"]},
@@ -39,7 +39,7 @@ def test_merge_keeps_every_other_key_and_runtime(tmp_path: Path):
     write(path, before)
     assert gvisor.register(path) is True
     after = read(path)
-    assert after["runtimes"] == {**EARLIER, isolation.RUNTIME: OURS}
+    assert after["runtimes"] == {**EARLIER, **OURS}
     assert {k: v for k, v in after.items() if k != "runtimes"} == {
         "experimental": True,
         "dns": ["10.0.0.2"],
@@ -61,7 +61,7 @@ def test_the_file_is_created_when_missing(tmp_path: Path):
     path = tmp_path / "etc" / "docker" / "daemon.json"
     assert not gvisor.registered_in(path)
     assert gvisor.register(path) is True
-    assert read(path) == {"runtimes": {isolation.RUNTIME: OURS}}
+    assert read(path) == {"runtimes": OURS}
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
@@ -69,7 +69,7 @@ def test_an_empty_file_counts_as_no_settings(tmp_path: Path):
     path = tmp_path / "daemon.json"
     path.write_text("\n", encoding="utf-8")
     assert gvisor.register(path) is True
-    assert read(path) == {"runtimes": {isolation.RUNTIME: OURS}}
+    assert read(path) == {"runtimes": OURS}
 
 
 def test_a_conflicting_entry_is_refused_and_left_alone(tmp_path: Path):
@@ -120,7 +120,7 @@ def test_the_write_is_atomic_and_keeps_the_mode(tmp_path: Path, monkeypatch: pyt
 
     def spy(self: Path, target: Path) -> Path:
         renames.append((self.name, Path(target).name))
-        assert read(self)["runtimes"][isolation.RUNTIME] == OURS  # complete before the rename
+        assert read(self)["runtimes"][isolation.RUNTIME] == OURS[isolation.RUNTIME]  # whole first
         assert read(path) == {"runtimes": EARLIER}  # the old file untouched until then
         return real_replace(self, target)
 
@@ -177,7 +177,7 @@ def test_reload_finds_no_dockerd_in_a_stale_pid_file(
 
 # --- inv doctor's gvisor check ------------------------------------------------------------
 
-LISTED = {"Runtimes": {"runc": {"path": "runc"}, isolation.RUNTIME: OURS}}
+LISTED = {"Runtimes": {"runc": {"path": "runc"}, **OURS}}
 NOT_LISTED = {"Runtimes": {"runc": {"path": "runc"}, **EARLIER}}
 
 
@@ -210,3 +210,14 @@ def test_the_doctor_check_reads_this_hosts_config(tmp_path: Path, monkeypatch: p
     assert "not registered" in gvisor.check(NOT_LISTED, path).detail
     gvisor.register(path)
     assert "has not reloaded it" in gvisor.check(NOT_LISTED, path).detail
+
+
+def test_checkpoints_turn_on_experimental_mode_and_keep_the_rest(tmp_path: Path):
+    path = tmp_path / "daemon.json"
+    write(path, {"dns": ["10.0.0.2"], "runtimes": EARLIER})
+    assert gvisor.register(path, checkpoints=True) is True
+    after = read(path)
+    assert after["experimental"] is True and after["dns"] == ["10.0.0.2"]
+    assert after["runtimes"] == {**EARLIER, **OURS}
+    assert gvisor.register(path, checkpoints=True) is False  # nothing left to change
+    assert OURS[isolation.OFFLINE_RUNTIME]["runtimeArgs"] == ["--network=none"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,6 +18,8 @@ def test_only_gvisor_adds_a_runtime_so_default_sandboxes_keep_their_configuratio
     assert "runtime" not in policy.container_spec(base, "img", {})
     gvisor = base.replace("test", isolation="gvisor")
     assert policy.container_spec(gvisor, "img", {})["runtime"] == isolation.RUNTIME
+    offline = gvisor.replace("test", egress="none")
+    assert policy.container_spec(offline, "img", {})["runtime"] == isolation.OFFLINE_RUNTIME
 
 
 def test_the_sandbox_takes_it_and_refuses_an_unknown_one(tmp_path):
@@ -55,3 +58,11 @@ def test_mount_identities_are_read_through_the_gofers_root(tmp_path, monkeypatch
         1,
         b"the gVisor gofer of this sandbox was not found on this host",
     )
+
+
+def test_a_gvisor_sandbox_without_network_gets_the_offline_runtime():
+    assert isolation.runtime_for("gvisor", "none") == isolation.OFFLINE_RUNTIME
+    assert isolation.runtime_for("gvisor", "public") == isolation.RUNTIME
+    assert isolation.runtime_for("container", "none") is None
+    offline = SimpleNamespace(attrs={"HostConfig": {"Runtime": isolation.OFFLINE_RUNTIME}})
+    assert isolation.of_container(offline) == "gvisor"
