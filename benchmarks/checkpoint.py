@@ -10,7 +10,7 @@ For a sandbox (isolation gvisor, egress none) whose background process holds 100
 beside `stop()` + `up()` of the same sandbox (the memory is lost, every process starts
 again) and its `pause()` + `resume()` (memory kept, nothing written).
 
-Needs an engine in experimental mode with a `--network=none` gVisor runtime (skips with
+Needs an engine in experimental mode with the runtime stigmer-gvisor-nonet (skips with
 the reason otherwise). An engine run with its own `--exec-root`: name runsc's state folder
 in STIGMER_TEST_RUNSC_ROOT. Everything runs under a scratch state folder and is removed.
 
@@ -88,7 +88,7 @@ def main(runs: int) -> None:
     if root:
         isolation.STATE_FOLDERS = (root, *isolation.STATE_FOLDERS)
     try:
-        checkpoints.require_engine(isolation.RUNTIME)
+        checkpoints.require_engine(isolation.OFFLINE_RUNTIME)
     except SandboxError as exc:
         print(f"skipped: {exc.message}")
         return

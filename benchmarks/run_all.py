@@ -30,6 +30,7 @@ ORDER = (
     "pool.py",
     "pause.py",
     "gvisor.py",
+    "checkpoint.py",
     "egress.py",
     "credentials.py",
     "cli_run.py",

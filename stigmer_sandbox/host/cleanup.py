@@ -24,7 +24,8 @@ Files on the host, the workspace above all, are never deleted, with one exceptio
 private folders this tool made for pooled, forked and snapshot-born sandboxes
 (`<state_dir>/sandboxes/<name>`, marked by `owner.json`) go with their sandbox, or
 when the process that made them is gone and no container uses them; snapshots
-(image and `<state_dir>/snapshots/<name>`) go with `all`, and so do the host copies of
+(image and `<state_dir>/snapshots/<name>`) and checkpoints (image and
+`<state_dir>/checkpoints/<name>`) go with `all`, and so do the host copies of
 the command helper (`<state_dir>/helpers`, made again when needed). A fork's image goes
 with its fork.
 """
@@ -40,14 +41,16 @@ from .. import engine, labels
 from ..config import Settings
 from ..errors import SandboxError
 from ..images.record import ImageRecord, short_id
-from ..runtime import broker, host_helper, snapshots, workspaces
+from ..runtime import broker, checkpoints, host_helper, snapshots, workspaces
 from ..runtime.egress_gateway import STATE_FOLDER
 
 STOPPED = ("created", "exited", "dead")
 # Containers and images inherit their image's labels, so a label alone does not make a
 # resource ours: a user's `docker run stigmer-sandbox-basic:local` or `FROM` it is theirs.
 OUR_CONTAINER_KINDS = {"sandbox", "probe", "helper", "compose"}
-OUR_IMAGE_KINDS = {"base", "basic", "full", "user", "snapshot", "fork", "egress", "broker"}
+OUR_IMAGE_KINDS = {
+    *("base", "basic", "full", "user", "snapshot", "fork", "egress", "broker", "checkpoint"),
+}
 OUR_IMAGE_PREFIX = "stigmer-sandbox"
 BUILD_STAGE_KIND = "build-stage"  # set in Dockerfile.sandbox.basic's first stage
 
@@ -130,8 +133,9 @@ def _leftover_folders(
     settings: Settings, containers: set[str], everything: bool
 ) -> Iterable[Resource]:
     """Private folders no container uses: left by a crash, or every one with `all`; folders
-    a killed process left half made; with `all`, the snapshots' workspaces too."""
-    for root in (workspaces.sandboxes_root(settings), workspaces.snapshots_root(settings)):
+    a killed process left half made; with `all`, the snapshots' and checkpoints' too."""
+    kept = (workspaces.snapshots_root(settings), checkpoints.root(settings))
+    for root in (workspaces.sandboxes_root(settings), *kept):
         for folder in sorted(root.iterdir()) if root.is_dir() else []:
             maker = workspaces.half_made_owner(folder, root)
             if maker is not None:
@@ -140,9 +144,9 @@ def _leftover_folders(
                 continue
             if not workspaces.is_private(folder, root) or folder.name in containers:
                 continue
-            if root.name == workspaces.SNAPSHOTS:
+            if root in kept:
                 if everything:
-                    yield Resource("folder", str(folder), folder.name, "snapshot workspace")
+                    yield Resource("folder", str(folder), folder.name, f"kept {root.name}")
                 continue
             owner = workspaces.marker(folder) or {}
             if everything or workspaces.owner_gone(owner):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from ..config import Settings, load_settings
 from ..errors import SandboxError
-from . import egress_spares, snapshots, workspaces
+from . import checkpoints, egress_spares, snapshots, workspaces
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -32,6 +32,7 @@ class Forking:
 
         def __init__(self, settings: Settings | None = None, **options: Any) -> None: ...
         def _existing(self) -> Any: ...
+        def find(self) -> Any: ...
         def up(self) -> Self: ...
         def remove(self) -> bool: ...
 
@@ -40,14 +41,16 @@ class Forking:
         cls, settings: Settings, name: str, image: str | None, folder: Path, **options: Any
     ) -> Self:
         """A sandbox (not started) that mounts the private `folder`; removing it removes the
-        folder too, and its image when `owned_image` is true."""
+        folder too, and its image when `owned_image` is true. Ephemeral (this process owns
+        it) unless `ephemeral=False`."""
         private = settings.replace(
             workspace=str(folder / "workspace"), logs=str(folder / "logs"), image=image
         )
         extra = {workspaces.PRIVATE_LABEL: str(folder), **(options.pop("extra_labels", {}))}
         owned = image if options.pop("owned_image", False) else None
+        ephemeral = options.pop("ephemeral", True)
         return cls(
-            private, name=name, ephemeral=True, extra_labels=extra, private_folder=folder,
+            private, name=name, ephemeral=ephemeral, extra_labels=extra, private_folder=folder,
             owned_image=owned, **options,
         )  # fmt: skip
 
@@ -92,6 +95,18 @@ class Forking:
         new = egress_spares.name_for(settings, options)
         folder = workspaces.create(workspaces.sandboxes_root(settings), new, source / "workspace")
         return cls._started(settings, new, image_ref, folder, **options)
+
+    def checkpoint(self, name: str) -> dict[str, Any]:
+        """Keep this running gVisor sandbox whole as checkpoint `name`: its processes with
+        their memory, filesystem and workspace (needs an engine in experimental mode and
+        egress none; see `checkpoints`). It runs on afterwards, on a new agent channel."""
+        return checkpoints.create(self, name)
+
+    @classmethod
+    def from_checkpoint(cls, name: str, settings: Settings | None = None, **options: Any) -> Self:
+        """A new started sandbox from checkpoint `name`: its processes running on with their
+        memory, its own copy of the workspace."""
+        return checkpoints.restore(name, settings, sandbox_class=cls, **options)
 
     @classmethod
     def _started(

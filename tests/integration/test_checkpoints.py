@@ -3,11 +3,12 @@ restored into a NEW sandbox, whose background server answers with the counter it
 the agent channel works there, and the source runs on. Refusals come before anything is
 made.
 
-Needs an engine in experimental mode whose `stigmer-gvisor` runtime has
-`--network=none` (checkpoints.engine_refusal says why not, and the module skips with
-that). An engine started with its own `--exec-root` keeps runsc's state elsewhere: name
-that folder in STIGMER_TEST_RUNSC_ROOT (e.g. /var/run/docker-ckpt/runtime-runc/moby)
-for the gVisor mount check.
+Needs an engine in experimental mode with the runtime `stigmer-gvisor-nonet` (`inv
+engine.install --gvisor --checkpoints` before the engine starts, as CI does;
+checkpoints.engine_refusal says why not, and the module skips with that). An engine
+started with its own `--exec-root` keeps runsc's state elsewhere: name that folder in
+STIGMER_TEST_RUNSC_ROOT (e.g. /var/run/docker-ckpt/runtime-runc/moby) for the gVisor
+mount check.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .test_runtime import settings_in
 
 def _reason() -> str | None:
     try:
-        checkpoints.require_engine(isolation.RUNTIME)
+        checkpoints.require_engine(isolation.OFFLINE_RUNTIME)
     except SandboxError as exc:
         return exc.message
     return None
@@ -66,13 +67,11 @@ def counter_box(settings):
 def test_a_restored_sandbox_answers_with_the_counter_it_held(counter_box, settings):
     name = checkpoints.unique_name()
     held = [int(counter_box.exec(ASK).stdout) for _ in range(3)][-1]
-    made = checkpoints.create(counter_box, name)
+    made = counter_box.checkpoint(name)
     try:
         assert made["bytes"] > 0 and made["image"] == checkpoints.image_ref(name)
         assert [entry["name"] for entry in checkpoints.listing(settings)] == [name]
-        restored = checkpoints.restore(
-            name, settings, sandbox_class=Sandbox, extra_labels=TEST_LABELS
-        )
+        restored = Sandbox.from_checkpoint(name, settings, extra_labels=TEST_LABELS)
         with restored:
             assert restored.name != counter_box.name
             assert int(restored.exec(ASK).stdout) == held + 1  # the same memory, carried
@@ -128,5 +127,5 @@ def test_another_egress_is_refused_on_restore(counter_box, settings):
 @pytest.mark.skipif(not REASON, reason="this engine can checkpoint")
 def test_an_engine_that_cannot_checkpoint_says_why_in_one_line():
     with pytest.raises(SandboxError, match="checkpoints are not available") as caught:
-        checkpoints.require_engine(isolation.RUNTIME)
+        checkpoints.require_engine(isolation.OFFLINE_RUNTIME)
     assert "\n" not in caught.value.message
