@@ -73,7 +73,7 @@ def containers_of(client, case: str, kind: str | None = None) -> list:
     """The containers (any state) a server of `case` started: of `kind` (sandbox,
     egress-gateway), or all."""
     wanted = [f"{CASE_LABEL}={case}", *([f"{labels.KIND}={kind}"] if kind else [])]
-    return client.containers.list(all=True, filters={"label": wanted})
+    return client.containers.list(all=True, filters={"label": wanted}, ignore_removed=True)
 
 
 class Client:
