@@ -66,6 +66,7 @@ def test_installing_again_changes_nothing():
     before = gvisor.DAEMON_JSON.read_bytes()
     done = run_inv("engine.install", "--gvisor", timeout=300)
     assert done.returncode == 0, done.stderr
-    assert f"{isolation.RUNTIME} already registered" in done.stdout
-    assert f"the engine already lists {isolation.RUNTIME}" in done.stdout
+    names = " and ".join(isolation.RUNTIME_ARGS)  # stigmer-gvisor and stigmer-gvisor-nonet
+    assert f"{names} already registered" in done.stdout
+    assert f"the engine already lists {names}" in done.stdout
     assert gvisor.DAEMON_JSON.read_bytes() == before
