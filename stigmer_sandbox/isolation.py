@@ -45,6 +45,20 @@ def runtime_entries() -> dict[str, dict[str, Any]]:
     return {name: {"path": RUNSC, "runtimeArgs": list(args)} for name, args in RUNTIME_ARGS.items()}
 
 
+def runsc_version(runsc: str = RUNSC) -> str:
+    """runsc's own version line without its prefix (`0.0~20221219.0`), "" when it cannot run."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            [runsc, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    lines = done.stdout.strip().splitlines()
+    return lines[0].removeprefix("runsc version ").strip() if lines else ""
+
+
 def unusable_reason(info: Mapping[str, Any], runtime: str = RUNTIME) -> str | None:
     """Why gVisor sandboxes (of the engine `runtime`) cannot start on the engine whose
     `docker info` this is (None when they can)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 import uuid
@@ -46,16 +45,9 @@ def runsc_installed(runsc: str = isolation.RUNSC) -> bool:
     return os.access(runsc, os.X_OK)
 
 
-def runsc_version(runsc: str = isolation.RUNSC) -> str:
-    """runsc's own version line (`runsc version 0.0~20221219.0`), or "unknown"."""
-    try:
-        done = subprocess.run(
-            [runsc, "--version"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    lines = done.stdout.strip().splitlines()
-    return lines[0].removeprefix("runsc version ").strip() if lines else "unknown"
+def runsc_version() -> str:
+    """runsc's own version line (`0.0~20221219.0`), or "unknown"."""
+    return isolation.runsc_version() or "unknown"
 
 
 def install_runsc() -> bool:

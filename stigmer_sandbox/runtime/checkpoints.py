@@ -189,20 +189,6 @@ def runsc_date(version_line: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def runsc_version(path: str) -> str:
-    """`runsc --version`'s first line without its prefix ("" when it cannot run)."""
-    import subprocess
-
-    try:
-        done = subprocess.run(
-            [path, "--version"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    lines = done.stdout.strip().splitlines()
-    return lines[0].removeprefix("runsc version ").strip() if lines else ""
-
-
 def engine_refusal(
     experimental: bool, info: Mapping[str, Any], runtime: str, runsc: str | None
 ) -> str | None:
@@ -245,7 +231,7 @@ def require_engine(runtime: str) -> dict[str, Any]:
         info = engine.client().info()
     entry = (info.get("Runtimes") or {}).get(runtime) or {}
     path = str(entry.get("path") or isolation.RUNSC)
-    runsc = runsc_version(path) if os.access(path, os.X_OK) else None
+    runsc = isolation.runsc_version(path) if os.access(path, os.X_OK) else None
     why = engine_refusal(engine.experimental(), info, runtime, runsc)
     if why:
         raise SandboxError(f"checkpoints are not available: {why}")
