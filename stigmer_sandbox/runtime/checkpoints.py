@@ -119,12 +119,7 @@ S = TypeVar("S")
 
 def check_name(name: str) -> str:
     """A checkpoint name: the rules of a snapshot's name."""
-    if not isinstance(name, str) or not snapshots.NAME_RE.fullmatch(name):
-        raise UsageError(
-            f"invalid checkpoint name {name!r}: use lower-case letters, digits, '_', '.' and "
-            "'-' (at most 63, starting with a letter or digit)"
-        )
-    return name
+    return snapshots.check_name(name, "checkpoint")
 
 
 def image_ref(name: str) -> str:

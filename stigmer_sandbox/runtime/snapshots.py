@@ -67,11 +67,11 @@ FORKED_BY_PID = f"{labels.PREFIX}.forked-by-pid"
 FORKED_BY_HOST = f"{labels.PREFIX}.forked-by-host"
 
 
-def check_name(name: str) -> str:
-    """A snapshot name: lower-case letters, digits, `_`, `.`, `-`, up to 63 characters."""
+def check_name(name: object, kind: str = "snapshot") -> str:
+    """A valid name of a snapshot (or of another `kind` named by the same rules)."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UsageError(
-            f"invalid snapshot name {name!r}: use lower-case letters, digits, '_', '.' and '-' "
+            f"invalid {kind} name {name!r}: use lower-case letters, digits, '_', '.' and '-' "
             "(at most 63, starting with a letter or digit)"
         )
     return name
