@@ -30,6 +30,19 @@
  * (the helper's own pipes were made before the command's options were known).
  * EOF before any byte: the agent did not need it; it exits 0 saying nothing.
  *
+ * With --prestart-shell (and --spec-fd, --uid, --gid, --cwd) the helper also starts,
+ * before its command is known, the child that runs most commands: `bash` as the
+ * command's user, in that folder, stdin /dev/null, this helper's environment, waiting
+ * for its script on a socket. It runs SHELL_PATH, a copy of /bin/bash its user may
+ * execute but not read, so the kernel makes it non-dumpable: other processes of that
+ * user (a hostile command's leftovers) cannot open its /proc/PID/fd to write into the
+ * next command's output or script, nor ptrace it (a socket, besides, cannot be reopened
+ * through /proc at all). $0 and $BASH still say /bin/bash. When the
+ * command is `/bin/bash -c SCRIPT` (SCRIPT short) with that user, folder, environment
+ * and stdin, SCRIPT goes to that shell, which evals it: bash's start (~1 ms) is off the
+ * command's path. Otherwise, or when that shell is gone, it is killed and the command
+ * starts as it would have.
+ *
  * Nothing is printed except a one-line usage error (exit 125); the result is
  * one JSON line on --status-fd, and the exit status mirrors its exit_code.
  */
@@ -46,6 +59,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -56,6 +70,15 @@
               "[--env NAME=VALUE]... [--stdin-null] [--merge-output] " \
               "(-- PROGRAM [ARGS...] | --spec-fd FD)"
 #define SPEC_LIMIT (16 * 1024 * 1024) /* far above what one execve takes */
+/* A prestarted shell reads its script a byte at a time (bash does on a socket): longer
+ * scripts start a shell of their own. */
+#define SHELL_SCRIPT_LIMIT 1024
+#define SHELL_FD 3
+#define SHELL_PATH "/usr/local/libexec/stigmer-sandbox/bash"
+/* What the prestarted shell runs: the script from SHELL_FD (NUL-terminated), that fd
+ * closed, the variable gone before the script runs; nothing at all on EOF. */
+#define SHELL_BOOT "IFS= read -r -d '' __stigmer_script <&3 || exit 0; exec 3<&-; " \
+                   "eval \"unset __stigmer_script; SECONDS=0; $__stigmer_script\""
 #define PID_LIMIT (4 * 1024 * 1024) /* PID_MAX_LIMIT: no pid is larger */
 #define SEC 1000000000LL
 #define DEFAULT_KILL_GRACE 5.0      /* seconds; the agent always passes its budget's value */
@@ -72,8 +95,10 @@ struct opts {
     int stdin_null;     /* the command's stdin is /dev/null */
     int merge_output;   /* the command's stderr is its stdout */
     int spec_fd;        /* -1: the command is on the command line */
+    int prestart_shell; /* with --spec-fd: start the shell before the command is known */
     const char *cwd;    /* entered as the command's user; NULL: stay */
     char **argv;        /* PROGRAM [ARGS...] */
+    const char *path;   /* what is executed; NULL: PROGRAM, searched in PATH */
     char **env;         /* with --env (or a spec): the command's whole environment */
     size_t envc, envcap;
     char bad[200];      /* first usage error, "" if none */
@@ -407,7 +432,10 @@ static void child(const struct opts *o, int errfd)
         sigprocmask(SIG_SETMASK, &none, NULL);
         if (o->env)
             environ = o->env; /* execvp searches this PATH too, as for any exec */
-        execvp(o->argv[0], o->argv);
+        if (o->path)
+            execv(o->path, o->argv);
+        else
+            execvp(o->argv[0], o->argv);
         m.step = EXEC;
         m.err = errno;
     }
@@ -492,10 +520,13 @@ static void parse(int argc, char **argv, struct opts *o, int spec)
         int *flag = !strcmp(a, "--keep-background") ? &o->keep_background
                   : !strcmp(a, "--watch-parent")    ? &o->watch_parent
                   : !strcmp(a, "--stdin-null")      ? &o->stdin_null
-                  : !strcmp(a, "--merge-output")    ? &o->merge_output : NULL;
+                  : !strcmp(a, "--merge-output")    ? &o->merge_output
+                  : !strcmp(a, "--prestart-shell")  ? &o->prestart_shell : NULL;
         if (flag) {
             if ((*flag)++)
                 BAD("%s given twice", a);
+            else if (spec && flag == &o->prestart_shell)
+                BAD("--prestart-shell goes on the command line only");
             continue;
         }
         if (!strcmp(a, "--env")) {
@@ -554,6 +585,8 @@ static void parse(int argc, char **argv, struct opts *o, int spec)
     }
     if ((o->uid < 0) != (o->gid < 0))
         BAD("--uid and --gid go together");
+    if (o->prestart_shell && !spec && (o->spec_fd < 0 || o->uid < 0 || !o->cwd))
+        BAD("--prestart-shell goes with --spec-fd, --uid, --gid and --cwd, on the command line");
     if (o->spec_fd >= 0 && !spec) {
         if (i < argc)
             BAD("--spec-fd reads the command from its fd: nothing after '--'");
@@ -610,11 +643,119 @@ static char **read_spec(int fd, char *argv0, int *argc, char *bad, size_t bad_si
     return args;
 }
 
+/* The shell started before its command (--prestart-shell), and what it was started as. */
+struct shell {
+    pid_t pid;          /* 0: none */
+    int script_fd, error_fd;
+    long long uid, gid;
+    const char *cwd;
+};
+
+/* An fd moved to >= 10, close-on-exec (so dup2 onto SHELL_FD never meets it). */
+static int high_fd(int fd)
+{
+    int moved = fcntl(fd, F_DUPFD_CLOEXEC, 10);
+    close(fd);
+    return moved;
+}
+
+/* Start the shell the next command will most likely be (see --prestart-shell): it is
+ * made now, with the ids and folder of the command line, and those are cleared so the
+ * spec gives the command's own. Nothing is started when anything fails. */
+static void prestart(struct opts *o, struct shell *sh)
+{
+    static char *shell_argv[] = { "/bin/bash", "-c", SHELL_BOOT, NULL };
+    sigset_t chld;
+    int sv[2], ep[2];
+    sh->uid = o->uid, sh->gid = o->gid, sh->cwd = o->cwd;
+    o->uid = o->gid = -1, o->cwd = NULL;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &chld, NULL); /* its early end is a signal kept for later */
+    fcntl(o->spec_fd, F_SETFD, FD_CLOEXEC); /* the shell never holds the spec */
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+        return;
+    if (pipe2(ep, O_CLOEXEC | O_NONBLOCK) < 0) {
+        close(sv[0]);
+        close(sv[1]);
+        return;
+    }
+    for (int i = 0; i < 2; i++)
+        sv[i] = high_fd(sv[i]), ep[i] = high_fd(ep[i]);
+    struct opts c = *o;
+    c.uid = sh->uid, c.gid = sh->gid, c.cwd = sh->cwd;
+    c.stdin_null = 1, c.merge_output = 0, c.env = NULL, c.argv = shell_argv, c.path = SHELL_PATH;
+    pid_t pid = sv[0] < 0 || sv[1] < 0 || ep[0] < 0 || ep[1] < 0 ? -1 : fork();
+    if (pid == 0) {
+        if (dup2(sv[1], SHELL_FD) < 0)
+            _exit(126);
+        child(&c, ep[1]);
+    }
+    close(sv[1]);
+    close(ep[1]);
+    if (pid < 0) {
+        close(sv[0]);
+        close(ep[0]);
+        return;
+    }
+    sh->pid = pid, sh->script_fd = sv[0], sh->error_fd = ep[0];
+}
+
+/* Whether the command is one the prestarted shell can run exactly as a new one would. */
+static int shell_fits(const struct opts *o, const struct shell *sh)
+{
+    char **a = o->argv;
+    if (o->uid != sh->uid || o->gid != sh->gid || !o->cwd || strcmp(o->cwd, sh->cwd) ||
+        !o->stdin_null || !a || !a[0] || strcmp(a[0], "/bin/bash") || !a[1] ||
+        strcmp(a[1], "-c") || !a[2] || a[3] || strlen(a[2]) > SHELL_SCRIPT_LIMIT)
+        return 0;
+    size_t k = 0; /* the same environment, entry for entry */
+    for (; environ[k]; k++)
+        if (k >= o->envc || strcmp(environ[k], o->env[k]))
+            return 0;
+    return k == o->envc;
+}
+
+/* End the prestarted shell without waiting for it (a command that is not for it must
+ * not wait either): it is one of the helper's children, reaped with the rest of the
+ * tree, or by init once the helper has exited. */
+static void drop_shell(struct shell *sh)
+{
+    if (sh->pid > 0) {
+        kill(sh->pid, SIGKILL);
+        if (sh->script_fd >= 0)
+            close(sh->script_fd);
+        close(sh->error_fd);
+    }
+    sh->pid = 0;
+}
+
+/* Give the command's script to the prestarted shell; 0 when it is gone (then it is
+ * reaped, and the command starts as it would have). */
+static int hand_over(const struct opts *o, struct shell *sh)
+{
+    const char *prefix = o->merge_output ? "exec 2>&1; " : "";
+    size_t n = strlen(prefix) + strlen(o->argv[2]) + 1;
+    char script[sizeof "exec 2>&1; " + SHELL_SCRIPT_LIMIT];
+    snprintf(script, sizeof script, "%s%s", prefix, o->argv[2]);
+    if (waitpid(sh->pid, NULL, WNOHANG | __WALL) != 0) { /* ended (killed?) while it waited */
+        close(sh->script_fd);
+        close(sh->error_fd);
+        sh->pid = 0; /* reaped (or not ours to wait for): never signalled again */
+        return 0;
+    }
+    ssize_t sent = send(sh->script_fd, script, n, MSG_NOSIGNAL); /* with its NUL */
+    close(sh->script_fd);
+    sh->script_fd = -1;
+    return sent == (ssize_t)n;
+}
+
 int main(int argc, char **argv)
 {
     struct opts o = { .uid = -1, .gid = -1, .status_fd = -1, .spec_fd = -1 };
     struct result r = { 0 };
     struct tree t = { 0 };
+    struct shell sh = { 0 };
     pid_t parent = getppid();
     static const int waited[] = { SIGCHLD, SIGTERM, SIGINT, SIGHUP };
     sigset_t set;
@@ -629,14 +770,20 @@ int main(int argc, char **argv)
             prctl(PR_SET_PDEATHSIG, SIGTERM);
         if (o.watch_parent && getppid() != parent)
             return 0;
+        if (o.prestart_shell)
+            prestart(&o, &sh);
         int spec_argc;
         char **spec = read_spec(o.spec_fd, argv[0], &spec_argc, o.bad, sizeof o.bad);
-        if (!spec && !o.bad[0])
+        if (!spec && !o.bad[0]) {
+            drop_shell(&sh);
             return 0; /* not needed after all: no command, no status */
+        }
         if (spec)
             parse(spec_argc, spec, &o, 1);
         if (!o.bad[0] && !o.env && !(o.env = calloc(1, sizeof *o.env)))
             snprintf(o.bad, sizeof o.bad, "out of memory"); /* no --env: an empty one */
+        if (o.bad[0] || (sh.pid > 0 && !shell_fits(&o, &sh)))
+            drop_shell(&sh);
     }
     if (o.bad[0]) {
         dprintf(STDERR_FILENO, "stigmer-exec: %s (%s)\n", o.bad, USAGE);
@@ -653,24 +800,31 @@ int main(int argc, char **argv)
     if (o.watch_parent)
         prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (o.watch_parent && getppid() != parent) {
+        drop_shell(&sh);
         r.cancelled = 1;
         snprintf(r.error, sizeof r.error, "parent exited before the command started");
         return report(o.status_fd, &r, 126);
     }
     t.mark = calloc(PID_LIMIT, 1);
-    if (!t.mark || pipe2(ep, O_CLOEXEC | O_NONBLOCK) < 0) {
-        snprintf(r.error, sizeof r.error, "setup: %s", strerror(errno));
-        return report(o.status_fd, &r, 126);
+    if (t.mark && sh.pid > 0 && hand_over(&o, &sh)) {
+        r.pid = sh.pid; /* the shell runs the script; its start errors are long known */
+        ep[0] = sh.error_fd;
+    } else {
+        drop_shell(&sh);
+        if (!t.mark || pipe2(ep, O_CLOEXEC | O_NONBLOCK) < 0) {
+            snprintf(r.error, sizeof r.error, "setup: %s", strerror(errno));
+            return report(o.status_fd, &r, 126);
+        }
+        r.pid = fork();
+        if (r.pid < 0) {
+            r.pid = 0;
+            snprintf(r.error, sizeof r.error, "fork: %s", strerror(errno));
+            return report(o.status_fd, &r, 126);
+        }
+        if (r.pid == 0)
+            child(&o, ep[1]);
+        close(ep[1]);
     }
-    r.pid = fork();
-    if (r.pid < 0) {
-        r.pid = 0;
-        snprintf(r.error, sizeof r.error, "fork: %s", strerror(errno));
-        return report(o.status_fd, &r, 126);
-    }
-    if (r.pid == 0)
-        child(&o, ep[1]);
-    close(ep[1]);
 
     long long deadline = o.timeout > 0 ? now_ns() + (long long)(o.timeout * SEC) : 0;
     while (!r.reaped && !r.timed_out && !r.cancelled) {

@@ -113,6 +113,36 @@ def test_a_command_cannot_forge_its_own_or_another_result(box):
     assert box.exec("echo fine").stdout == "fine\n"
 
 
+INJECT_INTO_EVERY_FD = (
+    "n=0; for fd in /proc/[0-9]*/fd/*; do "
+    '  case "$(readlink "$fd")" in pipe:*|socket:*) ;; *) continue ;; esac; '
+    '  [ "${fd%%/fd/*}" = "/proc/$$" ] && continue; '
+    '  printf "INJECTED\\n" 2>/dev/null > "$fd" && n=$((n+1)); '
+    "done; echo wrote-$n"
+)
+
+
+def test_a_command_cannot_write_into_the_next_commands_prestarted_shell(box):
+    """The attack on the shells warm helpers start ahead of commands (`bash`, as the
+    sandbox user, holding the next command's stdout and stderr): a command writes into
+    every pipe and socket of every process it can open through /proc. The shells are
+    there and not one of their descriptors opens (a bash copy the user cannot read is
+    non-dumpable), so the next commands say only what they print."""
+    shells = box.exec("pgrep -u sandbox -f __stigmer_script | wc -l").stdout.strip()
+    assert int(shells) >= 2, "no prestarted shell is waiting"  # itself and a ready one
+    attack = box.exec(
+        "for pid in $(pgrep -u sandbox -f __stigmer_script); do "
+        '  [ "$pid" = "$$" ] && continue; '
+        '  for fd in 0 1 2 3; do : 2>/dev/null >"/proc/$pid/fd/$fd" && echo opened-$pid-$fd; done; '
+        "done; " + INJECT_INTO_EVERY_FD
+    )
+    assert "opened-" not in attack.stdout, attack.stdout
+    for _ in range(4):  # each runs in a shell that was waiting during the attack
+        assert box.exec("echo clean").stdout == "clean\n"
+    merged = box.exec("echo out; echo err >&2", merge_output=True)
+    assert merged.stdout == "out\nerr\n" and merged.stderr == ""
+
+
 def test_a_forged_timeout_is_still_a_timeout(box):
     forged = (
         '{"id": 1, "type": "done", "exit_code": 0, "signal": null, "timed_out": false, '

@@ -84,6 +84,12 @@ OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_c
 # Root-only tmpfs (see policy): session state and background processes live here, for as
 # long as the sandbox does, reachable from every agent.
 RUN_DIR = "/run/stigmer"
+# Where a command runs unless told otherwise (the shell a warm helper prestarts is there).
+DEFAULT_CWD = "/workspace"
+# The bash copy a warm helper prestarts (stigmer-exec.c SHELL_PATH; older images lack it).
+PRESTART_SHELL = "/usr/local/libexec/stigmer-sandbox/bash"
+# The longest script a prestarted shell takes (stigmer-exec.c SHELL_SCRIPT_LIMIT).
+PRESTART_SCRIPT_LIMIT = 1024
 OPERATIONS = frozenset(
     {"ping", "exec", "cancel", "session_close", "proc_start", "proc_list", "proc_status"}
     | {"proc_kill", "proc_write"}
@@ -254,10 +260,20 @@ class WarmHelpers:
 
     While one is still ready, the next is started only when no command runs (`busy`):
     starting one takes the GIL and a CPU for ~0.5 ms, which a running command's answer
-    would otherwise wait for."""
+    would otherwise wait for.
 
-    def __init__(self, keep: int = 2, busy: Callable[[], bool] = lambda: False) -> None:
-        self.keep, self.busy = keep, busy
+    Each also prestarts the shell most commands are (`--prestart-shell`: `bash` as the
+    command's user in the default folder with the agent's environment, waiting for its
+    script), so a shell command does not wait for bash to start either (`shell`: those
+    options and that environment; a helper without the option is detected once)."""
+
+    def __init__(
+        self,
+        keep: int = 2,
+        busy: Callable[[], bool] = lambda: False,
+        shell: tuple[list[str], dict[str, str]] | None = None,
+    ) -> None:
+        self.keep, self.busy, self.shell = keep, busy, shell
         self.ready: collections.deque[Warm] = collections.deque()
         self.enabled = True
         self.changed = threading.Condition()
@@ -302,7 +318,7 @@ class WarmHelpers:
                 if not self.enabled:
                     return
             try:
-                warm = start_warm()
+                warm = start_warm(self.shell)
             except Exception:  # e.g. the sandbox's pid limit: commands start their own
                 time.sleep(1.0)
                 continue
@@ -312,19 +328,29 @@ class WarmHelpers:
                     continue
             discard(warm)
 
-    @staticmethod
-    def _supported() -> bool:
-        """Whether this sandbox's helper takes `--spec-fd`: given EOF at once, one that does
-        exits 0 without a status; an older one refuses the option (exit 125)."""
-        try:
-            warm = start_warm()
-        except (OSError, subprocess.SubprocessError):
-            return False
-        discard(warm)
-        return warm.process.returncode == 0
+    def _supported(self) -> bool:
+        """Whether this sandbox's helper takes `--spec-fd` (and `--prestart-shell`; without
+        it, `shell` is dropped): given EOF at once, one that does exits 0 without a
+        status; an older one refuses the option (exit 125)."""
+        for shell in (self.shell, None) if self.shell else (None,):
+            try:
+                warm = start_warm(shell)
+            except (OSError, subprocess.SubprocessError):
+                return False
+            discard(warm)
+            if warm.process.returncode == 0:
+                self.shell = shell
+                return True
+        return False
 
 
-def start_warm() -> Warm:
+def prestart_usable() -> bool:
+    """Whether this sandbox's image has the shell a warm helper prestarts (an image built
+    before it existed runs every command as before)."""
+    return os.path.isfile(PRESTART_SHELL)
+
+
+def start_warm(shell: tuple[list[str], dict[str, str]] | None = None) -> Warm:
     """A helper that waits for its command's arguments on a pipe (its stdio are pipes: a
     command without stdin or with merged output is told so in its arguments).
 
@@ -348,8 +374,9 @@ def start_warm() -> Warm:
                 str(spec_read),
                 "--status-fd",
                 str(status_write),
+                *(shell[0] if shell else ()),
             ],
-            env={},
+            env=shell[1] if shell else {},
             close_fds=False,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -436,11 +463,24 @@ class Agent:
             self.base_env_spec = env_spec(self.base_env)
         self.oom = OomCounter()
         self.workers = Workers()
-        self.warm = WarmHelpers(busy=lambda: bool(self.running))
+        # Helpers whose shell is prestarted take the commands it fits (most: `bash -c`);
+        # the others take plain ones, so no shell is started in vain.
+        shell = [*self._ids(), "--cwd", DEFAULT_CWD, "--prestart-shell"]
+        prestart = bool(self.base_env_spec) and prestart_usable()
+        self.warm_shells = (
+            WarmHelpers(busy=self._busy, shell=(shell, self.base_env)) if prestart else None
+        )
+        self.warm = WarmHelpers(keep=1 if prestart else 2, busy=self._busy)
         self.operations: dict[str, Callable[[Message], Message]] = {
             "session_close": self.close_session,
             "cancel": self.cancel,
         }
+
+    def _busy(self) -> bool:
+        return bool(self.running)
+
+    def _pools(self) -> list[WarmHelpers]:
+        return [pool for pool in (self.warm, self.warm_shells) if pool is not None]
 
     def send(self, message: Message) -> None:
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
@@ -465,7 +505,8 @@ class Agent:
             except RuntimeError as exc:  # the sandbox's process limit is reached
                 self.fail(request, f"could not start a thread for it: {exc}")
         # The host is gone: each helper ends its command's whole tree on SIGTERM.
-        self.warm.close()
+        for pool in self._pools():
+            pool.close()
         for helper in list(self.helpers):
             with contextlib.suppress(OSError):
                 helper.send_signal(signal.SIGTERM)
@@ -477,7 +518,8 @@ class Agent:
         try:
             self._run_and_answer(request)
         finally:
-            self.warm.poke()  # answered: a missing warm helper may be started now
+            for pool in self._pools():
+                pool.poke()  # answered: a missing warm helper may be started now
 
     def _run_and_answer(self, request: Message) -> None:
         try:
@@ -648,7 +690,8 @@ class Agent:
         environment = cached if cached is not None else env_spec(env)
         options = self._helper_options(request, cwd) + self._stdio_options(request)
         data = spec_bytes(options) + environment + spec_bytes(["--", *argv])
-        warm = self.warm.take()
+        shells = self.warm_shells if self._shell_fits(request, argv, env, cwd) else None
+        warm = (shells or self.warm).take()
         if warm is None:
             return None
         process = warm.process
@@ -665,6 +708,18 @@ class Agent:
             process.stderr.close()  # its stderr is its stdout (--merge-output)
             process.stderr = None
         return process, warm.status_read, {}
+
+    def _shell_fits(self, request: Message, argv: list[str], env: dict[str, str], cwd: str) -> bool:
+        """Whether a prestarted shell can run this command (the helper checks it again; a
+        warm helper without one is taken otherwise, so no shell is started in vain)."""
+        return (
+            len(argv) == 3
+            and argv[:2] == ["/bin/bash", "-c"]
+            and len(argv[2].encode(errors="surrogateescape")) <= PRESTART_SCRIPT_LIMIT
+            and env is self.base_env
+            and (cwd or DEFAULT_CWD) == DEFAULT_CWD
+            and request.get("stdin") is None
+        )
 
     @staticmethod
     def _stdio_options(request: Message) -> list[str]:
@@ -705,11 +760,14 @@ class Agent:
         options = ["--status-fd", str(status_fd), "--watch-parent"]
         return [EXEC_HELPER, *options, *self._helper_options(request, cwd), "--", *argv]
 
+    def _ids(self) -> list[str]:
+        return ["--uid", str(self.uid), "--gid", str(self.gid)]
+
     def _helper_options(self, request: Message, cwd: str) -> list[str]:
         """The helper's options for `request` (a warm helper has the others already)."""
-        options = ["--uid", str(self.uid), "--gid", str(self.gid)]
+        options = self._ids()
         options += ["--timeout", repr(float(request.get("timeout") or 3600))]
-        options += ["--kill-grace", repr(KILL_GRACE_S), "--cwd", cwd or "/workspace"]
+        options += ["--kill-grace", repr(KILL_GRACE_S), "--cwd", cwd or DEFAULT_CWD]
         if request.get("keep_background"):
             options.append("--keep-background")
         return options
