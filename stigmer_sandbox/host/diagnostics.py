@@ -15,11 +15,12 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .. import engine, labels, policy
+from .. import engine, isolation, labels, policy
 from ..checks import CheckResult, Status, verdict
 from ..config import Settings
 from ..errors import SandboxError
 from ..images import ca
+from ..runtime import checkpoints
 from . import compose, gvisor
 
 MIN_FREE_DISK = 5 * 1000**3
@@ -93,6 +94,7 @@ def _engine_checks(settings: Settings) -> Iterator[CheckResult]:
     )
     yield from _disk_check()
     yield _gvisor_check()
+    yield _checkpoint_check()
     yield _registry_check(settings)
     yield from _image_checks(settings)
     yield _disk_usage_check()
@@ -123,6 +125,18 @@ def _gvisor_check() -> CheckResult:
     with engine.engine_errors():
         info = engine.client().info()
     return gvisor.check(info)
+
+
+def _checkpoint_check() -> CheckResult:
+    """Whether sandboxes can be checkpointed with their memory here (optional: a warning
+    at worst, saying what is missing)."""
+    runtime = isolation.runtime_for("gvisor", "none") or isolation.RUNTIME
+    _info, why = checkpoints.engine_verdict(runtime)
+    if why:
+        return CheckResult("checkpoints", "warn", f"not available: {why}", required=False)
+    return CheckResult(
+        "checkpoints", "pass", f"available (gVisor, runtime {runtime})", required=False
+    )
 
 
 def _registry_check(settings: Settings) -> CheckResult:

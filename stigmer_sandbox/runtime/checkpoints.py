@@ -220,17 +220,22 @@ def sandbox_refusal(isolation_name: str, network_mode: str) -> str | None:
     return None
 
 
-def require_engine(runtime: str) -> dict[str, Any]:
-    """`docker info`, after one SandboxError when this engine cannot checkpoint `runtime`."""
+def engine_verdict(runtime: str) -> tuple[dict[str, Any], str | None]:
+    """`docker info`, and why this engine cannot checkpoint `runtime` (None: it can)."""
     with engine.engine_errors():
         info = engine.client().info()
     entry = (info.get("Runtimes") or {}).get(runtime) or {}
     path = str(entry.get("path") or isolation.RUNSC)
     runsc = isolation.runsc_version(path) if os.access(path, os.X_OK) else None
-    why = engine_refusal(engine.experimental(), info, runtime, runsc)
+    return dict(info), engine_refusal(engine.experimental(), info, runtime, runsc)
+
+
+def require_engine(runtime: str) -> dict[str, Any]:
+    """`docker info`, after one SandboxError when this engine cannot checkpoint `runtime`."""
+    info, why = engine_verdict(runtime)
     if why:
         raise SandboxError(f"checkpoints are not available: {why}")
-    return dict(info)
+    return info
 
 
 # --- create ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 
 from stigmer_sandbox import engine, isolation
 from stigmer_sandbox.errors import SandboxError, UsageError
+from stigmer_sandbox.host import diagnostics
 from stigmer_sandbox.runtime import Sandbox, checkpoints
 
 from .conftest import TEST_LABELS, wait_for
@@ -129,3 +130,19 @@ def test_an_engine_that_cannot_checkpoint_says_why_in_one_line():
     with pytest.raises(SandboxError, match="checkpoints are not available") as caught:
         checkpoints.require_engine(isolation.OFFLINE_RUNTIME)
     assert "\n" not in caught.value.message
+
+
+def test_the_doctor_says_whether_this_engine_can_checkpoint():
+    """`inv doctor`'s checkpoints line agrees with what a checkpoint would meet: available
+    here, or a warning (never a failure) naming the same reason."""
+    line = diagnostics._checkpoint_check()
+    assert not line.required
+    if REASON:
+        assert line.status == "warn"
+        assert (
+            line.detail
+            == f"not available: {REASON.removeprefix('checkpoints are not available: ')}"
+        )
+    else:
+        assert line.status == "pass"
+        assert isolation.OFFLINE_RUNTIME in line.detail
