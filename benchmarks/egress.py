@@ -15,11 +15,15 @@
   `public` with a fresh gateway, and with `egress_spares: 1` (a spare gateway ready, taken
   by name), beside the same under `open`. Removal is not timed.
 
-    python benchmarks/egress.py [--runs N]
+    python benchmarks/egress.py [--runs N] [--part all|paths|start|library]
+
+`--part` runs one part only (`paths`: the network paths; `start`: the container start;
+`library`: the library's start), e.g. to measure a change to the start alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import http.server
 import socketserver
 import ssl
@@ -32,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, abba_ms, count_option, report, standin_certificates, timed
+from _common import ROOT, abba_ms, report, standin_certificates, timed
 
 from stigmer_sandbox import config, egress, engine
 from stigmer_sandbox.runtime import Sandbox, egress_spares
@@ -96,8 +100,22 @@ def curl_seconds(container: Any, url: str, proxied: bool, field: str) -> float:
         raise SystemExit(f"curl failed in {container.name}: {text[-300:]}") from None
 
 
+PARTS = ("all", "paths", "start", "library")
+
+
+def options() -> tuple[int, str]:
+    """--runs and --part."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30, help="samples per path (default: 30)")
+    parser.add_argument(
+        "--part", choices=PARTS, default="all", help="run one part only (default: all)"
+    )
+    found = parser.parse_args()
+    return int(found.runs), str(found.part)
+
+
 def main() -> None:
-    runs = count_option(__doc__ or "", "runs", 30, "samples per path")
+    runs, part = options()
     settings = config.load_settings(ROOT)
     run_id = uuid.uuid4().hex[:8]
     folder = Path(tempfile.mkdtemp(prefix="egress-bench-"))
@@ -110,62 +128,81 @@ def main() -> None:
     gateways: list[EgressGateway] = []
     containers: list[Any] = []
     try:
-        paths: dict[str, tuple[Any, bool]] = {}
-        containers.append(client(f"egress-bench-open-{run_id}", folder))
-        paths["open"] = (containers[-1], True)
-        for mode in ("public", "allowlist"):
-            policy = egress.EgressPolicy.from_options(mode, allow=[entry])
-            gateway = EgressGateway(
-                settings, f"egress-bench-{mode}-{run_id}", policy, extra_labels=LABEL
-            )
-            gateway.up()
-            gateways.append(gateway)
-            options = gateway.sandbox_options()
-            containers.append(client(f"egress-bench-{mode}-{run_id}", folder, **options))
-            paths[f"{mode} via proxy"] = (containers[-1], True)
-        paths["public routed"] = (containers[1], False)
-
-        def sampler(name: str, path: str, field: str):
-            container, proxied = paths[name]
-            return lambda: samples[field][name].append(
-                curl_seconds(container, f"{url}{path}", proxied, field) * 1000
-            )
-
-        samples: dict[str, dict[str, list[float]]] = {
-            "time_starttransfer": {name: [] for name in paths},
-            "time_total": {name: [] for name in paths},
-        }
-        abba_ms({n: sampler(n, "/", "time_starttransfer") for n in paths}, runs)
-        abba_ms({n: sampler(n, "/big", "time_total") for n in paths}, max(4, runs // 3))
-        ttfb = {n: statistics.median(v) for n, v in samples["time_starttransfer"].items()}
-        total = {n: statistics.median(v) for n, v in samples["time_total"].items()}
-        for name in paths:
-            if name == "open":
-                continue
-            report(f"egress https ttfb {name}", ttfb[name], "open", ttfb["open"], "ms", goal="")
-            report(
-                f"egress https ttfb added {name}",
-                ttfb[name] - ttfb["open"],
-                "open ttfb",
-                ttfb["open"],
-                "ms",
-                goal="<= 5",
-            )
-            report(
-                f"egress 10 MB download {name}",
-                total[name],
-                "open",
-                total["open"],
-                "ms",
-                goal=f"<= {1.2 * total['open']:.1f}",
-            )
-        start_figures(settings, folder, run_id, max(3, runs // 6))
-        library_start_figures(settings, folder, max(3, runs // 6))
+        if part in ("all", "paths"):
+            path_figures(settings, folder, url, entry, runs, made=(run_id, gateways, containers))
+        if part in ("all", "start"):
+            start_figures(settings, folder, run_id, max(3, runs // 6))
+        if part in ("all", "library"):
+            library_start_figures(settings, folder, max(3, runs // 6))
     finally:
         for container in containers:
             container.remove(force=True)
         for gateway in gateways:
             gateway.down(purge_logs=True)
+
+
+def path_figures(
+    settings: Any,
+    folder: Path,
+    url: str,
+    entry: str,
+    runs: int,
+    *,
+    made: tuple[str, list[EgressGateway], list[Any]],
+) -> None:
+    """Time to first byte and a 10 MB download through each path, beside `open`. `made`:
+    the run's id, and the lists the gateways and containers made go in (the caller removes
+    them, whatever happens here)."""
+    run_id, gateways, containers = made
+    paths: dict[str, tuple[Any, bool]] = {}
+    containers.append(client(f"egress-bench-open-{run_id}", folder))
+    paths["open"] = (containers[-1], True)
+    for mode in ("public", "allowlist"):
+        policy = egress.EgressPolicy.from_options(mode, allow=[entry])
+        gateway = EgressGateway(
+            settings, f"egress-bench-{mode}-{run_id}", policy, extra_labels=LABEL
+        )
+        gateway.up()
+        gateways.append(gateway)
+        options = gateway.sandbox_options()
+        containers.append(client(f"egress-bench-{mode}-{run_id}", folder, **options))
+        paths[f"{mode} via proxy"] = (containers[-1], True)
+    paths["public routed"] = (containers[1], False)
+
+    def sampler(name: str, path: str, field: str):
+        container, proxied = paths[name]
+        return lambda: samples[field][name].append(
+            curl_seconds(container, f"{url}{path}", proxied, field) * 1000
+        )
+
+    samples: dict[str, dict[str, list[float]]] = {
+        "time_starttransfer": {name: [] for name in paths},
+        "time_total": {name: [] for name in paths},
+    }
+    abba_ms({n: sampler(n, "/", "time_starttransfer") for n in paths}, runs)
+    abba_ms({n: sampler(n, "/big", "time_total") for n in paths}, max(4, runs // 3))
+    ttfb = {n: statistics.median(v) for n, v in samples["time_starttransfer"].items()}
+    total = {n: statistics.median(v) for n, v in samples["time_total"].items()}
+    for name in paths:
+        if name == "open":
+            continue
+        report(f"egress https ttfb {name}", ttfb[name], "open", ttfb["open"], "ms", goal="")
+        report(
+            f"egress https ttfb added {name}",
+            ttfb[name] - ttfb["open"],
+            "open ttfb",
+            ttfb["open"],
+            "ms",
+            goal="<= 5",
+        )
+        report(
+            f"egress 10 MB download {name}",
+            total[name],
+            "open",
+            total["open"],
+            "ms",
+            goal=f"<= {1.2 * total['open']:.1f}",
+        )
 
 
 def start_figures(settings: Any, folder: Path, run_id: str, runs: int) -> None:
