@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .. import egress, engine, labels
 from ..config import Settings
@@ -46,6 +46,7 @@ from . import broker
 from .backends.base import Backend
 from .backends.docker import DOCKER
 
+T = TypeVar("T")
 GATEWAY_MODES = ("public", "allowlist")
 # Where sandbox networks come from: /29s (.1 claimed by the gateway, .2 the gateway, the
 # sandbox from .3). Docker's own pools hand out a /16 or /20 per network and run dry
@@ -71,6 +72,10 @@ CONNECTED_FILE = "connected"
 CONFIG_LABEL = f"{labels.PREFIX}.config"
 BUMP_CERT = "/etc/squid/bump.pem"  # made in the image; never shown to a spliced client
 INHIBIT_IPV4 = "com.docker.network.bridge.inhibit_ipv4"
+# The engine's NAT rule for a network's subnet: the sandbox's traffic leaves through its
+# gateway, never through the host, so the rule has nothing to do (and without it the engine
+# makes the network ~30 ms sooner, on every fresh sandbox's start).
+MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
 DEFAULT_TIMEOUT = 20.0
 GATEWAY_MEMORY = "128m"
 GATEWAY_PIDS = 128
@@ -613,6 +618,7 @@ class EgressGateway:
         self.network_name = f"{sandbox_name}-egress"
         self.container_name = f"{sandbox_name}-egress-gw"
         self.folder = settings.path("state_dir") / STATE_FOLDER / sandbox_name
+        self._network: Any = None  # made or found by `_ensure_network`
         self.broker = broker.Broker(
             settings, sandbox_name, self.folder, self.log_dir, self.extra_labels
         )
@@ -642,18 +648,31 @@ class EgressGateway:
         self._converge(timeout)
 
     def begin(self, timeout: float = DEFAULT_TIMEOUT) -> GatewayStart:
-        """Make the network now and bring the gateway to this policy in a thread, so the
-        sandbox can be created and started meanwhile (until the gateway answers, the
-        sandbox's network has no route anywhere: it fails closed). `sandbox_options` works
-        at once; `GatewayStart.result` waits for the gateway."""
-        return GatewayStart(self._prepared(), timeout)
+        """Make the network now, and the gateway container and its start in a thread, so
+        the sandbox can be created and started meanwhile (until the gateway has loaded its
+        rules and claimed the network's route, the sandbox's network has no route anywhere:
+        it fails closed). `sandbox_options` works at once; `GatewayStart.result` waits for
+        the gateway."""
+        image = ensure_gateway_image(self.settings)
+        network, made = self._ensure_network()
+        return GatewayStart(self, lambda: self._prepared(image, network, made).bring_up(timeout))
+
+    def _await_start_in_flight(self) -> None:
+        """Wait for this gateway's start begun by this process (`begin`), if one runs: its
+        container may not exist yet, and would stay behind a removal made meanwhile (a
+        sandbox whose own container could not be made is released at once)."""
+        with _in_flight_lock:
+            pending = _in_flight.get(str(self.folder))
+        if pending is not None:
+            pending.wait()
 
     def placement(self) -> GatewayPlacement | None:
         """Where a sandbox behind this gateway goes (None while the network does not exist):
         compose's override and `sandbox_options` are both made from it."""
         network = self._find_network()
-        if network is None:
-            return None
+        return None if network is None else self._placed_on(network)
+
+    def _placed_on(self, network: Any) -> GatewayPlacement:
         subnet = ipaddress.IPv4Network(_subnet_of(network))
         return GatewayPlacement(
             self.network_name,
@@ -666,7 +685,7 @@ class EgressGateway:
         network and fixed address (they replace `network_mode`: an address left to the
         engine could be the one the gateway takes when it starts), its resolver and the
         proxy variables (merged into `environment`). Call after `up` or `begin`."""
-        placed = self.placement()
+        placed = self._placed_on(self._network) if self._network else self.placement()
         if placed is None:
             raise SandboxError(f"the egress gateway of {self.sandbox_name} is not up")
         with engine.engine_errors():
@@ -713,6 +732,7 @@ class EgressGateway:
     def remove_container(self) -> None:
         """Remove the gateway container only (its sandbox may still be on the network),
         and its credentials broker with the values it held."""
+        self._await_start_in_flight()
         if self.broker.folder.exists():
             self.broker.remove()
         container = engine.find_container(self.container_name)
@@ -728,14 +748,14 @@ class EgressGateway:
     def _converge(self, timeout: float) -> str:
         """Bring network and gateway to this policy: "unchanged", "created", "started"
         or "restarted"."""
-        return self._prepared().bring_up(timeout)
-
-    def _prepared(self) -> PreparedGateway:
-        """The network and a gateway container made from the current image on it (one made
-        from another image or network is replaced), not yet started: the sandbox network's
-        addresses are taken, so a sandbox created next cannot take the gateway's."""
         image = ensure_gateway_image(self.settings)
-        network = self._ensure_network()
+        return self._prepared(image, *self._ensure_network()).bring_up(timeout)
+
+    def _prepared(self, image: str, network: Any, made: bool) -> PreparedGateway:
+        """A gateway container made from `image` on `network` (one made from another image
+        or network is replaced), not yet started. On a network `made` just now it joins
+        that network at once (see `PreparedGateway.joined`); otherwise only after its rules
+        are loaded, at each start."""
         wanted = self._container_hash(image, network)
         container = engine.find_container(self.container_name)
         if container is not None and container.labels.get(CONFIG_LABEL) != wanted:
@@ -744,22 +764,31 @@ class EgressGateway:
             _remove_container(container)
             container = None
         created = container is None
-        if container is None:
+        config = None
+        if created:  # read the host's addresses and resolvers meanwhile
+            config = _InThread(lambda: self._config(network))
             container = self._create_container(network, image, wanted)
-        return PreparedGateway(self, network, container, created)
+        joined = made and created
+        if joined:
+            with engine.engine_errors():
+                network.connect(container, ipv4_address=self._gateway_ip(network))
+        return PreparedGateway(self, network, container, created, joined, config)
 
     def _ours(self, found: Mapping[str, str] | None) -> bool:
         found = found or {}
         return found.get(labels.MANAGED) == "true" and found.get(labels.OWNER) == self.sandbox_name
 
     def _find_network(self) -> Any | None:
+        """The network by its exact name (the engine's list holds what we read of it: its
+        labels and subnet), or None."""
         with engine.engine_errors():
             for network in engine.client().networks.list(names=[self.network_name]):
                 if network.name == self.network_name:
-                    return engine.client().networks.get(network.id)
+                    return network
         return None
 
-    def _ensure_network(self) -> Any:
+    def _ensure_network(self) -> tuple[Any, bool]:
+        """The sandbox's network, found or made now; whether it was made now."""
         import docker.types
 
         network = self._find_network()
@@ -769,8 +798,10 @@ class EgressGateway:
                     f"network {self.network_name} exists and is not this sandbox's",
                     "remove it or choose another sandbox name",
                 )
-            return network
+            self._network = network
+            return network, False
         last = ""
+        marks = self._labels(labels.EGRESS_NETWORK)
         candidates = subnet_candidates(self.sandbox_name, self.subnets)
         for _attempt, subnet in zip(range(MAX_SUBNET_TRIES), candidates, strict=False):
             first = str(ipaddress.IPv4Network(subnet).network_address + 1)
@@ -779,27 +810,41 @@ class EgressGateway:
             )
             try:
                 with engine.engine_errors():
-                    created = engine.client().networks.create(
+                    made = engine.client().api.create_network(
                         self.network_name,
                         driver="bridge",
-                        options={INHIBIT_IPV4: "true"},
+                        options={INHIBIT_IPV4: "true", MASQUERADE: "false"},
                         ipam=ipam,
                         check_duplicate=True,
-                        labels=self._labels(labels.EGRESS_NETWORK),
+                        labels=marks,
                     )
-                    return engine.client().networks.get(created.id)
             except SandboxError as exc:
                 last = exc.message
                 if "overlap" in last.lower():
                     continue  # another network holds it: try the next /29
                 if "already exists" in last.lower():
-                    return self._ensure_network()  # a concurrent `up` made it
+                    return self._ensure_network()[0], False  # a concurrent `up` made it
                 raise
+            # What the engine was asked for is what it made: no second call to read it.
+            self._network = engine.client().networks.prepare_model(
+                {
+                    "Id": made["Id"],
+                    "Name": self.network_name,
+                    "Labels": marks,
+                    "IPAM": {"Config": [{"Subnet": subnet, "Gateway": first}]},
+                }
+            )
+            return self._network, True
         raise SandboxError(
             f"no free /{SUBNET_PREFIX} for the egress network of {self.sandbox_name} in "
             f"{self.subnets}: {last}",
             "remove unused sandboxes (`inv clean`) or set another egress subnet pool",
         )
+
+    @staticmethod
+    def _gateway_ip(network: Any) -> str:
+        """The gateway's own address on the sandbox's network."""
+        return str(ipaddress.IPv4Network(_subnet_of(network)).network_address + GATEWAY_HOST)
 
     def _config(self, network: Any) -> GatewayConfig:
         if self._upstream is None:
@@ -897,28 +942,37 @@ class EgressGateway:
         network: Any,
         timeout: float,
         started: Callable[[], None] | None = None,
+        joined: bool = False,
     ) -> None:
         """Start the gateway (then call `started`), connect it to the sandbox's network once
         its rules are loaded, and wait for its ready file to name this configuration. The
         network is disconnected first: a gateway restarted under a running sandbox must not
-        forward one packet before its rules are back."""
+        forward one packet before its rules are back. A gateway `joined` to a network made
+        just now, never started, starts on it (see `PreparedGateway.joined`)."""
         generation = self._written_generation()
+        if joined:  # the gateway claims the route only once it reads this, after its rules
+            self._write_connected(generation)
         with engine.engine_errors():
-            container.reload()
-            if network.name in container.attrs["NetworkSettings"]["Networks"]:
-                network.disconnect(container, force=True)
+            if not joined:
+                container.reload()
+                if network.name in container.attrs["NetworkSettings"]["Networks"]:
+                    network.disconnect(container, force=True)
             container.start()
         if started is not None:
             started()
         deadline = time.monotonic() + timeout
-        self._await(container, FILTERING_FILE, generation, deadline, timeout)
-        gateway_ip = str(ipaddress.IPv4Network(_subnet_of(network)).network_address + GATEWAY_HOST)
-        with engine.engine_errors():
-            network.connect(container, ipv4_address=gateway_ip)
+        if not joined:
+            self._await(container, FILTERING_FILE, generation, deadline, timeout)
+            with engine.engine_errors():
+                network.connect(container, ipv4_address=self._gateway_ip(network))
+            self._write_connected(generation)
+        self._await(container, READY_FILE, generation, deadline, timeout)
+
+    def _write_connected(self, generation: str) -> None:
+        """Tell the gateway of `generation` that the sandbox's network is connected."""
         marker = self.log_dir / CONNECTED_FILE
         marker.with_suffix(".tmp").write_text(generation, encoding="utf-8")
         marker.with_suffix(".tmp").replace(marker)
-        self._await(container, READY_FILE, generation, deadline, timeout)
 
     def _await(
         self, container: Any, name: str, generation: str, deadline: float, timeout: float
@@ -949,12 +1003,23 @@ class EgressGateway:
 
 @dataclass
 class PreparedGateway:
-    """A gateway container on its network, to be brought to its gateway's policy."""
+    """A gateway container on its network, to be brought to its gateway's policy.
+
+    `joined`: the container was made on a network made just now, and joined it at once
+    (one engine call fewer on the start's path, and no network change while the sandbox
+    starts). No packet can be forwarded before its rules are loaded: on a new network
+    nothing holds the route's address (`.1`, claimed by the gateway only after its rules,
+    and the bridge has no host address), so no neighbour entry anywhere points into the
+    gateway, and a sandbox (no capabilities) can set none. A gateway started again, or made
+    anew on an existing network (a sandbox there may still hold `.1`'s old neighbour entry:
+    the gateway's MAC follows its address), joins only after its rules, as always."""
 
     gateway: EgressGateway
     network: Any
     container: Any
     created: bool
+    joined: bool = False
+    config: _InThread[GatewayConfig] | None = None  # being read while the container was made
 
     def bring_up(self, timeout: float) -> str:
         """Configure and (re)start it unless it already runs this policy: "unchanged",
@@ -972,15 +1037,17 @@ class PreparedGateway:
         serving = not brokered or held.serving(container)
         if running and gateway._is_ready() and current and serving:
             return "unchanged"
-        gateway._write_config(gateway._config(self.network))
+        config = self.config.result() if self.config else gateway._config(self.network)
+        gateway._write_config(config)
         if running:
             with engine.engine_errors():
                 container.kill()
         # The broker joins the gateway's network namespace once it runs; the gateway
         # announces readiness only once the broker listens.
         start_broker = (lambda: held.start(container)) if brokered else None
+        joined = self.joined and not running
         try:
-            gateway._start_and_wait(container, self.network, timeout, start_broker)
+            gateway._start_and_wait(container, self.network, timeout, start_broker, joined)
         except SandboxError:
             if brokered:
                 held.raise_if_failed()
@@ -988,30 +1055,59 @@ class PreparedGateway:
         return "created" if self.created else "restarted" if running else "started"
 
 
-class GatewayStart:
-    """A gateway being brought to its policy in a thread (see `EgressGateway.begin`)."""
+class _InThread(Generic[T]):
+    """A call run in a thread; `result` waits for it and returns or raises what it did."""
 
-    def __init__(self, prepared: PreparedGateway, timeout: float) -> None:
-        self.gateway = prepared.gateway
-        self._prepared = prepared
-        self._outcome = ""
+    def __init__(self, call: Callable[[], T]) -> None:
+        self._value: T | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(timeout,), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
         self._thread.start()
 
-    def _run(self, timeout: float) -> None:
+    def _run(self, call: Callable[[], T]) -> None:
         try:
-            self._outcome = self._prepared.bring_up(timeout)
+            self._value = call()
         except BaseException as exc:  # handed to the caller of `result`
             self._error = exc
 
-    def result(self) -> str:
-        """How the gateway got there: "unchanged", "created", "started" or "restarted";
-        raises what its start raised."""
-        self._thread.join()
+    def wait(self) -> None:
+        """Wait until the call ended (whatever it did); at once from the call's own thread."""
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def result(self) -> T:
+        self.wait()
         if self._error is not None:
             raise self._error
-        return self._outcome
+        return self._value  # type: ignore[return-value]
+
+
+# Gateway starts running in this process (`begin`), by gateway folder: a removal waits
+# for them (`EgressGateway.remove_container`).
+_in_flight: dict[str, GatewayStart] = {}
+_in_flight_lock = threading.Lock()
+
+
+class GatewayStart(_InThread[str]):
+    """A gateway being brought to its policy in a thread (see `EgressGateway.begin`);
+    `result` says how it got there: "unchanged", "created", "started" or "restarted", or
+    raises what its start raised."""
+
+    def __init__(self, gateway: EgressGateway, work: Callable[[], str]) -> None:
+        self.gateway = gateway
+        key = str(gateway.folder)
+
+        def tracked() -> str:
+            try:
+                return work()
+            finally:
+                with _in_flight_lock:
+                    if _in_flight.get(key) is self:
+                        del _in_flight[key]
+
+        with _in_flight_lock:  # registered before the work can end and unregister it
+            super().__init__(tracked)
+            _in_flight[key] = self
 
 
 def _subnet_of(network: Any) -> str:

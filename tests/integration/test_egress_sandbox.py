@@ -26,13 +26,14 @@ import pytest
 
 from stigmer_sandbox import config, engine
 from stigmer_sandbox.errors import SandboxError
+from stigmer_sandbox.images.services import ensure_gateway_image
 from stigmer_sandbox.runtime import Sandbox, SandboxPool, network
 from stigmer_sandbox.runtime.backends.docker import DockerBackend
 from stigmer_sandbox.runtime.egress_gateway import bridge_gateway
 
 from ..conftest import ROOT, run_inv
 from ..tls_standin import make_certificates
-from .conftest import TEST_LABELS
+from .conftest import TEST_LABELS, wait_for
 from .egress_support import RAW_PROBE, host_servers
 
 
@@ -314,30 +315,94 @@ UDP_FLOOD = (
 )
 
 
+class _Receiver:
+    """UDP datagrams arriving at a port on the host (0.0.0.0), collected in a thread."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("0.0.0.0", 0))
+        self.socket.settimeout(0.2)
+        self.port = self.socket.getsockname()[1]
+        self.got: list[bytes] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._done.is_set():
+            with contextlib.suppress(OSError):
+                self.got.append(self.socket.recv(64))
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self.socket.close()
+
+
+def test_a_fresh_gateway_joined_at_its_creation_forwards_nothing_before_its_rules(tmp_path, host):
+    """A gateway made with a new network joins that network at its creation (one engine
+    call fewer on the start's path), so the network is there before its rules are. The
+    attack: a container on that network, uid 1000 without capabilities, floods a refused
+    host address with UDP from before the gateway starts until after it is ready. Not one
+    datagram may reach the host: nothing holds the network's route address until the
+    gateway claims it, after its rules. The flood did reach the gateway: its audit has it,
+    refused by the rules."""
+    receiver = _Receiver()
+    settings = settings_in(tmp_path)
+    name = f"stigmer-egress-joined-{tmp_path.name[-8:]}"
+    gateway = network.gateway_for(
+        settings, name, network.policy_of(settings), TEST_LABELS, DockerBackend()
+    )
+    flooder = None
+    try:
+        image = ensure_gateway_image(settings)
+        prepared = gateway._prepared(image, *gateway._ensure_network())
+        assert prepared.joined, "a gateway on a network made now joins it at creation"
+        flooder = engine.client().containers.run(
+            settings.image,
+            [
+                "python3",
+                "-u",
+                "-c",
+                "print('flooding')\n" + UDP_FLOOD,
+                host,
+                str(receiver.port),
+                "60",
+            ],
+            detach=True,
+            user="1000:1000",
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges:true"],
+            labels=TEST_LABELS,
+            **gateway.sandbox_options(),
+        )
+        assert wait_for(lambda: b"flooding" in flooder.logs(), 30), flooder.logs()
+        assert prepared.bring_up(60) == "created"
+        refused = {"decision": "refused", "via": "packet/udp", "port": receiver.port}
+        assert wait_for(lambda: any(refused.items() <= r.items() for r in gateway.records()), 15), (
+            gateway.records()[-5:]
+        )
+        flooder.reload()
+        assert flooder.status == "running", "the flood ended before the gateway was ready"
+    finally:
+        if flooder is not None:
+            flooder.remove(force=True)
+        gateway.down(purge_logs=True)
+        receiver.close()
+    assert receiver.got == []
+
+
 def test_a_gateway_restarted_under_a_flood_forwards_nothing_before_its_rules(tmp_path, host):
     """The attack: a command floods a refused host address with UDP (nothing to proxy,
     only the rules stop it) while the policy changes live three times, each a gateway
     restart. Not one datagram may reach the host: the gateway loads its rules before the
     sandbox's network is connected to it again."""
-    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    receiver.bind(("0.0.0.0", 0))
-    receiver.settimeout(0.2)
-    port = receiver.getsockname()[1]
-    got: list[bytes] = []
-    done = threading.Event()
-
-    def listen() -> None:
-        while not done.is_set():
-            with contextlib.suppress(OSError):
-                got.append(receiver.recv(64))
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
+    receiver = _Receiver()
     settings = settings_in(tmp_path)
     name = f"stigmer-egress-flood-{tmp_path.name[-8:]}"
     box = Sandbox(settings, name=name, extra_labels=TEST_LABELS).up()
     try:
-        flood = box.start(["python3", "-c", UDP_FLOOD, host, str(port), "30"])
+        flood = box.start(["python3", "-c", UDP_FLOOD, host, str(receiver.port), "30"])
         for allowed in range(3):  # each a new policy: the gateway restarts
             changed = Sandbox(
                 settings, name=name, extra_labels=TEST_LABELS, allow=[f"10.9.9.{allowed}"]
@@ -347,7 +412,5 @@ def test_a_gateway_restarted_under_a_flood_forwards_nothing_before_its_rules(tmp
         flood.kill()
     finally:
         box.remove()
-        done.set()
-        listener.join()
         receiver.close()
-    assert got == []
+    assert receiver.got == []
