@@ -30,6 +30,7 @@ Stdlib only at import, besides the AWS signer (botocore), which is left out when
 (unit tests on the host); mitmproxy is imported when it runs.
 """
 
+import asyncio
 import base64
 import binascii
 import ipaddress
@@ -54,6 +55,8 @@ PLACEHOLDER_BYTES = re.compile(PLACEHOLDER.pattern.encode())
 SECRETS_FILE = os.environ.get("BROKER_SECRETS", "/run/broker/secrets.json")
 LOG_FILE = os.environ.get("BROKER_LOG", "")  # JSON lines; empty: stderr
 READY_FILE = os.environ.get("BROKER_READY", "")  # written once the proxy listens
+LISTEN_WAIT_S = 60.0  # for the server this addon starts (bounded: a port taken, a bad mode)
+LISTEN_POLL_S = 0.005
 REFUSED_HEADER = "X-Stigmer-Broker"
 AWS_SIGV4 = "aws-sigv4"
 DONE = "stigmer-broker-done"  # flow.metadata: headers already brokered (a streamed body)
@@ -220,6 +223,21 @@ def header_value(value: str, secrets: list[Secret]) -> str:
     return substituted(value, secrets)
 
 
+async def announce_listening(master: Any) -> None:
+    """Write READY_FILE (this process's id) once the proxy server listens; never, and
+    one line logged, when it does not within LISTEN_WAIT_S."""
+    server = master.addons.get("proxyserver")
+    deadline = time.monotonic() + LISTEN_WAIT_S
+    while not server.listen_addrs():
+        if time.monotonic() > deadline:
+            log({"event": "not-listening", "after_s": LISTEN_WAIT_S})
+            return
+        await asyncio.sleep(LISTEN_POLL_S)
+    with open(READY_FILE + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write(str(os.getpid()))
+    os.replace(READY_FILE + ".tmp", READY_FILE)
+
+
 class Broker:
     """The addon."""
 
@@ -227,10 +245,16 @@ class Broker:
         self.table = Table(SECRETS_FILE)
 
     def running(self) -> None:
+        """Start the proxy server now, with this addon in place. The broker is started
+        with `server=false`: mitmproxy loads a script in a task of its own, and one that
+        failed to load leaves it proxying without brokering (placeholders passed on,
+        unjudged and unaudited). So a broker that listens has its addon, and the gateway's
+        wait for the port is a wait for the whole broker."""
+        from mitmproxy import ctx
+
+        ctx.options.update(server=True)
         if READY_FILE:
-            with open(READY_FILE + ".tmp", "w", encoding="utf-8") as handle:
-                handle.write(str(os.getpid()))
-            os.replace(READY_FILE + ".tmp", READY_FILE)
+            asyncio.get_running_loop().create_task(announce_listening(ctx.master))
 
     def requestheaders(self, flow: Any) -> None:
         """The URL and headers judged before anything is forwarded; a request whose body

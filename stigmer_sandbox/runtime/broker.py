@@ -359,10 +359,13 @@ class Broker:
         ca = ensure_ca(self.settings)
         resolv = self.folder / "resolv.conf"
         _write_private(resolv, "nameserver 127.0.0.1\n", mode=0o644)  # the gateway's dnsmasq
+        # `server=false`: the addon starts the proxy server once it is loaded and running
+        # (see stigmer_broker.Broker.running), so the port the gateway waits for listens
+        # only with the addon in place: a broker that listens brokers.
         command = (
             f"cat {SYSTEM_BUNDLE} {SECRETS_MOUNT}/trust.pem > /tmp/trust.pem && "
             f"exec {MITMDUMP} --mode regular --listen-host 127.0.0.1 --listen-port {PORT} "
-            f"-s {READS} -s {ADDON} --set confdir={CA_MOUNT} "
+            f"-s {READS} -s {ADDON} --set server=false --set confdir={CA_MOUNT} "
             "--set ssl_verify_upstream_trusted_ca=/tmp/trust.pem --set termlog_verbosity=warn "
             "--set flow_detail=0 --set stream_large_bodies=10m"
         )

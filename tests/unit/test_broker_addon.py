@@ -184,3 +184,53 @@ def test_a_streamed_request_is_brokered_from_its_headers_alone(tmp_path):
     broker.requestheaders(flow)
     assert flow.request.headers.get("X-Token") == "git-value"
     assert flow.metadata.get(addon.DONE) is True and flow.response is None
+
+
+def test_the_proxy_listens_only_once_the_addon_runs(tmp_path, monkeypatch):
+    """The broker starts with `server=false` (mitmproxy loads scripts in a task of their
+    own: a proxy listening before its addon, or without it, passes placeholders on
+    unjudged); the addon starts the server when it runs, and writes its ready file once
+    the server listens."""
+    import asyncio
+    import inspect
+    import os
+    import sys
+    import types
+
+    assert "--set server=false" in inspect.getsource(host_broker.Broker._create)
+
+    class Server:
+        def __init__(self) -> None:
+            self.addresses: list = []
+
+        def listen_addrs(self) -> list:
+            return self.addresses
+
+    server = Server()
+    updates: list[dict] = []
+
+    def update(**changes: object) -> None:
+        updates.append(changes)
+        asyncio.get_running_loop().call_later(0.02, server.addresses.append, ("127.0.0.1", 1))
+
+    addons = types.SimpleNamespace(get=lambda name: server if name == "proxyserver" else None)
+    ctx = types.SimpleNamespace(
+        options=types.SimpleNamespace(update=update),
+        master=types.SimpleNamespace(addons=addons),
+    )
+    monkeypatch.setitem(sys.modules, "mitmproxy", types.SimpleNamespace(ctx=ctx))
+    ready = tmp_path / "broker-ready"
+    monkeypatch.setattr(addon, "READY_FILE", str(ready))
+
+    async def run() -> bool:
+        addon.Broker().running()
+        seen_before_listening = ready.exists()
+        for _ in range(200):
+            if ready.exists():
+                break
+            await asyncio.sleep(0.005)
+        return seen_before_listening
+
+    assert asyncio.run(run()) is False
+    assert updates == [{"server": True}]
+    assert ready.read_text() == str(os.getpid())
