@@ -171,15 +171,19 @@ def settings_for(tmp: Path, host: str, standins: dict[str, object], **changes: o
 
 
 def get(box: Sandbox, url: str, *headers: str) -> tuple[int, dict]:
-    """(status, parsed JSON body or {}) of a curl in the sandbox."""
+    """(status, parsed JSON body or {}) of a curl in the sandbox. A curl that got no HTTP
+    answer fails the test at once, saying why: the command's result lost (the sandbox's
+    exec path, not its egress), or curl's own error (the proxy or broker did not answer)."""
     flags = " ".join(f'-H "{h}"' for h in headers)  # the shell expands $NAME in them
-    result = box.exec(f"curl -s -m 10 {flags} -w '\\n%{{http_code}}' {url}", timeout=30)
+    result = box.exec(f"curl -sS -m 10 {flags} -w '\\n%{{http_code}}' {url}", timeout=30)
+    assert result.exit_code is not None, f"the curl's result was lost: {result.error}"
     body, _, code = result.stdout.rpartition("\n")
+    assert int(code or 0), f"no HTTP answer (curl exit {result.exit_code}): {result.stderr}"
     try:
         parsed = json.loads(body)
     except ValueError:
         parsed = {"text": body}
-    return int(code or 0), parsed
+    return int(code), parsed
 
 
 def value_anywhere(box: Sandbox, value: str) -> list[str]:
