@@ -246,10 +246,12 @@ class Broker:
 
     def running(self) -> None:
         """Start the proxy server now, with this addon in place. The broker is started
-        with `server=false`: mitmproxy loads a script in a task of its own, and one that
-        failed to load leaves it proxying without brokering (placeholders passed on,
-        unjudged and unaudited). So a broker that listens has its addon, and the gateway's
-        wait for the port is a wait for the whole broker."""
+        with `server=false`: mitmproxy loads a script in a task of its own, beside the
+        one that sets up its server, and which of them comes first is an accident of its
+        task scheduling (11.0.2 happens to load scripts first; a request served before
+        the addon would pass placeholders on unjudged and unaudited). So a broker that
+        listens has its addon, and the gateway's wait for the port is a wait for the
+        whole broker. (A script that fails to load at startup makes mitmdump exit.)"""
         from mitmproxy import ctx
 
         ctx.options.update(server=True)

@@ -361,7 +361,7 @@ class Broker:
         _write_private(resolv, "nameserver 127.0.0.1\n", mode=0o644)  # the gateway's dnsmasq
         # `server=false`: the addon starts the proxy server once it is loaded and running
         # (see stigmer_broker.Broker.running), so the port the gateway waits for listens
-        # only with the addon in place: a broker that listens brokers.
+        # only with the addon in place, whatever order mitmproxy's tasks run in.
         command = (
             f"cat {SYSTEM_BUNDLE} {SECRETS_MOUNT}/trust.pem > /tmp/trust.pem && "
             f"exec {MITMDUMP} --mode regular --listen-host 127.0.0.1 --listen-port {PORT} "

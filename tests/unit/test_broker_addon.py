@@ -188,9 +188,8 @@ def test_a_streamed_request_is_brokered_from_its_headers_alone(tmp_path):
 
 def test_the_proxy_listens_only_once_the_addon_runs(tmp_path, monkeypatch):
     """The broker starts with `server=false` (mitmproxy loads scripts in a task of their
-    own: a proxy listening before its addon, or without it, passes placeholders on
-    unjudged); the addon starts the server when it runs, and writes its ready file once
-    the server listens."""
+    own: a proxy listening before its addon passes placeholders on unjudged); the addon
+    starts the server when it runs, and writes its ready file once the server listens."""
     import asyncio
     import inspect
     import os
