@@ -16,8 +16,11 @@ from stigmer_sandbox.runtime import Sandbox
 from ..conftest import ROOT
 from .conftest import TEST_LABELS
 
-# bash's own descriptors (the `ls` it forks opens its own), one per line
-OWN_FDS = "ls /proc/$$/fd; true"
+# The shell's own descriptors, listed by the shell itself (a prestarted shell is
+# non-dumpable: no other process, not even its own `ls`, may list them), one per line:
+# 0, 1, 2 and 3, the folder its glob reads (with a leaked 3, that would be 4).
+OWN_FDS = 'cd /proc/self/fd && printf "%s\\n" *'
+OWN = ["0", "1", "2", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +44,13 @@ def test_a_command_has_only_its_three_standard_descriptors(box, options):
     for _ in range(3):  # each on a helper started while the previous command ran
         result = box.exec(OWN_FDS, **options)
         assert result.exit_code == 0, result
-        assert result.stdout.split() == ["0", "1", "2"]
+        assert result.stdout.split() == OWN
 
 
 def test_commands_beyond_the_warm_helpers_have_no_extra_descriptor_either(box):
     with ThreadPoolExecutor(12) as pool:
         results = list(pool.map(lambda _: box.exec(f"sleep 0.3; {OWN_FDS}"), range(12)))
-    assert all(r.exit_code == 0 and r.stdout.split() == ["0", "1", "2"] for r in results)
+    assert all(r.exit_code == 0 and r.stdout.split() == OWN for r in results)
 
 
 def test_the_environment_is_the_agents_with_the_requests_entries_over_it(box):
