@@ -71,3 +71,15 @@ def test_a_command_starts_in_its_folder_and_the_default_one(box):
     assert box.exec("pwd", cwd="/tmp").stdout == "/tmp\n"
     missing = box.exec("pwd", cwd="/no/such/folder")
     assert missing.exit_code == 126 and "cd: /no/such/folder" in (missing.error or "")
+
+
+def test_every_command_is_answered_while_both_warm_pools_refill(box):
+    """Shell and argv commands at once drain both pools of warm helpers, whose threads
+    then start the next ones at the same moment. A helper started while the other's pipe
+    ends were inheritable held that pipe open, and its command was never answered (two in
+    ~100 rounds before the fix; the timeout keeps a lost one short)."""
+    mixed = [["true"] if i % 2 else "true" for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(200):
+            results = list(pool.map(lambda command: box.exec(command, timeout=5), mixed))
+            assert [r.exit_code for r in results] == [0] * 8, [r.error for r in results]

@@ -90,6 +90,10 @@ DEFAULT_CWD = "/workspace"
 PRESTART_SHELL = "/usr/local/libexec/stigmer-sandbox/bash"
 # The longest script a prestarted shell takes (stigmer-exec.c SHELL_SCRIPT_LIMIT).
 PRESTART_SCRIPT_LIMIT = 1024
+# Held while a warm helper's two pipe ends are inheritable: each pool has its own thread,
+# and a helper started by one in that moment kept the other's status pipe open (its
+# command's answer then never came: the agent waits for that pipe's end).
+WARM_START = threading.Lock()
 OPERATIONS = frozenset(
     {"ping", "exec", "cancel", "session_close", "proc_start", "proc_list", "proc_status"}
     | {"proc_kill", "proc_write"}
@@ -359,37 +363,43 @@ def start_warm(shell: tuple[list[str], dict[str, str]] | None = None) -> Warm:
     when it is asked to close no fds, pass none and change no folder. Nothing leaks into the
     helper that way: every fd the agent opens is close-on-exec (Python's default, and the
     agent makes none inheritable), the helper's two ends are made inheritable just for this
-    start, only this one thread starts processes so, and the agent runs in "/" (main)."""
+    start, one start at a time (`WARM_START`), and the agent runs in "/" (main)."""
     spec_read, spec_write = os.pipe()
     status_read, status_write = os.pipe()
     passed = (spec_read, status_write)
-    try:
-        for fd in passed:
-            os.set_inheritable(fd, True)
-        process = subprocess.Popen(
-            [
-                EXEC_HELPER,
-                "--watch-parent",
-                "--spec-fd",
-                str(spec_read),
-                "--status-fd",
-                str(status_write),
-                *(shell[0] if shell else ()),
-            ],
-            env=shell[1] if shell else {},
-            close_fds=False,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-    except BaseException:
-        for fd in (spec_write, status_read):
-            os.close(fd)
-        raise
-    finally:
-        for fd in passed:
-            os.close(fd)
-    return Warm(process, spec_write, status_read)
+    with WARM_START:
+        try:
+            return Warm(_spawn_warm(passed, shell), spec_write, status_read)
+        except BaseException:
+            for fd in (spec_write, status_read):
+                os.close(fd)
+            raise
+        finally:
+            for fd in passed:
+                os.close(fd)
+
+
+def _spawn_warm(passed: tuple[int, int], shell: tuple[list[str], dict[str, str]] | None) -> Process:
+    """The helper process, given the spec's and status's ends `passed` (inheritable meanwhile)."""
+    spec_read, status_write = passed
+    for fd in passed:
+        os.set_inheritable(fd, True)
+    return subprocess.Popen(
+        [
+            EXEC_HELPER,
+            "--watch-parent",
+            "--spec-fd",
+            str(spec_read),
+            "--status-fd",
+            str(status_write),
+            *(shell[0] if shell else ()),
+        ],
+        env=shell[1] if shell else {},
+        close_fds=False,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def discard(warm: Warm) -> None:
