@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -80,6 +81,9 @@ MAX_SYMLINK_HOPS = 40
 _FOLDER_FLAGS = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
 # Sizes the kernel's tmpfs takes as they are (its memparse: digits and one k/m/g).
 _KERNEL_SIZE = re.compile(r"\d+[kmgKMG]?", re.ASCII)
+_IDENTITY = re.compile(r"\d+:\d+", re.ASCII)
+# A mount check whose answer came back empty or cut is asked again (it only reads).
+MOUNT_CHECK_ATTEMPTS = 3
 # What opening a component answers when it is a symlink or not a folder (any more).
 _SWAPPED = (errno.ELOOP, errno.ENOTDIR)
 
@@ -384,21 +388,37 @@ def changed_mount(pins: tuple[PinnedMount, ...], output: bytes) -> PinnedMount |
     return None
 
 
+def well_formed(pins: tuple[PinnedMount, ...], output: bytes) -> bool:
+    """Whether `output` is one `device:inode` per pin: an answer to compare (under load the
+    engine has returned an exec's status with its output missing, which is no answer)."""
+    seen = output.decode(errors="replace").split()
+    return len(seen) == len(pins) and all(_IDENTITY.fullmatch(item) for item in seen)
+
+
+def _mount_identities(
+    pins: tuple[PinnedMount, ...], backend: Any, container: Any
+) -> tuple[int, bytes]:
+    if isolation.of_container(container) == "gvisor":  # gVisor's stat shows its own numbers
+        return isolation.host_identities(container.id, [pin.target for pin in pins])
+    return backend.run_root(
+        container.id,
+        mount_identities_command(pins),
+        user="0:0",
+        environment={"PATH": ROOT_PATH},
+    )
+
+
 def verify_mounts(pins: tuple[PinnedMount, ...], backend: Any, container: Any) -> None:
     """Check from inside the started `container` that each mount is the pinned folder;
     on a mismatch (a folder swapped between the check and the mount) remove the
     container before any command runs and raise one error naming the key."""
     if not pins:
         return
-    if isolation.of_container(container) == "gvisor":  # gVisor's stat shows its own numbers
-        status, output = isolation.host_identities(container.id, [pin.target for pin in pins])
-    else:
-        status, output = backend.run_root(
-            container.id,
-            mount_identities_command(pins),
-            user="0:0",
-            environment={"PATH": ROOT_PATH},
-        )
+    for _attempt in range(MOUNT_CHECK_ATTEMPTS):
+        status, output = _mount_identities(pins, backend, container)
+        if status == 0 and well_formed(pins, output):
+            break
+        time.sleep(0.1)
     changed = changed_mount(pins, output)
     if status == 0 and changed is None:
         return
@@ -406,7 +426,7 @@ def verify_mounts(pins: tuple[PinnedMount, ...], backend: Any, container: Any) -
 
     with engine.engine_errors():
         container.remove(force=True)
-    if status != 0:
+    if status != 0 or not well_formed(pins, output):
         shown = output.decode(errors="replace").strip()[:160]
         raise SandboxError(f"the sandbox's mounts could not be checked ({shown}); it was removed")
     assert changed is not None

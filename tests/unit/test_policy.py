@@ -311,14 +311,31 @@ def test_verify_mounts_keeps_a_sandbox_whose_mounts_are_the_pinned_folders():
     assert backend.asked == [["/usr/bin/stat", "-c", "%d:%i", "--", "/t0"]]
 
 
+class FlakyBackend(FakeBackend):
+    """An engine that first returns an exec's status without its output."""
+
+    def run_root(self, sandbox_id: str, argv: list[str], **options) -> tuple[int, bytes]:
+        status, output = super().run_root(sandbox_id, argv, **options)
+        return (0, b"") if len(self.asked) == 1 else (status, output)
+
+
+def test_verify_mounts_asks_again_when_the_answer_came_back_empty(monkeypatch):
+    monkeypatch.setattr(policy.time, "sleep", lambda _s: None)
+    container, backend = FakeContainer(), FlakyBackend(0, b"1:2\n")
+    policy.verify_mounts(pins_for((1, 2)), backend, container)
+    assert not container.removed and len(backend.asked) == 2
+
+
 @pytest.mark.parametrize(
     ("status", "output", "message"),
     [
         (0, b"1:3\n", r"^key0: /src0 changed while the sandbox was starting"),
         (1, b"stat: cannot stat", r"^the sandbox's mounts could not be checked"),
+        (0, b"", r"^the sandbox's mounts could not be checked \(\)"),  # never an answer
     ],
 )
-def test_verify_mounts_removes_a_sandbox_on_a_mismatch(status, output, message):
+def test_verify_mounts_removes_a_sandbox_on_a_mismatch(status, output, message, monkeypatch):
+    monkeypatch.setattr(policy.time, "sleep", lambda _s: None)
     container = FakeContainer()
     with pytest.raises(SandboxError, match=message):
         policy.verify_mounts(pins_for((1, 2)), FakeBackend(status, output), container)

@@ -93,7 +93,7 @@ class DockerBackend:
         with engine.engine_errors():
             exec_id = api.exec_create(sandbox_id, argv, **options)["Id"]
             output = api.exec_start(exec_id)
-            return int(api.exec_inspect(exec_id)["ExitCode"]), output
+            return _exit_code(api, exec_id), output
 
     @contextmanager
     def frozen(self, handle: Any) -> Iterator[None]:
@@ -281,3 +281,17 @@ def _only_file(archive: bytes, path: str) -> bytes:
 
 
 DOCKER = DockerBackend()
+
+
+def _exit_code(api: Any, exec_id: str, wait_s: float = 10.0) -> int:
+    """The exit code of a root exec whose output stream has ended. Under load the engine
+    has ended the stream before the process (a lost attach): it is waited for, and one
+    still running after `wait_s` is reported as failed (-1), never as a traceback."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        state = api.exec_inspect(exec_id)
+        if state.get("ExitCode") is not None and not state.get("Running"):
+            return int(state["ExitCode"])
+        if time.monotonic() > deadline:
+            return -1
+        time.sleep(0.05)
