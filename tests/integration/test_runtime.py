@@ -17,17 +17,22 @@ from stigmer_sandbox.errors import ConfigError, UsageError
 from stigmer_sandbox.runtime import Sandbox
 
 from ..conftest import ROOT
-from .conftest import TEST_LABELS
+from .conftest import GVISOR_OWN_PIDS, TEST_LABELS, UNDER_GVISOR
 
 
 def settings_in(tmp: Path, **changes) -> config.Settings:
-    """Settings whose folders live in `tmp` (the user's workspace is never touched)."""
+    """Settings whose folders live in `tmp` (the user's workspace is never touched), under
+    the run's isolation. A small process limit a test asks for sizes its commands' room:
+    under gVisor the host's limit also counts gVisor's own threads (SECURITY.md 43), so
+    they are added (below them the sandbox cannot even start)."""
     base = config.load_settings(ROOT, environ={})
     folders = {
         "workspace": str(tmp / "workspace"),
         "logs": str(tmp / "logs"),
         "state_dir": str(tmp / "state"),
     }
+    if UNDER_GVISOR and changes.get("pids_limit"):
+        changes["pids_limit"] += GVISOR_OWN_PIDS
     return base.replace(**{**folders, **changes})
 
 
