@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import threading
 import time
@@ -277,7 +278,9 @@ def auto_fallback(settings: config.Settings, tmp: Path) -> dict[str, Any]:
 
 def main(args: dict[str, Any]) -> dict[str, Any]:
     tmp, labels = Path(args["tmp"]), dict(args["labels"])
-    settings = config.load_settings(args["project"], environ={}).replace(
+    # None of the caller's settings but the test run's isolation (a gVisor run's).
+    isolation = {k: v for k, v in os.environ.items() if k == f"{config.ENV_PREFIX}ISOLATION"}
+    settings = config.load_settings(args["project"], environ=isolation).replace(
         workspace=str(tmp / "workspace"),
         logs=str(tmp / "logs"),
         state_dir=str(tmp / "state"),

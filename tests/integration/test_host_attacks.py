@@ -26,7 +26,7 @@ from stigmer_sandbox.host import permissions
 from stigmer_sandbox.runtime import Sandbox
 from stigmer_sandbox.runtime.backends.docker import DockerBackend
 
-from .conftest import TEST_LABELS
+from .conftest import SUITE_ISOLATION, TEST_LABELS
 
 RACE_SECONDS = 4.0
 CHANGED = "changed while the sandbox was starting"
@@ -66,7 +66,8 @@ def home(tmp_path, monkeypatch) -> Path:
 
 def settings_in(tmp_path: Path, **changes: object) -> Settings:
     name = f"stigmer-test-hostattack-{uuid.uuid4().hex[:8]}"
-    return Settings(project_dir=str(tmp_path / "project"), container_name=name).replace(**changes)
+    made = Settings(project_dir=str(tmp_path / "project"), container_name=name)
+    return made.replace(isolation=SUITE_ISOLATION).replace(**changes)
 
 
 def decoy_for(settings: Settings, key: str, home: Path) -> tuple[Path, Path]:
