@@ -132,6 +132,16 @@ def test_a_setsid_child_ends_with_its_command(box):
     assert box.exec("pgrep -fx 'sleep 777' || true").stdout == ""
 
 
+def test_a_large_output_arrives_whole_under_gvisor(box):
+    """gVisor's pipe takes part of a large write: the agent's frames (its stdout is
+    unbuffered) were cut there, and the host dropped the agent as broken (over ~64 KiB)."""
+    for size in (200_000, 900_000):
+        result = box.exec(f"head -c {size} /dev/zero | tr '\\0' a")
+        assert (result.exit_code, result.error) == (0, None)
+        assert result.stdout == "a" * size
+    assert box.exec("echo still-connected").stdout == "still-connected\n"
+
+
 def test_sessions_and_long_scripts_run_under_gvisor(box):
     """Both hand bash a file it opens again as the sandbox user (a memfd: gVisor refuses
     the fchmod a root's pipe would need)."""

@@ -203,7 +203,11 @@ class Outbox:
         """Write one frame (as the one writer), then let the next writer go."""
         try:
             with contextlib.suppress(OSError, ValueError):  # the host may be gone
-                self.output.write(data)
+                # The agent's stdout is unbuffered (`-u`): a write may take part of a frame
+                # (gVisor's pipe took ~64 KiB of a larger one), and the rest must follow.
+                view = memoryview(data)
+                while view:
+                    view = view[self.output.write(view) or 0 :]
                 self.output.flush()
         finally:
             with self.changed:
