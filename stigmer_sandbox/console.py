@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -33,6 +34,11 @@ _MARKS: dict[str, tuple[str, str]] = {
     "warn": ("!", "warning"),
     "fail": ("✗", "error"),
 }
+# What a terminal acts on instead of showing: C0 and C1 controls and DEL (cursor moves, line
+# erasure, title and clipboard sequences) and the bidi controls that reorder a line. A
+# sandbox's command chooses the text of its audit entries, its process list and its egress
+# records' names: shown raw, `\r` and an erased line would hide it behind a made-up one.
+_ACTING = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 # Tables on a terminal: two spaces between columns; no cell cut below this width.
 COLUMN_GAP = 2
 MIN_CELL = 8
@@ -59,6 +65,12 @@ def paint(text: str, style: str, stream: TextIO | None = None) -> str:
     if not colour_enabled(stream or sys.stdout):
         return text
     return f"{_STYLES[style]}{text}{Style.RESET_ALL}"
+
+
+def visible(text: str) -> str:
+    """`text` with every character a terminal would act on written as its escape (`\\x1b`,
+    `\\r`, `\\u202e`): what was recorded is what is seen."""
+    return _ACTING.sub(lambda found: found.group().encode("unicode_escape").decode(), text)
 
 
 def _emit(text: str, style: str, err: bool = False) -> None:
@@ -109,7 +121,7 @@ def wants_json(argv: Sequence[str]) -> bool:
 
 def detail(text: str) -> None:
     """A line of context for an error (e.g. build log), dimmed, on stderr."""
-    _emit(f"  | {text}", "dim", err=True)
+    _emit(f"  | {visible(text)}", "dim", err=True)
 
 
 def plain(text: str = "") -> None:
@@ -126,7 +138,7 @@ def check_line(result: CheckResult) -> None:
     """One check as a line: mark, SECURITY.md item, name, detail, time, and the fix."""
     mark, style = _MARKS[result.status]
     item = "" if result.item is None else f"{result.item:>2} "
-    line = f"{paint(mark, style)} {item}{result.name}: {result.detail}"
+    line = f"{paint(mark, style)} {item}{result.name}: {visible(result.detail)}"
     if result.seconds is not None:
         line += f"  ({result.seconds:.2f}s)"
     if result.hint and not result.passed:
@@ -161,8 +173,9 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """A left-aligned text table; on a terminal, the widest cells are cut to fit it.
 
     Output to a file or a pipe keeps every cell whole: logs are read for the cut part.
+    Cells are shown `visible`: their text may come from a sandbox's commands.
     """
-    body = [[str(cell) for cell in row] for row in rows]
+    body = [[visible(str(cell)) for cell in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
     if is_terminal(sys.stdout):
         widths = fit_widths(widths, shutil.get_terminal_size((100, 20)).columns - 1)

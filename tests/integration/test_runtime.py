@@ -344,6 +344,26 @@ def test_debug_tasks_and_a_shell_without_a_terminal(inv, tmp_path):
         assert inv("sandbox.down", env=env).returncode == 0
 
 
+def test_a_command_cannot_hide_itself_in_the_history_or_the_process_list(inv, tmp_path):
+    # Raw, this would set the terminal's title, erase the line and show `ls -la` instead.
+    disguise = "\x1b]0;owned\x07\x1b[2K\rls -la"
+    seen = "\\x1b]0;owned\\x07\\x1b[2K\\rls -la"
+    env = {
+        "INVOKE_STIGMER_CONTAINER_NAME": f"stigmer-sandbox-disguise-{uuid.uuid4().hex[:6]}",
+        "INVOKE_STIGMER_WORKSPACE": str(tmp_path / "workspace"),
+        "INVOKE_STIGMER_LOGS": str(tmp_path / "logs"),
+    }
+    try:
+        assert inv("run", f"true '{disguise}'", env=env).returncode == 0
+        assert inv("run", "--background", f"sleep 60 '{disguise}'", env=env).returncode == 0
+        for task in ("sandbox.history", "sandbox.ps"):
+            shown = inv(task, env=env).stdout
+            assert seen in shown, (task, shown)
+            assert "\x1b" not in shown and "\r" not in shown and "\x07" not in shown, task
+    finally:
+        assert inv("sandbox.down", env=env).returncode == 0
+
+
 def test_an_expired_sandbox_is_recreated_not_restarted(tmp_path, docker_engine):
     # About 7 s: the recreated sandbox gets the same lifetime, and its first command must
     # come before that ends even on a loaded machine (2 s did not, once).

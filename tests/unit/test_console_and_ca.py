@@ -112,3 +112,26 @@ def test_a_task_failure_with_json_is_one_object_on_stdout(capsys):
     assert (stop.message, stop.code, err) == (None, 2, "")
     stop = _common.failure(ConfigError("bad"), as_json=False)
     assert stop.message == "error: bad" and stop.code == 2
+
+
+@pytest.mark.parametrize(
+    ("recorded", "shown"),
+    [
+        ("\x1b[2K\rls", "\\x1b[2K\\rls"),  # erase the line, show another
+        ("\x1b]52;c;aGk=\x07", "\\x1b]52;c;aGk=\\x07"),  # write the clipboard
+        ("a\nb\tc\x7f\x9b", "a\\nb\\tc\\x7f\\x9b"),  # a new row, DEL, C1 CSI
+        ("safe\u202eexe.txt", "safe\\u202eexe.txt"),  # bidi override reorders the line
+        ("é 中 ✓ -", "é 中 ✓ -"),  # printable text stays as it is
+    ],
+)
+def test_what_a_terminal_would_act_on_is_shown_escaped(recorded, shown):
+    assert console.visible(recorded) == shown
+
+
+def test_table_cells_and_check_details_are_shown_escaped(capsys):
+    console.table(("command",), [("true\x1b[2K\rls",)])
+    console.check_line(console.checks.CheckResult("probe", "pass", "read \x1b]0;x\x07"))
+    console.detail("log \x1b[31m")
+    captured = capsys.readouterr()
+    assert "\x1b" not in captured.out + captured.err
+    assert "true\\x1b[2K\\rls" in captured.out and "read \\x1b]0;x\\x07" in captured.out
