@@ -95,9 +95,9 @@ def warning(text: str) -> None:
 
 def error_line(message: str, hint: str | None = None) -> str:
     """The one-line error shown to a person, with its fix when known."""
-    line = f"error: {message}"
+    line = f"error: {visible(message)}"
     if hint:
-        line += f" — {hint}"
+        line += f" — {visible(hint)}"
     return paint(line, "error", sys.stderr)
 
 

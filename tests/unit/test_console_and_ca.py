@@ -132,6 +132,7 @@ def test_table_cells_and_check_details_are_shown_escaped(capsys):
     console.table(("command",), [("true\x1b[2K\rls",)])
     console.check_line(console.checks.CheckResult("probe", "pass", "read \x1b]0;x\x07"))
     console.detail("log \x1b[31m")
+    line = console.error_line("the agent said \x1b[2K\rnothing", "see \x07")
     captured = capsys.readouterr()
-    assert "\x1b" not in captured.out + captured.err
+    assert "\x1b" not in captured.out + captured.err + line
     assert "true\\x1b[2K\\rls" in captured.out and "read \\x1b]0;x\\x07" in captured.out
