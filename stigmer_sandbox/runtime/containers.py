@@ -226,8 +226,7 @@ class ContainerViews:
 
     def logs(self, follow: bool = False, tail: str | int = "all") -> Iterator[bytes]:
         """The container's output (the keep-alive's and the engine's view of it)."""
-        if tail != "all" and not str(tail).isdigit():
-            raise UsageError(f"--tail must be a number of lines or all, got {tail!r}")
+        checked_tail(tail)
         container = self._existing()
         with engine.engine_errors():
             yield from container.logs(
@@ -241,3 +240,10 @@ class ContainerViews:
     def shell(self, root: bool = False) -> int:
         """An interactive bash in the sandbox (as root with `root`); its exit status."""
         return interactive_shell(self.name, self.sandbox_user, root)
+
+
+def checked_tail(tail: str | int) -> str:
+    """`--tail` as the engine and compose take it: `all` or a whole number of lines."""
+    if tail != "all" and not str(tail).isdigit():
+        raise UsageError(f"--tail must be a number of lines or all, got {tail!r}")
+    return str(tail)

@@ -156,7 +156,10 @@ def logs(
     service: str | None = None,
 ) -> None:
     """Show the compose services' logs."""
-    args = ["--tail", tail, *(["--follow"] if follow else []), *([service] if service else [])]
+    from ..runtime.containers import checked_tail
+
+    lines = checked_tail(tail)
+    args = ["--tail", lines, *(["--follow"] if follow else []), *([service] if service else [])]
     _run(_project(c, advanced, database, file), "logs", *args)
 
 

@@ -165,6 +165,8 @@ def test_sixteen_parallel_commands_and_three_sandboxes(tmp_path, docker_engine):
         (["run", "true", "--env", "NOEQUALS"], {}, 2, "--env must be KEY=VALUE"),
         (["run", "true", "--timeout", "-1"], {}, 2, "timeout must be between"),
         (["clean", "--all"], {}, 2, "pass --yes"),
+        (["sandbox.history", "-n", "-5"], {}, 2, "must be 0 or more, got -5"),
+        (["compose.logs", "--tail", "xyz"], {}, 2, "--tail must be a number of lines or all"),
     ],
 )
 def test_bad_input_gets_one_clear_line(inv, args, env, code, fragment, docker_engine):

@@ -172,3 +172,15 @@ def test_a_container_from_a_snapshot_with_an_emptied_owner_is_ownerless():
     inherited = {labels.OWNER_PID: "", labels.EXPIRES: "1"}
     assert orphan_reason(inherited, stopped=True) == "past its maximum lifetime"
     assert orphan_reason(inherited, stopped=False) is None
+
+
+def test_the_audit_tail_refuses_a_negative_count_and_takes_any_large_one(tmp_path):
+    from stigmer_sandbox.errors import UsageError
+    from stigmer_sandbox.runtime.client.history import AuditLog
+
+    log = tmp_path / "audit.jsonl"
+    log.write_text('{"command": "a"}\n{"command": "b"}\n')
+    with pytest.raises(UsageError, match="0 or more"):
+        AuditLog(log).tail(-1)
+    assert [e["command"] for e in AuditLog(log).tail(10**30)] == ["a", "b"]
+    assert AuditLog(log).tail(0) == []
