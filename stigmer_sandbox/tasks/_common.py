@@ -106,9 +106,25 @@ def parse_numbers(values: dict[str, Any], numbers: dict[str, type]) -> dict[str,
                 parsed[name] = kind(parsed[name])
             except ValueError:
                 what = "a whole number" if kind is int else "a number"
-                flag = "--" + name.replace("_", "-")
+                flag = ("-" if len(name) == 1 else "--") + name.replace("_", "-")
                 raise UsageError(f"{flag} must be {what}, got {parsed[name]!r}") from None
     return parsed
+
+
+# A task's `--timeout` for waiting on something to come up (a sandbox, the engine).
+WAIT_DEFAULT_S = 60.0
+WAIT_LIMIT_S = 3600.0
+
+
+def wait_seconds(timeout: float | None) -> float:
+    """A waiting task's `--timeout` (default 60 s): more than 0, at most an hour."""
+    if timeout is None:
+        return WAIT_DEFAULT_S
+    if not 0 < timeout <= WAIT_LIMIT_S:  # also false for nan
+        raise UsageError(
+            f"--timeout must be more than 0 and at most {WAIT_LIMIT_S:.0f} seconds, got {timeout}"
+        )
+    return timeout
 
 
 def settings(c: Context, **flags: Any) -> config.Settings:

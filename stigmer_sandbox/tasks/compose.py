@@ -10,7 +10,15 @@ from invoke import Collection, Context, Exit
 
 from .. import console
 from ..streams import stream_writer
-from ._common import EGRESS_LISTS, SANDBOX_HELP, egress_settings, report_result, settings, task
+from ._common import (
+    EGRESS_LISTS,
+    SANDBOX_HELP,
+    egress_settings,
+    report_result,
+    settings,
+    task,
+    wait_seconds,
+)
 from .sandbox import build_kind
 
 if TYPE_CHECKING:
@@ -71,7 +79,7 @@ def up(
     database: bool = False,
     file: list[str] | None = None,
     build: bool = False,
-    timeout: float = 60,
+    timeout: float | None = None,
     egress: str | None = None,
     allow: list[str] | None = None,
     deny: list[str] | None = None,
@@ -86,7 +94,8 @@ def up(
     current = egress_settings(c, egress, allow, deny, allow_preset, secret, isolation=isolation)
     if build:
         build_kind(current, "basic", BuildOptions(), "auto")
-    started = compose.up(current, _choice(advanced, database, file), timeout, console.echo_command)
+    project = _choice(advanced, database, file)
+    started = compose.up(current, project, wait_seconds(timeout), console.echo_command)
     for note in started.notes:
         console.info(note)
     console.success(f"{current.container_name} is up and healthy ({started.seconds:.1f} s)")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from invoke import Collection, Context, Exit
 
 from .. import console
-from ._common import settings, task
+from ._common import settings, task, wait_seconds
 
 if TYPE_CHECKING:
     from ..host import daemon
@@ -55,14 +55,14 @@ def install(c: Context, gvisor: bool = False, checkpoints: bool = False) -> None
         "engine_data_root, else dockerd's own)",
     }
 )
-def start(c: Context, timeout: float = 60, data_root: str | None = None) -> None:
+def start(c: Context, timeout: float | None = None, data_root: str | None = None) -> None:
     """Start dockerd in the background if no engine answers (idempotent)."""
     from ..host import daemon
 
     current = settings(c)
     state = daemon.EngineState(current.path("state_dir"))
     root = data_root or current.engine_data_root or None
-    console.success(daemon.start(state, timeout_s=timeout, data_root=root))
+    console.success(daemon.start(state, timeout_s=wait_seconds(timeout), data_root=root))
 
 
 @task

@@ -18,6 +18,7 @@ from ._common import (
     sandbox_for,
     settings,
     task,
+    wait_seconds,
 )
 
 if TYPE_CHECKING:
@@ -286,7 +287,7 @@ def up(
     c: Context,
     image: str | None = None,
     network: str | None = None,
-    timeout: float = 60,
+    timeout: float | None = None,
     egress: str | None = None,
     allow: list[str] | None = None,
     deny: list[str] | None = None,
@@ -310,7 +311,7 @@ def up(
     )
     sandbox = runtime.Sandbox(chosen)
     started = time.monotonic()
-    sandbox.up(timeout=timeout)
+    sandbox.up(timeout=wait_seconds(timeout))
     _notes(sandbox)
     state = sandbox.status()
     console.success(
@@ -442,11 +443,11 @@ def packages(c: Context) -> None:
         "json": "print the entries as JSON (default: off)",
     }
 )
-def history(c: Context, n: int = 20, json: bool = False) -> None:
+def history(c: Context, n: int | None = None, json: bool = False) -> None:
     """Show the audit trail: the last commands run in sandboxes, recorded by the host."""
     from ..runtime.client.history import AuditLog
 
-    entries = AuditLog(settings(c).path("state_dir") / "audit.jsonl").tail(n)
+    entries = AuditLog(settings(c).path("state_dir") / "audit.jsonl").tail(20 if n is None else n)
     if json:
         console.emit_json(entries)
         return

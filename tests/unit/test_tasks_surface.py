@@ -33,6 +33,14 @@ def test_every_flag_has_help_with_its_default(name, task):
         assert "default" in help_text, f"{name} --{argument.name}: help does not give the default"
 
 
+@pytest.mark.parametrize(("name", "task"), list(all_tasks()))
+def test_no_flag_is_typed_by_a_numeric_default(name, task):
+    """Invoke casts a flag with its default's type, outside any task: `-n abc` for a default
+    of 20 is a traceback. Numeric flags default to None and the task layer parses them."""
+    for argument in task.get_arguments():
+        assert argument.kind not in (int, float), f"{name} --{argument.name} is cast by Invoke"
+
+
 def test_expected_namespaces_exist():
     names = set(build_namespace().task_names)
     assert {
@@ -84,6 +92,11 @@ def test_bad_flag_value_gives_one_line(tmp_path):
         (["run", "--timeout", "abc", "true"], "--timeout must be a number"),
         (["fix-permissions", "--uid", "x"], "--uid must be a whole number"),
         (["fix-permissions", "--uid", "-5"], "between 0 and"),
+        (["sandbox.history", "-n", "abc"], "error: -n must be a whole number"),
+        (["sandbox.up", "--timeout", "1.5e400"], "--timeout must be more than 0"),
+        (["sandbox.up", "--timeout", "nan"], "--timeout must be more than 0"),
+        (["compose.up", "--timeout", "-1"], "--timeout must be more than 0"),
+        (["engine.start", "--timeout", "soon"], "--timeout must be a number"),
     ],
 )
 def test_bad_numeric_flag_gives_one_line(args, fragment):
