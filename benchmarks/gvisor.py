@@ -4,7 +4,11 @@
 - `Sandbox.exec('true')` p50 on a warm sandbox;
 - a CPU-bound loop (3M additions in Python) and a system-call-heavy one (100k `os.stat`),
   timed inside the sandbox, so only the kernel each runs on differs;
-- `pause()` + `resume()` p50.
+- `pause()` + `resume()` p50;
+- `fork()` of a warm sandbox and the fork's first command (median of 3);
+- `pip install` of a mid-size package from the package index, no cache (requests and its
+  four dependencies, into a fresh folder; median of 3): the network is the same for both,
+  what differs is unpacking, compiling bytecode and writing ~2k files.
 
 Skips (exit 0, one line) when the engine has no gVisor runtime (`inv engine.install
 --gvisor`). Checkpoints are not measured: they need the engine's experimental mode.
@@ -29,6 +33,22 @@ TIMED = "import os, time\nt = time.perf_counter()\n{loop}\nprint(time.perf_count
 CPU = TIMED.format(loop="s = 0\nfor i in range(3_000_000): s += i")
 SYSCALLS = TIMED.format(loop="for _ in range(100_000): os.stat('/')")
 CHOICES = ("container", "gvisor")
+PIP = "pip install -q --no-cache-dir --disable-pip-version-check --target /tmp/pip-{n} requests"
+
+
+def pip_install_ms(box: Sandbox, n: int) -> float:
+    began = time.perf_counter()
+    done = box.exec(PIP.format(n=n), timeout=600)
+    if done.exit_code != 0:
+        raise SystemExit(f"gvisor benchmark: pip install failed: {done.stderr[-300:]}")
+    return (time.perf_counter() - began) * 1000
+
+
+def fork_ms(box: Sandbox) -> float:
+    began = time.perf_counter()
+    with box.fork(extra_labels=LABELS) as forked:
+        forked.exec("true")
+        return (time.perf_counter() - began) * 1000
 
 
 def inside_ms(box: Sandbox, code: str) -> float:
@@ -72,6 +92,12 @@ def main(runs: int) -> None:
                 )
                 figures[choice]["pause() + resume() p50"] = statistics.median(
                     timed(lambda: (box.pause(), box.resume())) * 1000 for _ in range(runs)
+                )
+                figures[choice]["fork() + first command"] = statistics.median(
+                    fork_ms(box) for _ in range(3)
+                )
+                figures[choice]["pip install requests (5 packages, no cache)"] = statistics.median(
+                    pip_install_ms(box, n) for n in range(3)
                 )
         report(
             "gvisor: start + first command",
