@@ -76,6 +76,7 @@ INHIBIT_IPV4 = "com.docker.network.bridge.inhibit_ipv4"
 # gateway, never through the host, so the rule has nothing to do (and without it the engine
 # makes the network ~30 ms sooner, on every fresh sandbox's start).
 MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 DEFAULT_TIMEOUT = 20.0
 GATEWAY_MEMORY = "128m"
 GATEWAY_PIDS = 128
@@ -537,12 +538,41 @@ def upstream_resolvers(files: Sequence[str] = RESOLV_FILES) -> tuple[str, ...]:
 
 
 def bridge_gateway() -> str:
-    """The default bridge's gateway address: the gateway's route out."""
+    """The default bridge's gateway address: the gateway's route out. An engine started
+    while its bridge interface already existed names no gateway in the network's IPAM
+    (only the subnet): the address is then read from that interface."""
     with engine.engine_errors():
         bridge = engine.client().networks.get("bridge")
-    for pool in (bridge.attrs.get("IPAM") or {}).get("Config") or []:
+    pools = (bridge.attrs.get("IPAM") or {}).get("Config") or []
+    for pool in pools:
         if pool.get("Gateway"):
             return str(pool["Gateway"]).split("/")[0]
+    interface = (bridge.attrs.get("Options") or {}).get(BRIDGE_NAME_OPTION, "docker0")
+    subnets = [ipaddress.ip_network(p["Subnet"]) for p in pools if p.get("Subnet")]
+    return _interface_address(str(interface), subnets)
+
+
+def _interface_address(interface: str, subnets: Sequence[egress.IPNetwork]) -> str:
+    """The host's IPv4 address on `interface` within one of `subnets` (`ip -j addr`), or ""."""
+    ip = shutil.which("ip")
+    if not ip:
+        return ""
+    try:
+        done = subprocess.run(
+            [ip, "-j", "-4", "addr", "show", "dev", interface],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        links = json.loads(done.stdout or "[]")
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return ""
+    for link in links:
+        for info in link.get("addr_info", []):
+            local = info.get("local")
+            if local and any(ipaddress.ip_address(local) in net for net in subnets):
+                return str(local)
     return ""
 
 
