@@ -11,6 +11,7 @@ One world and one gateway per mode serve the whole module.
 
 from __future__ import annotations
 
+import collections
 import http.server
 import ipaddress
 import socketserver
@@ -449,6 +450,92 @@ def test_the_audit_holds_allowed_and_refused_attempts(sandboxes, world):
     assert denied and all(r["decision"] == "refused" for r in denied)
     for record in records:
         assert set(record) >= {"time", "source", "name", "address", "port", "decision", "rule"}
+
+
+# As fast as one process can: new connections (SYNs, never completed) to refused ports of the
+# host, and DNS queries for new names under .test (the stand-in resolver's); then what came
+# back. Prints: SYNs sent, queries sent, answers got.
+FLOOD = r"""
+import socket, struct, sys, time
+host, seconds = sys.argv[1], float(sys.argv[2])
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.setblocking(False)
+syns = queries = answered = 0
+def drain():
+    global answered
+    try:
+        while udp.recv(512):
+            answered += 1
+    except BlockingIOError:
+        pass
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex((host, 9 + syns % 1000))
+    s.close()
+    syns += 1
+    labels = [f"n{queries}", "flood", "test"]
+    name = b"".join(bytes([len(p)]) + p.encode() for p in labels) + b"\0"
+    udp.sendto(struct.pack("!HHHHHH", queries & 0xFFFF, 0x100, 1, 0, 0, 0) + name
+               + struct.pack("!HH", 1, 1), (host, 53))
+    queries += 1
+    drain()
+time.sleep(2)
+drain()
+print(syns, queries, answered)
+"""
+
+
+def test_a_flood_of_attempts_writes_a_bounded_audit_that_says_so(
+    docker_engine, project_settings, world
+):
+    seconds = 4
+    gateway = _gateway(project_settings, world, "public", name="flood")
+    gateway.up()
+    container = None
+    try:
+        container = _client(docker_engine, gateway, world, "flood")
+        flood = container.exec_run(["python3", "-c", FLOOD, world["bridge"], str(seconds)])
+        syns, queries, answered = map(int, flood.output.split())
+        bounded = egress_gateway.LOG_BURST + (seconds + 3) * (egress_gateway.LOG_RATE + 1)
+        assert syns > 10 * bounded and queries > 10 * egress_gateway.DNS_BURST, (syns, queries)
+
+        def flooded() -> list[dict]:
+            return [r for r in gateway.records() if r["address"] == world["bridge"]]
+
+        wait_for(lambda: any(egress_gateway.OVER_RATE in r["rule"] for r in flooded()), seconds=10)
+        records = flooded()
+        assert all(r["decision"] == "refused" for r in records)
+        kinds = collections.Counter((r["via"], r["rule"]) for r in records)
+        packets = [r for r in records if r["via"].startswith("packet/")]
+        assert len(packets) <= bounded, kinds  # unbounded: one per SYN
+        # SYNs to ports 80 and 443 went to the proxy: new connections to it have their rate.
+        proxied = egress_gateway.PROXY_BURST + (seconds + 3) * egress_gateway.PROXY_RATE
+        assert len(records) - len(packets) <= proxied, kinds
+        assert any(egress_gateway.OVER_RATE in r["rule"] for r in records)
+        assert (gateway.log_dir / "packets.json").stat().st_size < 1024 * bounded
+        # DNS beyond its rate is dropped unanswered, so dnsmasq's log is bounded too.
+        dns_bound = egress_gateway.DNS_BURST + (seconds + 3) * egress_gateway.DNS_RATE
+        assert answered <= dns_bound, (queries, answered)
+        logged = (gateway.log_dir / "dns.log").read_text(errors="replace").count("flood.test")
+        assert logged <= 4 * dns_bound, logged
+        # Once the flood is over, each attempt is recorded and each query answered again.
+        probe = f"python3 {PROBE_IN_CLIENT}"
+        _run(container, f"{probe} tcp {world['bridge']} {world['hidden_port']}")
+        assert wait_for(
+            lambda: any(
+                r["port"] == world["hidden_port"] and egress_gateway.OVER_RATE not in r["rule"]
+                for r in flooded()
+            ),
+            seconds=10,
+        )
+        answer = _run(container, f"{probe} dns {world['bridge']} allowed.test {world['web10']}")
+        assert "refused" not in answer, answer
+    finally:
+        if container is not None:
+            container.remove(force=True)
+        gateway.down(purge_logs=True)
 
 
 def test_a_policy_change_is_applied_live(sandboxes, world, project_settings):

@@ -76,11 +76,11 @@ def test_nft_deny_wins_then_unlocks_then_refused_then_allows():
     ]
     lines = nft.splitlines()
     order = [
-        index(lines, "@deny4 counter"),
-        index(lines, "@unlock4 counter"),
-        index(lines, "daddr @refused4 counter"),
-        index(lines, "@allow4 counter"),
-        index(lines, '"allowed public "'),
+        index(lines, "@deny4 jump log_"),
+        index(lines, "@unlock4 jump log_"),
+        index(lines, "daddr @refused4 jump log_"),
+        index(lines, "@allow4 jump log_"),
+        index(lines, "tcp jump log_accept_allowed_public"),
     ]
     assert order == sorted(order)
     assert re.search(r"set deny4 .*1\.2\.3\.4/32 \. 1-65535", nft)
@@ -91,6 +91,27 @@ def test_nft_deny_wins_then_unlocks_then_refused_then_allows():
     assert "redirect to :53" in nft and "redirect to :3129" in nft and "redirect to :3130" in nft
     # squid's own connections are judged by address too (rebinding)
     assert 'meta skuid "proxy" ip daddr @refused4' in nft
+
+
+def test_every_logged_verdict_records_at_a_bounded_rate_and_says_when_it_did_not():
+    nft = eg.render(config("public", deny=["1.2.3.4"]))["gw.nft"]
+    chains = re.findall(r"chain (log_\w+) \{\n(.*?)\n  \}", nft, re.S)
+    assert {name for name, _ in chains} >= {
+        "log_reject_refused_deny",
+        "log_reject_refused_refused_address",
+        "log_accept_allowed_public",
+    }
+    for name, body in chains:
+        verdict = name.split("_")[1]
+        rules = [line.strip() for line in body.splitlines()]
+        assert rules[0].startswith(f"limit rate {eg.LOG_RATE}/second burst {eg.LOG_BURST} packets")
+        assert rules[1].startswith("limit rate 1/second") and eg.OVER_RATE in rules[1]
+        assert rules[2] == f"counter {verdict}"  # over both rates: the same verdict
+        assert all(rule.endswith(verdict) for rule in rules)
+    for rule in re.findall(r"^    .*log prefix.*$", nft, re.M):
+        assert "limit rate" in rule  # no record is written at the sandbox's own pace
+    assert f"th dport 53 limit rate over {eg.DNS_RATE}/second" in nft
+    assert f"ct state new limit rate over {eg.PROXY_RATE}/second" in nft
 
 
 def test_nft_allowlist_has_no_public_rule():
@@ -302,7 +323,7 @@ def test_a_secrets_destinations_go_through_the_broker_and_nothing_else_does():
     assert len(routed) == 2 * 3 + 1  # a name: destination and SNI; an address: destination
     assert routed[-1] == "cache_peer_access broker deny all"
     nft = files["gw.nft"]
-    assert 'meta skuid 1000 ip daddr @refused4 counter log prefix "refused refused-address' in nft
+    assert "meta skuid 1000 ip daddr @refused4 jump log_reject_refused_refused_address" in nft
     assert "BROKER_PORT=3180" in files["env"]
     without = eg.render(config(mode="public"))
     assert "cache_peer" not in without["squid.conf"] and "skuid 1000" not in without["gw.nft"]
