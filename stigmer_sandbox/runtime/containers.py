@@ -76,6 +76,43 @@ def placed(spec: dict[str, Any], network_options: dict[str, Any]) -> tuple[dict[
     return final, spec_hash(final, engine.image(final["image"]).id)
 
 
+def create_placed(
+    backend: Backend,
+    base: dict[str, Any],
+    placement: network.Placement,
+    marks_for: Callable[[str], dict[str, str]],
+) -> Any:
+    """The sandbox's container (`base` placed, labelled `marks_for` its identity), created
+    while its gateway's network may still be being made. Made again once the network
+    exists when it got another subnet than the one the container names, or when the engine
+    refused to create it before its network existed; removed when the network fails."""
+    spec, wanted = placed(base, placement.options)
+    container = None
+    try:
+        container = backend.create({**spec, "labels": marks_for(wanted)})
+    except SandboxError:
+        if placement.gateway is None:
+            raise
+    try:
+        same = placement.network_ready()
+    except BaseException:
+        if container is not None:
+            _discard(container)
+        raise
+    if container is not None and same:
+        return container
+    if container is not None:
+        _discard(container)
+    spec, wanted = placed(base, placement.options)
+    return backend.create({**spec, "labels": marks_for(wanted)})
+
+
+def _discard(container: Any) -> None:
+    """Remove a container made for a start that cannot go on (never started)."""
+    with suppress(Exception), engine.engine_errors():
+        container.remove(force=True)
+
+
 def container_labels(
     settings: Settings, name: str, config_hash: str, ephemeral: bool, extra: dict[str, str]
 ) -> dict[str, str]:

@@ -695,6 +695,7 @@ class EgressGateway:
         self.container_name = f"{sandbox_name}-egress-gw"
         self.folder = settings.path("state_dir") / STATE_FOLDER / sandbox_name
         self._network: Any = None  # made or found by `_ensure_network`
+        self._predicted: str | None = None  # the subnet tried first (`begin_all`)
         self.broker = broker.Broker(
             settings, sandbox_name, self.folder, self.log_dir, self.extra_labels
         )
@@ -731,7 +732,29 @@ class EgressGateway:
         the gateway."""
         image = ensure_gateway_image(self.settings)
         network, made = self._ensure_network()
-        return GatewayStart(self, lambda: self._prepared(image, network, made).bring_up(timeout))
+        return GatewayStart(self, lambda _: self._prepared(image, network, made).bring_up(timeout))
+
+    def begin_all(self, timeout: float = DEFAULT_TIMEOUT) -> GatewayStart:
+        """`begin`, with a network that does not exist yet made in the thread too, so the
+        sandbox's container is created meanwhile (the engine resolves a network by name at
+        the container's start, not at its creation). `sandbox_options` then names the
+        first subnet the network is tried on; `GatewayStart.network_ready` waits for the
+        network and says whether it got that subnet (another network may hold it)."""
+        image = ensure_gateway_image(self.settings)
+        found = self._find_network()
+        if found is not None:  # checked and placed now, as `begin` does
+            network = self._adopted(found)
+            return GatewayStart(
+                self, lambda _: self._prepared(image, network, False).bring_up(timeout)
+            )
+        self._predicted = next(subnet_candidates(self.sandbox_name, self.subnets))
+
+        def work(start: GatewayStart) -> str:
+            network, made = self._ensure_network()
+            start.network_made(network)
+            return self._prepared(image, network, made).bring_up(timeout)
+
+        return GatewayStart(self, work, makes_network=True)
 
     def _await_start_in_flight(self) -> None:
         """Wait for this gateway's start begun by this process (`begin`), if one runs: its
@@ -749,7 +772,10 @@ class EgressGateway:
         return None if network is None else self._placed_on(network)
 
     def _placed_on(self, network: Any) -> GatewayPlacement:
-        subnet = ipaddress.IPv4Network(_subnet_of(network))
+        return self._placed_in(_subnet_of(network))
+
+    def _placed_in(self, subnet_text: str) -> GatewayPlacement:
+        subnet = ipaddress.IPv4Network(subnet_text)
         return GatewayPlacement(
             self.network_name,
             str(subnet.network_address + SANDBOX_HOST),
@@ -761,7 +787,12 @@ class EgressGateway:
         network and fixed address (they replace `network_mode`: an address left to the
         engine could be the one the gateway takes when it starts), its resolver and the
         proxy variables (merged into `environment`). Call after `up` or `begin`."""
-        placed = self._placed_on(self._network) if self._network else self.placement()
+        if self._network is not None:
+            placed: GatewayPlacement | None = self._placed_on(self._network)
+        elif self._predicted is not None:  # being made (`begin_all`)
+            placed = self._placed_in(self._predicted)
+        else:
+            placed = self.placement()
         if placed is None:
             raise SandboxError(f"the egress gateway of {self.sandbox_name} is not up")
         with engine.engine_errors():
@@ -869,13 +900,7 @@ class EgressGateway:
 
         network = self._find_network()
         if network is not None:
-            if not self._ours(network.attrs.get("Labels")):
-                raise SandboxError(
-                    f"network {self.network_name} exists and is not this sandbox's",
-                    "remove it or choose another sandbox name",
-                )
-            self._network = network
-            return network, False
+            return self._adopted(network), False
         last = ""
         marks = self._labels(labels.EGRESS_NETWORK)
         candidates = subnet_candidates(self.sandbox_name, self.subnets)
@@ -916,6 +941,16 @@ class EgressGateway:
             f"{self.subnets}: {last}",
             "remove unused sandboxes (`inv clean`) or set another egress subnet pool",
         )
+
+    def _adopted(self, network: Any) -> Any:
+        """`network`, found by its name, as this sandbox's (refused when it is not)."""
+        if not self._ours(network.attrs.get("Labels")):
+            raise SandboxError(
+                f"network {self.network_name} exists and is not this sandbox's",
+                "remove it or choose another sandbox name",
+            )
+        self._network = network
+        return network
 
     @staticmethod
     def _gateway_ip(network: Any) -> str:
@@ -1169,14 +1204,28 @@ class GatewayStart(_InThread[str]):
     `result` says how it got there: "unchanged", "created", "started" or "restarted", or
     raises what its start raised."""
 
-    def __init__(self, gateway: EgressGateway, work: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        gateway: EgressGateway,
+        work: Callable[[GatewayStart], str],
+        makes_network: bool = False,
+    ) -> None:
+        """`work` is given this object; one that `makes_network` calls `network_made`."""
         self.gateway = gateway
         key = str(gateway.folder)
+        # Set once the network exists (at once unless the work makes it), or when the work
+        # ended without it.
+        self._network_known = threading.Event()
+        self._network: Any = None
+        self._makes_network = makes_network
+        if not makes_network:
+            self._network_known.set()
 
         def tracked() -> str:
             try:
-                return work()
+                return work(self)
             finally:
+                self._network_known.set()
                 with _in_flight_lock:
                     if _in_flight.get(key) is self:
                         del _in_flight[key]
@@ -1184,6 +1233,22 @@ class GatewayStart(_InThread[str]):
         with _in_flight_lock:  # registered before the work can end and unregister it
             super().__init__(tracked)
             _in_flight[key] = self
+
+    def network_made(self, network: Any) -> None:
+        """Called by the work once the sandbox's network exists."""
+        self._network = network
+        self._network_known.set()
+
+    def network_ready(self) -> bool:
+        """Wait until the sandbox's network exists (raise what stopped it being made);
+        whether it is where `sandbox_options` said it would be (False: ask again)."""
+        self._network_known.wait()
+        if not self._makes_network:
+            return True
+        if self._network is None:
+            self.result()  # the work ended before the network existed: raises what it raised
+            raise SandboxError(f"the egress network of {self.gateway.sandbox_name} was not made")
+        return _subnet_of(self._network) == self.gateway._predicted
 
 
 def _subnet_of(network: Any) -> str:

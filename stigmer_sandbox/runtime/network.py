@@ -82,6 +82,17 @@ class Placement:
 
     options: dict[str, Any]
     gateway: GatewayStart | None = None
+    options_again: Callable[[], dict[str, Any]] | None = None  # once the network exists
+
+    def network_ready(self) -> bool:
+        """Wait until the network exists (being made while the sandbox's container is
+        created); whether `options` were right: False when the network got another subnet,
+        and `options` are then updated."""
+        if self.gateway is None or self.gateway.network_ready():
+            return True
+        assert self.options_again is not None
+        self.options = self.options_again()
+        return False
 
     def finish(self, name: str) -> list[str]:
         """Wait for the gateway; the lines to show (a policy applied to a running one)."""
@@ -102,7 +113,8 @@ def prepare(
     image: str,
 ) -> Placement:
     """Make the network side of sandbox `name` ready for its policy: its gateway's network
-    at once, the gateway itself in the background (`Placement.finish` waits for it). With
+    and the gateway itself in the background (`Placement.network_ready` waits for the
+    network, `Placement.finish` for the gateway). With
     secrets, `image` (the sandbox's) gets the placeholders and the broker CA."""
     chosen = policy_of(settings)
     if chosen.mode == "none":
@@ -112,11 +124,15 @@ def prepare(
     gateway = gateway_for(settings, name, chosen, extra_labels, backend)
     if chosen.brokered:  # a source that gives no value stops the start before anything
         gateway.broker.write_secrets()
-    started = gateway.begin()
-    options = gateway.sandbox_options()
-    if settings.use_secrets:
-        options = merged(options, broker.sandbox_options(settings, name, image))
-    return Placement(options, started)
+    started = gateway.begin_all()
+
+    def options() -> dict[str, Any]:
+        found = gateway.sandbox_options()
+        if settings.use_secrets:
+            found = merged(found, broker.sandbox_options(settings, name, image))
+        return found
+
+    return Placement(options(), started, options)
 
 
 def merged(spec: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:

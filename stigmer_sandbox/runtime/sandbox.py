@@ -183,26 +183,30 @@ class Sandbox(CommandMethods, Forking, Suspending, Attaching, ContainerViews):
         containers.check_runtime(self.settings)  # nor for one the engine cannot run
         owned = containers.owner_labels(self.ephemeral) | self.extra_labels
         placement = network.prepare(self.settings, self.name, owned, self.backend, base["image"])
-        spec, wanted = containers.placed(base, placement.options)
-        container = self._resumed(
-            self._reusable(self.find(), wanted, placement.gateway is not None)
-        )
+        container = self.find()
+        if container is not None:  # compared with where its network really is
+            placement.network_ready()
+            wanted = containers.placed(base, placement.options)[1]
+            container = self._reusable(container, wanted, placement.gateway is not None)
+        container = self._resumed(container)
         started = container is None or container.status != "running"
         if container is None:
             policy.prepare_folders(self.settings, self.host_user)
         # Pinned now and checked once started: a folder swapped for a symlink in between
         # (e.g. by a command of a running sandbox) must not be what gets mounted.
         pins = policy.pin_mounts(folders) if started else ()
-        if container is None:
-            marks = containers.container_labels(
-                self.settings, self.name, wanted, self.ephemeral, self.extra_labels
-            )
-            container = self.backend.create({**spec, "labels": marks})
+        if container is None:  # while its gateway's network is made
+            container = containers.create_placed(self.backend, base, placement, self._marks)
         if container.status != "running":
             with engine.engine_errors():
                 container.start()
         policy.verify_mounts(pins, self.backend, container)
         return container, started, placement
+
+    def _marks(self, wanted: str) -> dict[str, str]:
+        return containers.container_labels(
+            self.settings, self.name, wanted, self.ephemeral, self.extra_labels
+        )
 
     def _open_early(self) -> Any:
         return self.connection.open_channel(self._container.id)

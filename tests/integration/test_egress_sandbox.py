@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import ipaddress
+import itertools
 import json
 import socket
 import ssl
@@ -29,7 +31,7 @@ from stigmer_sandbox.errors import SandboxError
 from stigmer_sandbox.images.services import ensure_gateway_image
 from stigmer_sandbox.runtime import Sandbox, SandboxPool, network
 from stigmer_sandbox.runtime.backends.docker import DockerBackend
-from stigmer_sandbox.runtime.egress_gateway import bridge_gateway
+from stigmer_sandbox.runtime.egress_gateway import bridge_gateway, subnet_candidates
 
 from ..conftest import ROOT, run_inv
 from ..tls_standin import make_certificates
@@ -297,6 +299,54 @@ def test_a_start_that_fails_leaves_no_gateway_or_network(tmp_path, ephemeral):
     )
     with pytest.raises(SandboxError, match="created nothing"):
         box.up()
+    client = engine.client()
+    assert client.containers.list(all=True, filters={"name": name}) == []
+    assert client.networks.list(names=[f"{name}-egress"]) == []
+
+
+@contextlib.contextmanager
+def network_on(subnet: str, name: str) -> Iterator[None]:
+    """A network of the test's holding `subnet` (no other network can be made on it)."""
+    import docker.types
+
+    ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=subnet)])
+    made = engine.client().networks.create(name, ipam=ipam, labels=TEST_LABELS)
+    try:
+        yield
+    finally:
+        made.remove()
+
+
+def test_a_sandbox_whose_first_subnet_is_taken_is_made_again_on_the_next(
+    tmp_path, host, host_ports
+):
+    """The sandbox's container is created while its network is made, for the first subnet
+    the network is tried on; when another network holds that one, the container is made
+    again for the subnet the network got, and works behind its gateway."""
+    settings = settings_in(tmp_path, egress="public")
+    name = f"stigmer-subnet-taken-{tmp_path.name[-8:]}"
+    first, second = list(itertools.islice(subnet_candidates(name, settings.egress_subnets), 2))
+    holder = network_on(first, f"{name}-holder")
+    with holder, Sandbox(settings, name=name, ephemeral=True, extra_labels=TEST_LABELS) as box:
+        joined = box.find().attrs["NetworkSettings"]["Networks"][f"{name}-egress"]
+        assert ipaddress.ip_address(joined["IPAddress"]) in ipaddress.ip_network(second)
+        resolver = ipaddress.ip_network(second).network_address + 1
+        assert box.exec("echo $HTTPS_PROXY").stdout.strip().startswith(f"http://{resolver}:")
+        assert fetch(box, f"http://{host}:{host_ports[0]}/").startswith("refused")
+    assert engine.client().containers.list(all=True, filters={"name": name}) == []
+
+
+@pytest.mark.parametrize("ephemeral", [True, False])
+def test_a_network_that_cannot_be_made_leaves_no_container(tmp_path, ephemeral):
+    """The sandbox's container, created while its network is made, goes when no subnet of
+    the pool is free: the start fails and nothing of the sandbox stays."""
+    pool = "10.252.13.0/29"  # a single /29: held by the test's own network
+    settings = settings_in(tmp_path, egress="public", egress_subnets=pool)
+    name = f"stigmer-no-subnet-{'eph' if ephemeral else 'named'}-{tmp_path.name[-8:]}"
+    with network_on(pool, f"{name}-holder"):
+        box = Sandbox(settings, name=name, ephemeral=ephemeral, extra_labels=TEST_LABELS)
+        with pytest.raises(SandboxError, match="no free"):
+            box.up()
     client = engine.client()
     assert client.containers.list(all=True, filters={"name": name}) == []
     assert client.networks.list(names=[f"{name}-egress"]) == []
