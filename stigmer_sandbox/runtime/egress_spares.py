@@ -126,6 +126,13 @@ def spare_names() -> list[str]:
         return sorted(_made)
 
 
+def wait_started(wait_s: float = EXIT_WAIT_S) -> bool:
+    """Wait until no spare is starting (at most `wait_s`); whether none is. A benchmark
+    waits for this so a spare's start in the background is not timed with its next start."""
+    with _lock:
+        return _lock.wait_for(lambda: not any(_starting.values()), timeout=wait_s)
+
+
 def discard_all(wait_s: float = EXIT_WAIT_S) -> None:
     """Remove every spare not taken, after those still starting are up (at most `wait_s`)."""
     with _lock:
