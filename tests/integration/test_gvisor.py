@@ -108,6 +108,9 @@ def test_the_audit_names_gvisors_kernel(box):
     found = {r.item: r for r in security_audit.audit(box)}
     assert found[security_audit.KERNEL_ITEM].status == "pass"
     assert "gVisor's kernel (4.4.0)" in found[security_audit.KERNEL_ITEM].detail
+    # No cgroup file shows inside gVisor: the process limit is read as gVisor's kernel holds it.
+    assert found[6].status == "pass", found[6]
+    assert "(RLIMIT_NPROC in gVisor's kernel)=512;" in found[6].detail, found[6]
 
 
 def test_an_engine_without_the_runtime_is_one_line_and_nothing_starts(tmp_path, monkeypatch):
