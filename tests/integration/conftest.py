@@ -98,6 +98,14 @@ GVISOR_LIMITS: dict[str, str] = {
     "test_audit.py::test_a_sandbox_without_process_or_cpu_limit_fails_those_items": AUDIT_INSIDE,
     "test_audit.py::test_network_none_and_read_only_root_change_the_evidence": STATX,
     "test_bootstrap.py::test_servers_belong_to_the_sandbox_user_and_are_on_its_paths": STATX,
+    "test_deepagents_backend.py::test_a_fifo_is_an_invalid_path_and_never_blocks": STATX,
+    "test_deepagents_backend.py::test_uploaded_files_and_new_parents_are_owned_by_the_sandbox_"
+    "user": STATX,
+    "test_deepagents_backend.py::test_an_out_of_memory_command_reports_the_oom": OOM,
+    # uid and gid stay 1000 and /etc/shadow is refused; only the proof's stat and its
+    # NoNewPrivs line are what gVisor cannot show.
+    "test_snapshot_tamper.py::test_a_setuid_root_bash_passes_and_gives_no_root_in_a_fork_or_"
+    "snapshot": f"{STATX}; {NO_NEW_PRIVS_LINE}",
     "test_hostile_commands.py::test_a_zombie_leader_left_behind_ends_with_the_command_at_once": (
         ZOMBIE_LEADER
     ),
