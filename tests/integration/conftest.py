@@ -84,7 +84,7 @@ ZOMBIE_LEADER = (
     "(the tree kill's zombie-leader case, like the setsid child) (SECURITY.md 43 a)"
 )
 AUDIT_INSIDE = (
-    "the audit reads items 3, 4, 6, 7 and 8 inside the sandbox, where gVisor shows its own "
+    "the audit reads items 3, 4, 7 and 8 inside the sandbox, where gVisor shows its own "
     "/proc (no NoNewPrivs line, no namespaces to read) and no cgroup files; 5 and 25 do not "
     "hold (SECURITY.md 43 c, e)"
 )
