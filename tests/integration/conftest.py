@@ -98,6 +98,18 @@ GVISOR_LIMITS: dict[str, str] = {
     "test_audit.py::test_a_sandbox_without_process_or_cpu_limit_fails_those_items": AUDIT_INSIDE,
     "test_audit.py::test_network_none_and_read_only_root_change_the_evidence": STATX,
     "test_bootstrap.py::test_servers_belong_to_the_sandbox_user_and_are_on_its_paths": STATX,
+    "test_channel_attacks.py::test_nothing_outlives_its_command_whatever_it_does_to_hide": (
+        SUBREAPER
+    ),
+    # Signals and ptrace are refused under gVisor too; the helper's environ is readable and
+    # ls of its fd folder fails with EINVAL, not EACCES.
+    "test_channel_attacks.py::test_the_agent_cannot_be_signalled_traced_or_read": (
+        f"{PROC_ENVIRON}; {STATX}"
+    ),
+    "test_channel_attacks.py::test_planted_files_never_run_in_a_later_agent": STATX,
+    "test_channel_attacks.py::test_root_never_runs_the_sandbox_users_tools": STATX,
+    "test_channel_attacks.py::test_oom_is_reported_whichever_process_was_killed": OOM,
+    "test_channel_attacks.py::test_oom_names_the_commands_that_overlapped_it": OOM,
     "test_deepagents_backend.py::test_a_fifo_is_an_invalid_path_and_never_blocks": STATX,
     "test_deepagents_backend.py::test_uploaded_files_and_new_parents_are_owned_by_the_sandbox_"
     "user": STATX,
