@@ -98,7 +98,9 @@ GVISOR_LIMITS: dict[str, str] = {
     "test_audit.py::test_a_sandbox_without_process_or_cpu_limit_fails_those_items": AUDIT_INSIDE,
     "test_audit.py::test_network_none_and_read_only_root_change_the_evidence": STATX,
     "test_bootstrap.py::test_servers_belong_to_the_sandbox_user_and_are_on_its_paths": STATX,
-    "test_channel_attacks.py::test_nothing_outlives_its_command_whatever_it_does_to_hide": (
+    # [timeout] failed once in two runs (a double-fork child reparented before the timeout
+    # struck escapes it): not listed, a strict xfail would flip with the race.
+    "test_channel_attacks.py::test_nothing_outlives_its_command_whatever_it_does_to_hide[exit]": (
         SUBREAPER
     ),
     # Signals and ptrace are refused under gVisor too; the helper's environ is readable and
