@@ -454,6 +454,15 @@ def _runtime(settings: Settings) -> str | None:
     return isolation.runtime_for(settings.isolation, egress.mode_of(settings))
 
 
+def _process_ulimits(settings: Settings) -> dict[str, Any]:
+    """The `ulimits` key holding a gVisor sandbox's commands to its process limit (none
+    under runc: a runc sandbox's configuration hash stays what it was)."""
+    from docker.types import Ulimit
+
+    limits = isolation.process_ulimits(settings.isolation, settings.pids_limit)
+    return {"ulimits": [Ulimit(**limit) for limit in limits]} if limits else {}
+
+
 def container_spec(settings: Settings, image: str, labels: dict[str, str]) -> dict[str, Any]:
     """Everything `containers.create` gets: the confinement, limits and mounts."""
     folders = sandbox_folders(settings)
@@ -476,7 +485,7 @@ def container_spec(settings: Settings, image: str, labels: dict[str, str]) -> di
         "cap_add": list(AGENT_CAPABILITIES),
         "security_opt": ["no-new-privileges:true"],
         "privileged": False,
-        "pids_limit": settings.pids_limit,
+        "pids_limit": isolation.host_pids_limit(settings.isolation, settings.pids_limit),
         "mem_limit": memory,
         "memswap_limit": memory,
         "nano_cpus": int(settings.cpus * 1e9) or None,
@@ -504,6 +513,7 @@ def container_spec(settings: Settings, image: str, labels: dict[str, str]) -> di
         "healthcheck": HEALTHCHECK,
         "restart_policy": {"Name": "no"},
         "labels": labels,
+        **_process_ulimits(settings),
         # Only when chosen: a default sandbox's configuration hash stays what it was.
         **({"runtime": runtime} if (runtime := _runtime(settings)) else {}),
     }

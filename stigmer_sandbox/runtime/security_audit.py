@@ -250,10 +250,25 @@ def _confinement(box: Sandbox, _attrs: dict[str, Any]) -> Verdict:
     return verdict(ok), f"a command's Seccomp={seccomp} (2: filtered), LSM label: {shown}"
 
 
-def _pids(box: Sandbox, _attrs: dict[str, Any]) -> Verdict:
+def _pids(box: Sandbox, attrs: dict[str, Any]) -> Verdict:
     path, value = _cgroup(box, "pids.max", "pids/pids.max")
+    if not path and attrs["HostConfig"].get("Runtime") in isolation.RUNTIME_ARGS:
+        return _gvisor_pids(box, attrs)
     ok = value.isdigit() and int(value) > 0
     return verdict(ok), f"{path or 'pids.max'}={value or 'unreadable'}"
+
+
+def _gvisor_pids(box: Sandbox, attrs: dict[str, Any]) -> Verdict:
+    """Under gVisor no cgroup file shows inside: what holds commands is RLIMIT_NPROC in
+    gVisor's kernel (read by a command), the engine's limit bounding gVisor's own tasks."""
+    nproc = _output(box, ["bash", "-c", "ulimit -u"])
+    host = attrs["HostConfig"].get("PidsLimit") or 0
+    ok = nproc.isdigit() and int(nproc) > 0 and host > 0
+    evidence = (
+        f"a command's process limit (RLIMIT_NPROC in gVisor's kernel)={nproc or 'unreadable'}; "
+        f"engine pids_limit={host or 'none'} (gVisor's own host tasks included)"
+    )
+    return verdict(ok), evidence
 
 
 def _limit(value: str) -> int | None:

@@ -46,10 +46,6 @@ from .images_support import build_full_from_mirror, project_copy
 ISOLATION_VAR = f"{config.ENV_PREFIX}ISOLATION"
 SUITE_ISOLATION = os.environ.get(ISOLATION_VAR, "container")
 UNDER_GVISOR = SUITE_ISOLATION == "gvisor"
-# Host processes and threads a gVisor sandbox (runsc 20221219, ptrace platform) holds of
-# its own: 142 measured idle, about 10 more for each process its commands start, and not
-# given back at once. A test's small process limit gets them added under gVisor.
-GVISOR_OWN_PIDS = 512
 
 
 # Why a test cannot pass under gVisor (runsc 20221219, the only release these machines can
@@ -62,13 +58,18 @@ OOM = (
     "the host memory limit counts gVisor's own memory: a command over it takes the whole "
     "sandbox down (agent lost) instead of being killed alone and told as oom (SECURITY.md 43 b)"
 )
-PIDS = (
-    "the host process limit counts gVisor's own threads (142 idle, about 10 more a process): "
-    "a fork loop takes the whole sandbox down instead of failing to fork (SECURITY.md 43 b)"
+NO_NEW_PRIVS_LINE = (
+    "gVisor's /proc/PID/status has no NoNewPrivs line (prctl says no_new_privs is 1, as "
+    "test_gvisor.py checks) (SECURITY.md 43 f)"
 )
-SECCOMP = (
-    "gVisor ignores the engine's seccomp profile: a command's Seccomp is 0 (its sentry "
-    "filters the host calls instead) (SECURITY.md 43 c)"
+READ_ONLY_ERRNO = (
+    "a write to a read-only mount or root is refused with EACCES (Permission denied) under "
+    "gVisor, not EROFS (Read-only file system): refused all the same (SECURITY.md 43 g)"
+)
+ORPHAN = (
+    "gVisor has no PR_SET_CHILD_SUBREAPER: background processes go to pid 1 when their "
+    "command's shell exits, out of the reach of the end-of-command kill, and run on (a timeout "
+    "still kills them: the shell is alive then) (SECURITY.md 43 a)"
 )
 PROC_ENVIRON = (
     "runsc 20221219 lets a uid 1000 command read the environ of root's processes (the agent, "
@@ -83,7 +84,7 @@ ZOMBIE_LEADER = (
     "(the tree kill's zombie-leader case, like the setsid child) (SECURITY.md 43 a)"
 )
 AUDIT_INSIDE = (
-    "the audit reads items 3, 4, 6, 7 and 8 inside the sandbox, where gVisor shows its own "
+    "the audit reads items 3, 4, 7 and 8 inside the sandbox, where gVisor shows its own "
     "/proc (no NoNewPrivs line, no namespaces to read) and no cgroup files; 5 and 25 do not "
     "hold (SECURITY.md 43 c, e)"
 )
@@ -97,6 +98,31 @@ GVISOR_LIMITS: dict[str, str] = {
     "test_audit.py::test_a_sandbox_without_process_or_cpu_limit_fails_those_items": AUDIT_INSIDE,
     "test_audit.py::test_network_none_and_read_only_root_change_the_evidence": STATX,
     "test_bootstrap.py::test_servers_belong_to_the_sandbox_user_and_are_on_its_paths": STATX,
+    # [timeout] failed once in two runs (a double-fork child reparented before the timeout
+    # struck escapes it): not listed, a strict xfail would flip with the race.
+    "test_channel_attacks.py::test_nothing_outlives_its_command_whatever_it_does_to_hide[exit]": (
+        SUBREAPER
+    ),
+    # Signals and ptrace are refused under gVisor too; the helper's environ is readable and
+    # ls of its fd folder fails with EINVAL, not EACCES.
+    "test_channel_attacks.py::test_the_agent_cannot_be_signalled_traced_or_read": (
+        f"{PROC_ENVIRON}; {STATX}"
+    ),
+    "test_channel_attacks.py::test_planted_files_never_run_in_a_later_agent": STATX,
+    "test_channel_attacks.py::test_root_never_runs_the_sandbox_users_tools": STATX,
+    "test_channel_attacks.py::test_oom_is_reported_whichever_process_was_killed": OOM,
+    "test_channel_attacks.py::test_oom_names_the_commands_that_overlapped_it": OOM,
+    "test_deepagents_backend.py::test_a_fifo_is_an_invalid_path_and_never_blocks": STATX,
+    "test_deepagents_backend.py::test_uploaded_files_and_new_parents_are_owned_by_the_sandbox_"
+    "user": STATX,
+    "test_deepagents_backend.py::test_an_out_of_memory_command_reports_the_oom": OOM,
+    # uid and gid stay 1000 and /etc/shadow is refused; only the proof's stat and its
+    # NoNewPrivs line are what gVisor cannot show.
+    "test_snapshot_tamper.py::test_a_setuid_root_bash_passes_and_gives_no_root_in_a_fork_or_"
+    "snapshot": f"{STATX}; {NO_NEW_PRIVS_LINE}",
+    # Its proof that the attack is real lists the swapped folder with ls.
+    "test_host_attacks.py::test_a_folder_swapped_after_the_pin_is_found_and_the_sandbox_"
+    "removed": STATX,
     "test_hostile_commands.py::test_a_zombie_leader_left_behind_ends_with_the_command_at_once": (
         ZOMBIE_LEADER
     ),
@@ -104,11 +130,24 @@ GVISOR_LIMITS: dict[str, str] = {
     "command": ZOMBIE_LEADER,
     "test_hostile_commands.py::test_killing_a_background_zombie_leader_ends_it": ZOMBIE_LEADER,
     "test_hostile_commands.py::test_an_oom_killed_background_process_is_reported_as_oom": OOM,
-    "test_runtime.py::test_seccomp_and_apparmor_never_unconfined": SECCOMP,
-    "test_runtime.py::test_fork_bomb_is_contained_and_the_sandbox_survives": PIDS,
     "test_runtime.py::test_allocating_twice_the_memory_limit_is_reported_as_oom": OOM,
-    "test_runtime.py::test_timeout_kills_the_whole_tree_including_setsid_children": SUBREAPER,
+    "test_runtime.py::test_all_capabilities_dropped_and_no_new_privileges": NO_NEW_PRIVS_LINE,
+    "test_runtime.py::test_read_only_root_option": READ_ONLY_ERRNO,
+    "test_runtime.py::test_credentials_are_opt_in_and_read_only": READ_ONLY_ERRNO,
+    "test_runtime.py::test_shell_metacharacters_never_reach_a_host_shell": STATX,
+    "test_runtime.py::test_background_processes_end_with_the_command_unless_kept": ORPHAN,
     "test_processes.py::test_kill_ends_the_whole_tree_including_a_setsid_grandchild": SUBREAPER,
+    "test_processes.py::test_a_command_cannot_read_write_or_kill_a_process_through_its_record": (
+        STATX
+    ),
+    "test_processes.py::test_a_hundred_processes_leave_nothing_behind_and_old_records_are_"
+    "pruned": STATX,
+    "test_sessions.py::test_a_session_command_cannot_read_the_state_folder_or_another_session": (
+        STATX
+    ),
+    "test_pool.py::test_a_pool_fills_with_running_healthy_hardened_labelled_sandboxes": (
+        NO_NEW_PRIVS_LINE
+    ),
 }
 
 

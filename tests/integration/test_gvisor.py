@@ -108,6 +108,9 @@ def test_the_audit_names_gvisors_kernel(box):
     found = {r.item: r for r in security_audit.audit(box)}
     assert found[security_audit.KERNEL_ITEM].status == "pass"
     assert "gVisor's kernel (4.4.0)" in found[security_audit.KERNEL_ITEM].detail
+    # No cgroup file shows inside gVisor: the process limit is read as gVisor's kernel holds it.
+    assert found[6].status == "pass", found[6]
+    assert "(RLIMIT_NPROC in gVisor's kernel)=512;" in found[6].detail, found[6]
 
 
 def test_an_engine_without_the_runtime_is_one_line_and_nothing_starts(tmp_path, monkeypatch):
@@ -179,3 +182,25 @@ def test_a_compose_sandbox_runs_under_gvisor(tmp_path):
         assert compose.attach(settings).exec("uname -r").stdout == "4.4.0\n"
     finally:
         compose.down(compose.project(settings, chosen), settings)
+
+
+# 100 background processes fit in a limit of 128 with the sandbox's own; a fork loop does not.
+MANY = "for i in $(seq 100); do sleep 300 </dev/null >/dev/null 2>&1 & done; pgrep -c -x sleep"
+BOMB = "bomb() { bomb | bomb & }; bomb; sleep 3"
+
+
+@pytest.mark.parametrize("kind", isolation.CHOICES)
+def test_a_process_limit_gives_the_commands_as_much_room_under_both_runtimes(tmp_path, kind):
+    """gVisor's own host threads (about 28 per guest process at a fork loop's peak) are
+    given room in the engine's limit, its kernel holding the commands to pids_limit: as
+    many processes start as under runc, and a fork loop still fails to fork with the
+    sandbox usable after it."""
+    settings = settings_in(tmp_path, memory="512m", pids_limit=128)
+    with Sandbox.create_ephemeral(settings, extra_labels=TEST_LABELS, isolation=kind) as made:
+        many = made.exec(MANY, timeout=60)
+        assert many.exit_code == 0 and int(many.stdout) >= 100, many
+        made.exec("pkill -x sleep; true")
+        bomb = made.exec(BOMB, timeout=30)
+        assert "fork" in bomb.stderr.lower() or "temporarily unavailable" in bomb.stderr, bomb
+        assert made.exec("echo alive").stdout == "alive\n"
+        assert made.inspect()["HostConfig"]["PidsLimit"] == isolation.host_pids_limit(kind, 128)

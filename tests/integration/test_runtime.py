@@ -12,27 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from stigmer_sandbox import config, policy
+from stigmer_sandbox import config, isolation, policy
 from stigmer_sandbox.errors import ConfigError, UsageError
 from stigmer_sandbox.runtime import Sandbox
 
 from ..conftest import ROOT
-from .conftest import GVISOR_OWN_PIDS, TEST_LABELS, UNDER_GVISOR
+from .conftest import SUITE_ISOLATION, TEST_LABELS, UNDER_GVISOR
 
 
 def settings_in(tmp: Path, **changes) -> config.Settings:
     """Settings whose folders live in `tmp` (the user's workspace is never touched), under
-    the run's isolation. A small process limit a test asks for sizes its commands' room:
-    under gVisor the host's limit also counts gVisor's own threads (SECURITY.md 43), so
-    they are added (below them the sandbox cannot even start)."""
+    the run's isolation."""
     base = config.load_settings(ROOT, environ={})
     folders = {
         "workspace": str(tmp / "workspace"),
         "logs": str(tmp / "logs"),
         "state_dir": str(tmp / "state"),
     }
-    if UNDER_GVISOR and changes.get("pids_limit"):
-        changes["pids_limit"] += GVISOR_OWN_PIDS
     return base.replace(**{**folders, **changes})
 
 
@@ -86,7 +82,10 @@ def test_seccomp_and_apparmor_never_unconfined(sandbox):
 def test_fork_bomb_is_contained_and_the_sandbox_survives(sandbox):
     bomb = sandbox.exec("bomb() { bomb | bomb & }; bomb; sleep 3", timeout=20)
     assert re.search(r"fork|Resource temporarily unavailable", bomb.stderr, re.IGNORECASE)
-    assert attrs(sandbox)["HostConfig"]["PidsLimit"] == 128
+    host = attrs(sandbox)["HostConfig"]
+    assert host["PidsLimit"] == isolation.host_pids_limit(SUITE_ISOLATION, 128)
+    if UNDER_GVISOR:  # gVisor's kernel holds the commands to 128, the host limit its threads
+        assert host["Ulimits"] == [{"Name": "nproc", "Soft": 128, "Hard": 128}]
     assert sandbox.exec("echo alive").stdout == "alive\n"
 
 

@@ -22,6 +22,27 @@ def test_only_gvisor_adds_a_runtime_so_default_sandboxes_keep_their_configuratio
     assert policy.container_spec(offline, "img", {})["runtime"] == isolation.OFFLINE_RUNTIME
 
 
+def test_under_gvisor_the_commands_keep_their_process_limit_and_gvisor_gets_room(tmp_path):
+    """runc: the engine's limit is the commands' (no ulimit: RLIMIT_NPROC would count the
+    uid across the host). gVisor: its kernel holds the commands to the limit (nproc) and the
+    engine's limit also leaves room for gVisor's own host tasks (SECURITY.md 43)."""
+    base = config.Settings(project_dir=str(tmp_path), pids_limit=128)
+    runc = policy.container_spec(base, "img", {})
+    assert runc["pids_limit"] == 128 and "ulimits" not in runc
+    gvisor = policy.container_spec(base.replace("test", isolation="gvisor"), "img", {})
+    assert gvisor["pids_limit"] == 128 * isolation.HOST_TASKS_PER_PROCESS + isolation.HOST_TASKS_OWN
+    assert [dict(limit) for limit in gvisor["ulimits"]] == [
+        {"Name": "nproc", "Soft": 128, "Hard": 128}
+    ]
+
+
+def test_no_process_limit_stays_none_under_gvisor(tmp_path):
+    unlimited = config.Settings(project_dir=str(tmp_path), pids_limit=0, isolation="gvisor")
+    spec = policy.container_spec(unlimited, "img", {})
+    assert spec["pids_limit"] == 0 and "ulimits" not in spec
+    assert isolation.host_pids_limit("gvisor", 4_000_000) == isolation.MAX_HOST_TASKS
+
+
 def test_the_sandbox_takes_it_and_refuses_an_unknown_one(tmp_path):
     base = config.Settings(project_dir=str(tmp_path))
     assert Sandbox(base, isolation="gvisor").settings.isolation == "gvisor"
