@@ -204,3 +204,15 @@ def test_a_process_limit_gives_the_commands_as_much_room_under_both_runtimes(tmp
         assert "fork" in bomb.stderr.lower() or "temporarily unavailable" in bomb.stderr, bomb
         assert made.exec("echo alive").stdout == "alive\n"
         assert made.inspect()["HostConfig"]["PidsLimit"] == isolation.host_pids_limit(kind, 128)
+
+
+def test_every_shell_command_runs_where_the_prestarted_shell_cannot_be_loaded(tmp_path):
+    """gVisor loads no program its user cannot read, and the copy of bash a warm helper
+    prestarts is execute-only: the agent finds that out once, at its start, and starts
+    shells as before (a command handed to a prestarted one failed with 126)."""
+    with Sandbox.create_ephemeral(
+        settings_in(tmp_path), extra_labels=TEST_LABELS, isolation="gvisor"
+    ) as fresh:
+        results = [fresh.exec(f"echo {n}") for n in range(16)]
+        assert [r.exit_code for r in results] == [0] * 16, [r.error for r in results]
+        assert [r.stdout for r in results] == [f"{n}\n" for n in range(16)]

@@ -352,10 +352,30 @@ class WarmHelpers:
         return False
 
 
-def prestart_usable() -> bool:
-    """Whether this sandbox's image has the shell a warm helper prestarts (an image built
-    before it existed runs every command as before)."""
-    return os.path.isfile(PRESTART_SHELL)
+def prestart_usable(uid: int, gid: int) -> bool:
+    """Whether this sandbox's image has the shell a warm helper prestarts and the commands'
+    user can run it (an image built before it existed runs every command as before). The
+    copy is execute-only; gVisor loads no program its user cannot read, so there a shell
+    command prestarted from it failed with 126: the copy is tried once, as that user."""
+    if not os.path.isfile(PRESTART_SHELL):
+        return False
+    try:
+        tried = subprocess.run(
+            [PRESTART_SHELL, "-c", ":"],
+            check=False,
+            user=uid,
+            group=gid,
+            extra_groups=[],
+            env={},
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return tried.returncode == 0
 
 
 def start_warm(shell: tuple[list[str], dict[str, str]] | None = None) -> Warm:
@@ -480,7 +500,7 @@ class Agent:
         # Helpers whose shell is prestarted take the commands it fits (most: `bash -c`);
         # the others take plain ones, so no shell is started in vain.
         shell = [*self._ids(), "--cwd", DEFAULT_CWD, "--prestart-shell"]
-        prestart = bool(self.base_env_spec) and prestart_usable()
+        prestart = bool(self.base_env_spec) and prestart_usable(uid, gid)
         self.warm_shells = (
             WarmHelpers(busy=self._busy, shell=(shell, self.base_env)) if prestart else None
         )
