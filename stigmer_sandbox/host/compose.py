@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import engine, labels, policy
+from .. import engine, isolation, labels, policy
 from ..config import Settings
 from ..errors import ConfigError, SandboxError, SandboxNotReady, UsageError
 from . import compose_check, compose_egress
@@ -241,6 +241,9 @@ class Override:
         service["cpus"] = settings.cpus
         if "runtime" in spec:  # isolation gvisor
             service["runtime"] = spec["runtime"]
+        limits = isolation.process_ulimits(settings.isolation, settings.pids_limit)
+        if limits:  # gVisor: the commands' limit; pids_limit above leaves gVisor its room
+            service["ulimits"] = {u["name"]: {"soft": u["soft"], "hard": u["hard"]} for u in limits}
         # Compose keeps its service up (restart: unless-stopped): no lifetime wrapper.
         service["command"] = [policy.KEEPALIVE]
         service.update(_host_helper_volume(settings))

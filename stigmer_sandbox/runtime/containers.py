@@ -192,7 +192,8 @@ def describe(name: str, container: Any, connected: bool) -> dict[str, Any]:
         "started_at": attrs["State"].get("StartedAt"),
         "memory": host.get("Memory"),
         "nano_cpus": host.get("NanoCpus"),
-        "pids_limit": host.get("PidsLimit"),
+        "pids_limit": commands_pids_limit(host),
+        "engine_pids_limit": host.get("PidsLimit"),
         "network": host.get("NetworkMode"),
         "read_only": host.get("ReadonlyRootfs"),
         "mounts": [
@@ -284,3 +285,13 @@ def checked_tail(tail: str | int) -> str:
     if tail != "all" and not str(tail).isdigit():
         raise UsageError(f"--tail must be a number of lines or all, got {tail!r}")
     return str(tail)
+
+
+def commands_pids_limit(host_config: dict[str, Any]) -> int | None:
+    """How many processes the sandbox's commands may run: the engine's pids_limit, or under
+    gVisor the nproc ulimit gVisor's kernel holds them to (the engine's limit there also
+    leaves room for gVisor's own host tasks)."""
+    for limit in host_config.get("Ulimits") or ():
+        if limit.get("Name") == "nproc":
+            return int(limit.get("Soft"))
+    return host_config.get("PidsLimit")

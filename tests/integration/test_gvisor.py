@@ -172,14 +172,25 @@ def test_a_compose_sandbox_runs_under_gvisor(tmp_path):
     from .compose_support import labels_file, unique_name
 
     settings = settings_in(tmp_path).replace(
-        "test", container_name=unique_name("stigmer-gvisor-compose"), isolation="gvisor"
+        "test",
+        container_name=unique_name("stigmer-gvisor-compose"),
+        isolation="gvisor",
+        pids_limit=128,
+        memory="512m",
     )
     chosen = compose.FileChoice(extra=(labels_file(tmp_path),))
     try:
         compose.up(settings, chosen)
         runtime = engine.client().containers.get(settings.container_name).attrs["HostConfig"]
         assert runtime["Runtime"] == isolation.RUNTIME
-        assert compose.attach(settings).exec("uname -r").stdout == "4.4.0\n"
+        attached = compose.attach(settings)
+        assert attached.exec("uname -r").stdout == "4.4.0\n"
+        # The commands' process limit holds here too (the override carries the ulimit
+        # gVisor's kernel counts; the engine's limit leaves gVisor its own room).
+        assert attached.status()["pids_limit"] == 128
+        bomb = attached.exec(BOMB, timeout=30)
+        assert "fork" in bomb.stderr.lower() or "temporarily unavailable" in bomb.stderr, bomb
+        assert attached.exec("echo alive").stdout == "alive\n"
     finally:
         compose.down(compose.project(settings, chosen), settings)
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stigmer_sandbox import config, policy
+from stigmer_sandbox import config, isolation, policy
 from stigmer_sandbox.errors import ConfigError
 from stigmer_sandbox.host import compose, compose_check
 
@@ -158,6 +158,23 @@ def test_the_base_file_and_the_enforced_override_confine_like_sandbox_up(tmp_pat
     assert enforced["command"] == [policy.KEEPALIVE] and "network_mode" not in enforced
     cut_off = compose.Override(settings.replace(network="none")).write()
     assert compose_check.load(cut_off)["services"]["sandbox"]["network_mode"] == "none"
+
+
+def test_a_gvisor_compose_sandbox_holds_its_commands_to_the_process_limit(tmp_path):
+    """Under gVisor the engine's pids_limit leaves room for gVisor's own host tasks, so the
+    commands' limit is the nproc ulimit, which the override must carry (it did not: a
+    fork loop then had the whole raised limit)."""
+    settings = config.Settings(
+        project_dir=str(tmp_path),
+        workspace=str(tmp_path / "w"),
+        logs=str(tmp_path / "l"),
+        pids_limit=256,
+    )
+    for choice, ulimits in (("gvisor", {"nproc": {"soft": 256, "hard": 256}}), ("container", None)):
+        written = compose.Override(settings.replace(isolation=choice)).write()
+        enforced = compose_check.load(written)["services"]["sandbox"]
+        assert enforced.get("ulimits") == ulimits, choice
+        assert enforced["pids_limit"] == isolation.host_pids_limit(choice, 256)
 
 
 def test_sizes_reach_compose_as_the_kernel_and_engine_read_them(tmp_path, monkeypatch):
