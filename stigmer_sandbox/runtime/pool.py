@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from .. import engine, labels
+from .. import engine, isolation, labels
 from ..config import Settings, load_settings
 from ..errors import SandboxError, SandboxNotReady, UsageError
 from . import snapshots, workspaces
@@ -118,11 +118,13 @@ class SandboxPool:
                 f"{wanted / 2**30:.1f} GiB; this host has {memory / 2**30:.1f} GiB: they cannot "
                 "all use their limit at once (lower `memory` or the pool size)"
             )
-        processes = self.size * self.settings.pids_limit
+        # Host tasks, not commands' processes: under gVisor its own tasks count too.
+        each = isolation.host_pids_limit(self.settings.isolation, self.settings.pids_limit)
+        processes = self.size * each
         if pids and processes > pids:
             self.notes.append(
-                f"{self.size} sandboxes with pids_limit {self.settings.pids_limit} may run "
-                f"{processes} processes; the host allows {pids} (kernel.pid_max): a fork bomb "
+                f"{self.size} sandboxes with pids_limit {self.settings.pids_limit} may hold "
+                f"{processes} host tasks; the host allows {pids} (kernel.pid_max): a fork bomb "
                 "in many of them at once could exhaust the host (lower `pids_limit`)"
             )
 

@@ -463,12 +463,15 @@ def test_the_pids_note_compares_the_pool_with_the_kernel(settings, starter):
         assert exact.notes == []
     with make_pool(settings, 5, pids_limit=512, pid_max=2048) as over:
         assert over.notes == [
-            "5 sandboxes with pids_limit 512 may run 2560 processes; the host allows 2048 "
+            "5 sandboxes with pids_limit 512 may hold 2560 host tasks; the host allows 2048 "
             "(kernel.pid_max): a fork bomb in many of them at once could exhaust the host "
             "(lower `pids_limit`)"
         ]
     with make_pool(settings, 5, pids_limit=512, pid_max=0) as unknown:
         assert unknown.notes == []
+    # gVisor's own host tasks count: 2 such sandboxes of 512 reach this host's 32768.
+    with make_pool(settings, 2, pids_limit=512, pid_max=32768, isolation="gvisor") as gvisor:
+        assert gvisor.notes and "may hold 33792 host tasks" in gvisor.notes[0]
 
 
 def test_a_pool_fills_and_acquire_takes_the_waiting_ones_first(settings, starter):
