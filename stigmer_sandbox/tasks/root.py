@@ -100,15 +100,26 @@ def run(
     if background:
         _start_background(_needs_sandbox(sandbox), command, options, json)
         return
-    runner = _needs_sandbox(sandbox).session(session) if session else sandbox
-    result = runner.exec(command, **options, **callbacks)  # type: ignore[arg-type]
-    for note in sandbox.notes:
-        console.warning(note)
+    result = _run_in(sandbox, session, command, {**options, **callbacks})
     if warm and isinstance(sandbox, runtime.Sandbox):
         from ..runtime import relay_server
 
         relay_server.start_in_background(current)
-    report_result(result.to_dict(), json)
+    report_result(result, json)
+
+
+def _run_in(
+    sandbox: runtime.Sandbox | runtime.LocalSandbox,
+    session: str | None,
+    command: str,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """The result of `command` run in `sandbox` (in its `session`, if named); its notes shown."""
+    runner = _needs_sandbox(sandbox).session(session) if session else sandbox
+    result = runner.exec(command, **options)
+    for note in sandbox.notes:
+        console.warning(note)
+    return result.to_dict()
 
 
 def _needs_sandbox(sandbox: runtime.Sandbox | runtime.LocalSandbox) -> runtime.Sandbox:
