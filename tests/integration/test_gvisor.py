@@ -196,7 +196,12 @@ def test_a_compose_sandbox_runs_under_gvisor(tmp_path):
 
 
 # 100 background processes fit in a limit of 128 with the sandbox's own; a fork loop does not.
-MANY = "for i in $(seq 100); do sleep 300 </dev/null >/dev/null 2>&1 & done; pgrep -c -x sleep"
+# Counted once each has become `sleep` (a child just forked is still a bash for a moment).
+MANY = (
+    "for i in $(seq 100); do sleep 300 </dev/null >/dev/null 2>&1 & done; "
+    "for i in $(seq 100); do [ $(pgrep -c -x sleep) -ge 100 ] && break; sleep 0.1; done; "
+    "pgrep -c -x sleep"
+)
 BOMB = "bomb() { bomb | bomb & }; bomb; sleep 3"
 
 
